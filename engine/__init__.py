@@ -1,0 +1,1 @@
+"""tunequant engine: everything that is not UI. Importing it never imports torch."""

@@ -1,0 +1,153 @@
+"""``python -m engine estimate {train,infer,accuracy,batch}``: the flags of DESIGN.md's contracts.
+
+The flags map one to one onto keyword arguments of ``engine.estimate.estimate_train``,
+``estimate_infer`` and ``estimate_accuracy``; ``batch`` takes the same names in snake_case as
+JSON keys, one request per line, and answers one line per request in order.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from engine.errors import InputError
+
+# JSON key -> (flag, type, default); one table drives both argparse and batch validation
+TRAIN_ARGS = {
+    "model": ("--model", str, None),
+    "method": ("--method", str, None),
+    "precision": ("--precision", str, "bf16"),
+    "seq_len": ("--seq-len", int, 512),
+    "batch_size": ("--batch-size", int, 4),
+    "grad_ckpt": ("--grad-ckpt", bool, True),
+    "lora_rank": ("--lora-rank", int, 16),
+    "gpu": ("--gpu", str, None),
+}
+INFER_ARGS = {
+    "model": ("--model", str, None),
+    "weights": ("--weights", str, "bf16"),
+    "batch_size": ("--batch-size", int, 1),
+    "prompt_len": ("--prompt-len", int, 512),
+    "new_tokens": ("--new-tokens", int, 128),
+    "gpu": ("--gpu", str, None),
+}
+ACCURACY_ARGS = {
+    "family": ("--family", str, None),
+    "params_b": ("--params-b", float, None),
+    "method": ("--method", str, None),
+    "w_bits": ("--w-bits", float, None),
+    "a_bits": ("--a-bits", float, 16),
+    "group_size": ("--group-size", int, None),
+    "per_channel": ("--per-channel", bool, False),
+    "finetune": ("--finetune", str, "none"),
+}
+REQUIRED = {"train": ("model", "method"), "infer": ("model",), "accuracy": ("family", "params_b", "method", "w_bits")}
+CHOICES = {
+    ("train", "method"): ("full", "lora", "qlora", "qat"),
+    ("train", "precision"): ("bf16", "fp32-amp"),
+    ("accuracy", "finetune"): ("none", "lora", "qlora", "qat"),
+}
+KINDS = {"train": TRAIN_ARGS, "infer": INFER_ARGS, "accuracy": ACCURACY_ARGS}
+
+
+def _call(kind: str, kwargs: dict) -> dict:
+    from engine import estimate
+    fn = {"train": estimate.estimate_train, "infer": estimate.estimate_infer,
+          "accuracy": estimate.estimate_accuracy}[kind]
+    return fn(**kwargs)
+
+
+def _coerce(kind: str, raw: dict) -> dict:
+    """Validate a request's keys and types against the table; fill defaults."""
+    table = KINDS[kind]
+    unknown = sorted(set(raw) - set(table))
+    if unknown:
+        raise InputError(f"unknown key(s) {', '.join(unknown)} for kind {kind!r}; known: {', '.join(table)}")
+    out = {}
+    for key, (flag, typ, default) in table.items():
+        val = raw.get(key, default)
+        if val is None:
+            if key in REQUIRED[kind]:
+                raise InputError(f"{kind}: {key} ({flag}) is required", field=key)
+            out[key] = None
+            continue
+        try:
+            if typ is bool:
+                if not isinstance(val, bool):
+                    raise ValueError
+            elif typ is int:
+                if isinstance(val, bool) or float(val) != int(float(val)):
+                    raise ValueError
+                val = int(float(val))
+            elif typ is float:
+                if isinstance(val, bool):
+                    raise ValueError
+                val = float(val)
+            else:
+                val = str(val)
+        except (TypeError, ValueError):
+            raise InputError(f"{kind}: {key} must be {typ.__name__}, got {val!r}", field=key)
+        allowed = CHOICES.get((kind, key))
+        if allowed and val not in allowed:
+            raise InputError(f"{kind}: {key} must be one of {', '.join(allowed)}, got {val!r}", field=key)
+        out[key] = val
+    return out
+
+
+def _add_flags(p, kind: str) -> None:
+    for key, (flag, typ, default) in KINDS[kind].items():
+        if key == "grad_ckpt":
+            g = p.add_mutually_exclusive_group()
+            g.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=True,
+                           help="gradient checkpointing, non-reentrant (default)")
+            g.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
+        elif key == "per_channel":
+            p.add_argument(flag, dest=key, action="store_true", help="one scale per output channel (no groups)")
+        else:
+            p.add_argument(flag, dest=key, type=typ, default=default, required=key in REQUIRED[kind],
+                           choices=CHOICES.get((kind, key)))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _run_one(kind):
+    def run(args):
+        from engine.cli import emit
+        raw = {k: getattr(args, k) for k in KINDS[kind]}
+        emit(_call(kind, _coerce(kind, raw)), as_json=args.json)
+        return 0
+    return run
+
+
+def _run_batch(args) -> int:
+    """One JSON request per stdin line -> one JSON answer per line, in order; errors stay local."""
+    from engine.cli import emit
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise InputError("each line must be a JSON object with a 'kind'")
+            req = dict(req)
+            kind = req.pop("kind", None)
+            if kind not in KINDS:
+                raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}", field="kind")
+            result = _call(kind, _coerce(kind, req))
+        except json.JSONDecodeError as e:
+            result = {"error": f"line is not JSON: {e}"}
+        except InputError as e:
+            result = e.to_json()
+        emit(result)
+    return 0
+
+
+def register(sub) -> None:
+    est = sub.add_parser("estimate", help="memory, speed, accuracy estimates")
+    esub = est.add_subparsers(dest="what", required=True, parser_class=type(est))
+    for kind, help_ in (("train", "training memory and speed"), ("infer", "inference memory and speed"),
+                        ("accuracy", "accuracy retention and perplexity ratio")):
+        p = esub.add_parser(kind, help=help_)
+        _add_flags(p, kind)
+        p.set_defaults(func=_run_one(kind))
+    b = esub.add_parser("batch", help="JSON lines on stdin, one answer per line")
+    b.add_argument("--json", action="store_true", help="(always JSON)")
+    b.set_defaults(func=_run_batch)

@@ -1,0 +1,346 @@
+"""Model architecture: what every estimate needs to know about a model, and where it comes from.
+
+``resolve(ref)`` accepts, in this order:
+
+1. a preset id from ``presets/models/`` (``llama-3.1-8b``) or a preset's hub id
+   (``meta-llama/Llama-3.1-8B``: known offline);
+2. a local model directory holding ``config.json``, or a path to a ``config.json``;
+3. a mapping: a ``config.json``-style dict, or ``{"params_b": 13, "family": "llama-2"}``;
+4. any other hub id: its ``config.json`` through ``huggingface_hub`` when online.
+
+The result is a ``ModelArch``: the shapes of every linear layer, the embeddings, the norms,
+and MoE experts (total vs active), so weights, quantized bytes, LoRA parameters, KV cache and
+FLOPs are counted from modules, not guessed from a parameter total. Pure Python: no torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from engine.errors import InputError
+from engine.presets import load_dir
+
+FAMILIES = ("llama-1", "llama-2", "llama-3", "mistral", "mixtral", "qwen2", "qwen3",
+            "gemma", "phi", "opt", "bloom")
+
+# model_type of config.json -> family, where the type alone tells it
+_FAMILY_OF_TYPE = {
+    "mistral": "mistral", "mixtral": "mixtral", "qwen2": "qwen2", "qwen2_moe": "qwen2",
+    "qwen3": "qwen3", "qwen3_moe": "qwen3", "gemma": "gemma", "gemma2": "gemma",
+    "gemma3": "gemma", "gemma3_text": "gemma", "phi3": "phi", "phi": "phi", "opt": "opt",
+    "bloom": "bloom",
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer of a decoder block, as it appears in the Hugging Face module tree."""
+
+    name: str             # module path below the block, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: int
+    bias: bool = False
+    count: int = 1        # copies per block (MoE experts)
+    active: int = 1       # copies used per token (MoE: experts per token)
+    lora_target: str = ""  # which of LORA_TARGETS this is ("" if none)
+
+    @property
+    def params(self) -> int:
+        return self.count * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    name: str
+    family: str
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_embeddings: bool
+    max_positions: int
+    num_experts: int = 0          # 0: dense
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    linears: tuple[Linear, ...] = ()   # per decoder block
+    norm_params_per_layer: int = 0     # norm weights (and biases) in one block
+    extra_params: int = 0              # final norm, position embeddings, router... (16-bit)
+    source: str = ""                   # "preset:llama-3.1-8b", "file:/x/config.json", "hub:org/m", "size-only"
+    hub_id: str = ""
+    approximate: bool = False          # True when only size and family were given
+    notes: tuple[str, ...] = ()
+
+    # ---- counts -------------------------------------------------------------------------
+    @property
+    def embed_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        """Parameters of the output projection that are not shared with the embedding."""
+        return 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def linear_params_per_layer(self) -> int:
+        return sum(l.params for l in self.linears)
+
+    @property
+    def linear_params(self) -> int:
+        """All block linears: what quantization (GPTQ, NF4, int8...) replaces."""
+        return self.num_layers * self.linear_params_per_layer
+
+    @property
+    def total_params(self) -> int:
+        return (self.linear_params + self.num_layers * self.norm_params_per_layer
+                + self.embed_params + self.lm_head_params + self.extra_params)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters touched per token (MoE: only the routed experts)."""
+        act = sum(l.params // l.count * l.active for l in self.linears)
+        return (self.num_layers * (act + self.norm_params_per_layer)
+                + self.embed_params + self.lm_head_params + self.extra_params)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def kv_cache_bytes_per_token(self, bytes_per_elem: float = 2.0) -> float:
+        """K and V for every layer (GQA-aware: kv heads, not attention heads)."""
+        return 2 * self.num_layers * self.kv_dim * bytes_per_elem
+
+    def lora_params(self, rank: int, targets=LORA_TARGETS) -> int:
+        """LoRA A (r x in) and B (out x r) on every targeted linear (all experts for MoE)."""
+        per = sum(l.count * rank * (l.in_features + l.out_features)
+                  for l in self.linears if l.lora_target in targets)
+        return self.num_layers * per
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "family": self.family, "model_type": self.model_type,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_layers": self.num_layers, "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size, "tie_embeddings": self.tie_embeddings,
+            "max_positions": self.max_positions, "num_experts": self.num_experts,
+            "experts_per_token": self.experts_per_token,
+            "total_params": self.total_params, "active_params": self.active_params,
+            "source": self.source, "approximate": self.approximate, "notes": list(self.notes),
+        }
+
+
+# ---- parsing config.json ------------------------------------------------------------------
+
+def _get(cfg: dict, *keys, default=None):
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def family_of(cfg: dict, name: str = "") -> str:
+    """Guess the family from model_type and the name (llama's generations share a type)."""
+    mt = cfg.get("model_type", "")
+    if mt in _FAMILY_OF_TYPE:
+        return _FAMILY_OF_TYPE[mt]
+    low = name.lower()
+    if mt == "llama" or "llama" in low:
+        if cfg.get("vocab_size", 0) >= 100000 or "llama-3" in low or "llama3" in low:
+            return "llama-3"
+        if cfg.get("max_position_embeddings", 0) >= 4096 or "llama-2" in low:
+            return "llama-2"
+        return "llama-1"
+    return mt or "unknown"
+
+
+def arch_from_config(cfg: dict, name: str = "", source: str = "", family: str = "",
+                     hub_id: str = "") -> ModelArch:
+    """Build a ModelArch from a Hugging Face ``config.json`` dict."""
+    if "text_config" in cfg and "hidden_size" not in cfg:   # multimodal wrapper: take the text tower
+        cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
+    mt = cfg.get("model_type", "")
+    h = _get(cfg, "hidden_size", "n_embd", "d_model")
+    layers = _get(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _get(cfg, "num_attention_heads", "n_head", "num_heads")
+    vocab = _get(cfg, "vocab_size")
+    missing = [k for k, v in (("hidden_size", h), ("num_hidden_layers", layers),
+                              ("num_attention_heads", heads), ("vocab_size", vocab)) if not v]
+    if missing:
+        raise InputError(f"config of {name or 'model'} lacks {', '.join(missing)}; "
+                         "give a causal LM config.json (llama, mistral, mixtral, qwen2/3, gemma, phi3, opt, bloom)",
+                         field="model")
+    kv = _get(cfg, "num_key_value_heads", default=heads)
+    hd = _get(cfg, "head_dim", default=h // heads)
+    inter = _get(cfg, "intermediate_size", "ffn_dim", "n_inner", default=4 * h)
+    tie = bool(cfg.get("tie_word_embeddings", True if mt in ("opt", "bloom", "gpt2") else False))
+    maxpos = _get(cfg, "max_position_embeddings", "n_positions", "seq_length", default=2048)
+    experts = _get(cfg, "num_local_experts", "num_experts", default=0) or 0
+    topk = _get(cfg, "num_experts_per_tok", default=0) if experts else 0
+    moe_inter = _get(cfg, "moe_intermediate_size", default=inter) if experts else 0
+    notes = []
+    linears: list[Linear]
+    extra = h  # final norm weight
+    if mt == "opt":
+        b = cfg.get("enable_bias", True)
+        linears = [Linear("self_attn.q_proj", h, h, b, lora_target="q_proj"),
+                   Linear("self_attn.k_proj", h, h, b, lora_target="k_proj"),
+                   Linear("self_attn.v_proj", h, h, b, lora_target="v_proj"),
+                   Linear("self_attn.out_proj", h, h, b, lora_target="o_proj"),
+                   Linear("fc1", h, inter, b, lora_target="up_proj"),
+                   Linear("fc2", inter, h, b, lora_target="down_proj")]
+        norm = 2 * 2 * h                       # two LayerNorms with bias
+        extra = 2 * h + (maxpos + 2) * h       # final LayerNorm + learned positions (offset 2)
+        kv, hd = heads, h // heads
+    elif mt == "bloom":
+        inter = 4 * h
+        linears = [Linear("self_attention.query_key_value", h, 3 * h, True, lora_target="q_proj"),
+                   Linear("self_attention.dense", h, h, True, lora_target="o_proj"),
+                   Linear("mlp.dense_h_to_4h", h, inter, True, lora_target="up_proj"),
+                   Linear("mlp.dense_4h_to_h", inter, h, True, lora_target="down_proj")]
+        norm = 2 * 2 * h
+        extra = 2 * h + 2 * h                  # final LayerNorm + embedding LayerNorm
+        kv, hd = heads, h // heads
+    else:  # llama-like decoders: llama, mistral, mixtral, qwen2/3(+moe), gemma 1/2/3, phi3
+        qkv_bias = bool(cfg.get("attention_bias", mt in ("qwen2", "qwen2_moe")))
+        if mt == "phi3":
+            linears = [Linear("self_attn.qkv_proj", h, (heads + 2 * kv) * hd, qkv_bias, lora_target="q_proj"),
+                       Linear("self_attn.o_proj", heads * hd, h, lora_target="o_proj"),
+                       Linear("mlp.gate_up_proj", h, 2 * inter, lora_target="up_proj"),
+                       Linear("mlp.down_proj", inter, h, lora_target="down_proj")]
+            notes.append("phi3 fuses q/k/v and gate/up: LoRA targets qkv_proj, o_proj, gate_up_proj, down_proj")
+        else:
+            linears = [Linear("self_attn.q_proj", h, heads * hd, qkv_bias, lora_target="q_proj"),
+                       Linear("self_attn.k_proj", h, kv * hd, qkv_bias, lora_target="k_proj"),
+                       Linear("self_attn.v_proj", h, kv * hd, qkv_bias, lora_target="v_proj"),
+                       Linear("self_attn.o_proj", heads * hd, h, lora_target="o_proj")]
+            if experts:
+                pre = "block_sparse_moe.experts" if mt == "mixtral" else "mlp.experts"
+                linears += [Linear(f"{pre}.gate_proj", h, moe_inter, count=experts, active=topk, lora_target="gate_proj"),
+                            Linear(f"{pre}.up_proj", h, moe_inter, count=experts, active=topk, lora_target="up_proj"),
+                            Linear(f"{pre}.down_proj", moe_inter, h, count=experts, active=topk, lora_target="down_proj")]
+                extra += 0  # router counted in norm_params below (kept 16-bit, tiny)
+            else:
+                linears += [Linear("mlp.gate_proj", h, inter, lora_target="gate_proj"),
+                            Linear("mlp.up_proj", h, inter, lora_target="up_proj"),
+                            Linear("mlp.down_proj", inter, h, lora_target="down_proj")]
+        norm = (4 if mt in ("gemma2", "gemma3", "gemma3_text") else 2) * h
+        if mt in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text"):
+            norm += 2 * hd                     # q_norm and k_norm
+        if experts:
+            norm += h * experts                # router (gate) weight: not quantized by GPTQ/bnb
+    if not family:
+        family = family_of(cfg, name)
+    return ModelArch(
+        name=name or cfg.get("_name_or_path", "") or mt, family=family, model_type=mt,
+        hidden_size=h, intermediate_size=moe_inter if experts else inter, num_layers=layers,
+        num_heads=heads, num_kv_heads=kv, head_dim=hd, vocab_size=vocab, tie_embeddings=tie,
+        max_positions=maxpos, num_experts=experts, experts_per_token=topk,
+        moe_intermediate_size=moe_inter, linears=tuple(linears), norm_params_per_layer=norm,
+        extra_params=extra, source=source, hub_id=hub_id, notes=tuple(notes),
+    )
+
+
+# ---- presets and resolution ---------------------------------------------------------------
+
+def presets() -> dict[str, dict]:
+    """Every model preset, keyed by id."""
+    return load_dir("models")
+
+
+def preset_ids() -> list[str]:
+    return sorted(presets())
+
+
+def _from_preset(pid: str) -> ModelArch:
+    p = presets()[pid]
+    return arch_from_config(p["config"], name=pid, source=f"preset:{pid}", family=p.get("family", ""),
+                            hub_id=p.get("hub_id", ""))
+
+
+def from_size(params_b: float, family: str) -> ModelArch:
+    """An architecture of the family scaled to ``params_b`` billion parameters.
+
+    Takes the family's preset nearest in size and scales its depth; estimates made from it are
+    marked approximate, since width, vocabulary and attention layout are the neighbour's.
+    """
+    try:
+        params_b = float(params_b)
+    except (TypeError, ValueError):
+        raise InputError(f"params_b must be a number of billions of parameters, got {params_b!r}", field="params_b")
+    if not 0.01 <= params_b <= 2000:
+        raise InputError(f"params_b must be between 0.01 and 2000 (billions), got {params_b}", field="params_b")
+    fam = [pid for pid, p in presets().items() if p.get("family") == family]
+    if not fam:
+        raise InputError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}", field="family")
+    near = min(fam, key=lambda pid: abs(presets()[pid]["params_b"] - params_b) / params_b)
+    base = _from_preset(near)
+    per_layer = base.linear_params_per_layer + base.norm_params_per_layer
+    fixed = base.total_params - base.num_layers * per_layer
+    layers = max(1, round((params_b * 1e9 - fixed) / per_layer))
+    arch = replace(base, num_layers=layers, name=f"{family}-{params_b:g}b", source="size-only",
+                   approximate=True, hub_id="",
+                   notes=base.notes + (f"only size and family given: {near}'s width with {layers} layers",))
+    return arch
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON: {e}", field="model")
+
+
+def resolve(ref) -> ModelArch:
+    """Resolve a model reference (see the module docstring) to its architecture."""
+    if isinstance(ref, ModelArch):
+        return ref
+    if isinstance(ref, dict):
+        if "params_b" in ref and "hidden_size" not in ref:
+            if "family" not in ref:
+                raise InputError("a model given by size needs a family too, e.g. {params_b: 13, family: llama-2}; "
+                                 f"families: {', '.join(FAMILIES)}", field="model")
+            return from_size(ref["params_b"], ref["family"])
+        return arch_from_config(ref, name=ref.get("_name_or_path", ""), source="config")
+    if not isinstance(ref, str) or not ref.strip():
+        raise InputError("model is required: a preset id (e.g. llama-3.1-8b), a local model dir, "
+                         "a config.json path or a hub id", field="model")
+    ref = ref.strip()
+    ps = presets()
+    if ref.lower() in ps:
+        return _from_preset(ref.lower())
+    by_hub = {p.get("hub_id", "").lower(): pid for pid, p in ps.items()}
+    if ref.lower() in by_hub:
+        return _from_preset(by_hub[ref.lower()])
+    path = Path(os.path.expanduser(ref))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path} is a directory without config.json; point at a saved model dir", field="model")
+        return arch_from_config(_read_config(path / "config.json"), name=path.name, source=f"dir:{path}")
+    if path.is_file():
+        return arch_from_config(_read_config(path), name=path.parent.name or path.stem, source=f"file:{path}")
+    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+        return _from_hub(ref)
+    raise InputError(f"unknown model {ref!r}: not a preset, a local dir or a config.json. "
+                     f"Presets: {', '.join(preset_ids())}", field="model")
+
+
+def _from_hub(repo_id: str) -> ModelArch:
+    """Fetch config.json of a hub model (needs the network; offline it says so)."""
+    try:
+        from huggingface_hub import hf_hub_download  # light: no torch
+        path = hf_hub_download(repo_id, "config.json")
+    except Exception as e:  # offline, gated, missing: say which and what works offline
+        raise InputError(f"could not fetch config.json of hub model {repo_id!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}). Offline, use a preset "
+                         f"({', '.join(preset_ids()[:12])}, ...), a local dir or a config.json path",
+                         field="model")
+    return arch_from_config(_read_config(Path(path)), name=repo_id.split("/")[-1], source=f"hub:{repo_id}",
+                            hub_id=repo_id)

@@ -1,0 +1,1 @@
+"""Runs: store, executor, worker, stages."""
