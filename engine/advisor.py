@@ -1,0 +1,5 @@
+"""Advisor: decision matrix, feasibility, ranking, explanations. (being written)"""
+
+
+def register_cli(sub) -> None:
+    pass

@@ -1,0 +1,5 @@
+"""``python -m engine run|runs``. (being written)"""
+
+
+def register(sub) -> None:
+    pass
