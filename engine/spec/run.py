@@ -1,0 +1,107 @@
+"""RunSpec: everything a run needs, as a YAML/JSON file or a dict (``presets/runs/*.yaml``).
+
+The strategy (a catalog id of presets/strategies.yaml) says which stages run; the sections
+below give their parameters. A stage's own entry in the catalog (e.g. ``bits: 4``) is the
+default; ``quantize:`` here overrides it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.errors import InputError
+
+LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    path: str | None = None            # JSONL/CSV file; None with `demo:` set
+    demo: str | None = None            # a demo dataset the project builds (e.g. "tickets", "json-extraction")
+    format: Literal["auto", "text", "instruction", "chat", "classification"] = "auto"
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    max_examples: int | None = Field(None, gt=0)
+    seed: int = 0
+
+
+class TrainParams(_Strict):
+    steps: int | None = Field(None, gt=0)      # wins over epochs when set
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    seq_len: int = Field(512, gt=0)
+    grad_ckpt: bool = True
+    lora_rank: int = Field(16, gt=0)
+    lora_alpha: float | None = None            # default 2 * rank (the reference recipe)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS_ALL))
+    precision: Literal["bf16", "fp32-amp", "fp32"] = "bf16"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = 1.0
+
+
+class QuantParams(_Strict):
+    """Overrides of the strategy's quantize stage (None: keep the catalog's value)."""
+    bits: int | None = Field(None, ge=2, le=8)
+    group_size: int | None = None              # -1 or None: per-channel where the method allows
+    calibration_samples: int | None = Field(None, gt=0)
+    double_quant: bool | None = None
+
+
+class EvalSpec(_Strict):
+    perplexity: bool = True
+    task_accuracy: bool = True
+    latency: bool = True
+    before_and_after: bool = True              # evaluate the starting model too
+    max_examples: int = Field(64, gt=0)
+    prompt_len: int = Field(64, gt=0)
+    new_tokens: int = Field(32, gt=0)
+
+
+class RunSpec(_Strict):
+    name: str = ""
+    model: str                                  # preset id, local dir or hub id
+    strategy: str                               # catalog id (presets/strategies.yaml)
+    dataset: DataSpec = Field(default_factory=DataSpec)
+    train: TrainParams = Field(default_factory=TrainParams)
+    quantize: QuantParams = Field(default_factory=QuantParams)
+    evaluate: EvalSpec = Field(default_factory=EvalSpec)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, data: dict) -> "RunSpec":
+        """Validate a dict; errors name the field and what is allowed."""
+        if not isinstance(data, dict):
+            raise InputError("a run config must be a mapping (YAML/JSON object)")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            msgs = []
+            for err in e.errors():
+                where = ".".join(str(x) for x in err["loc"]) or "config"
+                msgs.append(f"{where}: {err['msg']}")
+            first = e.errors()[0]["loc"]
+            raise InputError("bad run config: " + "; ".join(msgs),
+                             field=".".join(str(x) for x in first) if first else None)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunSpec":
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"run config {str(path)!r} not found", field="config")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise InputError(f"run config {p} is not valid YAML/JSON: {e}", field="config")
+        return cls.parse(data)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
