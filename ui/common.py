@@ -1,0 +1,205 @@
+"""What every screen shares: where the workspace is, safety rules, engine access, formatting.
+
+Nothing here imports torch (the app must start without it): the engine's planner is pure
+Python and ``engine.runs.api`` starts a worker process for the heavy work.
+"""
+from __future__ import annotations
+
+import html
+import importlib
+import os
+import re
+import shutil
+import hashlib
+from pathlib import Path
+
+from engine.errors import InputError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Upload limits (bytes): one place, used by the handlers and by launch(max_file_size=...).
+MAX_CONFIG_BYTES = 1_000_000          # a config.json is a few KB
+MAX_DATASET_BYTES = 50_000_000        # JSONL/CSV for a fine-tune demo; bigger sets: put them in the workspace
+MAX_UPLOAD = "50mb"
+
+
+# ---- where things live ------------------------------------------------------------------
+
+def workspace() -> Path:
+    """The folder the app may read models/datasets from and write uploads/runs to.
+
+    ``$TUNEQUANT_HOME`` (default ``./workspace``): the run store's own definition when the
+    run engine is installed, so uploads, runs and the database share one folder.
+    """
+    home = engine_fn("engine.runs.store", "home")
+    if home is not None:
+        return Path(home()).resolve()
+    return Path(os.environ.get("TUNEQUANT_HOME") or "workspace").expanduser().resolve()
+
+
+def public_demo() -> bool:
+    """Public demo mode: planning works, launching GPU runs is off (CPU demo runs only).
+
+    ``TUNEQUANT_PUBLIC_DEMO=1`` turns it on, ``=0`` off; on a Hugging Face Space
+    (``SPACE_ID`` set) it is on unless turned off.
+    """
+    flag = os.environ.get("TUNEQUANT_PUBLIC_DEMO")
+    if flag is not None and flag.strip() != "":
+        return flag.strip().lower() not in ("0", "false", "no", "off")
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def confine(path: str | os.PathLike, field: str) -> Path:
+    """``path`` resolved, if it lies inside the workspace; otherwise an InputError for ``field``.
+
+    Symlinks are resolved first, so a link inside the workspace pointing out of it is refused too.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_absolute():
+        p = workspace() / p
+    p = p.resolve()
+    ws = workspace()
+    if p != ws and ws not in p.parents:
+        raise InputError(f"{field}: {str(path)!r} is outside the workspace {ws}; put the file under it "
+                         f"(or upload it) — the app reads nothing else from disk", field=field)
+    return p
+
+
+def save_upload(src: str | os.PathLike | None, kind: str, max_bytes: int, suffixes: tuple[str, ...],
+                field: str) -> Path | None:
+    """Copy an uploaded file (Gradio's temp path) into ``workspace/uploads/<kind>/``.
+
+    The copy is named by its content hash (same file, same path: runs and scenarios that
+    reference it stay valid). Checks size and extension; returns None when nothing was uploaded.
+    """
+    if not src:
+        return None
+    src = Path(src)
+    if not src.is_file():
+        raise InputError(f"{field}: the upload {src.name!r} is gone; upload it again", field=field)
+    size = src.stat().st_size
+    if size > max_bytes:
+        raise InputError(f"{field}: {src.name} is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB",
+                         field=field)
+    if size == 0:
+        raise InputError(f"{field}: {src.name} is empty", field=field)
+    if suffixes and src.suffix.lower() not in suffixes:
+        raise InputError(f"{field}: {src.name} must be one of {', '.join(suffixes)}", field=field)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    dest = workspace() / "uploads" / kind / digest / _safe_name(src.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        shutil.copyfile(src, dest)
+    return dest
+
+
+def _safe_name(name: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).strip("._") or "upload"
+    return name[:100]
+
+
+# ---- secrets ----------------------------------------------------------------------------
+
+_TOKEN_RE = re.compile(r"\b(hf_[A-Za-z0-9]{8,}|api_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{16,})")
+_BEARER_RE = re.compile(r"(?i)(authorization:\s*bearer\s+|token[\"']?\s*[:=]\s*[\"']?)([^\s\"',]+)")
+
+
+def redact(text: str) -> str:
+    """Hide access tokens (Hugging Face, API keys, bearer headers) in text shown or logged."""
+    if not text:
+        return text
+    text = _TOKEN_RE.sub(lambda m: m.group(0)[:3] + "***", text)
+    return _BEARER_RE.sub(lambda m: m.group(1) + "***", text)
+
+
+# ---- the engine's public API, as it lands ----------------------------------------------------
+
+def engine_fn(module: str, name: str):
+    """``module.name`` of the engine, or None while that part is not there yet.
+
+    Only a missing module or attribute counts as "not there"; an error inside an engine
+    module propagates (it is a bug to see, not a state to hide).
+    """
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            return None
+        raise
+    return getattr(mod, name, None)
+
+
+NOT_AVAILABLE = "not available yet: this part of the engine ({what}) is not installed in this build"
+
+
+def not_available(what: str) -> str:
+    return NOT_AVAILABLE.format(what=what)
+
+
+# ---- messages -----------------------------------------------------------------------------
+
+def error_md(e: BaseException | str) -> str:
+    """An inline message for bad input: what is wrong and what would work; never a traceback."""
+    msg = str(e) if not isinstance(e, str) else e
+    msg = redact(msg.strip()) or "invalid input"
+    if len(msg) > 700:
+        msg = msg[:700] + " ..."
+    return f'<div class="tq-error" role="alert">⚠ {html.escape(msg)}</div>'
+
+
+def ok_md(text: str) -> str:
+    return f'<div class="tq-ok">{text}</div>'
+
+
+def unexpected_md(e: BaseException, what: str) -> str:
+    """A failure that is not the user's input: say what failed, in one line, without a traceback."""
+    first = (str(e).splitlines() or [""])[0][:300]
+    return error_md(f"{what} failed: {type(e).__name__}: {first}")
+
+
+# ---- formatting -----------------------------------------------------------------------------
+
+GIB = 1024 ** 3
+
+
+def gib(n, digits: int = 1) -> str:
+    """Bytes as GiB text ('—' when unknown)."""
+    if n is None:
+        return "—"
+    try:
+        return f"{float(n) / GIB:.{digits}f} GiB"
+    except (TypeError, ValueError):
+        return "—"
+
+
+def num(x, fmt: str = "{:.3g}", none: str = "—") -> str:
+    if x is None:
+        return none
+    try:
+        return fmt.format(float(x))
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def usd(x) -> str:
+    if x is None:
+        return "—"
+    x = float(x)
+    if x >= 100:
+        return f"${x:,.0f}"
+    if x >= 1:
+        return f"${x:,.2f}"
+    return f"${x:.3f}"
+
+
+def duration(seconds) -> str:
+    if seconds is None:
+        return "—"
+    s = float(seconds)
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"

@@ -1,0 +1,291 @@
+"""Screen 5, compare runs: measured side by side, measured vs estimated, charts, CSV/JSON export.
+
+The measurements come from each run's events (``stage_finished``: duration and peak memory
+with its source; ``eval`` before/after; ``metric``), so they are exactly what the worker
+recorded. The estimate is the one the worker stored with the run when it started.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from engine import hardware
+from engine.errors import InputError
+from ui.common import GIB, duration, engine_fn, error_md, not_available, ok_md
+
+FINAL_OK = ("finished",)
+
+
+def _api(name):
+    return engine_fn("engine.runs.api", name)
+
+
+def run_choices() -> list[tuple[str, str]]:
+    """Runs to pick, finished ones first (newest first within each group)."""
+    fn = _api("list_runs")
+    if fn is None:
+        return []
+    rs = fn()
+    rs.sort(key=lambda r: (r.get("status") != "finished", -(r.get("created") or 0)))
+    return [(f"{r['id']} · {r['status']} · {r['strategy']} · {r.get('name') or r['model']}", r["id"]) for r in rs]
+
+
+def _payload(ev: dict) -> dict:
+    p = ev.get("payload")
+    return p if isinstance(p, dict) else {k: v for k, v in ev.items() if k not in ("seq", "ts", "type", "run_id")}
+
+
+def measured(run: dict, events: list[dict]) -> dict:
+    """What a run measured, from its events: stages (time, peak memory), evaluations, metrics."""
+    stages, evals, metrics, last_step = [], {}, {}, {}
+    for ev in events:
+        t, p = ev["type"], _payload(ev)
+        if t == "stage_finished":
+            stages.append({k: p.get(k) for k in ("stage", "index", "duration_s", "peak_mem_bytes", "mem_source")})
+        elif t == "eval":
+            name = p.get("name") or "eval"
+            evals.setdefault(name, {}).update(p.get("metrics") or {})
+        elif t == "metric" and p.get("name"):
+            metrics[p["name"]] = (p.get("value"), p.get("unit") or "")
+        elif t == "step" and p.get("tokens_per_s") is not None:
+            last_step = p
+    started, ended = run.get("started"), run.get("ended")
+    peaks = [s["peak_mem_bytes"] for s in stages if s.get("peak_mem_bytes") is not None]
+    return {"stages": stages, "evals": evals, "metrics": metrics,
+            "wall_s": (ended - started) if started and ended else None,
+            "peak_mem_bytes": max(peaks) if peaks else None,
+            "mem_source": next((s.get("mem_source") for s in stages if s.get("mem_source")), None),
+            "train_tokens_per_s": last_step.get("tokens_per_s")}
+
+
+def run_cost(run: dict, wall_s: float | None) -> tuple[float | None, str]:
+    """(USD, how) for a run: GPU-hours x the GPU preset's price; CPU runs have no GPU price."""
+    if wall_s is None:
+        return None, "run did not finish"
+    if run.get("device") != "cuda":
+        return None, "CPU run: no GPU price"
+    machine = run.get("machine") or {}
+    gpu_name = str(machine.get("gpu_name") or machine.get("gpu") or "")
+    devs = hardware.devices()
+    match = [d for d in devs.values() if d.kind == "gpu" and d.price_per_hour
+             and d.name.replace("NVIDIA ", "").lower() in gpu_name.lower()]
+    if not match:
+        return None, f"no price preset matches GPU {gpu_name or '?'}"
+    d = max(match, key=lambda d: len(d.name))
+    return wall_s / 3600 * d.price_per_hour, f"{wall_s / 3600:.3f} GPU-h × ${d.price_per_hour}/h ({d.id})"
+
+
+def collect(run_ids: list[str]) -> tuple[list[dict], list[str]]:
+    """(runs with their measurements, problems) for the chosen ids."""
+    get_run, events = _api("get_run"), _api("events")
+    if get_run is None or events is None:
+        return [], [not_available("engine.runs.api")]
+    out, problems = [], []
+    for rid in run_ids or []:
+        try:
+            run = get_run(rid)
+        except InputError as e:
+            problems.append(str(e))
+            continue
+        if run is None:
+            problems.append(f"run {rid} not found")
+            continue
+        m = measured(run, events(rid))
+        cost, how = run_cost(run, m["wall_s"])
+        out.append({"run": run, "m": {**m, "cost_usd": cost, "cost_how": how}})
+        if run.get("status") != "finished":
+            problems.append(f"{rid} is {run.get('status')}: its figures are partial")
+    return out, problems
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def long_rows(items: list[dict]) -> list[dict]:
+    """Every measurement as (run, quantity, value, unit, source): the CSV export and the table."""
+    rows = []
+    for it in items:
+        run, m = it["run"], it["m"]
+        rid = run["id"]
+        src = f"run:{rid}"
+
+        def add(q, v, unit="", source=src):
+            rows.append({"run": rid, "quantity": q, "value": v, "unit": unit, "source": source})
+        add("strategy", run.get("strategy"))
+        add("model", run.get("model"))
+        add("device", run.get("device"))
+        add("status", run.get("status"))
+        add("wall time", m["wall_s"], "s")
+        add("peak memory (max over stages)", m["peak_mem_bytes"] / GIB if m["peak_mem_bytes"] else None, "GiB",
+            f"{src} ({m['mem_source'] or 'measured'})")
+        for s in m["stages"]:
+            add(f"{s['stage']}: time", s.get("duration_s"), "s")
+            add(f"{s['stage']}: peak memory", s["peak_mem_bytes"] / GIB if s.get("peak_mem_bytes") else None, "GiB",
+                f"{src} ({s.get('mem_source') or 'measured'})")
+        if m["train_tokens_per_s"] is not None:
+            add("training tokens/s (last step)", m["train_tokens_per_s"], "tokens/s")
+        for name, metrics in m["evals"].items():
+            for k, v in metrics.items():
+                if isinstance(v, (dict, list)):
+                    continue
+                add(f"{name}: {k}", v)
+        for k, (v, unit) in m["metrics"].items():
+            add(k, v, unit)
+        add("cost", m["cost_usd"], "USD", m["cost_how"])
+    return rows
+
+
+def side_by_side(items: list[dict]):
+    """Quantities as rows, runs as columns (the table people read)."""
+    import pandas as pd
+    rows = long_rows(items)
+    if not rows:
+        return pd.DataFrame()
+    order, table = [], {}
+    for r in rows:
+        key = r["quantity"] + (f" ({r['unit']})" if r["unit"] else "")
+        if key not in table:
+            order.append(key)
+            table[key] = {}
+        table[key][r["run"]] = _fmt(r["value"])
+    cols = [it["run"]["id"] for it in items]
+    return pd.DataFrame([{"quantity": k, **{c: table[k].get(c, "—") for c in cols}} for k in order],
+                        columns=["quantity"] + cols)
+
+
+def _est_value(est: dict, *paths):
+    for path in paths:
+        d = est
+        for p in path:
+            d = d.get(p) if isinstance(d, dict) else None
+        if d is not None:
+            return d
+    return None
+
+
+def vs_estimate(items: list[dict]):
+    """Measured next to what the planner estimated for the run, with the relative error.
+
+    Peak memory is only comparable when both are GPU allocations (torch.cuda.max_memory_allocated):
+    a CPU run's peak RSS is shown with the reason instead of an error figure.
+    """
+    import pandas as pd
+    out = []
+    for it in items:
+        run, m = it["run"], it["m"]
+        est = run.get("estimate") or {}
+        if not est or est.get("error"):
+            out.append({"run": run["id"], "quantity": "estimate", "estimated": "—", "measured": "—", "error": "—",
+                        "note": f"no estimate recorded ({est.get('error', 'none')})" if est else "no estimate recorded"})
+            continue
+        train_stage = next((s for s in m["stages"] if s["stage"] == "train"), None)
+        pairs = [("train: peak memory (GiB)", _est_value(est, ("train", "peak_allocated_bytes")),
+                  train_stage.get("peak_mem_bytes") if train_stage else None, 1 / GIB,
+                  (train_stage or {}).get("mem_source")),
+                 ("training tokens/s", _est_value(est, ("train", "tokens_per_s")), m["train_tokens_per_s"], 1, None),
+                 ("inference weights (GiB)", _est_value(est, ("infer", "weights_bytes")), None, 1 / GIB, None)]
+        for q, e, meas, scale, source in pairs:
+            if e is None and meas is None:
+                continue
+            note, err = "", "—"
+            comparable = run.get("device") == "cuda" and (source in (None, "cuda") or "cuda" in str(source))
+            if meas is None:
+                note = "not measured by this run"
+            elif not comparable:
+                note = ("not comparable: the estimate is for a GPU; this CPU run measured "
+                        + ("peak RSS" if "mem" in q else "CPU speed"))
+            elif e:
+                err = f"{(meas - e) / e * 100:+.1f}%"
+            out.append({"run": run["id"], "quantity": q, "estimated": _fmt(e * scale if e is not None else None),
+                        "measured": _fmt(meas * scale if meas is not None else None), "error": err, "note": note})
+    return pd.DataFrame(out, columns=["run", "quantity", "estimated", "measured", "error", "note"])
+
+
+def charts(items: list[dict]):
+    """(quality figure, memory/speed figure) for the chosen runs."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    ids = [it["run"]["id"] for it in items]
+    q = make_subplots(rows=1, cols=2, subplot_titles=("perplexity (lower is better)", "task metrics"))
+    ppl_keys = sorted({(n, k) for it in items for n, ms in it["m"]["evals"].items() for k in ms
+                       if "perplexity" in k.lower() or k.lower() == "ppl"})
+    for n, k in ppl_keys:
+        q.add_trace(go.Bar(x=ids, y=[it["m"]["evals"].get(n, {}).get(k) for it in items], name=f"{n} {k}",
+                           hovertemplate="%{x}: %{y:.3f}<extra>measured</extra>"), row=1, col=1)
+    task_keys = sorted({(n, k) for it in items for n, ms in it["m"]["evals"].items() for k, v in ms.items()
+                        if any(w in k.lower() for w in ("accuracy", "exact", "valid", "f1"))
+                        and isinstance(v, (int, float))})
+    for n, k in task_keys:
+        q.add_trace(go.Bar(x=ids, y=[it["m"]["evals"].get(n, {}).get(k) for it in items], name=f"{n} {k}",
+                           hovertemplate="%{x}: %{y:.3f}<extra>measured</extra>"), row=1, col=2)
+    q.update_layout(title="Quality (measured)", barmode="group", template="plotly_white", height=380,
+                    uirevision="cmp-quality", legend={"orientation": "h", "y": -0.2, "font": {"size": 10}},
+                    margin={"l": 50, "r": 20, "t": 60, "b": 40})
+    s = make_subplots(rows=1, cols=2, subplot_titles=("peak memory per stage (GiB)", "wall time per stage (s)"))
+    stage_names = []
+    for it in items:
+        for st in it["m"]["stages"]:
+            if st["stage"] not in stage_names:
+                stage_names.append(st["stage"])
+    for name in stage_names:
+        mem = [next((st["peak_mem_bytes"] / GIB for st in it["m"]["stages"]
+                     if st["stage"] == name and st.get("peak_mem_bytes")), None) for it in items]
+        tim = [next((st["duration_s"] for st in it["m"]["stages"] if st["stage"] == name), None) for it in items]
+        s.add_trace(go.Bar(x=ids, y=mem, name=name, legendgroup=name,
+                           hovertemplate="%{x} " + name + ": %{y:.2f} GiB<extra>measured</extra>"), row=1, col=1)
+        s.add_trace(go.Bar(x=ids, y=tim, name=name, legendgroup=name, showlegend=False,
+                           hovertemplate="%{x} " + name + ": %{y:.1f} s<extra>measured</extra>"), row=1, col=2)
+    s.update_layout(title="Memory and time (measured)", barmode="group", template="plotly_white", height=380,
+                    uirevision="cmp-speed", legend={"orientation": "h", "y": -0.2},
+                    margin={"l": 50, "r": 20, "t": 60, "b": 40})
+    return q, s
+
+
+def export(items: list[dict]) -> tuple[str, str]:
+    """(CSV path, JSON path) of the comparison, in a temp folder Gradio may serve."""
+    d = Path(tempfile.mkdtemp(prefix="tunequant-compare-"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    csv_path, json_path = d / f"compare-{stamp}.csv", d / f"compare-{stamp}.json"
+    rows = long_rows(items)
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["run", "quantity", "value", "unit", "source"])
+        w.writeheader()
+        w.writerows(rows)
+    doc = {"runs": [{"id": it["run"]["id"], "name": it["run"].get("name"), "strategy": it["run"].get("strategy"),
+                     "model": it["run"].get("model"), "device": it["run"].get("device"),
+                     "status": it["run"].get("status"), "reason": it["run"].get("reason"),
+                     "spec": it["run"].get("spec"), "estimate": it["run"].get("estimate"),
+                     "machine": it["run"].get("machine"), "versions": it["run"].get("versions"),
+                     "measured": it["m"]} for it in items],
+           "vs_estimate": vs_estimate(items).to_dict(orient="records")}
+    json_path.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
+    return str(csv_path), str(json_path)
+
+
+def render(run_ids: list[str] | None) -> list:
+    """Every output of the compare screen: message, table, vs-estimate, two charts, CSV, JSON."""
+    import pandas as pd
+    if not run_ids:
+        empty = pd.DataFrame()
+        return ["<div class='tq-muted'>Pick two or more runs.</div>", empty, empty, None, None, None, None]
+    items, problems = collect(run_ids)
+    if not items:
+        empty = pd.DataFrame()
+        return [error_md("; ".join(problems) or "nothing to compare"), empty, empty, None, None, None, None]
+    q, s = charts(items)
+    csv_path, json_path = export(items)
+    msg = (error_md("; ".join(problems)) if problems else "") + ok_md(
+        f"{len(items)} run(s) · every figure is measured by the run named in its column (events of the run store)")
+    return [msg, side_by_side(items), vs_estimate(items), q, s, csv_path, json_path]

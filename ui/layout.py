@@ -1,0 +1,523 @@
+"""The dashboard: five tabs (wizard, decision matrix, trade-offs, runs, compare) and their wiring.
+
+``build_app()`` returns the ``gr.Blocks``; ``app.py`` launches it with ``LAUNCH_KW`` (theme
+and CSS go to ``launch()`` in Gradio 6). Handlers are the pure functions of the screen
+modules; this file only lays out components and connects events. Every handler catches bad
+input and shows it inline next to its field; none lets a traceback reach the page.
+"""
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from engine import strategies
+from engine.errors import InputError
+from ui import compare, matrix, runs, tradeoffs, wizard
+from ui.common import MAX_UPLOAD, error_md, ok_md, public_demo, unexpected_md
+from ui.theme import CSS, THEME
+
+LAUNCH_KW = {"theme": THEME, "css": CSS, "max_file_size": MAX_UPLOAD}
+POLL_S = 1.0
+URL_RUN_JS = """(run_id) => {
+  const u = new URL(window.location.href);
+  if (run_id) { u.searchParams.set('run', run_id); } else { u.searchParams.delete('run'); }
+  window.history.replaceState(null, '', u.toString());
+}"""
+
+
+def _header() -> None:
+    demo_note = (" <span class='tq-banner'>Public demo: planning works; launching GPU runs is off here "
+                 "(CPU demo runs only).</span>") if public_demo() else ""
+    gr.HTML(f"<div class='tq-header'><h1>tunequant</h1><p>Fine-tune, quantize, or both? Describe the model, "
+            f"data, hardware and goals; every strategy gets estimates with their sources, a rank and the "
+            f"reasons; then prove it with real runs.{demo_note}</p></div>")
+
+
+# ---- screen 1: the wizard ---------------------------------------------------------------------------
+
+def _wizard_tab():
+    d = wizard.DEFAULT_FORM
+    c = {}
+    examples = wizard.example_scenarios()
+    with gr.Row():
+        c["example"] = gr.Dropdown(choices=[("—", "")] + [(k, k) for k in examples], value="",
+                                   label="Start from an example scenario", scale=1, elem_id="example")
+        c["example_note"] = gr.HTML("<div class='tq-muted'>Pick an example to fill every step, or fill the "
+                                    "steps yourself. The matrix and charts recompute on every change.</div>")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            with gr.Walkthrough(selected=1, elem_id="wizard") as walk:
+                with gr.Step("Model", id=1):
+                    c["source"] = gr.Radio(list(wizard.MODEL_SOURCES), value=d["source"], label="Model from",
+                                           elem_id="source")
+                    c["preset"] = gr.Dropdown(wizard.preset_choices(), value=d["preset"], label="Preset (type to search)",
+                                              elem_id="preset")
+                    c["hub_id"] = gr.Textbox(value=d["hub_id"], label="Hub id (org/name) or a model folder in the workspace",
+                                             placeholder="meta-llama/Llama-3.1-8B  or  models/my-model  (press Enter)",
+                                             visible=False, elem_id="hub_id")
+                    c["config_file"] = gr.File(label="config.json of the model", file_types=[".json"],
+                                               visible=False, elem_id="config_file")
+                    with gr.Row(visible=False) as size_row:
+                        c["params_b"] = gr.Number(value=d["params_b"], label="Parameters (billions)", elem_id="params_b")
+                        c["family"] = gr.Dropdown(list(wizard.models.FAMILIES), value=d["family"], label="Family")
+                    c["size_row"] = size_row
+                    c["model_msg"] = gr.HTML(elem_id="model_msg")
+                    next1 = gr.Button("Next: data →", size="sm")
+                with gr.Step("Data", id=2):
+                    with gr.Row():
+                        c["task"] = gr.Dropdown(list(wizard.TASKS), value=d["task"], label="Task", elem_id="task")
+                        c["examples"] = gr.Number(value=d["examples"], label="Labelled examples", precision=0,
+                                                  elem_id="examples")
+                        c["seq_len"] = gr.Number(value=d["seq_len"], label="Sequence length (tokens)", precision=0,
+                                                 elem_id="seq_len")
+                        c["epochs"] = gr.Number(value=d["epochs"], label="Epochs", elem_id="epochs")
+                    c["dataset_file"] = gr.File(label="Optional: your dataset (JSONL or CSV) to preview and validate",
+                                                file_types=[".jsonl", ".json", ".csv"], elem_id="dataset_file")
+                    c["data_msg"] = gr.HTML(elem_id="data_msg")
+                    c["data_preview"] = gr.Dataframe(label="Preview (first rows)", visible=False, interactive=False,
+                                                     max_height=260, wrap=True)
+                    c["dataset_path"] = gr.State("")
+                    with gr.Row():
+                        back2 = gr.Button("← Model", size="sm")
+                        next2 = gr.Button("Next: hardware →", size="sm")
+                with gr.Step("Hardware", id=3):
+                    with gr.Row():
+                        c["gpu"] = gr.Dropdown(wizard.gpu_choices(), value=d["gpu"], label="Training GPU", elem_id="gpu")
+                        c["gpu_count"] = gr.Number(value=d["gpu_count"], label="GPU count", precision=0, minimum=1,
+                                                   elem_id="gpu_count")
+                    with gr.Row():
+                        c["target"] = gr.Radio(list(wizard.TARGETS), value=d["target"], label="Serving target",
+                                               elem_id="target")
+                        c["deploy_device"] = gr.Dropdown(wizard.device_choices(d["target"]), value=d["deploy_device"],
+                                                         label="Serving device", elem_id="deploy_device")
+                    c["hw_msg"] = gr.HTML(elem_id="hw_msg")
+                    with gr.Row():
+                        back3 = gr.Button("← Data", size="sm")
+                        next3 = gr.Button("Next: goals →", size="sm")
+                with gr.Step("Goals", id=4):
+                    with gr.Row():
+                        c["max_latency"] = gr.Number(value=d["max_latency"], label="Max latency, ms/token (0: no goal)",
+                                                     elem_id="max_latency")
+                        c["min_retention"] = gr.Number(value=d["min_retention"],
+                                                       label="Min accuracy kept, 0–1 (0: no goal)",
+                                                       elem_id="min_retention")
+                        c["priority"] = gr.Radio(list(wizard.PRIORITIES), value=d["priority"], label="Priority",
+                                                 elem_id="priority")
+                        c["target_bits"] = gr.Dropdown(list(wizard.BITS), value=d["target_bits"],
+                                                       label="Target weight bits", elem_id="target_bits")
+                    c["symptoms"] = gr.CheckboxGroup(list(wizard.SYMPTOMS), value=d["symptoms"],
+                                                     label="What is wrong today (optional)", elem_id="symptoms")
+                    c["goals_msg"] = gr.HTML(elem_id="goals_msg")
+                    with gr.Row():
+                        back4 = gr.Button("← Hardware", size="sm")
+                        c["to_matrix"] = gr.Button("See the decision matrix →", variant="primary", size="sm",
+                                                   elem_id="to_matrix")
+            for btn, step in ((next1, 2), (back2, 1), (next2, 3), (back3, 2), (next3, 4), (back4, 3)):
+                btn.click(lambda s=step: gr.Walkthrough(selected=s), outputs=walk, queue=False)
+        with gr.Column(scale=2):
+            c["summary"] = gr.HTML(elem_id="summary")
+            c["scenario_yaml"] = gr.Code(language="yaml", label="Scenario (what the advisor reads)", interactive=False,
+                                         lines=14, elem_id="scenario_yaml", buttons=["copy", "download"], wrap_lines=True)
+    c["walk"] = walk
+    return c
+
+
+# ---- screen 2: the decision matrix ------------------------------------------------------------------
+
+def _matrix_tab():
+    c = {}
+    c["banner"] = gr.HTML(elem_id="matrix_banner")
+    c["table"] = gr.Dataframe(headers=matrix.COLUMNS, interactive=False, wrap=True, max_height=620,
+                              label="Decision matrix (click a row for its details)", elem_id="matrix_table",
+                              column_widths=["50px", "130px", "120px", "60px", "260px", "110px", "90px", "110px",
+                                             "70px", "130px", "80px", "80px", "70px", "60px", "200px"])
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            c["change"] = gr.HTML(elem_id="matrix_change")
+        with gr.Column(scale=3):
+            with gr.Row():
+                c["pick"] = gr.Dropdown(label="Strategy details", choices=strategies.ids(), elem_id="matrix_pick",
+                                        scale=3)
+                c["run_this"] = gr.Button("Run this strategy →", variant="primary", scale=1, elem_id="run_this")
+            c["detail"] = gr.HTML(elem_id="matrix_detail")
+    return c
+
+
+# ---- screen 3: trade-offs --------------------------------------------------------------------------
+
+def _tradeoffs_tab():
+    c = {}
+    c["mem_view"] = gr.Radio(list(tradeoffs.MEMORY_VIEWS), value=tradeoffs.MEMORY_VIEWS[0], label="Memory axis",
+                             elem_id="mem_view")
+    with gr.Row():
+        c["mem"] = gr.Plot(label="Memory vs accuracy", elem_id="plot_mem")
+        c["lat"] = gr.Plot(label="Latency vs accuracy", elem_id="plot_lat")
+    c["shown"] = gr.Dropdown(choices=strategies.ids(), multiselect=True, label="Strategies in the memory breakdown "
+                             "(empty: the six best ranked)", elem_id="breakdown_pick")
+    with gr.Row():
+        c["breakdown"] = gr.Plot(label="Memory per stage", elem_id="plot_breakdown")
+        c["cost"] = gr.Plot(label="Cost", elem_id="plot_cost")
+    c["timing"] = gr.HTML(elem_id="tradeoffs_timing")
+    return c
+
+
+# ---- screen 4: runs ----------------------------------------------------------------------------------
+
+def _runs_tab():
+    c = {}
+    presets = list(runs.run_presets())
+    first = presets[0] if presets else None
+    f0 = runs.form_from_spec(runs.load_run_preset(first)) if first else {}
+    with gr.Accordion("Launch a run", open=True):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                with gr.Row():
+                    c["run_preset"] = gr.Dropdown([("—", "")] + [(p, p) for p in presets], value=first or "",
+                                                  label="Start from a run preset (presets/runs)", elem_id="run_preset")
+                    c["strategy"] = gr.Dropdown(strategies.ids(), value=f0.get("strategy"), label="Strategy",
+                                                elem_id="run_strategy")
+                    c["name"] = gr.Textbox(value=f0.get("name", ""), label="Run name", elem_id="run_name")
+                with gr.Row():
+                    c["model"] = gr.Textbox(value=f0.get("model", ""), label="Model (demo model, preset, hub id, "
+                                            "workspace folder)", elem_id="run_model")
+                    c["data_demo"] = gr.Textbox(value=f0.get("data_demo", ""), label="Demo dataset", elem_id="run_demo")
+                    c["data_path"] = gr.Textbox(value=f0.get("data_path", ""), label="…or dataset file in the workspace",
+                                                elem_id="run_data_path")
+                    c["device"] = gr.Radio(list(runs.DEVICES), value=f0.get("device") or "cpu", label="Device",
+                                           elem_id="run_device")
+                with gr.Row():
+                    c["steps"] = gr.Number(value=f0.get("steps"), label="Train steps (0: default)", precision=0, elem_id="run_steps")
+                    c["learning_rate"] = gr.Number(value=f0.get("learning_rate"), label="Learning rate (0: default)")
+                    c["batch_size"] = gr.Number(value=f0.get("batch_size"), label="Batch size (0: default)", precision=0)
+                    c["seq_len"] = gr.Number(value=f0.get("seq_len"), label="Sequence length (0: default)", precision=0)
+                    c["lora_rank"] = gr.Number(value=f0.get("lora_rank"), label="LoRA rank (0: default)", precision=0)
+                with gr.Row():
+                    c["bits"] = gr.Dropdown(list(runs.BITS_CHOICES), value=f0.get("bits", "catalog default"),
+                                            label="Bits")
+                    c["group_size"] = gr.Number(value=f0.get("group_size"), label="Group size (0: catalog)", precision=0)
+                    c["calibration_samples"] = gr.Number(value=f0.get("calibration_samples"),
+                                                         label="Calibration samples (0: catalog)", precision=0)
+                    c["eval_examples"] = gr.Number(value=f0.get("eval_examples"), label="Eval examples (0: default)", precision=0)
+                with gr.Row():
+                    c["launch"] = gr.Button("Launch run", variant="primary", elem_id="launch", scale=1)
+                    c["launch_msg"] = gr.HTML(elem_id="launch_msg")
+            with gr.Column(scale=2):
+                c["preview"] = gr.Code(language="yaml", label="Run config (exactly what Launch sends)",
+                                       interactive=False, lines=16, elem_id="run_preview")
+                c["preview_msg"] = gr.HTML(elem_id="preview_msg")
+    with gr.Row():
+        c["picker"] = gr.Dropdown(choices=[], label="Attach to a run (history)", elem_id="run_picker", scale=4,
+                                  allow_custom_value=True)
+        c["refresh"] = gr.Button("Refresh", size="sm", scale=0, min_width=90)
+        c["stop"] = gr.Button("Stop run", variant="stop", size="sm", scale=0, min_width=110, elem_id="stop")
+    c["stop_msg"] = gr.HTML(elem_id="stop_msg")
+    c["status"] = gr.HTML(runs.status_html(runs.new_view(None), None), elem_id="run_status")
+    with gr.Row(equal_height=False):
+        c["loss"] = gr.Plot(label="Loss", elem_id="plot_loss", scale=3)
+        c["metrics"] = gr.Dataframe(headers=["where", "metric", "value", "unit"], label="Evaluation (measured)",
+                                    interactive=False, max_height=320, elem_id="run_metrics", scale=2)
+    c["log"] = gr.Textbox(label="Log tail", lines=10, max_lines=10, autoscroll=True, interactive=False,
+                          elem_id="run_log", elem_classes=["tq-log"])
+    c["history"] = gr.Dataframe(label="History (every run, newest first)", interactive=False, max_height=360,
+                                elem_id="run_history", wrap=True)
+    c["view"] = gr.State(runs.new_view(None))
+    c["timer"] = gr.Timer(POLL_S, active=False)
+    return c
+
+
+# ---- screen 5: compare -------------------------------------------------------------------------------
+
+def _compare_tab():
+    c = {}
+    with gr.Row():
+        c["pick"] = gr.Dropdown(choices=[], multiselect=True, label="Runs to compare (finished runs first)",
+                                elem_id="compare_pick", scale=5)
+        c["refresh"] = gr.Button("Refresh", size="sm", scale=0, min_width=90)
+    c["msg"] = gr.HTML(elem_id="compare_msg")
+    c["table"] = gr.Dataframe(label="Side by side (measured)", interactive=False, wrap=True, elem_id="compare_table",
+                              max_height=520)
+    c["vs_est"] = gr.Dataframe(label="Measured vs estimated", interactive=False, wrap=True, elem_id="compare_est",
+                               max_height=360)
+    with gr.Row():
+        c["chart_quality"] = gr.Plot(label="Quality", elem_id="plot_cmp_quality")
+        c["chart_cost"] = gr.Plot(label="Memory and speed", elem_id="plot_cmp_speed")
+    with gr.Row():
+        c["csv"] = gr.File(label="CSV export", interactive=False, elem_id="export_csv")
+        c["json"] = gr.File(label="JSON export", interactive=False, elem_id="export_json")
+    return c
+
+
+# ---- wiring -----------------------------------------------------------------------------------------
+
+def build_app() -> gr.Blocks:
+    with gr.Blocks(title="tunequant — fine-tuning × quantization planner", fill_width=True) as demo:
+        _header()
+        with gr.Tabs(selected="wizard", elem_id="tabs") as tabs:
+            with gr.Tab("1 · Scenario", id="wizard", elem_id="tab-wizard"):
+                W = _wizard_tab()
+            with gr.Tab("2 · Decision matrix", id="matrix", elem_id="tab-matrix"):
+                M = _matrix_tab()
+            with gr.Tab("3 · Trade-offs", id="tradeoffs", elem_id="tab-tradeoffs"):
+                T = _tradeoffs_tab()
+            with gr.Tab("4 · Runs", id="runs", elem_id="tab-runs"):
+                R = _runs_tab()
+            with gr.Tab("5 · Compare", id="compare", elem_id="tab-compare"):
+                C = _compare_tab()
+        result = gr.State(None)       # the advisor's answer for the current scenario
+        scenario = gr.State(None)
+
+        form_inputs = [W[k] if k != "dataset_file" else W["dataset_path"] for k in wizard.FIELDS]
+
+        # -- scenario -> advisor -> matrix + charts (one handler: they never disagree)
+        def recompute(*vals):
+            form = dict(zip(wizard.FIELDS, vals))
+            return _recompute(form)
+
+        plan_outputs = [scenario, result, W["scenario_yaml"], W["summary"], W["model_msg"], W["data_msg"],
+                        W["hw_msg"], W["goals_msg"], M["banner"], M["table"], M["change"], M["pick"],
+                        T["mem"], T["lat"], T["breakdown"], T["cost"], T["timing"]]
+        triggers = [W[k].change for k in wizard.FIELDS if k not in ("hub_id", "config_file", "dataset_file")]
+        triggers += [W["hub_id"].submit, W["hub_id"].blur, W["config_file"].change, demo.load]
+        gr.on(triggers, recompute, inputs=form_inputs, outputs=plan_outputs, trigger_mode="always_last",
+              show_progress="hidden", concurrency_limit=8)
+
+        # -- model source: show the matching field
+        def show_source(src):
+            return (gr.update(visible=src == wizard.SRC_PRESET), gr.update(visible=src == wizard.SRC_HUB),
+                    gr.update(visible=src == wizard.SRC_UPLOAD), gr.update(visible=src == wizard.SRC_SIZE))
+        W["source"].change(show_source, W["source"], [W["preset"], W["hub_id"], W["config_file"], W["size_row"]],
+                           queue=False)
+
+        # -- serving target: devices of that kind
+        def target_devices(target, current):
+            ch = wizard.device_choices(target)
+            ids = [k for _, k in ch]
+            return gr.update(choices=ch, value=current if current in ids else (ids[0] if ids else None),
+                             interactive=bool(ids))
+        W["target"].change(target_devices, [W["target"], W["deploy_device"]], W["deploy_device"], queue=False)
+
+        # -- dataset upload: validate, preview, count rows
+        def dataset_uploaded(path, examples):
+            msg, df, n, saved = _dataset(path)
+            return (msg, gr.update(value=df, visible=df is not None), n if n else examples, saved,
+                    gr.update(value=saved) if saved else gr.update())
+        W["dataset_file"].change(dataset_uploaded, [W["dataset_file"], W["examples"]],
+                                 [W["data_msg"], W["data_preview"], W["examples"], W["dataset_path"], R["data_path"]])
+
+        # -- examples: fill every field
+        ex_outputs = [W[k] for k in wizard.FIELDS if k not in ("config_file", "dataset_file")]
+
+        def load_example(name):
+            if not name:
+                return [gr.update() for _ in ex_outputs] + [gr.update()]
+            try:
+                form = wizard.load_example(name)
+            except InputError as e:
+                return [gr.update() for _ in ex_outputs] + [error_md(e)]
+            note = ok_md(f"<b>{name}</b>: {wizard.example_summary(wizard.example_scenarios()[name])}")
+            vals = []
+            for k in wizard.FIELDS:
+                if k in ("config_file", "dataset_file"):
+                    continue
+                if k == "deploy_device":
+                    vals.append(gr.update(choices=wizard.device_choices(form["target"]), value=form[k]))
+                else:
+                    vals.append(form[k])
+            return vals + [note]
+        W["example"].change(load_example, W["example"], ex_outputs + [W["example_note"]])
+        W["to_matrix"].click(lambda: gr.Tabs(selected="matrix"), outputs=tabs, queue=False)
+
+        # -- matrix details and "run this"
+        M["pick"].change(lambda sid, res: matrix.detail_html(res, sid), [M["pick"], result], M["detail"])
+
+        def table_select(res, evt: gr.SelectData):
+            rs = matrix.rows(res)
+            i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+            return rs[i]["strategy"] if rs and i is not None and 0 <= i < len(rs) else gr.update()
+        M["table"].select(table_select, result, M["pick"])
+
+        launch_fields = [R[k] for k in runs.LAUNCH_FIELDS]
+
+        def run_this(sid, scn):
+            vals = runs.form_for_strategy(sid, scn)
+            return [vals.get(k, gr.update()) for k in runs.LAUNCH_FIELDS] + [gr.Tabs(selected="runs")]
+        M["run_this"].click(run_this, [M["pick"], scenario], launch_fields + [tabs])
+
+        # -- trade-off controls
+        def charts_only(res, scn, view, shown):
+            return _charts(matrix.rows(res), scn, view, shown)
+        gr.on([T["mem_view"].change, T["shown"].change], charts_only, [result, scenario, T["mem_view"], T["shown"]],
+              [T["mem"], T["lat"], T["breakdown"], T["cost"]], trigger_mode="always_last", show_progress="hidden")
+
+        # -- runs: preset -> form; form -> preview; launch; attach; poll; stop; history
+        def preset_chosen(name):
+            if not name:
+                return [gr.update() for _ in runs.LAUNCH_FIELDS[1:]]
+            try:
+                f = runs.form_from_spec(runs.load_run_preset(name))
+            except InputError:
+                return [gr.update() for _ in runs.LAUNCH_FIELDS[1:]]
+            return [f.get(k) for k in runs.LAUNCH_FIELDS[1:]]
+        R["run_preset"].change(preset_chosen, R["run_preset"], launch_fields[1:], queue=False)
+
+        def preview(*vals):
+            return runs.spec_preview(dict(zip(runs.LAUNCH_FIELDS, vals)))
+        gr.on([R[k].change for k in runs.LAUNCH_FIELDS] + [demo.load], preview, launch_fields,
+              [R["preview"], R["preview_msg"]], trigger_mode="always_last", show_progress="hidden")
+
+        live_outputs = [R["view"], R["status"], R["loss"], R["metrics"], R["log"], R["timer"]]
+
+        def do_launch(*vals):
+            run_id, msg = runs.launch(dict(zip(runs.LAUNCH_FIELDS, vals)))
+            if not run_id:
+                return [msg, gr.update(), gr.update()] + [gr.update() for _ in live_outputs] + [None]
+            live = _live(runs.attach(run_id), force=True)
+            return [msg, gr.update(choices=runs.run_choices(), value=run_id), _history()] + live + [run_id]
+        run_id_box = gr.Textbox(visible=False)
+        (R["launch"].click(do_launch, launch_fields,
+                           [R["launch_msg"], R["picker"], R["history"]] + live_outputs + [run_id_box],
+                           concurrency_limit=1, concurrency_id="launch")
+         .then(None, run_id_box, None, js=URL_RUN_JS))
+
+        def do_attach(run_id):
+            if not run_id:
+                return _live(runs.new_view(None), force=True)
+            return _live(runs.attach(run_id), force=True)
+        (R["picker"].input(do_attach, R["picker"], live_outputs)
+         .then(None, R["picker"], None, js=URL_RUN_JS))
+
+        def tick(view):
+            return _live(*_poll(view))
+        R["timer"].tick(tick, R["view"], live_outputs, show_progress="hidden", concurrency_limit=None)
+
+        def do_stop(view):
+            msg = runs.stop((view or {}).get("run_id"))
+            return [msg, gr.Timer(active=True)]
+        R["stop"].click(do_stop, R["view"], [R["stop_msg"], R["timer"]])
+
+        def refresh_runs(current):
+            ch = runs.run_choices()
+            return gr.update(choices=ch, value=current), _history()
+        R["refresh"].click(refresh_runs, R["picker"], [R["picker"], R["history"]])
+
+        # -- compare
+        cmp_outputs = [C["msg"], C["table"], C["vs_est"], C["chart_quality"], C["chart_cost"], C["csv"], C["json"]]
+        C["pick"].change(lambda ids: compare.render(ids), C["pick"], cmp_outputs)
+        C["refresh"].click(lambda cur: gr.update(choices=compare.run_choices(), value=cur), C["pick"], C["pick"])
+
+        # -- page load: run history, and re-attach when the URL names a run (?run=ID)
+        def on_load(request: gr.Request):
+            run_id = (request.query_params.get("run") if request else None) or None
+            ch = runs.run_choices()
+            live = _live(runs.attach(run_id) if run_id else runs.new_view(None), force=True)
+            tab = gr.Tabs(selected="runs") if run_id else gr.update()
+            return [gr.update(choices=ch, value=run_id), _history(),
+                    gr.update(choices=compare.run_choices())] + live + [tab]
+        demo.load(on_load, None, [R["picker"], R["history"], C["pick"]] + live_outputs + [tabs])
+    return demo
+
+
+# ---- handler bodies (kept out of build_app so tests can call them) -------------------------------------
+
+def _recompute(form: dict) -> list:
+    """Wizard form -> scenario -> advisor -> every plan output (see plan_outputs)."""
+    t0 = time.perf_counter()
+    msgs = {g: "" for g in wizard.GROUPS}
+    blank = [None, None, "", "", "", "", "", ""]
+    try:
+        scn = wizard.scenario_from_form(form)
+    except InputError as e:
+        msgs[wizard.group_of(e.field)] = wizard_error = error_md(e)
+        return _plan_error(msgs, wizard_error)
+    except Exception as e:
+        return _plan_error(msgs, unexpected_md(e, "reading the form"))
+    msgs["model"] = wizard.model_summary(scn["model"])
+    msgs["hardware"] = wizard.hardware_summary(scn["hardware"]["gpu"], scn["hardware"]["count"],
+                                               scn["deploy"].get("gpu"), scn["deploy"]["target"])
+    try:
+        res, ms, note = matrix.recommend(scn)
+    except InputError as e:
+        msgs[wizard.group_of(e.field)] = err = error_md(e)
+        return _plan_error(msgs, err, scn)
+    except Exception as e:
+        return _plan_error(msgs, unexpected_md(e, "the advisor"), scn)
+    if res is None:
+        return _plan_error(msgs, note, scn)
+    rs = matrix.rows(res)
+    figs = _charts(rs, scn, tradeoffs.MEMORY_VIEWS[0], None)
+    total_ms = (time.perf_counter() - t0) * 1000
+    reco = matrix.recommended(res)
+    return [scn, res, wizard.scenario_yaml(scn), matrix.summary_html(res, rs), msgs["model"], msgs["data"],
+            msgs["hardware"], msgs["goals"], matrix.banner_html(res, rs), matrix.table(rs),
+            matrix.change_html(res), gr.update(value=reco, choices=[r["strategy"] for r in rs] or strategies.ids()),
+            *figs, f"<div class='tq-src'>advisor {ms:.0f} ms · whole update {total_ms:.0f} ms of server time</div>"]
+
+
+def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:
+    import pandas as pd
+    fig = tradeoffs._empty("", "fix the scenario to see the charts")
+    return [scn, None, wizard.scenario_yaml(scn) if scn else "", err, msgs["model"], msgs["data"], msgs["hardware"],
+            msgs["goals"], err, pd.DataFrame(columns=matrix.COLUMNS), "", gr.update(), fig, fig, fig, fig, ""]
+
+
+def _charts(rs: list[dict], scn: dict | None, view: str, shown) -> list:
+    from engine import hardware
+    if not rs or not scn:
+        fig = tradeoffs._empty("", "no scenario yet")
+        return [fig, fig, fig, fig]
+    g = hardware.get(scn["hardware"]["gpu"])
+    count = int(scn["hardware"].get("count") or 1)
+    dev_id = (scn.get("deploy") or {}).get("gpu")
+    dev = hardware.get(dev_id) if dev_id else None
+    goal = (scn.get("goals") or {}).get("max_latency_ms_per_token")
+    return [tradeoffs.memory_vs_accuracy(rs, view, g.memory_bytes, f"{count} × {g.name}" if count > 1 else g.name,
+                                         dev.memory_bytes if dev else None, dev.name if dev else "hosted API"),
+            tradeoffs.latency_vs_accuracy(rs, goal, dev.name if dev else "hosted API"),
+            tradeoffs.memory_breakdown(rs, shown or None, g.memory_bytes),
+            tradeoffs.cost_chart(rs)]
+
+
+def _dataset(path):
+    msg, df, n = wizard.dataset_check(path)
+    saved = ""
+    if path and "tq-error" not in msg.split("</div>")[0]:
+        from ui.common import save_upload, MAX_DATASET_BYTES
+        try:
+            saved = str(save_upload(path, "datasets", MAX_DATASET_BYTES, (".jsonl", ".json", ".csv"), "dataset"))
+        except InputError:
+            saved = ""
+    return msg, df, n, saved
+
+
+def _poll(view: dict):
+    try:
+        return runs.poll_view(view)
+    except InputError as e:
+        return {**view, "status": "unknown", "reason": str(e)}, None
+
+
+def _live(view_or_pair, run=None, force: bool = False) -> list:
+    """The live outputs for a view: view, status, loss figure, metrics, log, timer."""
+    import pandas as pd
+    view = view_or_pair
+    if run is None and view.get("run_id"):
+        try:
+            run = runs.api("get_run")(view["run_id"]) if runs.api("get_run") else None
+        except InputError:
+            run = None
+    active = bool(view.get("run_id")) and (view.get("status") in runs.ACTIVE or view.get("status") is None)
+    changed = force or view.get("version") != view.get("_shown_version")
+    view = {**view, "_shown_version": view.get("version")}
+    if not changed:
+        return [view, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=active)]
+    metrics = runs.metrics_rows(view)
+    return [view, runs.status_html(view, run), runs.loss_figure(view),
+            pd.DataFrame(metrics, columns=["where", "metric", "value", "unit"]),
+            "\n".join(view.get("log", [])[-60:]), gr.Timer(active=active)]
+
+
+def _history():
+    import pandas as pd
+    return pd.DataFrame(runs.history_rows(),
+                        columns=["run", "name", "strategy", "model", "device", "status", "reason", "created", "duration"])

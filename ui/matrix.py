@@ -1,0 +1,268 @@
+"""Screen 2, the decision matrix: every strategy as a row, ranked by the advisor.
+
+``recommend(scenario)`` calls ``engine.advisor.recommend``; ``row()`` is the one place that
+reads the advisor's entry and flattens it into the figures the matrix and the charts show;
+``table`` and the HTML helpers render them. Every number keeps its source (the planner
+command with its inputs, the published evidence, or the rule) for the hover and detail views.
+"""
+from __future__ import annotations
+
+import html
+import time
+
+from engine import strategies
+from engine.errors import InputError
+from ui.common import duration, engine_fn, error_md, gib, not_available, num, usd
+
+COLUMNS = ["rank", "strategy", "family", "feasible", "why not", "train mem / GPU", "calibrate mem",
+           "serve mem / device", "ms/token", "retention [interval]", "train time", "train cost",
+           "serve $/M tok", "score", "rules fired"]
+
+
+def recommend(scenario: dict) -> tuple[dict | None, float, str]:
+    """(advisor result or None, server milliseconds, inline message). InputError propagates."""
+    fn = engine_fn("engine.advisor", "recommend")
+    if fn is None:
+        return None, 0.0, error_md(not_available("engine.advisor.recommend"))
+    t0 = time.perf_counter()
+    res = fn(scenario)
+    return res, (time.perf_counter() - t0) * 1000, ""
+
+
+# ---- the advisor's entry -> the figures shown ------------------------------------------------
+
+def _reason_text(r) -> str:
+    if isinstance(r, dict):
+        return str(r.get("text") or r.get("message") or r.get("reason") or r)
+    return str(r)
+
+
+def row(entry: dict, rank: int) -> dict:
+    """One ranked advisor entry as the flat figures of a matrix row (None where not estimated)."""
+    est = entry.get("estimates") or {}
+    sid = entry.get("strategy")
+    stages = []
+    for st in est.get("stages") or []:
+        src = st.get("source") or ""
+        if src and not src.startswith("python"):
+            src = "python -m engine estimate " + src
+        stages.append({"stage": st.get("stage"), "bytes": st.get("device_bytes"),
+                       "peak": st.get("peak_allocated_bytes"), "limit": st.get("limit_bytes"),
+                       "fits": st.get("fits"), "breakdown": st.get("breakdown") or {}, "source": src,
+                       "device": st.get("device"), "note": st.get("note") or st.get("sharding") or "",
+                       "error": st.get("error")})
+    by = {s["stage"]: s for s in stages}
+    pipeline = [s["bytes"] for s in stages if s["stage"] != "serve" and s["bytes"]]
+    serve = by.get("serve") or {}
+    acc = est.get("accuracy") or {}
+    cost = est.get("cost") or {}
+    return {
+        "rank": entry.get("rank", rank), "strategy": sid, "name": entry.get("name", sid),
+        "family": entry.get("family"), "scheme": entry.get("scheme"), "feasible": bool(entry.get("feasible")),
+        "score": entry.get("score"), "why": [_reason_text(r) for r in entry.get("why") or []],
+        "rules": list(entry.get("rules") or []),
+        "why_not": [_reason_text(b) for b in entry.get("blocked") or []],
+        "blocked_by": list(entry.get("blocked_by") or []),
+        "stages": stages,
+        "train_bytes": (by.get("train") or {}).get("bytes"), "train_limit": (by.get("train") or {}).get("limit"),
+        "quant_bytes": (by.get("quantize") or {}).get("bytes"),
+        "peak_bytes": max(pipeline) if pipeline else None,
+        "serve_bytes": serve.get("bytes"), "serve_limit": serve.get("limit"),
+        "serve_source": serve.get("source", ""),
+        "ms_per_token": est.get("latency_ms_per_token"),
+        "train_time_s": est.get("train_time_s"),
+        "retention": acc.get("retention"), "ret_low": acc.get("low"), "ret_high": acc.get("high"),
+        "acc_source": _evidence_text(acc), "acc_error": acc.get("error"),
+        "train_usd": cost.get("train_usd"), "train_gpu_hours": cost.get("train_gpu_hours"),
+        "serve_usd_mtok": cost.get("serve_usd_per_million_tokens"),
+        "cost_source": _cost_text(est),
+    }
+
+
+def _cost_text(est: dict) -> str:
+    out = []
+    for st in est.get("stages") or []:
+        c = st.get("cost") or {}
+        if c.get("formula"):
+            out.append(f"{st.get('stage')}: {c['formula']}")
+        elif c.get("error"):
+            out.append(f"{st.get('stage')}: {c['error']}")
+    return "; ".join(out)
+
+
+def _evidence_text(acc: dict) -> str:
+    """Where a retention figure comes from: the fit, the evidence count, the closest published result."""
+    if not acc:
+        return ""
+    ev = acc.get("evidence") or {}
+    parts = [acc.get("source") or ""]
+    if isinstance(ev, dict):
+        if ev.get("count") is not None:
+            parts.append(f"{ev['count']} results ({ev.get('published', '?')} published, "
+                         f"{ev.get('measured', 0)} measured)")
+        close = [c for c in ev.get("closest") or [] if isinstance(c, dict)]
+        if close:
+            c = close[0]
+            parts.append(f"closest: {c.get('model')} {c.get('method')} w{float(c.get('w_bits') or 0):g} "
+                         f"{str(c.get('metric', ''))[:30]} {c.get('value')} vs {c.get('baseline')} "
+                         f"({str(c.get('source', ''))[:60]})")
+    elif ev:
+        parts.append(str(ev))
+    return " · ".join(p for p in parts if p)
+
+
+def rows(result: dict | None) -> list[dict]:
+    if not result:
+        return []
+    return [row(e, i + 1) for i, e in enumerate(result.get("ranked") or [])]
+
+
+def table(rs: list[dict]):
+    """The matrix as a pandas Styler: recommended row highlighted, infeasible rows greyed."""
+    import pandas as pd
+    data = []
+    for r in rs:
+        ret = "—" if r["retention"] is None else (
+            f"{r['retention']:.3f} [{num(r['ret_low'], '{:.3f}')}–{num(r['ret_high'], '{:.3f}')}]")
+        data.append({
+            "rank": r["rank"], "strategy": r["strategy"], "family": r["family"],
+            "feasible": "✓" if r["feasible"] else "✗",
+            "why not": "; ".join(_short(t) for t in r["why_not"]),
+            "train mem / GPU": _vs(r["train_bytes"], r["train_limit"]),
+            "calibrate mem": gib(r["quant_bytes"]) if r["quant_bytes"] else "—",
+            "serve mem / device": _vs(r["serve_bytes"], r["serve_limit"]),
+            "ms/token": num(r["ms_per_token"], "{:.1f}"),
+            "retention [interval]": ret,
+            "train time": duration(r["train_time_s"]) if r["train_time_s"] else "—",
+            "train cost": usd(r["train_usd"]) if r["train_usd"] else "—",
+            "serve $/M tok": usd(r["serve_usd_mtok"]),
+            "score": num(r["score"], "{:.3f}"),
+            "rules fired": ", ".join(r["rules"]),
+        })
+    df = pd.DataFrame(data, columns=COLUMNS)
+    if not rs:
+        return df
+    reco = rs[0]["strategy"] if rs[0]["feasible"] else None
+
+    def style(s):
+        if s["strategy"] == reco:
+            return ["background-color: #e0e7ff; font-weight: 600"] * len(s)
+        if s["feasible"] == "✗":
+            return ["color: #9ca3af"] * len(s)
+        return [""] * len(s)
+    return df.style.apply(style, axis=1)
+
+
+def _short(text: str, n: int = 110) -> str:
+    """A reason cut for the table cell (the details view has the whole text and its source)."""
+    text = str(text).split(" (python -m engine")[0].split(" (estimate ")[0]
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def _vs(x, limit) -> str:
+    if not x:
+        return "—"
+    return f"{gib(x)} / {gib(limit)}" if limit else gib(x)
+
+
+# ---- HTML views ---------------------------------------------------------------------------------
+
+def recommended(result: dict | None) -> str | None:
+    if not result:
+        return None
+    reco = result.get("recommended")
+    if isinstance(reco, dict):
+        return reco.get("strategy")
+    return reco
+
+
+def _ul(items, limit=8) -> str:
+    items = [i for i in items if i]
+    if not items:
+        return ""
+    more = f"<li>… {len(items) - limit} more</li>" if len(items) > limit else ""
+    return "<ul>" + "".join(f"<li>{html.escape(str(i))}</li>" for i in items[:limit]) + more + "</ul>"
+
+
+def summary_html(result: dict | None, rs: list[dict]) -> str:
+    """The wizard's side panel: the recommendation, its reasons, the next best."""
+    if not result or not rs:
+        return ""
+    reco = recommended(result)
+    top = next((r for r in rs if r["strategy"] == reco), None)
+    if top is None:
+        return ("<div class='tq-reco'><h3>No strategy is feasible</h3>"
+                + _ul(rs[0]["why_not"] or rs[0]["why"]) + "</div>")
+    ret = (f" · retention {top['retention']:.3f} [{top['ret_low']:.3f}–{top['ret_high']:.3f}]"
+           if top["retention"] is not None and top["ret_low"] is not None else "")
+    nxt = [r for r in rs if r["feasible"] and r["strategy"] != reco][:3]
+    nxt_html = ("<div class='tq-top'>Next: " + ", ".join(
+        f"{html.escape(r['strategy'])} ({num(r['score'], '{:.2f}')})" for r in nxt) + "</div>") if nxt else ""
+    return (f"<div class='tq-reco' id='reco'><h3>Recommended: {html.escape(top['name'])}</h3>"
+            f"<div class='tq-src'>{html.escape(str(top['strategy']))} · {html.escape(str(top['family']))} · "
+            f"score {num(top['score'], '{:.2f}')}{ret}</div>{_ul(top['why'], 6)}{nxt_html}</div>")
+
+
+def banner_html(result: dict | None, rs: list[dict]) -> str:
+    if not result:
+        return ""
+    n_ok = sum(r["feasible"] for r in rs)
+    reco = recommended(result)
+    return (f"<div class='tq-muted'>{len(rs)} strategies, {n_ok} feasible on this hardware. "
+            f"Recommended (highlighted): <b>{html.escape(str(reco))}</b>. Grey rows do not fit or break a goal; "
+            f"the reasons say which limit or rule decided.</div>")
+
+
+def change_html(result: dict | None) -> str:
+    """'What would change the answer': the binding constraint, the nearest alternatives (each
+    re-checked by the advisor on the changed scenario), the runner-up and the tightest limit."""
+    if not result:
+        return ""
+    w = result.get("what_would_change")
+    if not w:
+        return ""
+    if not isinstance(w, dict):
+        return f"<div class='tq-change'><b>What would change the answer</b>{_ul([str(w)])}</div>"
+    items = [html.escape(str(w.get("summary") or ""))]
+    for alt in w.get("alternatives") or []:
+        items.append(html.escape(_reason_text(alt)))
+    if w.get("runner_up"):
+        items.append(html.escape(_reason_text(w["runner_up"])))
+    if w.get("tightest"):
+        t = w["tightest"]
+        items.append(f"tightest limit of the recommendation: {html.escape(str(t.get('constraint')))} "
+                     f"({100 * float(t.get('used') or 0):.0f}% used): {html.escape(str(t.get('text', '')))}")
+    lis = "".join(f"<li>{i}</li>" for i in items)
+    return f"<div class='tq-change' id='what-would-change'><b>What would change the answer</b><ul>{lis}</ul></div>"
+
+
+def detail_html(result: dict | None, strategy_id: str | None) -> str:
+    """Everything about one strategy: reasons with their rule or number, and each estimate's source."""
+    if not result or not strategy_id:
+        return ""
+    entry = next((e for e in result.get("ranked") or [] if e.get("strategy") == strategy_id), None)
+    if entry is None:
+        return error_md(f"{strategy_id} is not in this matrix")
+    rs = rows(result)
+    r = next(x for x in rs if x["strategy"] == strategy_id)
+    cat = strategies.get(strategy_id)
+    stages = " → ".join(s["stage"] + (f" ({s['method']})" if s.get("method") else "") for s in cat["stages"])
+    mem_rows = "".join(
+        f"<tr><td>{html.escape(str(s['stage']))}</td><td>{gib(s['bytes'], 2)}</td><td>{gib(s['limit'], 1)}</td>"
+        f"<td>{'✓' if s['fits'] else ('✗' if s['fits'] is False else '—')}</td>"
+        f"<td class='tq-src'>{html.escape(str(s['source'])[:300])}</td></tr>" for s in r["stages"])
+    mem = (f"<table><tr><th>stage</th><th>memory</th><th>limit</th><th>fits</th><th>source</th></tr>{mem_rows}</table>"
+           if mem_rows else "")
+    ret = (f"retention {r['retention']:.3f} [{num(r['ret_low'], '{:.3f}')}–{num(r['ret_high'], '{:.3f}')}] "
+           f"<span class='tq-src'>evidence: {html.escape(r['acc_source'] or '—')}</span>"
+           if r["retention"] is not None else "retention: not estimated")
+    return (f"<div class='tq-detail'><b>#{r['rank']} {html.escape(r['name'])}</b> "
+            f"<span class='tq-src'>({html.escape(strategy_id)}, {html.escape(str(r['family']))}; "
+            f"{'feasible' if r['feasible'] else 'not feasible'}; score {num(r['score'], '{:.2f}')})</span>"
+            f"<div class='tq-src'>{html.escape(cat.get('summary', ''))}<br>stages: {html.escape(stages)}</div>"
+            f"<b>Why</b>{_ul(r['why'], 20)}{('<b>Why not</b>' + _ul(r['why_not'], 20)) if r['why_not'] else ''}"
+            f"{mem}<div>{ret}</div>"
+            f"<div>serving: {gib(r['serve_bytes'], 2)}, {num(r['ms_per_token'], '{:.1f}')} ms/token "
+            f"<span class='tq-src'>{html.escape(str(r['serve_source'])[:200])}</span></div>"
+            f"<div>cost: training {usd(r['train_usd'])}, serving {usd(r['serve_usd_mtok'])} per 1M tokens "
+            f"<span class='tq-src'>{html.escape(str(r['cost_source'])[:200])}</span></div></div>")

@@ -1,0 +1,439 @@
+"""Screen 4, runs: launch a strategy, watch it live, stop it, find it again after a reload.
+
+No generator owns a run: ``engine.runs.api.launch`` starts a worker process and returns its
+id; the page polls ``events(run_id, after_seq)`` with a ``gr.Timer`` and folds what arrives
+into a small view state (``apply_events``). A reload (or a second browser) starts from seq 0
+and rebuilds the same view, so nothing is lost and nothing is tied to the tab.
+
+The launch form builds one dict (``spec_from_form``); the YAML preview shows that dict and
+``launch`` passes that same dict to the engine.
+"""
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+import yaml
+
+from engine import strategies
+from engine.errors import InputError
+from engine.presets import PRESETS_DIR
+from engine.spec.run import RunSpec
+from ui.common import confine, duration, engine_fn, error_md, gib, not_available, ok_md, public_demo, redact
+
+ACTIVE = ("queued", "running")
+LOG_TAIL = 200            # log lines kept in the view
+MAX_POINTS = 5000         # loss points kept in the view
+DEVICES = ("cpu", "auto", "cuda")
+BITS_CHOICES = ("catalog default", "2", "3", "4", "8")
+LAUNCH_FIELDS = ("run_preset", "name", "strategy", "model", "data_demo", "data_path", "device",
+                 "steps", "learning_rate", "batch_size", "seq_len", "lora_rank", "bits", "group_size",
+                 "calibration_samples", "eval_examples")
+
+
+def api(name: str):
+    """A function of engine.runs.api (None while the run engine is not installed)."""
+    return engine_fn("engine.runs.api", name)
+
+
+# ---- run presets and the launch form ----------------------------------------------------------
+
+def run_presets() -> dict[str, Path]:
+    """presets/runs/*.yaml by id (demo-* first: they run on a CPU)."""
+    d = PRESETS_DIR / "runs"
+    files = sorted(d.glob("*.yaml")) if d.is_dir() else []
+    files.sort(key=lambda p: (not p.stem.startswith("demo-"), p.stem))
+    return {p.stem: p for p in files}
+
+
+def load_run_preset(name: str) -> dict:
+    presets = run_presets()
+    if name not in presets:
+        raise InputError(f"unknown run preset {name!r}; known: {', '.join(presets) or '(none yet)'}",
+                         field="run_preset")
+    return yaml.safe_load(presets[name].read_text(encoding="utf-8")) or {}
+
+
+def form_from_spec(spec: dict) -> dict:
+    """Launch-form values for a run config dict (a preset or a strategy picked in the matrix)."""
+    data = spec.get("dataset") or {}
+    train = spec.get("train") or {}
+    quant = spec.get("quantize") or {}
+    ev = spec.get("evaluate") or {}
+    return {
+        "name": spec.get("name", ""), "strategy": spec.get("strategy"), "model": spec.get("model", ""),
+        "data_demo": data.get("demo") or "", "data_path": data.get("path") or "",
+        "device": spec.get("device", "auto"),
+        "steps": train.get("steps"), "learning_rate": train.get("learning_rate"),
+        "batch_size": train.get("batch_size"), "seq_len": train.get("seq_len"),
+        "lora_rank": train.get("lora_rank"),
+        "bits": str(quant["bits"]) if quant.get("bits") else "catalog default",
+        "group_size": quant.get("group_size"), "calibration_samples": quant.get("calibration_samples"),
+        "eval_examples": ev.get("max_examples"),
+    }
+
+
+def _opt_num(v, kind=int):
+    """A number field of the form; empty or 0 means "keep the preset's / the default value"."""
+    if v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, (int, float)) and v == 0):
+        return None
+    try:
+        return kind(float(v)) if kind is int else kind(v)
+    except (TypeError, ValueError):
+        return v   # RunSpec names the field and the type
+
+
+def spec_from_form(form: dict) -> dict:
+    """The run config dict the form describes, validated by RunSpec (InputError names the field).
+
+    Starts from the chosen preset (keeps the sections the form does not show) and applies
+    the form's values. The result is exactly what ``launch`` hands to the engine.
+    """
+    preset = form.get("run_preset")
+    spec = load_run_preset(preset) if preset and preset in run_presets() else {}
+    spec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.items()}
+    if form.get("name"):
+        spec["name"] = str(form["name"]).strip()
+    if form.get("strategy"):
+        spec["strategy"] = form["strategy"]
+    if form.get("model"):
+        spec["model"] = str(form["model"]).strip()
+    if form.get("device"):
+        spec["device"] = form["device"]
+    data = dict(spec.get("dataset") or {})
+    if form.get("data_path"):
+        data.pop("demo", None)
+        data["path"] = str(confine(form["data_path"], "dataset.path"))
+    elif form.get("data_demo"):
+        data.pop("path", None)
+        data["demo"] = str(form["data_demo"]).strip()
+    if data:
+        spec["dataset"] = data
+    train = dict(spec.get("train") or {})
+    for key, kind in (("steps", int), ("learning_rate", float), ("batch_size", int), ("seq_len", int),
+                      ("lora_rank", int)):
+        v = _opt_num(form.get(key), kind)
+        if v is not None:
+            train[key] = v
+    if train:
+        spec["train"] = train
+    quant = dict(spec.get("quantize") or {})
+    bits = form.get("bits")
+    if bits and bits != "catalog default":
+        quant["bits"] = _opt_num(bits)
+    for key in ("group_size", "calibration_samples"):
+        v = _opt_num(form.get(key))
+        if v is not None:
+            quant[key] = v
+    if quant:
+        spec["quantize"] = quant
+    n_eval = _opt_num(form.get("eval_examples"))
+    if n_eval is not None:
+        spec["evaluate"] = {**(spec.get("evaluate") or {}), "max_examples": n_eval}
+    if not spec.get("model"):
+        raise InputError("model is required: a demo model (e.g. from a demo preset), a preset id, "
+                         "a hub id or a model folder in the workspace", field="model")
+    if not spec.get("strategy"):
+        raise InputError(f"strategy is required; one of {', '.join(strategies.ids())}", field="strategy")
+    strategies.get(spec["strategy"])          # unknown ids list the known ones
+    model = spec["model"]
+    if model.startswith(("/", ".", "~")):
+        spec["model"] = str(confine(model, "model"))
+    RunSpec.parse(spec)                       # every field checked; the message names the bad one
+    return spec
+
+
+def check_allowed(spec: dict) -> None:
+    """Public demo mode: CPU runs of the project's demo model only (no GPU, no hub downloads)."""
+    if not public_demo():
+        return
+    if spec.get("device") != "cpu":
+        raise InputError("public demo: launching GPU runs is off here; set device to cpu "
+                         "(run the app yourself to use a GPU)", field="device")
+    if not str(spec.get("model", "")).startswith("demo:"):
+        raise InputError("public demo: only the project's demo models run here (a demo-* preset); "
+                         "run the app yourself for other models", field="model")
+    list_runs = api("list_runs")
+    if list_runs and any(r.get("status") in ACTIVE for r in list_runs()):
+        raise InputError("public demo: one run at a time; wait for the current run or stop it", field="launch")
+
+
+def spec_preview(form: dict) -> tuple[str, str]:
+    """(YAML of the run config, inline message) for the form as it is now."""
+    try:
+        spec = spec_from_form(form)
+    except InputError as e:
+        return "", error_md(e)
+    msg = ""
+    try:
+        check_allowed(spec)
+    except InputError as e:
+        msg = error_md(e)
+    return yaml.safe_dump(spec, sort_keys=False, default_flow_style=False), msg
+
+
+def launch(form: dict) -> tuple[str | None, str]:
+    """Start the run the form describes: (run id or None, inline message)."""
+    fn = api("launch")
+    if fn is None:
+        return None, error_md(not_available("engine.runs.api"))
+    try:
+        spec = spec_from_form(form)
+        check_allowed(spec)
+        run_id = fn(spec)
+    except InputError as e:
+        return None, error_md(e)
+    except Exception as e:  # the engine refused for another reason: say it inline
+        return None, error_md(f"launch failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+    return run_id, ok_md(f"launched run <code>{html.escape(str(run_id))}</code>: live progress below; "
+                         f"it keeps running if you close the tab (this page's URL re-attaches).")
+
+
+def stop(run_id: str | None) -> str:
+    fn = api("stop")
+    if not run_id:
+        return error_md("no run selected")
+    if fn is None:
+        return error_md(not_available("engine.runs.api"))
+    try:
+        fn(run_id)
+    except InputError as e:
+        return error_md(e)
+    except Exception as e:
+        return error_md(f"stop failed: {type(e).__name__}: {str(e)[:200]}")
+    return ok_md(f"stop requested for <code>{html.escape(run_id)}</code>: the worker saves what it can, "
+                 f"then ends; status turns <b>stopped</b>.")
+
+
+# ---- the live view: events folded into a small state ------------------------------------------
+
+def new_view(run_id: str | None) -> dict:
+    return {"run_id": run_id, "seq": 0, "status": None, "reason": None, "stage": None, "stage_index": None,
+            "stage_total": None, "stages_done": [], "last_step": {}, "points": [], "log": [], "evals": [],
+            "metrics": [], "artifacts": [], "errors": [], "started_ts": None, "ended_ts": None, "version": 0}
+
+
+def _payload(ev: dict) -> dict:
+    """Events come as {seq, ts, type, payload} or flat {seq, ts, type, **payload}."""
+    p = ev.get("payload")
+    return p if isinstance(p, dict) else {k: v for k, v in ev.items() if k not in ("seq", "ts", "type", "run_id")}
+
+
+def apply_events(view: dict, events: list[dict]) -> dict:
+    """Fold new events (seq > view['seq']) into the view; returns a new dict."""
+    from engine.runs.events import line as event_line
+    v = {k: (list(x) if isinstance(x, list) else x) for k, x in view.items()}
+    for ev in events:
+        if ev["seq"] <= v["seq"]:
+            continue                                     # already seen (re-delivery is harmless)
+        v["seq"] = ev["seq"]
+        t, p = ev["type"], _payload(ev)
+        flat = {"type": t, "ts": ev.get("ts"), "seq": ev["seq"], **p}
+        if t in ("queued",) and v["started_ts"] is None:
+            v["status"] = "queued"
+        elif t == "started":
+            v["status"], v["started_ts"] = "running", ev.get("ts")
+        elif t == "stage_started":
+            v["stage"], v["stage_index"], v["stage_total"] = p.get("stage"), p.get("index"), p.get("total")
+            v["last_step"] = {}
+        elif t == "step":
+            v["last_step"] = {**p, "stage": v["stage"], "ts": ev.get("ts")}
+            if p.get("loss") is not None:
+                x = p.get("step")
+                if x is None:
+                    x = v["points"][-1][0] + 1 if v["points"] else 1
+                v["points"].append([x, p["loss"], v["stage"], p.get("lr"), p.get("tokens_per_s")])
+                v["points"] = v["points"][-MAX_POINTS:]
+        elif t == "stage_finished":
+            v["stages_done"].append({k: p.get(k) for k in ("stage", "index", "duration_s", "peak_mem_bytes",
+                                                           "mem_source")})
+        elif t == "eval":
+            v["evals"].append({"name": p.get("name"), "metrics": p.get("metrics") or {}, "stage": v["stage"]})
+        elif t == "metric":
+            v["metrics"].append({"name": p.get("name"), "value": p.get("value"), "unit": p.get("unit"),
+                                 "stage": v["stage"]})
+        elif t == "artifact":
+            v["artifacts"].append({"path": p.get("path"), "kind": p.get("kind")})
+        elif t == "error":
+            v["errors"].append({"stage": p.get("stage"), "message": p.get("message"), "kind": p.get("kind")})
+        elif t == "finished":
+            v["status"], v["reason"], v["ended_ts"] = p.get("status"), p.get("reason"), ev.get("ts")
+        if t != "step":
+            v["log"].append(redact(event_line(flat)))
+        elif ev["seq"] % 10 == 0 or (p.get("total") and p.get("step") == p.get("total")):
+            v["log"].append(redact(event_line(flat)))   # one step line in ten: the curve shows the rest
+        v["log"] = v["log"][-LOG_TAIL:]
+    if events:
+        v["version"] += 1
+    return v
+
+
+def attach(run_id: str | None) -> dict:
+    """A fresh view of a run, rebuilt from all its events (what a reload does)."""
+    view = new_view(run_id)
+    return poll_view(view)[0] if run_id else view
+
+
+def poll_view(view: dict) -> tuple[dict, dict | None]:
+    """New events for the view's run: (updated view, the run record or None)."""
+    run_id = view.get("run_id")
+    ev_fn, get_fn = api("events"), api("get_run")
+    if not run_id or ev_fn is None or get_fn is None:
+        return view, None
+    run = get_fn(run_id)
+    if run is None:
+        return {**view, "status": "unknown"}, None
+    view = apply_events(view, ev_fn(run_id, after_seq=view.get("seq", 0)))
+    if view.get("status") != run.get("status"):
+        view = {**view, "status": run.get("status"), "reason": run.get("reason") or view.get("reason"),
+                "version": view.get("version", 0) + 1}
+    return view, run
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+
+STATUS_COLORS = {"queued": "#6b7280", "running": "#2563eb", "finished": "#15803d", "failed": "#b91c1c",
+                 "stopped": "#b45309", "interrupted": "#7c3aed"}
+
+
+def status_html(view: dict, run: dict | None) -> str:
+    """Run header: status, stage k/n, step, loss, tokens/s, memory, ETA, elapsed; the reason when it ended."""
+    if not view.get("run_id"):
+        return "<div class='tq-muted'>No run attached. Launch one above or pick one from the history.</div>"
+    if run is None:
+        return error_md(f"run {view['run_id']} not found in the run store")
+    st = view.get("status") or run.get("status") or "?"
+    color = STATUS_COLORS.get(st, "#374151")
+    s = view.get("last_step") or {}
+    stage = view.get("stage")
+    idx, tot = view.get("stage_index"), view.get("stage_total")
+    stage_txt = f"{stage} ({idx + 1}/{tot})" if stage is not None and idx is not None and tot else (stage or "—")
+    step_txt = f"{s.get('step')}/{s.get('total')}" if s.get("total") else (str(s.get("step")) if s else "—")
+    started = run.get("started") or view.get("started_ts")
+    ended = run.get("ended") or view.get("ended_ts")
+    elapsed = (ended or time.time()) - started if started else None
+    cells = [("stage", stage_txt), ("step", step_txt),
+             ("loss", f"{s['loss']:.4f}" if isinstance(s.get("loss"), (int, float)) else "—"),
+             ("tokens/s", f"{s['tokens_per_s']:,.0f}" if isinstance(s.get("tokens_per_s"), (int, float)) else "—"),
+             ("memory", gib(s.get("mem_bytes"), 2) if s.get("mem_bytes") is not None else "—"),
+             ("ETA", duration(s.get("eta_s")) if st == "running" and s.get("eta_s") is not None else "—"),
+             ("elapsed", duration(elapsed) if elapsed is not None else "—")]
+    grid = "".join(f"<div class='tq-kv'><span>{k}</span><b>{html.escape(str(v))}</b></div>" for k, v in cells)
+    reason = view.get("reason") or run.get("reason")
+    reason_html = f"<div class='tq-reason'>{html.escape(redact(str(reason)))}</div>" if reason and st != "finished" else ""
+    title = (f"<code>{html.escape(view['run_id'])}</code> · {html.escape(run.get('name') or '')} · "
+             f"{html.escape(run.get('strategy', ''))} on {html.escape(run.get('model', ''))} · "
+             f"{html.escape(run.get('device') or '')}")
+    return (f"<div class='tq-run'><div class='tq-run-title'><span class='tq-badge' data-status='{st}' "
+            f"style='background:{color}'>{st}</span> {title}</div><div class='tq-grid'>{grid}</div>{reason_html}"
+            f"{stages_html(view, run)}</div>")
+
+
+def stages_html(view: dict, run: dict) -> str:
+    """The strategy's stages with what each measured (duration, peak memory) once done."""
+    try:
+        names = [s["stage"] for s in strategies.get(run.get("strategy"))["stages"]]
+    except InputError:
+        names = []
+    done = {d.get("index"): d for d in view.get("stages_done", [])}
+    items = []
+    for i, name in enumerate(names):
+        if i in done:
+            d = done[i]
+            items.append(f"<li class='done'>✓ {name} — {duration(d.get('duration_s'))}, peak "
+                         f"{gib(d.get('peak_mem_bytes'), 2)} <span class='tq-src'>({d.get('mem_source') or 'measured'})</span></li>")
+        elif view.get("stage_index") == i and view.get("status") in ACTIVE:
+            items.append(f"<li class='now'>▶ {name}</li>")
+        else:
+            items.append(f"<li class='todo'>· {name}</li>")
+    return f"<ol class='tq-stages'>{''.join(items)}</ol>" if items else ""
+
+
+def loss_figure(view: dict):
+    """Loss per step (one trace per training stage); uirevision keeps zoom across updates."""
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    by_stage: dict[str, list] = {}
+    for p in view.get("points", []):
+        by_stage.setdefault(p[2] or "train", []).append(p)
+    for stage, pts in by_stage.items():
+        fig.add_trace(go.Scatter(
+            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=stage,
+            marker={"size": 4},
+            customdata=[[p[3], p[4]] for p in pts],
+            hovertemplate="step %{x}<br>loss %{y:.4f}<br>lr %{customdata[0]:.2e}<br>"
+                          "%{customdata[1]:,.0f} tokens/s<extra>measured, run " + str(view.get("run_id")) + "</extra>"))
+    fig.update_layout(title="Training loss (measured)", xaxis_title="step", yaxis_title="loss",
+                      height=320, margin={"l": 50, "r": 20, "t": 40, "b": 40},
+                      uirevision=f"loss-{view.get('run_id')}", template="plotly_white",
+                      legend={"orientation": "h", "y": -0.25})
+    if not by_stage:
+        fig.add_annotation(text="no training steps yet (this strategy may have no train stage)",
+                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    return fig
+
+
+def metrics_rows(view: dict) -> list[dict]:
+    """Evaluation results and metrics as table rows (measured; the run id is the source)."""
+    rows = []
+    for e in view.get("evals", []):
+        for k, val in (e.get("metrics") or {}).items():
+            rows.append({"where": e.get("name") or e.get("stage"), "metric": k, "value": _fmt(val), "unit": ""})
+    for m in view.get("metrics", []):
+        rows.append({"where": m.get("stage") or "", "metric": m.get("name"), "value": _fmt(m.get("value")),
+                     "unit": m.get("unit") or ""})
+    return rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, (int, float)):
+        return f"{v:.4g}" if isinstance(v, float) else f"{v:,}"
+    return str(v)[:120]
+
+
+def history_rows(limit: int = 200) -> list[dict]:
+    """Every run, newest first: id, name, strategy, model, device, status, reason, created, duration."""
+    fn = api("list_runs")
+    if fn is None:
+        return []
+    out = []
+    for r in fn()[:limit]:
+        started, ended = r.get("started"), r.get("ended")
+        dur = (ended or time.time()) - started if started else None
+        out.append({"run": r.get("id"), "name": r.get("name") or "", "strategy": r.get("strategy"),
+                    "model": r.get("model"), "device": r.get("device") or "", "status": r.get("status"),
+                    "reason": redact(r.get("reason") or ""),
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])) if r.get("created") else "",
+                    "duration": duration(dur) if dur is not None else "—"})
+    return out
+
+
+def run_choices() -> list[tuple[str, str]]:
+    """(label, id) for the run picker, newest first."""
+    return [(f"{r['run']} · {r['status']} · {r['strategy']} · {r['name'] or r['model']}", r["run"])
+            for r in history_rows()]
+
+
+def form_for_strategy(strategy_id: str | None, scenario: dict | None) -> dict:
+    """Launch-form values for a strategy picked in the matrix.
+
+    A demo preset of that strategy (presets/runs/demo-*.yaml) when there is one: it runs on a
+    CPU with the project's own model. Otherwise the scenario's model, sequence length and
+    device "auto" (a GPU machine with the hub, or a model folder in the workspace).
+    """
+    if not strategy_id:
+        return {}
+    for name, path in run_presets().items():
+        if not name.startswith("demo-"):
+            continue
+        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if spec.get("strategy") == strategy_id:
+            return {"run_preset": name, **form_from_spec(spec)}
+    scn = scenario or {}
+    model = scn.get("model") if isinstance(scn.get("model"), str) else ""
+    return {"run_preset": "", "name": f"{strategy_id} on {model}" if model else strategy_id,
+            "strategy": strategy_id, "model": model, "device": "auto", "seq_len": scn.get("seq_len"),
+            "data_demo": "", "bits": "catalog default"}

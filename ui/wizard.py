@@ -1,0 +1,368 @@
+"""Screen 1, the wizard: model, data, hardware, goals -> a scenario (DESIGN.md's scenario file).
+
+The form is a plain dict keyed by ``FIELDS``; ``scenario_from_form`` turns it into the
+scenario the advisor reads, ``form_from_scenario`` does the reverse for the example
+scenarios of ``presets/scenarios/``. Both are pure functions (the handler tests call them);
+``build()`` lays out the Gradio components.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from engine import hardware, models
+from engine.errors import InputError
+from engine.presets import PRESETS_DIR
+from ui.common import (MAX_CONFIG_BYTES, MAX_DATASET_BYTES, confine, engine_fn, error_md, gib,
+                       not_available, ok_md, save_upload, unexpected_md, workspace)
+
+BITS = ("any", "2", "3", "4", "8", "16")
+SRC_PRESET, SRC_HUB, SRC_UPLOAD, SRC_SIZE = ("Preset", "Hub id or local path", "Upload config.json",
+                                             "Size and family")
+MODEL_SOURCES = (SRC_PRESET, SRC_HUB, SRC_UPLOAD, SRC_SIZE)
+
+
+def _scenario_const(name: str, default):
+    """Allowed values from the advisor's Scenario (engine/spec/scenario.py): one place for them."""
+    v = engine_fn("engine.spec.scenario", name)
+    return v if v is not None else default
+
+
+TASKS = _scenario_const("TASKS", ("classification", "retrieval", "generation", "structured-output", "chat"))
+TARGETS = _scenario_const("TARGETS", ("gpu-server", "consumer-gpu", "edge", "phone", "hosted-api"))
+PRIORITIES = _scenario_const("PRIORITIES", ("accuracy", "balanced", "cost"))
+SYMPTOMS = _scenario_const("SYMPTOMS", ("too-slow", "too-big", "wrong-domain", "wrong-tone"))
+# which device kinds (engine.hardware.Device.kind) can serve each deployment target
+TARGET_KINDS = _scenario_const("TARGET_KINDS", {"gpu-server": ("gpu",), "consumer-gpu": ("gpu",),
+                                                "edge": ("edge", "laptop", "cpu"), "phone": ("phone",),
+                                                "hosted-api": ()})
+
+# the form, in the order the Gradio inputs are wired
+FIELDS = ("source", "preset", "hub_id", "config_file", "params_b", "family",
+          "task", "examples", "seq_len", "epochs", "dataset_file",
+          "gpu", "gpu_count", "target", "deploy_device",
+          "max_latency", "min_retention", "priority", "target_bits", "symptoms")
+
+DEFAULT_FORM = {
+    "source": SRC_PRESET, "preset": "llama-3.1-8b", "hub_id": "", "config_file": None,
+    "params_b": None, "family": "llama-3",
+    "task": "generation", "examples": 5000, "seq_len": 512, "epochs": 1, "dataset_file": None,
+    "gpu": "rtx-4090-24gb", "gpu_count": 1, "target": "consumer-gpu", "deploy_device": "rtx-4090-24gb",
+    "max_latency": 50, "min_retention": 0.97, "priority": "balanced", "target_bits": "4", "symptoms": [],
+}
+
+# which inline message an InputError's field belongs to
+_GROUP_OF = {"model": "model", "params_b": "model", "family": "model", "hub_id": "model", "config_file": "model",
+             "task": "data", "examples": "data", "seq_len": "data", "epochs": "data", "dataset": "data", "dataset_file": "data",
+             "hardware": "hardware", "gpu": "hardware", "count": "hardware", "gpu_count": "hardware",
+             "deploy": "hardware", "target": "hardware", "deploy_device": "hardware",
+             "goals": "goals", "max_latency_ms_per_token": "goals", "min_accuracy_retention": "goals",
+             "priority": "goals", "target_weight_bits": "goals", "symptoms": "goals"}
+GROUPS = ("model", "data", "hardware", "goals")
+
+
+def group_of(field: str | None) -> str:
+    """The wizard step an error's field belongs to ('model', 'data', 'hardware', 'goals')."""
+    if not field:
+        return "model"
+    parts = str(field).replace("[", ".").split(".")
+    for p in (parts[0], parts[-1]):
+        if p in _GROUP_OF:
+            return _GROUP_OF[p]
+    return "goals" if parts[0] in ("goals",) else "model"
+
+
+# ---- choices --------------------------------------------------------------------------------
+
+def gpu_choices() -> list[tuple[str, str]]:
+    devs = hardware.devices()
+    return [(f"{devs[g].name} ({g})", g) for g in sorted(hardware.gpu_ids(), key=lambda g: devs[g].memory_bytes)]
+
+
+def device_choices(target: str) -> list[tuple[str, str]]:
+    """Serving devices that fit a deployment target (GPUs for servers, boards for edge, ...)."""
+    kinds = TARGET_KINDS.get(target, ())
+    devs = hardware.devices()
+    ids = sorted((k for k, d in devs.items() if d.kind in kinds), key=lambda k: devs[k].memory_bytes)
+    return [(f"{devs[k].name} ({k})", k) for k in ids]
+
+
+def preset_choices() -> list[tuple[str, str]]:
+    ps = models.presets()
+    return [(f"{pid} — {ps[pid].get('params_b', 0):g}B ({ps[pid].get('family', '')})", pid)
+            for pid in sorted(ps, key=lambda p: (ps[p].get("family", ""), ps[p].get("params_b", 0)))]
+
+
+def example_scenarios() -> dict[str, Path]:
+    """The worked examples in presets/scenarios/ (id -> file)."""
+    d = PRESETS_DIR / "scenarios"
+    return {p.stem: p for p in sorted(d.glob("*.yaml"))} if d.is_dir() else {}
+
+
+def example_summary(path: Path) -> str:
+    """The first comment lines of an example scenario (what the advisor should conclude)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            lines.append(line.lstrip("# ").rstrip())
+        elif line.strip():
+            break
+    return " ".join(lines)
+
+
+# ---- form <-> scenario ------------------------------------------------------------------------
+
+def _number(value, field: str, kind=float, low=None, high=None, required=True):
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise InputError(f"{field} is required", field=field)
+        return None
+    try:
+        x = kind(float(value))
+    except (TypeError, ValueError):
+        raise InputError(f"{field} must be a number, got {value!r}", field=field)
+    if (low is not None and x < low) or (high is not None and x > high):
+        rng = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise InputError(f"{field} must be {rng}, got {value}", field=field)
+    return x
+
+
+def model_ref(form: dict):
+    """The model reference of the scenario (preset id, hub id/path, saved config.json, or size)."""
+    src = form.get("source") or SRC_PRESET
+    if src == SRC_PRESET:
+        pid = form.get("preset")
+        if not pid:
+            raise InputError("model: pick a preset (type to search)", field="model")
+        return pid
+    if src == SRC_HUB:
+        ref = (form.get("hub_id") or "").strip()
+        if not ref:
+            raise InputError("model: type a hub id (org/name) or a model folder in the workspace", field="model")
+        if ref.lower() in models.presets():
+            return ref
+        # a path (absolute, relative to the workspace, or a config.json) vs a hub id "org/name"
+        looks_local = (ref.startswith(("/", ".", "~")) or Path(ref).suffix == ".json" or ref.count("/") != 1
+                       or (workspace() / ref).exists())
+        return str(confine(ref, "model")) if looks_local else ref
+    if src == SRC_UPLOAD:
+        f = form.get("config_file")
+        if not f:
+            raise InputError("model: upload a config.json", field="model")
+        saved = save_upload(f, "configs", MAX_CONFIG_BYTES, (".json",), "model")
+        try:
+            json.loads(saved.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"model: {Path(f).name} is not valid JSON ({e})", field="model")
+        return str(saved)
+    if src == SRC_SIZE:
+        p = _number(form.get("params_b"), "params_b", float, 0.01, 2000)
+        fam = form.get("family")
+        if fam not in models.FAMILIES:
+            raise InputError(f"family must be one of {', '.join(models.FAMILIES)}", field="family")
+        return {"params_b": p, "family": fam}
+    raise InputError(f"model source must be one of {', '.join(MODEL_SOURCES)}", field="model")
+
+
+def scenario_from_form(form: dict) -> dict:
+    """The scenario (DESIGN.md's YAML, as a dict) the wizard's fields describe.
+
+    Raises InputError naming the field for anything that cannot be used.
+    """
+    f = {**DEFAULT_FORM, **{k: v for k, v in form.items() if k in FIELDS}}
+    scn: dict = {"model": model_ref(f)}
+    if f["task"] not in TASKS:
+        raise InputError(f"task must be one of {', '.join(TASKS)}", field="task")
+    scn["task"] = f["task"]
+    scn["examples"] = _number(f["examples"], "examples", int, 0)
+    seq = _number(f["seq_len"], "seq_len", int, 16, 1_048_576, required=False)
+    if seq:
+        scn["seq_len"] = seq
+    epochs = _number(f.get("epochs"), "epochs", float, 0.01, 1000, required=False)
+    if epochs:
+        scn["epochs"] = epochs
+    if f["gpu"] not in hardware.gpu_ids():
+        raise InputError(f"training GPU must be one of {', '.join(hardware.gpu_ids())}", field="hardware.gpu")
+    scn["hardware"] = {"gpu": f["gpu"], "count": _number(f["gpu_count"], "hardware.count", int, 1, 1024)}
+    if f["target"] not in TARGETS:
+        raise InputError(f"serving target must be one of {', '.join(TARGETS)}", field="deploy.target")
+    deploy = {"target": f["target"]}
+    if f["target"] != "hosted-api":
+        allowed = [k for _, k in device_choices(f["target"])]
+        if f["deploy_device"] not in allowed:
+            raise InputError(f"serving device for {f['target']} must be one of {', '.join(allowed)}",
+                             field="deploy.gpu")
+        deploy["gpu"] = f["deploy_device"]
+    scn["deploy"] = deploy
+    goals = {}
+    lat = _number(f["max_latency"], "goals.max_latency_ms_per_token", float, 0, 1e6, required=False)
+    if lat:
+        goals["max_latency_ms_per_token"] = lat
+    ret = _number(f["min_retention"], "goals.min_accuracy_retention", float, 0, 1, required=False)
+    if ret:
+        goals["min_accuracy_retention"] = ret
+    if f["priority"] not in PRIORITIES:
+        raise InputError(f"priority must be one of {', '.join(PRIORITIES)}", field="goals.priority")
+    goals["priority"] = f["priority"]
+    if f["target_bits"] not in (None, "", "any"):
+        goals["target_weight_bits"] = _number(f["target_bits"], "goals.target_weight_bits", int, 1, 16)
+    scn["goals"] = goals
+    syms = [s for s in (f.get("symptoms") or [])]
+    bad = [s for s in syms if s not in SYMPTOMS]
+    if bad:
+        raise InputError(f"symptoms must be among {', '.join(SYMPTOMS)}; got {', '.join(bad)}", field="symptoms")
+    if syms:
+        scn["symptoms"] = syms
+    return scn
+
+
+def form_from_scenario(scn: dict) -> dict:
+    """Wizard values for a scenario dict (the inverse of scenario_from_form, for examples)."""
+    form = dict(DEFAULT_FORM)
+    m = scn.get("model")
+    if isinstance(m, dict) and "params_b" in m:
+        form.update(source=SRC_SIZE, params_b=m["params_b"], family=m.get("family", "llama-3"))
+    elif isinstance(m, str) and m.lower() in models.presets():
+        form.update(source=SRC_PRESET, preset=m.lower())
+    else:
+        form.update(source=SRC_HUB, hub_id=str(m or ""))
+    form["task"] = scn.get("task", form["task"])
+    form["examples"] = scn.get("examples", form["examples"])
+    form["seq_len"] = scn.get("seq_len", form["seq_len"])
+    form["epochs"] = scn.get("epochs", 1)
+    hw = scn.get("hardware") or {}
+    form["gpu"] = hw.get("gpu", form["gpu"])
+    form["gpu_count"] = hw.get("count", 1)
+    dep = scn.get("deploy") or {}
+    form["target"] = dep.get("target", form["target"])
+    choices = [k for _, k in device_choices(form["target"])]
+    form["deploy_device"] = dep.get("gpu") or dep.get("device") or (choices[0] if choices else None)
+    goals = scn.get("goals") or {}
+    form["max_latency"] = goals.get("max_latency_ms_per_token")
+    form["min_retention"] = goals.get("min_accuracy_retention")
+    form["priority"] = goals.get("priority", "balanced")
+    tb = goals.get("target_weight_bits")
+    form["target_bits"] = str(tb) if tb is not None else "any"
+    form["symptoms"] = list(scn.get("symptoms") or [])
+    return form
+
+
+def load_example(name: str) -> dict:
+    """The wizard form of an example scenario from presets/scenarios/."""
+    ex = example_scenarios()
+    if name not in ex:
+        raise InputError(f"unknown example {name!r}; known: {', '.join(ex)}", field="example")
+    return form_from_scenario(yaml.safe_load(ex[name].read_text(encoding="utf-8")) or {})
+
+
+def scenario_yaml(scn: dict) -> str:
+    return yaml.safe_dump(scn, sort_keys=False, default_flow_style=None, width=100)
+
+
+# ---- inline summaries -----------------------------------------------------------------------
+
+def model_summary(ref) -> str:
+    """One line about the resolved model (or the InputError as an inline message)."""
+    try:
+        a = models.resolve(ref)
+    except InputError as e:
+        return error_md(e)
+    act = f" ({a.active_params / 1e9:.2f} B active)" if a.active_params != a.total_params else ""
+    approx = " · approximate (size and family only)" if a.approximate else ""
+    return ok_md(
+        f"<b>{a.name}</b> · {a.family} · {a.total_params / 1e9:.2f} B parameters{act} · {a.num_layers} layers · "
+        f"hidden {a.hidden_size} · heads {a.num_heads}/{a.num_kv_heads} kv · vocab {a.vocab_size:,} · "
+        f"bf16 weights {gib(a.total_params * 2)} · <span class='tq-src'>source: {a.source}</span>{approx}")
+
+
+def hardware_summary(gpu: str, count, device: str | None, target: str) -> str:
+    try:
+        g = hardware.get(gpu, gpu_only=True)
+    except InputError as e:
+        return error_md(e)
+    txt = (f"Training: {int(count or 1)} × {g.name} — {gib(g.memory_bytes)} usable each "
+           f"(torch total_memory), {g.bandwidth_gbs:g} GB/s, bf16 {g.bf16_tflops or '—'} TFLOP/s"
+           f"{', ${:.2f}/h'.format(g.price_per_hour) if g.price_per_hour else ''}.")
+    if target == "hosted-api":
+        txt += " Serving: a hosted API (the provider picks the hardware)."
+    elif device:
+        try:
+            d = hardware.get(device)
+            txt += f" Serving: {d.name} — {gib(d.memory_bytes)} for the model, {d.bandwidth_gbs:g} GB/s."
+        except InputError as e:
+            return error_md(e)
+    return ok_md(txt + " <span class='tq-src'>source: presets/hardware</span>")
+
+
+def dataset_check(path) -> tuple[str, object, int | None]:
+    """Validate an uploaded dataset: (inline message, preview rows as a DataFrame or None, rows).
+
+    Uses engine.runs.data.validate_dataset (pure Python); the file is copied into the
+    workspace first so a run can use it.
+    """
+    import pandas as pd
+    if not path:
+        return "", None, None
+    try:
+        saved = save_upload(path, "datasets", MAX_DATASET_BYTES, (".jsonl", ".json", ".csv"), "dataset")
+    except InputError as e:
+        return error_md(e), None, None
+    validate = engine_fn("engine.runs.data", "validate_dataset")
+    if validate is None:
+        return error_md(f"dataset saved as {saved.name}; validation is {not_available('engine.runs.data')}"), None, None
+    try:
+        rep = validate(str(saved))
+    except InputError as e:
+        return error_md(e), None, None
+    except Exception as e:  # a bug in validation must not take the wizard down
+        return unexpected_md(e, "dataset validation"), None, None
+    rows = rep.get("rows")
+    problems = rep.get("problems") or []
+    head = f"<b>{saved.name}</b>: {rows} rows" + (f" ({rep['valid_rows']} valid)" if "valid_rows" in rep else "") \
+        + f", format <b>{rep.get('format')}</b>"
+    stats_txt = _stats_text(rep.get("stats") or {})
+    if stats_txt:
+        head += " · " + stats_txt
+    if problems:
+        items = "".join(f"<li>{_text(p)}</li>" for p in problems[:8])
+        more = f"<li>… {len(problems) - 8} more</li>" if len(problems) > 8 else ""
+        msg = error_md(f"{saved.name}: {len(problems)} problem(s)") + f"<ul class='tq-problems'>{items}{more}</ul>" \
+            + ok_md(head)
+    else:
+        msg = ok_md(head + " · no problems found")
+    preview = rep.get("preview") or []
+    df = pd.DataFrame([{k: _cell(v) for k, v in r.items()} if isinstance(r, dict) else {"row": _cell(r)}
+                       for r in preview[:10]]) if preview else None
+    return msg, df, rows
+
+
+def _stats_text(stats: dict) -> str:
+    """Length statistics and label counts of a dataset report, in one line."""
+    parts = []
+    tot = stats.get("total_tokens")
+    if isinstance(tot, dict):
+        parts.append(f"tokens per example p50 {tot.get('p50')}, p95 {tot.get('p95')}, max {tot.get('max')}"
+                     + (f" ({stats['tokens_counted_by']})" if stats.get("tokens_counted_by") else ""))
+    labels = stats.get("labels")
+    if isinstance(labels, dict) and labels:
+        shown = ", ".join(f"{k} {v}" for k, v in list(labels.items())[:8])
+        parts.append(f"labels: {shown}" + (" …" if len(labels) > 8 else ""))
+    for k, v in stats.items():
+        if k not in ("total_tokens", "labels", "tokens_counted_by") and isinstance(v, (int, float)) \
+                and not isinstance(v, bool):
+            parts.append(f"{k.replace('_', ' ')} {v:,}")
+    return " · ".join(parts)
+
+
+def _text(p) -> str:
+    import html
+    if isinstance(p, dict):
+        p = p.get("message") or p.get("problem") or json.dumps(p)
+    return html.escape(str(p))
+
+
+def _cell(v) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+    return s if len(s) <= 160 else s[:157] + "…"
