@@ -19,10 +19,12 @@ Then ln(D + eps) is a linear function of explainable terms, fitted by ridge leas
 an intercept, a method offset shrunk toward its class (rounding < calibrated < learned <
 vector), weight bits (common slope + a per-class slope), group granularity log2(g / 128)
 (per-channel = one group per row), model size ln(P / 7B), a family offset (llama-3 is harder
-than llama-2; unknown families pooled), activation-bit terms, fine-tuning recovery (qlora,
-qat; constrained to help) and a corpus offset (C4, PTB). A request's D gives ppl_ratio =
-exp(D) and retention through the mapping; the interval comes from the residuals of the
-evidence nearest the request (wider when the method or family has no rows of its own).
+than llama-2; unknown families pooled), fine-tuning recovery (qlora, qat; constrained to
+help) and a corpus offset (C4, PTB). Quantized activations add a second damage (fitted after
+the weight terms, on what the W8A8/W4A4 rows leave unexplained). A request's D gives
+ppl_ratio = exp(D) and retention through the mapping; the interval comes from the residuals
+of the evidence nearest the request (wider when the method or family has no rows of its own).
+Measured runs (`measured=`) pull the estimate toward themselves by precision.
 """
 from __future__ import annotations
 
