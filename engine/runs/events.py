@@ -1,0 +1,125 @@
+"""Run events: their types, the check every emitted event goes through, and how they read.
+
+An event is ``{"seq", "ts", "type", **payload}``; ``seq`` counts 1, 2, ... per run with no
+gaps, so a reader that saw seq N asks for the events after N and misses nothing. Types:
+
+    queued          strategy, model, device                    (executor, at launch)
+    started         pid, device                                (worker)
+    stage_started   stage, index, total                        (worker)
+    step            step, total, loss, lr, tokens_per_s, mem_bytes, eta_s   (stages)
+    eval            name, metrics                              (stages)
+    log             message                                    (stages, worker)
+    artifact        path, kind                                 (stages)
+    metric          name, value, unit                          (stages)
+    warning         message                                    (stages, worker)
+    error           message, stage, kind, traceback, suggestions   (worker, watcher)
+    stage_finished  stage, index, duration_s, peak_mem_bytes, mem_source, result
+    finished        status, reason                             (whoever ends the run, once)
+"""
+from __future__ import annotations
+
+import math
+import time
+
+TYPES = ("queued", "started", "stage_started", "step", "eval", "log", "artifact", "metric",
+         "warning", "error", "stage_finished", "finished")
+STAGE_TYPES = ("step", "eval", "log", "artifact", "metric", "warning")   # what a stage may emit
+RESERVED = ("seq", "ts", "type", "run_id")
+
+
+def check(type: str, payload: dict, allowed=TYPES) -> dict:
+    """Validate an event before it is stored; returns the payload with non-finite floats as None."""
+    if type not in allowed:
+        raise ValueError(f"unknown event type {type!r}; known: {', '.join(allowed)}")
+    bad = [k for k in payload if k in RESERVED]
+    if bad:
+        raise ValueError(f"event payload may not use the keys {', '.join(bad)}")
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def fmt_duration(s) -> str:
+    if s is None:
+        return "?"
+    s = float(s)
+    if s < 60:
+        return f"{s:.1f}s"
+    m, s = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def line(ev: dict) -> str:
+    """One human line for a progress stream (the CLI's stderr, a log tail)."""
+    t, clock = ev["type"], time.strftime("%H:%M:%S", time.localtime(ev.get("ts", time.time())))
+    if t == "step":
+        parts = [f"step {ev.get('step')}" + (f"/{ev['total']}" if ev.get("total") else "")]
+        if ev.get("loss") is not None:
+            parts.append(f"loss {ev['loss']:.4f}")
+        if ev.get("lr") is not None:
+            parts.append(f"lr {ev['lr']:.2e}")
+        if ev.get("tokens_per_s") is not None:
+            parts.append(f"{ev['tokens_per_s']:.0f} tok/s")
+        if ev.get("mem_bytes") is not None:
+            parts.append(f"mem {fmt_bytes(ev['mem_bytes'])}")
+        if ev.get("eta_s") is not None:
+            parts.append(f"eta {fmt_duration(ev['eta_s'])}")
+        text = "  ".join(parts)
+    elif t == "stage_started":
+        text = f"stage {ev.get('index', 0) + 1}/{ev.get('total', '?')}: {ev.get('stage')}"
+    elif t == "stage_finished":
+        text = (f"stage {ev.get('stage')} done in {fmt_duration(ev.get('duration_s'))}, "
+                f"peak memory {fmt_bytes(ev.get('peak_mem_bytes'))} ({ev.get('mem_source')})")
+    elif t == "eval":
+        metrics = ev.get("metrics") or {}
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k} {v}"
+                          for k, v in metrics.items())
+        text = f"eval {ev.get('name', '')}: {shown}"
+    elif t == "metric":
+        text = f"metric {ev.get('name')} = {ev.get('value')} {ev.get('unit') or ''}".rstrip()
+    elif t == "artifact":
+        text = f"artifact ({ev.get('kind')}): {ev.get('path')}"
+    elif t in ("log", "warning"):
+        text = ("warning: " if t == "warning" else "") + str(ev.get("message", ""))
+    elif t == "error":
+        text = f"error in stage {ev.get('stage')}: {ev.get('message')}"
+    elif t == "finished":
+        text = f"run {ev.get('status')}" + (f": {ev['reason']}" if ev.get("reason") else "")
+    elif t == "started":
+        text = f"worker started (pid {ev.get('pid')}, device {ev.get('device')})"
+    elif t == "queued":
+        text = f"queued: {ev.get('strategy')} on {ev.get('model')} ({ev.get('device')})"
+    else:
+        text = t
+    return f"[{clock}] {text}"
+
+
+def summary(events: list[dict], tail: int = 10) -> dict:
+    """What a run's events say at a glance: counts by type, the last step, stages, the last logs."""
+    counts: dict[str, int] = {}
+    last_step = None
+    stages, logs, warnings, errors = [], [], [], []
+    for ev in events:
+        counts[ev["type"]] = counts.get(ev["type"], 0) + 1
+        if ev["type"] == "step":
+            last_step = ev
+        elif ev["type"] == "stage_finished":
+            stages.append({k: ev.get(k) for k in ("stage", "index", "duration_s", "peak_mem_bytes", "mem_source")})
+        elif ev["type"] == "log":
+            logs.append(ev.get("message"))
+        elif ev["type"] == "warning":
+            warnings.append(ev.get("message"))
+        elif ev["type"] == "error":
+            errors.append({k: ev.get(k) for k in ("stage", "kind", "message")})
+    return {"count": len(events), "last_seq": events[-1]["seq"] if events else 0, "by_type": counts,
+            "last_step": last_step, "stages": stages, "warnings": warnings, "errors": errors,
+            "log_tail": logs[-tail:]}

@@ -1,0 +1,127 @@
+"""What went wrong in a run, said so a person can act on it.
+
+``classify(exc, stage)``: an exception raised by a stage -> kind + one-line reason.
+    - torch.OutOfMemoryError (CUDA OOM, also the older RuntimeError "CUDA out of memory")
+      -> "out of GPU memory in stage X"
+    - MemoryError / torch's "DefaultCPUAllocator: can't allocate memory" -> "out of CPU memory in stage X"
+    - InputError (a bad dataset or field found late) -> its message
+    - anything else -> "<ExceptionType> in stage X: <first line of the message>"
+``suggestions(...)``: for an OOM, what would fit instead (a smaller batch, gradient
+    checkpointing, 4-bit / QLoRA), checked against the planner's estimates where it can
+    make them, else the generic list.
+``exit_reason(returncode)``: a worker that died without finishing -> "worker process died (signal 9, SIGKILL)".
+
+Imports no torch: it recognises torch's exception types by name.
+"""
+from __future__ import annotations
+
+import signal
+
+GPU_OOM_TEXT = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "HIP out of memory", "MPS backend out of memory")
+CPU_OOM_TEXT = ("DefaultCPUAllocator: can't allocate memory", "std::bad_alloc")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def classify(exc: BaseException, stage: str) -> dict:
+    """``{"kind": oom-gpu|oom-cpu|input|exception, "reason": str, "message": str}``."""
+    from engine.errors import InputError
+    names = {c.__name__ for c in type(exc).__mro__}
+    text = str(exc)
+    msg = _first_line(exc)
+    if "OutOfMemoryError" in names or any(t in text for t in GPU_OOM_TEXT):
+        return {"kind": "oom-gpu", "reason": f"out of GPU memory in stage {stage}", "message": msg}
+    if isinstance(exc, MemoryError) or any(t in text for t in CPU_OOM_TEXT):
+        return {"kind": "oom-cpu", "reason": f"out of CPU memory in stage {stage}", "message": msg}
+    if isinstance(exc, InputError):
+        return {"kind": "input", "reason": f"bad input in stage {stage}: {msg}", "message": msg}
+    what = type(exc).__name__
+    return {"kind": "exception", "reason": f"{what} in stage {stage}" + (f": {msg}" if msg else ""),
+            "message": msg}
+
+
+def exit_reason(returncode: int | None) -> str:
+    """Why a worker that never wrote its ``finished`` event is gone."""
+    if returncode is None:
+        return "worker process died (exit status unknown: it was not started by this process)"
+    if returncode < 0:
+        sig = -returncode
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown"
+        hint = " (the kernel's OOM killer sends this when the machine runs out of memory)" if sig == 9 else ""
+        return f"worker process died (signal {sig}, {name}){hint}"
+    return f"worker process exited with code {returncode} without finishing the run"
+
+
+# -- what would fit instead ---------------------------------------------------
+def _train_estimate(**kw) -> dict | None:
+    try:
+        from engine.estimate import estimate_train
+    except ImportError:
+        return None
+    try:
+        return estimate_train(**kw)
+    except Exception:
+        return None
+
+
+def suggestions(spec, strategy: dict, stage: str, gpu: str | None = None,
+                capacity_bytes: int | None = None) -> list[str]:
+    """What would fit instead after an OOM in ``stage``. Training variants are checked
+    against ``estimate_train`` when it can estimate this model on this GPU (``gpu`` preset id,
+    ``capacity_bytes`` what the device has); the generic advice comes after them."""
+    out: list[str] = []
+    tp = spec.train
+    method = strategy.get("train")
+    if stage == "train" and method:
+        base = dict(model=spec.model, method=method, seq_len=tp.seq_len, batch_size=tp.batch_size,
+                    grad_ckpt=tp.grad_ckpt, lora_rank=tp.lora_rank, gpu=gpu,
+                    precision=tp.precision if tp.precision in ("bf16", "fp32-amp") else "fp32-amp")
+        variants = []
+        b = tp.batch_size
+        while b > 1:
+            b //= 2
+            variants.append((f"train.batch_size: {b} with train.grad_accum: {tp.grad_accum * (tp.batch_size // b)} "
+                             f"(same effective batch)", dict(base, batch_size=b)))
+        if not tp.grad_ckpt:
+            variants.append(("train.grad_ckpt: true (gradient checkpointing)", dict(base, grad_ckpt=True)))
+        if method in ("full", "lora"):
+            variants.append(("strategy qlora (4-bit NF4 base + LoRA adapters)", dict(base, method="qlora")))
+        if method == "full":
+            variants.append(("strategy lora (16-bit base + adapters)", dict(base, method="lora")))
+        if tp.seq_len > 256:
+            variants.append((f"train.seq_len: {tp.seq_len // 2}", dict(base, seq_len=tp.seq_len // 2)))
+        est_now = _train_estimate(**base)
+        for text, kw in variants:
+            est = _train_estimate(**kw)
+            if est is None or capacity_bytes is None:
+                continue
+            need = est.get("device_bytes") or est.get("peak_allocated_bytes")
+            if need is not None and need <= capacity_bytes:
+                out.append(f"{text}: estimated {need / 2**30:.1f} GiB of {capacity_bytes / 2**30:.1f} GiB fits")
+        if est_now is not None and capacity_bytes is not None:
+            need = est_now.get("device_bytes") or est_now.get("peak_allocated_bytes")
+            if need is not None:
+                out.append(f"(this run was estimated at {need / 2**30:.1f} GiB; the GPU has "
+                           f"{capacity_bytes / 2**30:.1f} GiB)")
+        generic = [f"a smaller train.batch_size (now {tp.batch_size}) with a larger train.grad_accum",
+                   "train.grad_ckpt: true" if not tp.grad_ckpt else None,
+                   "4-bit: the qlora strategy (NF4 base + LoRA)" if method in ("full", "lora") else None,
+                   f"a shorter train.seq_len (now {tp.seq_len})"]
+    elif stage == "quantize":
+        generic = ["fewer quantize.calibration_samples (calibration activations are held in memory)",
+                   "a shorter train.seq_len (calibration sequence length)",
+                   "a data-free method (nf4, int8) that quantizes layer by layer while loading"]
+    elif stage == "evaluate":
+        generic = ["a smaller evaluate.max_examples / evaluate.prompt_len / evaluate.new_tokens",
+                   "a 4-bit deployment (nf4, gptq-4bit) to shrink the weights"]
+    else:
+        generic = ["a smaller batch, gradient checkpointing, or a 4-bit base (qlora)"]
+    if not out:
+        out = [g for g in generic if g]
+    return out

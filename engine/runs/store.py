@@ -1,0 +1,260 @@
+"""The run store: one SQLite file (WAL) with a ``runs`` table and an append-only ``events`` table.
+
+Default path ``$TUNEQUANT_HOME/runs.sqlite`` (``TUNEQUANT_HOME`` defaults to ./workspace);
+``TUNEQUANT_DB`` overrides the file alone. Every run also gets its own folder
+``$TUNEQUANT_HOME/runs/<run id>/`` holding its artifacts, ``worker.log`` (the worker's
+stdout and stderr) and ``events.jsonl`` (a second, append-only copy of its events).
+
+Writers: the executor (queued), the worker (everything while it runs) and whoever notices a
+dead worker or stops a run (the final events). Each write is one short ``BEGIN IMMEDIATE``
+transaction, so sequence numbers are gap-free per run, and readers (UI, CLI) never block
+the writer (WAL). Events can neither be updated nor deleted (triggers), and the final
+status of a run is set once: ``finish()`` only moves a run that is still queued/running.
+
+Pure Python (sqlite3); imports no torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+STATUSES = ("queued", "running", "finished", "failed", "stopped", "interrupted")
+ACTIVE = ("queued", "running")
+FINAL = ("finished", "failed", "stopped", "interrupted")
+JSON_COLUMNS = ("spec", "estimate", "versions", "machine", "result")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    strategy TEXT NOT NULL,
+    model TEXT NOT NULL,
+    device TEXT NOT NULL DEFAULT 'cpu',        -- cuda | cpu: decided at launch (queueing)
+    status TEXT NOT NULL CHECK (status IN ('queued','running','finished','failed','stopped','interrupted')),
+    reason TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    ended REAL,
+    pid INTEGER,
+    stop_requested REAL,                       -- when a stop was asked for (stages poll it)
+    workdir TEXT NOT NULL,
+    stages_hook TEXT,                          -- "module:NAME" of a stage table other than engine.runs.stages
+    spec TEXT NOT NULL,
+    estimate TEXT,
+    versions TEXT,
+    machine TEXT,
+    result TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status, created);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS runs_no_delete BEFORE DELETE ON runs
+    BEGIN SELECT RAISE(ABORT, 'runs are never deleted'); END;
+"""
+
+
+def home() -> Path:
+    """The workspace folder (``$TUNEQUANT_HOME``, default ./workspace), absolute."""
+    return Path(os.environ.get("TUNEQUANT_HOME") or "workspace").expanduser().resolve()
+
+
+def default_db_path() -> Path:
+    return Path(os.environ.get("TUNEQUANT_DB") or home() / "runs.sqlite").expanduser().resolve()
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, default=str, allow_nan=True)
+
+
+class RunStore:
+    """The runs and their events in one SQLite file. Safe to use from several threads and
+    processes at once (one connection per thread; WAL; writes retry while the file is busy)."""
+
+    def __init__(self, path: str | Path | None = None, runs_dir: str | Path | None = None):
+        self.path = Path(path).expanduser().resolve() if path else default_db_path()
+        self.runs_dir = Path(runs_dir).expanduser().resolve() if runs_dir else self.path.parent / "runs"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._db().executescript(SCHEMA)   # idempotent; several processes may open the store at once
+
+    # -- connections -------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=60000")
+            self._local.db = db
+        return db
+
+    class _Tx:
+        def __init__(self, db):
+            self.db = db
+
+        def __enter__(self):
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, exc_type, exc, tb):
+            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            return False
+
+    def _write(self):
+        """A write transaction (takes the write lock at once, so read-then-write is atomic)."""
+        return self._Tx(self._db())
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- runs --------------------------------------------------------------
+    def workdir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    def create_run(self, run_id: str, spec: dict, device: str, stages_hook: str | None = None) -> dict:
+        wd = self.workdir(run_id)
+        wd.mkdir(parents=True, exist_ok=False)
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO runs (id, name, strategy, model, device, status, created, workdir, stages_hook, spec)"
+                " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (run_id, spec.get("name") or "", spec["strategy"], spec["model"], device, time.time(),
+                 str(wd), stages_hook, _dumps(spec)))
+        return self.get_run(run_id)
+
+    def update_run(self, run_id: str, **fields) -> None:
+        """Set columns of a run (JSON columns take Python objects)."""
+        if not fields:
+            return
+        cols, vals = [], []
+        for k, v in fields.items():
+            if k in ("id", "status"):
+                raise ValueError(f"{k} is set only through create_run/set_running/finish")
+            cols.append(f"{k} = ?")
+            vals.append(_dumps(v) if k in JSON_COLUMNS and v is not None else v)
+        with self._write() as db:
+            db.execute(f"UPDATE runs SET {', '.join(cols)} WHERE id = ?", (*vals, run_id))
+
+    def set_running(self, run_id: str, pid: int) -> bool:
+        """queued -> running (False if the run already ended, e.g. stopped while queued)."""
+        with self._write() as db:
+            cur = db.execute("UPDATE runs SET status='running', started=?, pid=? WHERE id=? AND status='queued'",
+                             (time.time(), pid, run_id))
+            return cur.rowcount == 1
+
+    def finish(self, run_id: str, status: str, reason: str | None = None, result: dict | None = None,
+               event: dict | None = None) -> bool:
+        """End a queued/running run once: set its final status, reason (and result) and append the
+        ``finished`` event in the same transaction. Returns False (and changes nothing) if the run
+        had already ended, so the first one to finish a run wins (worker, stopper or watcher)."""
+        assert status in FINAL, status
+        with self._write() as db:
+            row = db.execute("SELECT status, result FROM runs WHERE id=?", (run_id,)).fetchone()
+            if row is None or row["status"] not in ACTIVE:
+                return False
+            now = time.time()
+            if result is None and row["result"]:
+                result = json.loads(row["result"])
+            db.execute("UPDATE runs SET status=?, reason=?, ended=?, result=? WHERE id=?",
+                       (status, reason, now, _dumps(result) if result is not None else None, run_id))
+            payload = {"status": status, "reason": reason, **(event or {})}
+            self._append(db, run_id, "finished", payload, now)
+        return True
+
+    def get_run(self, run_id: str) -> dict | None:
+        row = self._db().execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        return self._row(row) if row else None
+
+    def list_runs(self, status: str | None = None, limit: int | None = None) -> list[dict]:
+        """Runs, newest first (optionally of one status)."""
+        q, args = "SELECT * FROM runs", []
+        if status:
+            q += " WHERE status=?"
+            args.append(status)
+        q += " ORDER BY created DESC, id DESC"
+        if limit:
+            q += " LIMIT ?"
+            args.append(int(limit))
+        return [self._row(r) for r in self._db().execute(q, args)]
+
+    def active_runs(self) -> list[dict]:
+        """Queued and running runs, oldest first."""
+        rows = self._db().execute("SELECT * FROM runs WHERE status IN ('queued','running') ORDER BY created, id")
+        return [self._row(r) for r in rows]
+
+    def request_stop(self, run_id: str) -> bool:
+        """Raise the stop flag of an active run (the worker's stages poll it)."""
+        with self._write() as db:
+            cur = db.execute("UPDATE runs SET stop_requested=COALESCE(stop_requested, ?) "
+                             "WHERE id=? AND status IN ('queued','running')", (time.time(), run_id))
+            return cur.rowcount == 1
+
+    def stop_requested(self, run_id: str) -> bool:
+        row = self._db().execute("SELECT stop_requested FROM runs WHERE id=?", (run_id,)).fetchone()
+        return bool(row and row[0])
+
+    @staticmethod
+    def _row(row: sqlite3.Row) -> dict:
+        d = dict(row)
+        for k in JSON_COLUMNS:
+            if d.get(k):
+                d[k] = json.loads(d[k])
+        return d
+
+    # -- events ------------------------------------------------------------
+    def _append(self, db, run_id: str, type: str, payload: dict, ts: float) -> int:
+        seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE run_id=?", (run_id,)).fetchone()[0]
+        text = _dumps(payload)
+        db.execute("INSERT INTO events (run_id, seq, ts, type, payload) VALUES (?, ?, ?, ?, ?)",
+                   (run_id, seq, ts, type, text))
+        # the second copy, written under the same lock so the file is in sequence order
+        wd = self.workdir(run_id)
+        if wd.is_dir():
+            with open(wd / "events.jsonl", "a", encoding="utf-8") as f:
+                f.write(_dumps({"run_id": run_id, "seq": seq, "ts": ts, "type": type, "payload": payload}) + "\n")
+        return seq
+
+    def append_event(self, run_id: str, type: str, payload: dict | None = None) -> int:
+        """Append one event; returns its sequence number (1, 2, ... per run)."""
+        with self._write() as db:
+            return self._append(db, run_id, type, payload or {}, time.time())
+
+    def events(self, run_id: str, after_seq: int = 0, limit: int | None = None,
+               types: tuple[str, ...] | None = None) -> list[dict]:
+        """Events of a run with seq > after_seq, in order (re-attach: pass the last seq you saw)."""
+        q, args = "SELECT seq, ts, type, payload FROM events WHERE run_id=? AND seq>?", [run_id, int(after_seq)]
+        if types:
+            q += f" AND type IN ({', '.join('?' * len(types))})"
+            args += list(types)
+        q += " ORDER BY seq"
+        if limit:
+            q += " LIMIT ?"
+            args.append(int(limit))
+        return [{"seq": r["seq"], "ts": r["ts"], "type": r["type"], **json.loads(r["payload"])}
+                for r in self._db().execute(q, args)]
+
+    def last_seq(self, run_id: str) -> int:
+        return self._db().execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE run_id=?", (run_id,)).fetchone()[0]
+
+    def event_counts(self, run_id: str) -> dict[str, int]:
+        rows = self._db().execute("SELECT type, COUNT(*) FROM events WHERE run_id=? GROUP BY type", (run_id,))
+        return {r[0]: r[1] for r in rows}

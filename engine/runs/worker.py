@@ -1,0 +1,385 @@
+"""The worker: ``python -m engine.runs.worker RUN_ID`` runs one recorded run to its end.
+
+Started by the executor in its own process group. It
+  1. waits for its GPU when the run is a GPU run (one run per GPU, FIFO by launch time; the
+     lock is a file lock, released by the OS however the worker ends) and pins it through
+     CUDA_VISIBLE_DEVICES before torch is imported; CPU runs hide the GPUs instead;
+  2. records the library versions, the machine and the planner's estimate for the run;
+  3. runs the strategy's stages in order, each with a StageContext, measuring each stage's
+     peak memory (CUDA ``max_memory_allocated``, or the process's peak RSS on the CPU) and
+     duration, and stores the partial result after every stage;
+  4. ends the run exactly once: ``finished``, ``stopped`` (stop flag, or SIGTERM, which
+     interrupts the stage at once) or ``failed`` (the exception's reason, the traceback in
+     the log and in the error event, what would fit instead after an OOM).
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import os
+import platform
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from engine import strategies
+from engine.runs.events import STAGE_TYPES, check as check_event
+from engine.runs import faults
+from engine.runs.context import StageContext, stage_entry
+from engine.runs.executor import gpu_slots, load_stages, pid_alive
+from engine.runs.store import RunStore
+from engine.spec.run import RunSpec
+
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "torchao", "gptqmodel", "optimum",
+             "safetensors", "tokenizers", "datasets", "numpy", "psutil")
+STOP_POLL_S = 0.25
+
+
+class StopRun(BaseException):
+    """Raised by the SIGTERM handler: leave the stage now (BaseException: stages' ``except Exception`` let it pass)."""
+
+
+# -- what the run is recorded with ------------------------------------------------
+def library_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                return ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict:
+    import psutil
+    info = {"host": platform.node(), "os": platform.platform(), "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
+            "device": device, "cwd": os.getcwd()}
+    if device == "cuda":
+        import torch
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_bytes=int(props.total_memory),
+                    gpu_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                    gpu_preset=gpu_preset(props.name, int(props.total_memory)))
+    return info
+
+
+def gpu_preset(name: str, total_bytes: int) -> str | None:
+    """The presets/hardware GPU id of the device torch reports (same model name and memory)."""
+    from engine import hardware
+    tokens = set(re.findall(r"[a-z]*\d+[a-z]*", name.lower()))
+    best = None
+    for d in hardware.devices().values():
+        if d.kind != "gpu" or not d.memory_bytes:
+            continue
+        model = d.id.split("-")[0]
+        if model in tokens and abs(d.memory_bytes - total_bytes) / total_bytes < 0.06:
+            best = d.id
+    return best
+
+
+def planner_estimate(spec: RunSpec, strategy: dict, gpu: str | None) -> dict:
+    """What the planner estimates for this run, with the inputs it used; {"error"} where it cannot."""
+    out: dict = {"gpu": gpu}
+    try:
+        from engine import estimate
+    except Exception as e:   # pragma: no cover - the package exists; its functions may not yet
+        return {"error": f"engine.estimate unavailable: {e}"}
+    tp, evs = spec.train, spec.evaluate
+    requests = {}
+    if strategy.get("train"):
+        requests["train"] = ("estimate_train", dict(
+            model=spec.model, method=strategy["train"],
+            precision=tp.precision if tp.precision in ("bf16", "fp32-amp") else "fp32-amp",
+            seq_len=tp.seq_len, batch_size=tp.batch_size, grad_ckpt=tp.grad_ckpt, lora_rank=tp.lora_rank, gpu=gpu))
+    if strategy.get("deploy") and strategy["deploy"] != "hosted":
+        requests["infer"] = ("estimate_infer", dict(model=spec.model, weights=strategy["deploy"], batch_size=1,
+                                                    prompt_len=evs.prompt_len, new_tokens=evs.new_tokens, gpu=gpu))
+    acc = dict(strategy.get("accuracy") or {})
+    if acc.get("method") not in (None, "none"):
+        try:
+            from engine import models
+            arch = models.resolve(spec.model)
+            kw = dict(family=arch.family, params_b=arch.total_params / 1e9, method=acc["method"],
+                      w_bits=acc["w_bits"], a_bits=acc.get("a_bits", 16), group_size=acc.get("group_size"),
+                      per_channel=bool(acc.get("per_channel", False)), finetune=acc.get("finetune", "none"))
+            requests["accuracy"] = ("estimate_accuracy", kw)
+        except Exception as e:
+            out["accuracy"] = {"error": f"{type(e).__name__}: {e}"}
+    for key, (fn_name, kw) in requests.items():
+        fn = getattr(estimate, fn_name, None)
+        if fn is None:
+            out[key] = {"error": f"engine.estimate.{fn_name} is not available", "inputs": kw}
+            continue
+        try:
+            out[key] = {"inputs": kw, **fn(**kw)}
+        except Exception as e:
+            out[key] = {"error": f"{type(e).__name__}: {e}", "inputs": kw}
+    return out
+
+
+# -- peak memory of a stage -----------------------------------------------------------
+class PeakMemory:
+    """Peak memory over one stage: CUDA ``max_memory_allocated`` on GPU runs (reset before the
+    stage), and always the process's peak RSS (Linux: VmHWM, reset through /proc/self/clear_refs;
+    elsewhere a 20 Hz psutil sampler)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._sampler = None
+        self._peak = 0
+        self._done = threading.Event()
+
+    @staticmethod
+    def _hwm() -> int | None:
+        try:
+            m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+            return int(m.group(1)) * 1024 if m else None
+        except OSError:
+            return None
+
+    def start(self) -> None:
+        if self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._sampler = None
+            return
+        except OSError:
+            pass
+        import psutil
+        proc = psutil.Process()
+        self._peak = proc.memory_info().rss
+        self._done.clear()
+
+        def sample():
+            while not self._done.wait(0.05):
+                self._peak = max(self._peak, proc.memory_info().rss)
+        self._sampler = threading.Thread(target=sample, daemon=True)
+        self._sampler.start()
+
+    def stop(self) -> dict:
+        if self._sampler is not None:
+            self._done.set()
+            self._sampler.join()
+            rss = self._peak
+        else:
+            rss = self._hwm()
+        out = {"cpu_peak_rss_bytes": rss}
+        if self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+            out.update(peak_mem_bytes=int(torch.cuda.max_memory_allocated()), mem_source="cuda_max_memory_allocated",
+                       cuda_max_reserved_bytes=int(torch.cuda.max_memory_reserved()))
+        else:
+            out.update(peak_mem_bytes=rss, mem_source="cpu_peak_rss")
+        return out
+
+
+# -- the run ----------------------------------------------------------------------------
+class Worker:
+    def __init__(self, store: RunStore, run_id: str):
+        self.store, self.run_id = store, run_id
+        self.run = store.get_run(run_id)
+        if self.run is None:
+            raise SystemExit(f"worker: unknown run {run_id}")
+        self.workdir = Path(self.run["workdir"])
+        self.result: dict = {"stages": [], "metrics": {}, "eval": {}, "artifacts": []}
+        self._stop_seen = False
+        self._last_poll = 0.0
+        self._finishing = False
+        self._gpu_lock = None
+
+    # events and stop ----------------------------------------------------------------
+    def emit(self, type: str, **payload) -> int:
+        return self.store.append_event(self.run_id, type, check_event(type, payload))
+
+    def stage_emit(self, type: str, **payload) -> None:
+        """What stages call: also collects metrics, evaluations and artifacts into the result."""
+        payload = check_event(type, payload, allowed=STAGE_TYPES)
+        if type == "metric" and payload.get("name"):
+            self.result["metrics"][payload["name"]] = {"value": payload.get("value"), "unit": payload.get("unit")}
+        elif type == "eval":
+            self.result["eval"][payload.get("name") or f"eval{len(self.result['eval'])}"] = payload.get("metrics")
+        elif type == "artifact":
+            self.result["artifacts"].append({"path": str(payload.get("path")), "kind": payload.get("kind")})
+        self.store.append_event(self.run_id, type, payload)
+
+    def should_stop(self) -> bool:
+        if self._stop_seen:
+            return True
+        now = time.monotonic()
+        if now - self._last_poll >= STOP_POLL_S:
+            self._last_poll = now
+            self._stop_seen = self.store.stop_requested(self.run_id)
+        return self._stop_seen
+
+    def _on_sigterm(self, signum, frame):
+        self._stop_seen = True
+        if not self._finishing:
+            raise StopRun()
+
+    # GPU queue ----------------------------------------------------------------------
+    def _wait_for_gpu(self) -> bool:
+        """Take a free GPU when this run is the oldest queued GPU run still alive; False if
+        stopped while waiting."""
+        slots = gpu_slots()
+        if not slots:
+            slots = ["0"]        # device: cuda asked for explicitly; torch decides below if there is one
+        lock_dir = self.store.runs_dir.parent / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        said = False
+        while True:
+            if self.should_stop():
+                return False
+            ahead = [r for r in self.store.active_runs()
+                     if r["device"] == "cuda" and r["status"] == "queued" and r["id"] != self.run_id
+                     and (r["created"], r["id"]) < (self.run["created"], self.run_id)
+                     and (pid_alive(r["pid"], r["id"]) or r["pid"] is None)]
+            if not ahead:
+                for slot in slots:
+                    f = open(lock_dir / f"gpu-{slot}.lock", "a+")
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:
+                        f.close()
+                        continue
+                    f.seek(0)
+                    f.truncate()
+                    f.write(f"{self.run_id} {os.getpid()}\n")
+                    f.flush()
+                    self._gpu_lock = f          # held until this process ends
+                    os.environ["CUDA_VISIBLE_DEVICES"] = slot
+                    return True
+            if not said:
+                busy = [r["id"] for r in self.store.active_runs() if r["device"] == "cuda" and r["status"] == "running"]
+                self.emit("log", message=f"waiting for a free GPU ({len(slots)} GPU(s); running: "
+                                         f"{', '.join(busy) or 'none'}; queued ahead: {len(ahead)})")
+                said = True
+            time.sleep(0.5)
+
+    # the run ------------------------------------------------------------------------
+    def main(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        stage = None
+        try:
+            spec = RunSpec.parse(self.run["spec"])
+            strategy = strategies.get(spec.strategy)
+            device = self.run["device"]
+            if device == "cuda":
+                if not self._wait_for_gpu():
+                    return self._end("stopped", "stopped on request while queued for a GPU")
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = ""       # a CPU run never touches a GPU
+            if not self.store.set_running(self.run_id, os.getpid()):
+                return 0                                      # ended while queued (stopped)
+            self.emit("started", pid=os.getpid(), device=device)
+            self.store.update_run(self.run_id, versions=library_versions())
+            if device == "cuda":
+                import torch
+                if not torch.cuda.is_available():
+                    return self._end("failed", "device: cuda was asked for but torch sees no CUDA GPU on this "
+                                               "machine; use device: cpu or auto")
+            machine = machine_info(device)
+            self.store.update_run(self.run_id, machine=machine)
+            self.store.update_run(self.run_id, estimate=planner_estimate(spec, strategy, machine.get("gpu_preset")))
+            table, _ = load_stages(self.run.get("stages_hook"))
+            state: dict = {}
+            entries = strategy["stages"]
+            for i in range(len(entries)):
+                if self.should_stop():
+                    return self._end("stopped", f"stopped on request before stage {entries[i]['stage']}")
+                entry = stage_entry(strategy, i, spec)
+                stage = entry["stage"]
+                ctx = StageContext(run_id=self.run_id, spec=spec, strategy=strategy, stage=entry, index=i,
+                                   workdir=self.workdir, state=state, device=device, emit=self.stage_emit,
+                                   should_stop=self.should_stop)
+                self.emit("stage_started", stage=stage, index=i, total=len(entries),
+                          params={k: v for k, v in entry.items() if k != "stage"})
+                mem = PeakMemory(device)
+                mem.start()
+                t0 = time.perf_counter()
+                try:
+                    out = table[stage](ctx)
+                except (Exception, MemoryError) as e:
+                    return self._fail(e, stage, spec, strategy, machine, mem, t0, i)
+                measured = {"stage": stage, "index": i, "duration_s": round(time.perf_counter() - t0, 3),
+                            "stopped": self._stop_seen, **mem.stop(), "result": out if isinstance(out, dict) else None}
+                self.result["stages"].append(measured)
+                self.emit("stage_finished", **measured)
+                self.store.update_run(self.run_id, result=self.result)
+                if self._stop_seen:
+                    return self._end("stopped", f"stopped on request during stage {stage}")
+            stage = None
+            return self._end("finished", None)
+        except StopRun:
+            where = f" during stage {stage}" if stage else ""
+            return self._end("stopped", f"stopped on request (SIGTERM){where}")
+        except Exception as e:                                # the worker's own set-up failed
+            traceback.print_exc()
+            c = faults.classify(e, stage or "setup")
+            self._error_event(stage or "setup", c, traceback.format_exc(), [])
+            return self._end("failed", c["reason"])
+
+    def _error_event(self, stage: str, c: dict, tb: str, suggestions: list[str]) -> None:
+        self.emit("error", stage=stage, kind=c["kind"], message=c["message"], reason=c["reason"],
+                  traceback=tb, suggestions=suggestions)
+
+    def _fail(self, e, stage, spec, strategy, machine, mem, t0, index) -> int:
+        tb = traceback.format_exc()
+        sys.stderr.write(f"run {self.run_id}: stage {stage} raised\n{tb}")
+        sys.stderr.flush()
+        c = faults.classify(e, stage)
+        suggestions = []
+        if c["kind"] == "oom-gpu":
+            suggestions = faults.suggestions(spec, strategy, stage, gpu=machine.get("gpu_preset"),
+                                             capacity_bytes=machine.get("gpu_memory_bytes"))
+        elif c["kind"] == "oom-cpu":
+            suggestions = faults.suggestions(spec, strategy, stage)
+        measured = {"stage": stage, "index": index, "duration_s": round(time.perf_counter() - t0, 3),
+                    "failed": True, **mem.stop(), "result": None}
+        self.result["stages"].append(measured)
+        self._error_event(stage, c, tb, suggestions)
+        self.emit("stage_finished", **measured)
+        reason = c["reason"]
+        if suggestions:
+            reason += "; what would fit instead: " + "; ".join(suggestions)
+        self.result["error"] = {"stage": stage, **c, "suggestions": suggestions}
+        return self._end("failed", reason)
+
+    def _end(self, status: str, reason: str | None) -> int:
+        self._finishing = True
+        self.store.finish(self.run_id, status, reason, result=self.result)
+        return 0 if status == "finished" else 1
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.stderr.write("usage: python -m engine.runs.worker RUN_ID\n")
+        return 2
+    store = RunStore(os.environ.get("TUNEQUANT_DB"), os.environ.get("TUNEQUANT_RUNS_DIR"))
+    print(f"worker {os.getpid()} for run {argv[0]} at {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    return Worker(store, argv[0]).main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
