@@ -214,26 +214,27 @@ def vs_estimate(items: list[dict]):
 
 
 def charts(items: list[dict]):
-    """(quality figure, memory/speed figure) for the chosen runs."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    """(quality figure, memory/time figure) for the chosen runs; every bar is a measurement."""
+    from ui.plotting import side_by_side
     ids = [it["run"]["id"] for it in items]
-    q = make_subplots(rows=1, cols=2, subplot_titles=("perplexity (lower is better)", "task metrics"))
+    q = side_by_side("Quality (measured)", "cmp-quality", ("perplexity (lower is better)", "task metrics"), 380,
+                     barmode="group", margin={"l": 55, "r": 20, "t": 60, "b": 40}, legend={"y": -0.25})
     ppl_keys = sorted({(n, k) for it in items for n, ms in it["m"]["evals"].items() for k in ms
                        if "perplexity" in k.lower() or k.lower() == "ppl"})
     for n, k in ppl_keys:
-        q.add_trace(go.Bar(x=ids, y=[it["m"]["evals"].get(n, {}).get(k) for it in items], name=f"{n} {k}",
-                           hovertemplate="%{x}: %{y:.3f}<extra>measured</extra>"), row=1, col=1)
+        q.traces.append({"type": "bar", "x": ids, "y": [it["m"]["evals"].get(n, {}).get(k) for it in items],
+                         "name": f"{n} {k}", "xaxis": "x", "yaxis": "y",
+                         "hovertemplate": "%{x}: %{y:.3f}<extra>measured</extra>"})
     task_keys = sorted({(n, k) for it in items for n, ms in it["m"]["evals"].items() for k, v in ms.items()
                         if any(w in k.lower() for w in ("accuracy", "exact", "valid", "f1"))
-                        and isinstance(v, (int, float))})
+                        and isinstance(v, (int, float)) and not isinstance(v, bool)})
     for n, k in task_keys:
-        q.add_trace(go.Bar(x=ids, y=[it["m"]["evals"].get(n, {}).get(k) for it in items], name=f"{n} {k}",
-                           hovertemplate="%{x}: %{y:.3f}<extra>measured</extra>"), row=1, col=2)
-    q.update_layout(title="Quality (measured)", barmode="group", template="plotly_white", height=380,
-                    uirevision="cmp-quality", legend={"orientation": "h", "y": -0.2, "font": {"size": 10}},
-                    margin={"l": 50, "r": 20, "t": 60, "b": 40})
-    s = make_subplots(rows=1, cols=2, subplot_titles=("peak memory per stage (GiB)", "wall time per stage (s)"))
+        q.traces.append({"type": "bar", "x": ids, "y": [it["m"]["evals"].get(n, {}).get(k) for it in items],
+                         "name": f"{n} {k}", "xaxis": "x2", "yaxis": "y2",
+                         "hovertemplate": "%{x}: %{y:.3f}<extra>measured</extra>"})
+    s = side_by_side("Memory and time (measured)", "cmp-speed", ("peak memory per stage (GiB)",
+                                                                "wall time per stage (s)"), 380,
+                     barmode="group", margin={"l": 55, "r": 20, "t": 60, "b": 40}, legend={"y": -0.25})
     stage_names = []
     for it in items:
         for st in it["m"]["stages"]:
@@ -243,13 +244,12 @@ def charts(items: list[dict]):
         mem = [next((st["peak_mem_bytes"] / GIB for st in it["m"]["stages"]
                      if st["stage"] == name and st.get("peak_mem_bytes")), None) for it in items]
         tim = [next((st["duration_s"] for st in it["m"]["stages"] if st["stage"] == name), None) for it in items]
-        s.add_trace(go.Bar(x=ids, y=mem, name=name, legendgroup=name,
-                           hovertemplate="%{x} " + name + ": %{y:.2f} GiB<extra>measured</extra>"), row=1, col=1)
-        s.add_trace(go.Bar(x=ids, y=tim, name=name, legendgroup=name, showlegend=False,
-                           hovertemplate="%{x} " + name + ": %{y:.1f} s<extra>measured</extra>"), row=1, col=2)
-    s.update_layout(title="Memory and time (measured)", barmode="group", template="plotly_white", height=380,
-                    uirevision="cmp-speed", legend={"orientation": "h", "y": -0.2},
-                    margin={"l": 50, "r": 20, "t": 60, "b": 40})
+        s.traces.append({"type": "bar", "x": ids, "y": mem, "name": name, "legendgroup": name,
+                         "xaxis": "x", "yaxis": "y",
+                         "hovertemplate": "%{x} " + name + ": %{y:.2f} GiB<extra>measured</extra>"})
+        s.traces.append({"type": "bar", "x": ids, "y": tim, "name": name, "legendgroup": name, "showlegend": False,
+                         "xaxis": "x2", "yaxis": "y2",
+                         "hovertemplate": "%{x} " + name + ": %{y:.1f} s<extra>measured</extra>"})
     return q, s
 
 

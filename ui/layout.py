@@ -15,6 +15,7 @@ from engine import strategies
 from engine.errors import InputError
 from ui import compare, matrix, runs, tradeoffs, wizard
 from ui.common import MAX_UPLOAD, error_md, ok_md, public_demo, unexpected_md
+from ui.plotting import empty
 from ui.theme import CSS, THEME
 
 LAUNCH_KW = {"theme": THEME, "css": CSS, "max_file_size": MAX_UPLOAD}
@@ -456,7 +457,7 @@ def _recompute(form: dict) -> list:
 
 def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:
     import pandas as pd
-    fig = tradeoffs._empty("", "fix the scenario to see the charts")
+    fig = empty("", "fix the scenario to see the charts")
     return [scn, None, wizard.scenario_yaml(scn) if scn else "", err, msgs["model"], msgs["data"], msgs["hardware"],
             msgs["goals"], err, pd.DataFrame(columns=matrix.COLUMNS), "", gr.update(), fig, fig, fig, fig, ""]
 
@@ -464,7 +465,7 @@ def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:
 def _charts(rs: list[dict], scn: dict | None, view: str, shown) -> list:
     from engine import hardware
     if not rs or not scn:
-        fig = tradeoffs._empty("", "no scenario yet")
+        fig = empty("", "no scenario yet")
         return [fig, fig, fig, fig]
     g = hardware.get(scn["hardware"]["gpu"])
     count = int(scn["hardware"].get("count") or 1)

@@ -351,26 +351,24 @@ def stages_html(view: dict, run: dict) -> str:
 
 
 def loss_figure(view: dict):
-    """Loss per step (one trace per training stage); uirevision keeps zoom across updates."""
-    import plotly.graph_objects as go
-    fig = go.Figure()
+    """Loss per step (one trace per training stage); uirevision keeps zoom while steps arrive."""
+    from ui.plotting import figure, note
+    fig = figure("Training loss (measured)", f"loss-{view.get('run_id')}", 320,
+                 xaxis={"title": {"text": "step"}}, yaxis={"title": {"text": "loss"}},
+                 margin={"l": 55, "r": 20, "t": 45, "b": 40}, legend={"y": -0.3})
     by_stage: dict[str, list] = {}
     for p in view.get("points", []):
         by_stage.setdefault(p[2] or "train", []).append(p)
     for stage, pts in by_stage.items():
-        fig.add_trace(go.Scatter(
-            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=stage,
-            marker={"size": 4},
-            customdata=[[p[3], p[4]] for p in pts],
-            hovertemplate="step %{x}<br>loss %{y:.4f}<br>lr %{customdata[0]:.2e}<br>"
-                          "%{customdata[1]:,.0f} tokens/s<extra>measured, run " + str(view.get("run_id")) + "</extra>"))
-    fig.update_layout(title="Training loss (measured)", xaxis_title="step", yaxis_title="loss",
-                      height=320, margin={"l": 50, "r": 20, "t": 40, "b": 40},
-                      uirevision=f"loss-{view.get('run_id')}", template="plotly_white",
-                      legend={"orientation": "h", "y": -0.25})
+        fig.traces.append({
+            "type": "scatter", "mode": "lines+markers", "name": stage, "marker": {"size": 4},
+            "x": [p[0] for p in pts], "y": [p[1] for p in pts],
+            "customdata": [[p[3], p[4]] for p in pts],
+            "hovertemplate": "step %{x}<br>loss %{y:.4f}<br>lr %{customdata[0]:.2e}<br>%{customdata[1]:,.0f} tokens/s"
+                             f"<extra>measured, run {view.get('run_id')}</extra>"})
     if not by_stage:
-        fig.add_annotation(text="no training steps yet (this strategy may have no train stage)",
-                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+        note(fig, "no training steps yet" if view.get("status") in ACTIVE or not view.get("run_id")
+             else "this run has no training steps")
     return fig
 
 

@@ -1,0 +1,111 @@
+"""Decision matrix handlers over the real advisor: every strategy a row, figures carried over
+exactly, the recommendation highlighted, reasons and 'what would change' shown, bad input inline."""
+import time
+
+import pytest
+
+from engine import strategies
+from engine.advisor import recommend
+from ui import layout, matrix, wizard
+
+
+@pytest.fixture(scope="module")
+def result():
+    return recommend(wizard.scenario_from_form(wizard.DEFAULT_FORM))
+
+
+def test_every_strategy_is_a_row_in_rank_order(result):
+    rs = matrix.rows(result)
+    assert sorted(r["strategy"] for r in rs) == sorted(strategies.ids())
+    assert [r["rank"] for r in rs] == list(range(1, len(rs) + 1))
+    feas = [r["feasible"] for r in rs]
+    assert feas == sorted(feas, reverse=True)            # feasible rows first, as the advisor ranks
+
+
+def test_row_carries_the_advisors_figures_exactly(result):
+    for entry, r in zip(result["ranked"], matrix.rows(result)):
+        est = entry["estimates"]
+        assert r["strategy"] == entry["strategy"] and r["score"] == entry["score"]
+        assert r["feasible"] == entry["feasible"] and r["rules"] == entry.get("rules", [])
+        assert r["why"] == [str(w) for w in entry["why"]]
+        assert r["why_not"] == [b["text"] for b in entry["blocked"]]
+        assert r["ms_per_token"] == est["latency_ms_per_token"]
+        assert r["retention"] == est["accuracy"].get("retention")
+        assert r["ret_low"] == est["accuracy"].get("low") and r["ret_high"] == est["accuracy"].get("high")
+        assert r["train_usd"] == est["cost"]["train_usd"]
+        assert r["serve_usd_mtok"] == est["cost"]["serve_usd_per_million_tokens"]
+        by = {s["stage"]: s for s in est["stages"]}
+        assert r["train_bytes"] == by.get("train", {}).get("device_bytes")
+        assert r["serve_bytes"] == by.get("serve", {}).get("device_bytes")
+        assert len(r["stages"]) == len(est["stages"])
+
+
+def test_table_highlights_the_recommendation(result):
+    rs = matrix.rows(result)
+    styler = matrix.table(rs)
+    df = styler.data
+    assert list(df.columns) == matrix.COLUMNS and len(df) == len(rs)
+    ctx = styler._compute().ctx                          # the CSS pandas will render per cell
+    reco = matrix.recommended(result)
+    for i, r in enumerate(rs):
+        css = " ".join(v for (row, _), props in ctx.items() if row == i for p in props for v in p)
+        if r["strategy"] == reco:
+            assert "#e0e7ff" in css
+        elif not r["feasible"]:
+            assert "#9ca3af" in css
+    assert (df["feasible"] == "✓").sum() == sum(r["feasible"] for r in rs)
+
+
+def test_summary_change_and_detail_views(result):
+    rs = matrix.rows(result)
+    reco = matrix.recommended(result)
+    summary = matrix.summary_html(result, rs)
+    if reco:
+        name = next(r["name"] for r in rs if r["strategy"] == reco)
+        assert "Recommended" in summary and name.split(" (")[0] in summary
+    else:
+        assert "No strategy is feasible" in summary
+    w = result["what_would_change"]
+    change = matrix.change_html(result)
+    assert "What would change the answer" in change
+    assert w["summary"].split(":")[0] in change
+    for sid in (reco or rs[0]["strategy"], rs[-1]["strategy"]):
+        d = matrix.detail_html(result, sid)
+        entry = next(e for e in result["ranked"] if e["strategy"] == sid)
+        assert strategies.get(sid)["name"] in d.replace("&amp;", "&")
+        if entry["blocked"]:
+            assert "Why not" in d
+    assert "not in this matrix" in matrix.detail_html(result, "no-such")
+
+
+def test_recompute_fills_every_output_and_is_fast():
+    form = {**wizard.DEFAULT_FORM}
+    layout._recompute(form)                               # warm caches (presets, fits)
+    t0 = time.perf_counter()
+    out = layout._recompute(form)
+    ms = (time.perf_counter() - t0) * 1000
+    print(f"\nrecompute (advisor + matrix + 4 charts): {ms:.0f} ms server time")
+    scn, res = out[0], out[1]
+    assert scn["model"] == "llama-3.1-8b" and res["recommended"] == matrix.recommended(res)
+    assert "model:" in out[2]                             # the scenario YAML
+    assert "tq-ok" in out[4] and "llama-3.1-8b" in out[4]  # model summary next to the field
+    assert len(out[9].data) == len(strategies.ids())      # the matrix
+    assert "server time" in out[-1]
+
+
+def test_recompute_puts_bad_input_next_to_its_field():
+    out = layout._recompute({**wizard.DEFAULT_FORM, "gpu_count": -1})
+    assert out[1] is None
+    assert out[4] == "" and "tq-error" in out[6] and "hardware.count" in out[6]   # hardware step message
+    assert "tq-error" in out[8]                                                   # and above the matrix
+    assert len(out[9]) == 0
+    out = layout._recompute({**wizard.DEFAULT_FORM, "source": wizard.SRC_HUB, "hub_id": "not a model"})
+    assert "tq-error" in out[4] and "Traceback" not in out[4]
+
+
+def test_every_example_scenario_gets_a_matrix():
+    for name in wizard.example_scenarios():
+        out = layout._recompute(wizard.load_example(name))
+        res = out[1]
+        assert res is not None, (name, out[3])
+        assert len(matrix.rows(res)) == len(strategies.ids())

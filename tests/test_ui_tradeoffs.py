@@ -1,0 +1,98 @@
+"""Trade-off charts: Pareto front by hand, limits drawn where the devices' memory is, intervals as
+error bars, evidence in the hover text, stacked breakdowns that sum, zoom kept across redraws."""
+import json
+
+import pytest
+
+from ui import tradeoffs
+from ui.common import GIB
+from ui.plotting import Fig
+
+
+def row(sid, family, feasible, serve_gib, ret, low, high, ms=None, rank=1, stages=None, train_usd=None,
+        serve_usd=None):
+    stages = stages or [{"stage": "serve", "bytes": serve_gib * GIB, "breakdown": {}, "source": f"infer {sid}"}]
+    pipeline = [s["bytes"] for s in stages if s["stage"] != "serve"]
+    return {"strategy": sid, "family": family, "feasible": feasible, "rank": rank, "blocked_by": [] if feasible
+            else ["memory"], "serve_bytes": serve_gib * GIB, "peak_bytes": max(pipeline) if pipeline else None,
+            "retention": ret, "ret_low": low, "ret_high": high, "acc_source": f"fit on 12 results for {sid}",
+            "serve_source": f"python -m engine estimate infer ... {sid}", "ms_per_token": ms, "stages": stages,
+            "train_usd": train_usd, "serve_usd_mtok": serve_usd, "cost_source": f"train_cost {sid}"}
+
+
+ROWS = [row("bf16", "no-change", True, 16.0, 1.0, 1.0, 1.0, ms=30, rank=4),
+        row("int8", "ptq-only", True, 9.0, 0.995, 0.99, 0.999, ms=45, rank=2),
+        row("nf4", "ptq-only", True, 5.5, 0.97, 0.95, 0.98, ms=20, rank=1),
+        row("gptq-3", "ptq-only", True, 4.5, 0.90, 0.85, 0.94, ms=18, rank=5),
+        row("awq", "ptq-only", True, 6.0, 0.96, 0.94, 0.975, ms=19, rank=3),     # dominated by nf4
+        row("full", "finetune-only", False, 16.0, 1.0, 0.99, 1.0, ms=30, rank=6)]
+
+
+def test_pareto_by_hand():
+    pts = [(16, 1.0, "bf16"), (9, 0.995, "int8"), (5.5, 0.97, "nf4"), (4.5, 0.90, "gptq-3"), (6, 0.96, "awq")]
+    assert [p[2] for p in tradeoffs.pareto(pts)] == ["gptq-3", "nf4", "int8", "bf16"]
+    assert tradeoffs.pareto([]) == []
+    assert [p[2] for p in tradeoffs.pareto([(1, 0.5, "a"), (1, 0.9, "b")])] == ["b"]   # same x: the better one
+
+
+def test_memory_vs_accuracy_serving_view():
+    fig = tradeoffs.memory_vs_accuracy(ROWS, tradeoffs.MEMORY_VIEWS[0], serve_bytes=15.5 * GIB, serve_name="T4")
+    assert isinstance(fig, Fig)
+    json.loads(fig.to_json())                                       # valid Plotly JSON
+    assert fig.layout["uirevision"] == "mem-vs-acc"
+    pts = {t: (x, y) for tr in fig.traces if tr.get("mode") == "markers"
+           for t, x, y in zip(tr["text"], tr["x"], tr["y"])}
+    assert pts["nf4"] == (pytest.approx(5.5), 0.97) and pts["full"] == (pytest.approx(16.0), 1.0)
+    front = next(tr for tr in fig.traces if tr["name"].startswith("Pareto"))
+    assert front["x"] == pytest.approx([4.5, 5.5, 9.0, 16.0])      # the infeasible 'full' is not on it
+    assert fig.layout["shapes"][0]["x0"] == pytest.approx(15.5)     # the device's memory line
+    assert "T4: 15.5 GiB" in fig.layout["annotations"][0]["text"]
+    ptq = next(tr for tr in fig.traces if tr["name"] == "ptq-only")
+    i = ptq["text"].index("nf4")
+    assert ptq["error_y"]["array"][i] == pytest.approx(0.01) and ptq["error_y"]["arrayminus"][i] == pytest.approx(0.02)
+    assert "fit on 12 results for nf4" in ptq["hovertext"][i] and "estimate infer" in ptq["hovertext"][i]
+    nc = next(tr for tr in fig.traces if tr["name"] == "finetune-only")
+    assert nc["marker"]["symbol"] == ["x-thin-open"] and "not feasible: memory" in nc["hovertext"][0]
+
+
+def test_pipeline_view_and_latency_goal():
+    stages = [{"stage": "train", "bytes": 20 * GIB, "breakdown": {}, "source": "train qlora"},
+              {"stage": "serve", "bytes": 6 * GIB, "breakdown": {}, "source": "infer nf4"}]
+    rs = ROWS + [row("qlora", "quantize-then-finetune", True, 6.0, 0.985, 0.97, 0.99, ms=21, rank=7, stages=stages)]
+    fig = tradeoffs.memory_vs_accuracy(rs, tradeoffs.MEMORY_VIEWS[1], gpu_bytes=24 * GIB, gpu_name="RTX 4090")
+    xs = [x for tr in fig.traces if tr.get("mode") == "markers" for x in tr["x"]]
+    assert xs == [pytest.approx(20.0)]                             # only strategies with a train/calibrate stage
+    assert fig.layout["shapes"][0]["x0"] == pytest.approx(24.0)
+    lat = tradeoffs.latency_vs_accuracy(ROWS, goal_ms=25, device_name="T4")
+    assert lat.layout["shapes"][0]["x0"] == 25 and lat.layout["uirevision"] == "lat-vs-acc"
+    front = next(tr for tr in lat.traces if tr["name"].startswith("Pareto"))
+    # by latency: gptq-3 18 ms 0.90, awq 19 ms 0.96, nf4 20 ms 0.97, bf16 30 ms 1.0; int8 (45 ms) is dominated
+    assert front["x"] == [18, 19, 20, 30]
+
+
+def test_breakdown_stacks_sum_to_the_stage_memory():
+    stages = [{"stage": "train", "bytes": 10 * GIB, "source": "train",
+               "breakdown": {"weights": 4 * GIB, "activations": 3 * GIB, "optimizer": 2.5 * GIB}},
+              {"stage": "serve", "bytes": 5 * GIB, "source": "infer",
+               "breakdown": {"weights": 4 * GIB, "kv_cache": 1 * GIB}}]
+    rs = [row("lora", "finetune-only", True, 5.0, 1.0, 1.0, 1.0, rank=1, stages=stages)]
+    fig = tradeoffs.memory_breakdown(rs, gpu_bytes=24 * GIB)
+    labels = fig.traces[0]["y"]
+    assert labels == ["lora · train", "lora · serve"]
+    totals = [sum(tr["x"][i] for tr in fig.traces) for i in range(2)]
+    assert totals == [pytest.approx(10.0), pytest.approx(5.0)]      # the unnamed 0.5 GiB shows as its own part
+    names = [tr["name"] for tr in fig.traces]
+    assert "context + allocator slack" in names and fig.layout["barmode"] == "stack"
+    assert fig.layout["uirevision"] == "mem-breakdown"
+
+
+def test_cost_chart_and_empty_states():
+    rs = [row("a", "ptq-only", True, 1, 1, 1, 1, train_usd=None, serve_usd=0.12),
+          row("b", "finetune-only", True, 1, 1, 1, 1, train_usd=42.0, serve_usd=0.30)]
+    fig = tradeoffs.cost_chart(rs)
+    train, serve = fig.traces
+    assert train["x"] == ["b"] and train["y"] == [42.0] and train["xaxis"] == "x"
+    assert serve["x"] == ["a", "b"] and serve["y"] == [0.12, 0.30] and serve["xaxis"] == "x2"
+    none = tradeoffs.cost_chart([row("c", "ptq-only", True, 1, 1, 1, 1)])
+    assert none["data"] == [] and "no cost estimates" in none.layout["annotations"][0]["text"]
+    assert tradeoffs.memory_vs_accuracy([]).traces == []
