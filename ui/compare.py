@@ -62,20 +62,17 @@ def measured(run: dict, events: list[dict]) -> dict:
 
 
 def run_cost(run: dict, wall_s: float | None) -> tuple[float | None, str]:
-    """(USD, how) for a run: GPU-hours x the GPU preset's price; CPU runs have no GPU price."""
+    """(USD, how) for a run: GPU-hours x the price of the GPU preset the worker recognised."""
     if wall_s is None:
         return None, "run did not finish"
     if run.get("device") != "cuda":
         return None, "CPU run: no GPU price"
     machine = run.get("machine") or {}
-    gpu_name = str(machine.get("gpu_name") or machine.get("gpu") or "")
-    devs = hardware.devices()
-    match = [d for d in devs.values() if d.kind == "gpu" and d.price_per_hour
-             and d.name.replace("NVIDIA ", "").lower() in gpu_name.lower()]
-    if not match:
-        return None, f"no price preset matches GPU {gpu_name or '?'}"
-    d = max(match, key=lambda d: len(d.name))
-    return wall_s / 3600 * d.price_per_hour, f"{wall_s / 3600:.3f} GPU-h × ${d.price_per_hour}/h ({d.id})"
+    preset = machine.get("gpu_preset")
+    dev = hardware.devices().get(preset) if preset else None
+    if dev is None or not dev.price_per_hour:
+        return None, f"no price preset for GPU {machine.get('gpu') or '?'}"
+    return wall_s / 3600 * dev.price_per_hour, f"{wall_s / 3600:.3f} GPU-h × ${dev.price_per_hour}/h ({dev.id})"
 
 
 def collect(run_ids: list[str]) -> tuple[list[dict], list[str]]:
@@ -165,52 +162,82 @@ def side_by_side(items: list[dict]):
                         columns=["quantity"] + cols)
 
 
-def _est_value(est: dict, *paths):
-    for path in paths:
-        d = est
-        for p in path:
-            d = d.get(p) if isinstance(d, dict) else None
-        if d is not None:
-            return d
+def _ratio(evals: dict, key: str) -> float | None:
+    """after/before of an evaluation metric (e.g. perplexity) when both were measured."""
+    before, after = (evals.get("before") or {}).get(key), (evals.get("after") or {}).get(key)
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)) and before:
+        return after / before
     return None
 
 
 def vs_estimate(items: list[dict]):
-    """Measured next to what the planner estimated for the run, with the relative error.
+    """Measured next to what the planner estimated for the run (stored by the worker), with the error.
 
-    Peak memory is only comparable when both are GPU allocations (torch.cuda.max_memory_allocated):
-    a CPU run's peak RSS is shown with the reason instead of an error figure.
+    Only like is compared with like: GPU memory and speed estimates are for a GPU, so a CPU run
+    (peak RSS, CPU speed) gets the reason instead of an error figure; the perplexity ratio is a
+    quantization estimate, so it is compared only for runs that do not also fine-tune.
     """
     import pandas as pd
+    from engine import strategies
     out = []
+
+    def add(rid, q, est, meas, comparable, why, scale=1.0):
+        if est is None and meas is None:
+            return
+        err = "—"
+        if est is not None and meas is not None and comparable and est:
+            err = f"{(meas - est) / est * 100:+.1f}%"
+        note = "" if comparable or meas is None else why
+        if meas is None:
+            note = "not measured by this run"
+        out.append({"run": rid, "quantity": q, "estimated": _fmt(est * scale if est is not None else None),
+                    "measured": _fmt(meas * scale if meas is not None else None), "error": err, "note": note})
+
     for it in items:
         run, m = it["run"], it["m"]
-        est = run.get("estimate") or {}
+        rid, est = run["id"], run.get("estimate") or {}
         if not est or est.get("error"):
-            out.append({"run": run["id"], "quantity": "estimate", "estimated": "—", "measured": "—", "error": "—",
-                        "note": f"no estimate recorded ({est.get('error', 'none')})" if est else "no estimate recorded"})
+            out.append({"run": rid, "quantity": "estimate", "estimated": "—", "measured": "—", "error": "—",
+                        "note": f"no estimate recorded ({est.get('error')})" if est else "no estimate recorded"})
             continue
-        train_stage = next((s for s in m["stages"] if s["stage"] == "train"), None)
-        pairs = [("train: peak memory (GiB)", _est_value(est, ("train", "peak_allocated_bytes")),
-                  train_stage.get("peak_mem_bytes") if train_stage else None, 1 / GIB,
-                  (train_stage or {}).get("mem_source")),
-                 ("training tokens/s", _est_value(est, ("train", "tokens_per_s")), m["train_tokens_per_s"], 1, None),
-                 ("inference weights (GiB)", _est_value(est, ("infer", "weights_bytes")), None, 1 / GIB, None)]
-        for q, e, meas, scale, source in pairs:
-            if e is None and meas is None:
-                continue
-            note, err = "", "—"
-            comparable = run.get("device") == "cuda" and (source in (None, "cuda") or "cuda" in str(source))
-            if meas is None:
-                note = "not measured by this run"
-            elif not comparable:
-                note = ("not comparable: the estimate is for a GPU; this CPU run measured "
-                        + ("peak RSS" if "mem" in q else "CPU speed"))
-            elif e:
-                err = f"{(meas - e) / e * 100:+.1f}%"
-            out.append({"run": run["id"], "quantity": q, "estimated": _fmt(e * scale if e is not None else None),
-                        "measured": _fmt(meas * scale if meas is not None else None), "error": err, "note": note})
+        for key in ("train", "infer", "accuracy"):
+            e = est.get(key) or {}
+            if e.get("error"):
+                out.append({"run": rid, "quantity": f"{key} estimate", "estimated": "—", "measured": "—",
+                            "error": "—", "note": f"not estimated: {e['error']}"[:200]})
+        on_gpu = run.get("device") == "cuda"
+        gpu_why = "not comparable: the estimate is for a GPU; this run measured on the CPU"
+        train = next((s for s in m["stages"] if s["stage"] == "train"), None)
+        tr = est.get("train") or {}
+        if not tr.get("error"):
+            cuda_mem = bool(train) and "cuda" in str(train.get("mem_source"))
+            add(rid, "train: peak memory (GiB)", tr.get("peak_allocated_bytes"),
+                train.get("peak_mem_bytes") if train else None, cuda_mem, gpu_why, 1 / GIB)
+            add(rid, "training tokens/s", tr.get("tokens_per_s"), m["train_tokens_per_s"], on_gpu, gpu_why)
+        inf = est.get("infer") or {}
+        if not inf.get("error"):
+            dec = _first_metric(m, ("decode_tokens_per_s",))
+            add(rid, "decode tokens/s", inf.get("decode_tokens_per_s"), dec, on_gpu, gpu_why)
+        acc = est.get("accuracy") or {}
+        if not acc.get("error") and acc.get("ppl_ratio") is not None:
+            try:
+                tunes = strategies.get(run.get("strategy")).get("train")
+            except InputError:
+                tunes = None
+            add(rid, "perplexity ratio after/before", acc.get("ppl_ratio"), _ratio(m["evals"], "perplexity"),
+                not tunes, "not comparable: this run also fine-tunes, so after/before is not quantization alone")
     return pd.DataFrame(out, columns=["run", "quantity", "estimated", "measured", "error", "note"])
+
+
+def _first_metric(m: dict, names: tuple[str, ...]):
+    """A measured value by name: the 'after' evaluation first, then metric events."""
+    for n in names:
+        v = (m["evals"].get("after") or {}).get(n)
+        if isinstance(v, (int, float)):
+            return v
+        if n in m["metrics"] and isinstance(m["metrics"][n][0], (int, float)):
+            return m["metrics"][n][0]
+    return None
 
 
 def charts(items: list[dict]):
