@@ -5,7 +5,7 @@
     get_run(run_id) -> dict                                   the row: status, reason, spec, estimate,
                                                               versions, machine, result, workdir, pid, ...
     events(run_id, after_seq=0, limit=None) -> list[dict]     re-attach: pass the last seq you saw
-    stop(run_id, wait=True) -> dict                           flag -> SIGTERM -> SIGKILL until gone
+    stop(run_id, wait=False) -> dict                          flag -> SIGTERM -> SIGKILL until gone
     wait(run_id, timeout=None) -> dict                        the run once it ended (or at the timeout)
     recover() -> list[str]                                    runs marked interrupted (done on first use)
     log_tail(run_id, lines=50) -> list[str]                   the end of the worker's stdout/stderr
@@ -63,7 +63,9 @@ def events(run_id: str, after_seq: int = 0, limit: int | None = None) -> list[di
     return ex.store.events(run_id, after_seq=after_seq, limit=limit)
 
 
-def stop(run_id: str, wait: bool = True, grace_s: float | None = None, term_s: float | None = None) -> dict:
+def stop(run_id: str, wait: bool = False, grace_s: float | None = None, term_s: float | None = None) -> dict:
+    """Stop a run. By default returns at once (the UI must not block) while a background thread
+    escalates flag -> SIGTERM -> SIGKILL; ``wait=True`` returns once the worker is gone."""
     return executor().stop(run_id, wait=wait, grace_s=grace_s, term_s=term_s)
 
 

@@ -58,7 +58,7 @@ def _cmd_run(args) -> int:
         run = _follow(api, run_id, quiet=args.json)
     except KeyboardInterrupt:
         sys.stderr.write(f"\nstopping run {run_id} ...\n")
-        run = api.stop(run_id)
+        run = api.stop(run_id, wait=True)
         emit(run_report(run), as_json=args.json)
         return 130
     emit(run_report(run), as_json=args.json)
@@ -84,7 +84,7 @@ def _cmd_stop(args) -> int:
     from engine.cli import emit
     from engine.runs import api
     t0 = time.monotonic()
-    run = api.stop(args.run_id, grace_s=args.grace)
+    run = api.stop(args.run_id, wait=True, grace_s=args.grace)
     emit({**{k: run.get(k) for k in ROW_KEYS}, "stop_s": round(time.monotonic() - t0, 2)}, as_json=args.json)
     return 0
 

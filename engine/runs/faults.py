@@ -70,12 +70,19 @@ def _train_estimate(**kw) -> dict | None:
         return None
 
 
+def _need(est: dict | None) -> int | None:
+    """Bytes the device must have, from a training estimate."""
+    if not est:
+        return None
+    return est.get("device_bytes") or est.get("peak_allocated_bytes")
+
+
 def suggestions(spec, strategy: dict, stage: str, gpu: str | None = None,
                 capacity_bytes: int | None = None) -> list[str]:
     """What would fit instead after an OOM in ``stage``. Training variants are checked
     against ``estimate_train`` when it can estimate this model on this GPU (``gpu`` preset id,
-    ``capacity_bytes`` what the device has); the generic advice comes after them."""
-    out: list[str] = []
+    ``capacity_bytes`` what the device has): those estimated to fit, else the generic advice;
+    then the estimate of the run that failed, when there is one."""
     tp = spec.train
     method = strategy.get("train")
     if stage == "train" and method:
@@ -96,32 +103,28 @@ def suggestions(spec, strategy: dict, stage: str, gpu: str | None = None,
             variants.append(("strategy lora (16-bit base + adapters)", dict(base, method="lora")))
         if tp.seq_len > 256:
             variants.append((f"train.seq_len: {tp.seq_len // 2}", dict(base, seq_len=tp.seq_len // 2)))
-        est_now = _train_estimate(**base)
+        fits, note = [], None
         for text, kw in variants:
-            est = _train_estimate(**kw)
-            if est is None or capacity_bytes is None:
-                continue
-            need = est.get("device_bytes") or est.get("peak_allocated_bytes")
-            if need is not None and need <= capacity_bytes:
-                out.append(f"{text}: estimated {need / 2**30:.1f} GiB of {capacity_bytes / 2**30:.1f} GiB fits")
-        if est_now is not None and capacity_bytes is not None:
-            need = est_now.get("device_bytes") or est_now.get("peak_allocated_bytes")
-            if need is not None:
-                out.append(f"(this run was estimated at {need / 2**30:.1f} GiB; the GPU has "
-                           f"{capacity_bytes / 2**30:.1f} GiB)")
+            need = _need(_train_estimate(**kw))
+            if need is not None and capacity_bytes and need <= capacity_bytes:
+                fits.append(f"{text}: estimated {need / 2**30:.1f} GiB, fits in {capacity_bytes / 2**30:.1f} GiB")
+        need_now = _need(_train_estimate(**base))
+        if need_now is not None and capacity_bytes:
+            note = (f"(the planner estimated this run at {need_now / 2**30:.1f} GiB; "
+                    f"the GPU has {capacity_bytes / 2**30:.1f} GiB)")
         generic = [f"a smaller train.batch_size (now {tp.batch_size}) with a larger train.grad_accum",
                    "train.grad_ckpt: true" if not tp.grad_ckpt else None,
                    "4-bit: the qlora strategy (NF4 base + LoRA)" if method in ("full", "lora") else None,
                    f"a shorter train.seq_len (now {tp.seq_len})"]
+        out = fits or [g for g in generic if g]
+        return out + ([note] if note else [])
     elif stage == "quantize":
         generic = ["fewer quantize.calibration_samples (calibration activations are held in memory)",
-                   "a shorter train.seq_len (calibration sequence length)",
+                   "shorter calibration sequences (train.seq_len)",
                    "a data-free method (nf4, int8) that quantizes layer by layer while loading"]
     elif stage == "evaluate":
         generic = ["a smaller evaluate.max_examples / evaluate.prompt_len / evaluate.new_tokens",
                    "a 4-bit deployment (nf4, gptq-4bit) to shrink the weights"]
     else:
         generic = ["a smaller batch, gradient checkpointing, or a 4-bit base (qlora)"]
-    if not out:
-        out = [g for g in generic if g]
-    return out
+    return generic
