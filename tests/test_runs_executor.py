@@ -324,3 +324,21 @@ def test_gpu_runs_queue_one_per_gpu(ex, tmp_path, monkeypatch):
         assert "torch sees no CUDA GPU" in run["reason"]
     else:
         assert run["status"] == "finished"
+
+
+def test_a_worker_dying_unwatched_is_noticed_by_any_reader(tmp_path):
+    """The launcher is gone (no parent watches the worker); the next reader notices the death."""
+    db = tmp_path / "runs.sqlite"
+    code = ("import sys; from engine.runs import api; api.use_store(sys.argv[1]);"
+            "print(api.launch(dict(name='slow', model='m', strategy='lora', device='cpu', train={'steps': 400}),"
+            " stages=sys.argv[2]))")
+    rid = subprocess.run([sys.executable, "-c", code, str(db), HOOK], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+    ex = Executor(RunStore(db))
+    wait_for(lambda: ex.get_run(rid)["status"] == "running")
+    pid = ex.get_run(rid)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid, rid))
+    run = ex.list_runs()[0]
+    assert run["status"] == "failed" and run["reason"].startswith("worker process died")
+    assert ex.store.events(rid)[-1]["type"] == "finished"

@@ -50,7 +50,7 @@ def launch(spec, stages: str | None = None) -> str:
 
 
 def list_runs(status: str | None = None, limit: int | None = None) -> list[dict]:
-    return executor().store.list_runs(status=status, limit=limit)
+    return executor().list_runs(status=status, limit=limit)
 
 
 def get_run(run_id: str) -> dict:

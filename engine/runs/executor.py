@@ -249,28 +249,34 @@ class Executor:
         return out
 
     # -- reading -------------------------------------------------------------
+    def _check(self, run: dict) -> dict:
+        """An active run whose worker vanished unseen (its launcher is gone too) ends failed here."""
+        if run["status"] in ACTIVE and not self._is_child(run["id"]) and self._gone(run):
+            self._worker_gone(run["id"], None)
+            run = self.store.get_run(run["id"])
+        return run
+
     def get_run(self, run_id: str) -> dict:
         run = self.store.get_run(run_id)
         if run is None:
             raise InputError(f"unknown run id {run_id!r}; `python -m engine runs list` shows the runs", field="run_id")
-        return run
+        return self._check(run)
+
+    def list_runs(self, status: str | None = None, limit: int | None = None) -> list[dict]:
+        """Runs, newest first (dead workers noticed on the way)."""
+        runs = [self._check(r) for r in self.store.list_runs(status=status, limit=limit)]
+        return [r for r in runs if status is None or r["status"] == status]
 
     def wait(self, run_id: str, timeout: float | None = None, poll_s: float = 0.2) -> dict:
         """Block until the run has ended (or ``timeout`` seconds passed); returns the run. A
         worker that vanishes without ending its run is noticed here too (run failed)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        last_check = 0.0
         while True:
             run = self.get_run(run_id)
             if run["status"] in FINAL:
                 return run
             if deadline is not None and time.monotonic() >= deadline:
                 return run
-            if not self._is_child(run_id) and time.monotonic() - last_check > 1.0:
-                last_check = time.monotonic()
-                if self._gone(run):
-                    self._worker_gone(run_id, None)
-                    continue
             time.sleep(poll_s)
 
     # -- stopping ------------------------------------------------------------
