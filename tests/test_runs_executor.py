@@ -184,6 +184,8 @@ def test_stop_escalates_to_sigterm(ex):
     run = ex.stop(rid, grace_s=0.5, term_s=10)
     assert run["status"] == "stopped" and "SIGTERM" in run["reason"], run["reason"]
     assert not pid_alive(pid)
+    interrupted = run["result"]["stages"][-1]                   # the interrupted stage is still measured
+    assert interrupted["stage"] == "train" and interrupted["stopped"] and interrupted["duration_s"] >= 0.4
     assert any("sent SIGTERM" in e.get("message", "") for e in ex.store.events(rid, types=("log",)))
 
 

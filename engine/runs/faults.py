@@ -59,6 +59,18 @@ def exit_reason(returncode: int | None) -> str:
 
 
 # -- what would fit instead ---------------------------------------------------
+def planner_model(model: str):
+    """The model as the planner can resolve it: the project's demo models (``demo:NAME``) by
+    their config.json dict (no build needed), anything else as given."""
+    try:
+        from engine.runs import demo
+        if demo.is_demo(model):
+            return {**demo.hf_config(demo.model_name(model)), "_name_or_path": model}
+    except Exception:
+        pass
+    return model
+
+
 def _train_estimate(**kw) -> dict | None:
     try:
         from engine.estimate import estimate_train
@@ -86,7 +98,7 @@ def suggestions(spec, strategy: dict, stage: str, gpu: str | None = None,
     tp = spec.train
     method = strategy.get("train")
     if stage == "train" and method:
-        base = dict(model=spec.model, method=method, seq_len=tp.seq_len, batch_size=tp.batch_size,
+        base = dict(model=planner_model(spec.model), method=method, seq_len=tp.seq_len, batch_size=tp.batch_size,
                     grad_ckpt=tp.grad_ckpt, lora_rank=tp.lora_rank, gpu=gpu,
                     precision=tp.precision if tp.precision in ("bf16", "fp32-amp") else "fp32-amp")
         variants = []

@@ -101,20 +101,21 @@ def planner_estimate(spec: RunSpec, strategy: dict, gpu: str | None) -> dict:
     except Exception as e:   # pragma: no cover - the package exists; its functions may not yet
         return {"error": f"engine.estimate unavailable: {e}"}
     tp, evs = spec.train, spec.evaluate
+    model = faults.planner_model(spec.model)
     requests = {}
     if strategy.get("train"):
         requests["train"] = ("estimate_train", dict(
-            model=spec.model, method=strategy["train"],
+            model=model, method=strategy["train"],
             precision=tp.precision if tp.precision in ("bf16", "fp32-amp") else "fp32-amp",
             seq_len=tp.seq_len, batch_size=tp.batch_size, grad_ckpt=tp.grad_ckpt, lora_rank=tp.lora_rank, gpu=gpu))
     if strategy.get("deploy") and strategy["deploy"] != "hosted":
-        requests["infer"] = ("estimate_infer", dict(model=spec.model, weights=strategy["deploy"], batch_size=1,
+        requests["infer"] = ("estimate_infer", dict(model=model, weights=strategy["deploy"], batch_size=1,
                                                     prompt_len=evs.prompt_len, new_tokens=evs.new_tokens, gpu=gpu))
     acc = dict(strategy.get("accuracy") or {})
     if acc.get("method") not in (None, "none"):
         try:
             from engine import models
-            arch = models.resolve(spec.model)
+            arch = models.resolve(model)
             kw = dict(family=arch.family, params_b=arch.total_params / 1e9, method=acc["method"],
                       w_bits=acc["w_bits"], a_bits=acc.get("a_bits", 16), group_size=acc.get("group_size"),
                       per_channel=bool(acc.get("per_channel", False)), finetune=acc.get("finetune", "none"))
@@ -123,13 +124,14 @@ def planner_estimate(spec: RunSpec, strategy: dict, gpu: str | None) -> dict:
             out["accuracy"] = {"error": f"{type(e).__name__}: {e}"}
     for key, (fn_name, kw) in requests.items():
         fn = getattr(estimate, fn_name, None)
+        shown = {**kw, "model": spec.model} if "model" in kw else kw     # the inputs as the user wrote them
         if fn is None:
-            out[key] = {"error": f"engine.estimate.{fn_name} is not available", "inputs": kw}
+            out[key] = {"error": f"engine.estimate.{fn_name} is not available", "inputs": shown}
             continue
         try:
-            out[key] = {"inputs": kw, **fn(**kw)}
+            out[key] = {"inputs": shown, **fn(**kw)}
         except Exception as e:
-            out[key] = {"error": f"{type(e).__name__}: {e}", "inputs": kw}
+            out[key] = {"error": f"{type(e).__name__}: {e}", "inputs": shown}
     return out
 
 
@@ -206,7 +208,9 @@ class Worker:
         self._stop_seen = False
         self._last_poll = 0.0
         self._finishing = False
+        self._term_seen = False
         self._gpu_lock = None
+        self._current = None          # (stage, index, PeakMemory, t0) while a stage runs
 
     # events and stop ----------------------------------------------------------------
     def emit(self, type: str, **payload) -> int:
@@ -234,7 +238,8 @@ class Worker:
 
     def _on_sigterm(self, signum, frame):
         self._stop_seen = True
-        if not self._finishing:
+        if not self._finishing and not self._term_seen:
+            self._term_seen = True
             raise StopRun()
 
     # GPU queue ----------------------------------------------------------------------
@@ -317,27 +322,37 @@ class Worker:
                 mem = PeakMemory(device)
                 mem.start()
                 t0 = time.perf_counter()
+                self._current = (stage, i, mem, t0)
                 try:
                     out = table[stage](ctx)
                 except (Exception, MemoryError) as e:
                     return self._fail(e, stage, spec, strategy, machine, mem, t0, i)
-                measured = {"stage": stage, "index": i, "duration_s": round(time.perf_counter() - t0, 3),
-                            "stopped": self._stop_seen, **mem.stop(), "result": out if isinstance(out, dict) else None}
-                self.result["stages"].append(measured)
-                self.emit("stage_finished", **measured)
-                self.store.update_run(self.run_id, result=self.result)
+                self._current = None
+                self._stage_done(stage, i, mem, t0, out if isinstance(out, dict) else None, stopped=self._stop_seen)
                 if self._stop_seen:
                     return self._end("stopped", f"stopped on request during stage {stage}")
             stage = None
             return self._end("finished", None)
         except StopRun:
+            if self._current is not None:                # measure what the interrupted stage did
+                self._stage_done(*self._current, None, stopped=True)
             where = f" during stage {stage}" if stage else ""
-            return self._end("stopped", f"stopped on request (SIGTERM){where}")
+            asked = self.store.stop_requested(self.run_id)
+            return self._end("stopped", f"stopped on request (the worker got SIGTERM{where})" if asked
+                             else f"stopped: the worker received SIGTERM{where}")
         except Exception as e:                                # the worker's own set-up failed
             traceback.print_exc()
             c = faults.classify(e, stage or "setup")
             self._error_event(stage or "setup", c, traceback.format_exc(), [])
             return self._end("failed", c["reason"])
+
+    def _stage_done(self, stage, index, mem, t0, out, stopped=False) -> None:
+        self._current = None
+        measured = {"stage": stage, "index": index, "duration_s": round(time.perf_counter() - t0, 3),
+                    "stopped": stopped, **mem.stop(), "result": out}
+        self.result["stages"].append(measured)
+        self.emit("stage_finished", **measured)
+        self.store.update_run(self.run_id, result=self.result)
 
     def _error_event(self, stage: str, c: dict, tb: str, suggestions: list[str]) -> None:
         self.emit("error", stage=stage, kind=c["kind"], message=c["message"], reason=c["reason"],
@@ -354,6 +369,7 @@ class Worker:
                                              capacity_bytes=machine.get("gpu_memory_bytes"))
         elif c["kind"] == "oom-cpu":
             suggestions = faults.suggestions(spec, strategy, stage)
+        self._current = None
         measured = {"stage": stage, "index": index, "duration_s": round(time.perf_counter() - t0, 3),
                     "failed": True, **mem.stop(), "result": None}
         self.result["stages"].append(measured)
