@@ -151,3 +151,19 @@ def test_importing_the_runs_api_does_not_import_torch():
             " if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_oom_suggestions_are_checked_against_the_planner():
+    import re
+    from engine import estimate, strategies
+    if not hasattr(estimate, "estimate_train"):
+        pytest.skip("the training estimate is not there yet")
+    spec = RunSpec.parse({"model": "llama-3.2-1b", "strategy": "full-finetune",
+                          "train": {"batch_size": 8, "grad_ckpt": False, "seq_len": 2048}})
+    for cap_gib in (6, 15, 40):
+        out = suggestions(spec, strategies.get("full-finetune"), "train", gpu="t4-16gb", capacity_bytes=cap_gib * 2**30)
+        fits = [s for s in out if f"fits in {cap_gib:.1f} GiB" in s]
+        assert fits, out
+        for s in fits:                                      # every proposal is estimated to fit
+            assert float(re.search(r"estimated ([\d.]+) GiB", s).group(1)) <= cap_gib
+        assert "the planner estimated this run at" in out[-1]

@@ -89,6 +89,38 @@ def _need(est: dict | None) -> int | None:
     return est.get("device_bytes") or est.get("peak_allocated_bytes")
 
 
+def _combined_fit(base: dict, tp, capacity_bytes: int) -> str | None:
+    """When no single change fits: apply them one after another (checkpointing, halving the
+    batch, LoRA, 4-bit base, halving the sequence) until the estimate fits; None if nothing does."""
+    kw, said = dict(base), {}
+    changes = [("train.grad_ckpt: true", {"grad_ckpt": True})]
+    b = tp.batch_size
+    while b > 1:
+        b //= 2
+        changes.append((f"train.batch_size: {b} (grad_accum {tp.grad_accum * (tp.batch_size // b)})", {"batch_size": b}))
+    if base["method"] == "full":
+        changes.append(("strategy lora", {"method": "lora"}))
+    if base["method"] in ("full", "lora"):
+        changes.append(("strategy qlora", {"method": "qlora"}))
+    s = tp.seq_len
+    while s > 128:
+        s //= 2
+        changes.append((f"train.seq_len: {s}", {"seq_len": s}))
+    for text, change in changes:
+        if all(kw.get(k) == v for k, v in change.items()):
+            continue
+        kw.update(change)
+        said.pop(tuple(change), None)          # a later change of the same setting replaces the earlier
+        said[tuple(change)] = text
+        need = _need(_train_estimate(**kw))
+        if need is None:
+            return None
+        if need <= capacity_bytes:
+            return (f"together: {', '.join(said.values())}: estimated {need / 2**30:.1f} GiB, "
+                    f"fits in {capacity_bytes / 2**30:.1f} GiB")
+    return None
+
+
 def suggestions(spec, strategy: dict, stage: str, gpu: str | None = None,
                 capacity_bytes: int | None = None) -> list[str]:
     """What would fit instead after an OOM in ``stage``. Training variants are checked
@@ -120,6 +152,10 @@ def suggestions(spec, strategy: dict, stage: str, gpu: str | None = None,
             need = _need(_train_estimate(**kw))
             if need is not None and capacity_bytes and need <= capacity_bytes:
                 fits.append(f"{text}: estimated {need / 2**30:.1f} GiB, fits in {capacity_bytes / 2**30:.1f} GiB")
+        if not fits and capacity_bytes:
+            combined = _combined_fit(base, tp, capacity_bytes)
+            if combined:
+                fits.append(combined)
         need_now = _need(_train_estimate(**base))
         if need_now is not None and capacity_bytes:
             note = (f"(the planner estimated this run at {need_now / 2**30:.1f} GiB; "
