@@ -5,6 +5,7 @@ Only the stage bodies are the test's own (STAGES below, loaded by the worker thr
     slow         0.1 s per step          ignore-stop   never polls the stop flag
     ignore-term  also ignores SIGTERM    oom / cpu-oom / boom   raise in the train stage
     big          the train stage holds 300 MB for a moment
+    cuda-alloc / cuda-oom   allocate 512 MiB on the GPU / more than any GPU has (gpu tests)
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def _train(ctx):
         block = bytearray(300 * 2**20)
         block[::4096] = b"x" * len(block[::4096])       # touch every page: it counts in RSS
         del block
+    if "cuda-alloc" in mode:                            # 512 MiB on the GPU, freed again
+        import torch
+        x = torch.ones(128 * 2**20, dtype=torch.float32, device="cuda")
+        del x
     loss = 4.0
     for i in range(n):
         if "ignore-stop" not in mode and ctx.should_stop():
@@ -46,6 +51,9 @@ def _train(ctx):
         if "oom" in mode and i == 2:
             import torch
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 23.65 GiB total)")
+        if "cuda-oom" in mode and i == 2:
+            import torch
+            torch.empty(2**50, dtype=torch.uint8, device="cuda")       # 1 PiB: the real CUDA OOM
         if "cpu-oom" in mode and i == 2:
             raise MemoryError()
         if "boom" in mode and i == 2:
@@ -344,3 +352,20 @@ def test_a_worker_dying_unwatched_is_noticed_by_any_reader(tmp_path):
     run = ex.list_runs()[0]
     assert run["status"] == "failed" and run["reason"].startswith("worker process died")
     assert ex.store.events(rid)[-1]["type"] == "finished"
+
+
+@pytest.mark.gpu
+def test_gpu_runs_measure_cuda_memory_queue_and_name_a_real_oom(ex, monkeypatch):
+    monkeypatch.setenv("TUNEQUANT_GPUS", "0")                     # one GPU slot: runs take turns
+    a = ex.launch(spec("cuda-alloc slow", steps=5, device="cuda"), stages=HOOK)
+    b = ex.launch(spec("cuda-alloc slow", steps=5, device="cuda"), stages=HOOK)
+    ra, rb = ex.wait(a, timeout=120), ex.wait(b, timeout=120)
+    assert ra["status"] == rb["status"] == "finished", (ra["reason"], rb["reason"])
+    assert rb["started"] >= ra["ended"] - 0.5                      # b waited for a's GPU
+    train = ra["result"]["stages"][0]
+    assert train["mem_source"] == "cuda_max_memory_allocated" and train["peak_mem_bytes"] >= 512 * 2**20
+    assert ra["machine"]["gpu_memory_bytes"] > 0 and ra["machine"]["gpu"]
+    c = ex.launch(spec("cuda-oom", steps=5, device="cuda"), stages=HOOK)
+    rc = ex.wait(c, timeout=120)
+    assert rc["status"] == "failed" and rc["reason"].startswith("out of GPU memory in stage train")
+    assert ex.store.events(c, types=("error",))[-1]["kind"] == "oom-gpu"
