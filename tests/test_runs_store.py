@@ -167,3 +167,10 @@ def test_oom_suggestions_are_checked_against_the_planner():
         for s in fits:                                      # every proposal is estimated to fit
             assert float(re.search(r"estimated ([\d.]+) GiB", s).group(1)) <= cap_gib
         assert "the planner estimated this run at" in out[-1]
+
+
+def test_finish_writes_its_events_only_if_it_wins(store):
+    store.create_run("r-1", SPEC, "cpu")
+    assert store.finish("r-1", "failed", "worker process died", before=[("error", {"kind": "worker-died"})])
+    assert not store.finish("r-1", "failed", "again", before=[("error", {"kind": "worker-died"})])
+    assert [e["type"] for e in store.events("r-1")] == ["error", "finished"]

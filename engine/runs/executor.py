@@ -215,15 +215,15 @@ class Executor:
         if run is None or run["status"] in FINAL:
             return
         if run.get("stop_requested"):
-            how = "" if returncode is None else f" (worker ended with {'signal ' + str(-returncode) if returncode < 0 else 'code ' + str(returncode)})"
+            how = "" if returncode is None else \
+                f" (worker ended with {f'signal {-returncode}' if returncode < 0 else f'code {returncode}'})"
             self.store.finish(run_id, "stopped", "stopped on request" + how)
             return
         reason = faults.exit_reason(returncode) if status == "failed" else \
             f"the worker process (pid {run.get('pid')}) was gone when the engine restarted"
-        self.store.append_event(run_id, "error", {"stage": self._current_stage(run_id), "kind": "worker-died",
-                                                  "message": reason, "returncode": returncode,
-                                                  "log": str(Path(run["workdir"]) / "worker.log")})
-        self.store.finish(run_id, status, reason)
+        error = {"stage": self._current_stage(run_id), "kind": "worker-died", "message": reason,
+                 "returncode": returncode, "log": str(Path(run["workdir"]) / "worker.log")}
+        self.store.finish(run_id, status, reason, before=[("error", error)])   # both or neither
 
     def _current_stage(self, run_id: str) -> str | None:
         evs = self.store.events(run_id, types=("stage_started",))

@@ -162,10 +162,11 @@ class RunStore:
             return cur.rowcount == 1
 
     def finish(self, run_id: str, status: str, reason: str | None = None, result: dict | None = None,
-               event: dict | None = None) -> bool:
+               event: dict | None = None, before: list[tuple[str, dict]] = ()) -> bool:
         """End a queued/running run once: set its final status, reason (and result) and append the
-        ``finished`` event in the same transaction. Returns False (and changes nothing) if the run
-        had already ended, so the first one to finish a run wins (worker, stopper or watcher)."""
+        events ``before`` (e.g. an error) and the ``finished`` event in the same transaction.
+        Returns False (and changes nothing) if the run had already ended, so the first one to
+        finish a run wins (worker, stopper or watcher)."""
         assert status in FINAL, status
         with self._write() as db:
             row = db.execute("SELECT status, result FROM runs WHERE id=?", (run_id,)).fetchone()
@@ -176,8 +177,9 @@ class RunStore:
                 result = json.loads(row["result"])
             db.execute("UPDATE runs SET status=?, reason=?, ended=?, result=? WHERE id=?",
                        (status, reason, now, _dumps(result) if result is not None else None, run_id))
-            payload = {"status": status, "reason": reason, **(event or {})}
-            self._append(db, run_id, "finished", payload, now)
+            for type, payload in before:
+                self._append(db, run_id, type, payload, now)
+            self._append(db, run_id, "finished", {"status": status, "reason": reason, **(event or {})}, now)
         return True
 
     def get_run(self, run_id: str) -> dict | None:
