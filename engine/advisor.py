@@ -26,6 +26,7 @@ Public API::
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from pathlib import Path
@@ -182,15 +183,17 @@ def _call(fn: str, kwargs: tuple):
         except ImportError:
             pass
     if f is None:
-        return {"error": f"the planner has no {fn} yet"}
+        return json.dumps({"error": f"the planner has no {fn} yet"})
     try:
-        return f(**dict(kwargs))
+        return json.dumps(f(**dict(kwargs)), default=str)
     except InputError as e:
-        return {"error": str(e)}
+        return json.dumps({"error": str(e)})
 
 
 def _estimate(fn: str, **kw) -> dict:
-    return _call(fn, tuple(sorted(kw.items(), key=lambda kv: kv[0])))
+    """A planner result the caller owns: decoded afresh from the cached JSON text, so no caller
+    can change what the cache holds (and faster than a deep copy)."""
+    return json.loads(_call(fn, tuple(sorted(kw.items(), key=lambda kv: kv[0]))))
 
 
 def _cli(kind: str, model_name: str, kw: dict) -> str:
@@ -214,18 +217,16 @@ def _shard(est: dict, count: int, arch) -> dict:
     """Per-GPU memory of a training step on ``count`` GPUs under FSDP full sharding.
 
     The planner's breakdown names each part; model states (settings multi_gpu.sharded_parts)
-    are divided by the GPU count, the rest (activations, logits, loss) stays per GPU, and FSDP's
+    are divided by the GPU count, every other part (activations, logits and loss, the layer
+    being recomputed, workspaces) stays whole on each GPU, and FSDP's
     gathered layers (16-bit weights of ``gathered_layers`` blocks) are added."""
     peak, device = est["peak_allocated_bytes"], est["device_bytes"]
     if count == 1:
         return {"peak_allocated_bytes": peak, "device_bytes": device, "breakdown": est.get("breakdown", {}),
                 "sharding": "single GPU"}
     mg = settings()["multi_gpu"]
-    pats = [p.lower() for p in mg["sharded_parts"]]
-    parts = {}
-    for name, b in (est.get("breakdown") or {}).items():
-        sharded = any(p in name.lower() for p in pats)
-        parts[name] = b / count if sharded else b
+    parts = {name: (b / count if name in mg["sharded_parts"] else b)
+             for name, b in (est.get("breakdown") or {}).items()}
     gathered = mg["gathered_layers"] * arch.linear_params_per_layer * 2
     parts["fsdp_gathered_layers"] = gathered
     per_peak = sum(parts.values())
@@ -242,7 +243,8 @@ def _stage_train(s, sc, arch, ctx) -> dict:
               batch_size=w["batch_size"], grad_ckpt=w["grad_ckpt"], lora_rank=w["lora_rank"], gpu=tdev.id)
     est = _estimate("estimate_train", **kw)
     src = _cli("train", arch.name, kw)
-    out = {"stage": "train", "method": method, "source": src, "device": tdev.id, "count": count}
+    out = {"stage": "train", "method": method, "source": src, "device": tdev.id, "count": count,
+           "request": {k: v for k, v in kw.items() if k != "model"}}
     if s.get("estimate_note"):
         out["note"] = s["estimate_note"]
     if "error" in est:
@@ -256,7 +258,7 @@ def _stage_train(s, sc, arch, ctx) -> dict:
                tokens=tokens, tokens_per_s=total_tps, time_s=tokens / total_tps if total_tps else None,
                low_bytes=est.get("low"), high_bytes=est.get("high"))
     if tokens and tps:
-        c = _estimate("train_cost", tokens=tokens, tokens_per_s=tps * eff, gpu=tdev.id, gpu_count=count)
+        c = _estimate("train_cost", tokens=tokens, tokens_per_s=total_tps, gpu=tdev.id, gpu_count=count)
         out["cost"] = c
     return out
 
@@ -431,9 +433,9 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
             ok("latency", f"decode {ms:.1f} ms/token on {sdev.id} (no latency goal)", value=ms)
 
     # bits goal
-    if g.target_weight_bits is not None and t["w_bits"] > g.target_weight_bits:
-        block("bits", f"serves {t['w_bits']:g}-bit weights; goal target_weight_bits {g.target_weight_bits}",
-              value=t["w_bits"], limit=g.target_weight_bits)
+    if g.target_weight_bits is not None and t["w_bits"] != g.target_weight_bits:
+        block("bits", f"serves {t['w_bits']:g}-bit weights; the goal is {g.target_weight_bits}-bit weights "
+                      f"(target_weight_bits)", value=t["w_bits"], limit=g.target_weight_bits)
 
     # accuracy goal
     acc = _accuracy(s, sc, arch)
@@ -537,8 +539,7 @@ def _score(rows: list[dict], sc: Scenario, rules: list[dict], fired: list[dict],
             method = t["train"]
             p_data = 0.0 if n <= 0 else _clamp(math.log10(max(n, 1)) / math.log10(d["comfortable"][method]))
         else:
-            p_data = 1.0 if n <= d["unused_free"] else \
-                max(d["unused_floor"], 1 - d["unused_per_decade"] * math.log10(n / d["unused_free"]))
+            p_data = 1.0     # needs no labelled data; whether unused data is a loss is the data rules' call
         parts = {"accuracy": p_acc, "latency": p_lat, "memory": p_mem, "cost": p_cost, "data": p_data}
         base = sum(weights[kk] * v for kk, v in parts.items())
         # rules
@@ -653,11 +654,16 @@ def _change_for(row: dict, sc: Scenario, res: dict) -> tuple[dict, list[str]] | 
         if c == "memory" and stage in ("train", "quantize") and b.get("value"):
             per_gpu = b["value"]
             d = _smallest([x for x in devs.values() if x.kind == "gpu"], per_gpu)
-            if d is None:
+            if d is not None:
+                if d.memory_bytes > devs[change.get("hardware.gpu", sc.hardware.gpu)].memory_bytes:
+                    change["hardware.gpu"] = d.id
+                    text.append(f"a training GPU with >= {_gb(per_gpu)} ({d.id})")
+                continue
+            n = _gpus_needed(row, sc) if stage == "train" else None
+            if n is None:
                 return None
-            if d.memory_bytes > devs[change.get("hardware.gpu", sc.hardware.gpu)].memory_bytes:
-                change["hardware.gpu"] = d.id
-            text.append(f"a training GPU with >= {_gb(per_gpu)} ({d.id})")
+            change["hardware.count"] = n
+            text.append(f"{n}x {sc.hardware.gpu} (FSDP sharding)")
         elif c == "memory" and stage == "serve" and b.get("value"):
             kinds = TARGET_KINDS[sc.deploy.target]
             d = _smallest([x for x in devs.values() if x.kind in kinds], b["value"])
@@ -683,6 +689,23 @@ def _change_for(row: dict, sc: Scenario, res: dict) -> tuple[dict, list[str]] | 
         else:
             return None   # a format or deployment mismatch: not a knob of this scenario
     return change, text
+
+
+def _gpus_needed(row: dict, sc: Scenario, most: int = 64) -> int | None:
+    """The smallest power-of-two GPU count whose sharded training step fits one GPU."""
+    st = next((x for x in row["estimates"]["stages"] if x["stage"] == "train" and "request" in x), None)
+    if st is None:
+        return None
+    arch, limit = sc.arch(), sc.train_device().memory_bytes
+    est = _estimate("estimate_train", model=arch, **st["request"])
+    if "error" in est:
+        return None
+    n = 2
+    while n <= most:
+        if n > sc.hardware.count and _shard(est, n, arch)["device_bytes"] <= limit:
+            return n
+        n *= 2
+    return None
 
 
 def _apply(sc: Scenario, change: dict) -> Scenario:

@@ -67,3 +67,292 @@ def test_facts_of_a_scenario():
     assert 13.0 < f["params_b"] < 13.1 and f["examples"] == 8000 and f["task"] == "generation"
     assert f["deploy_target"] == "consumer-gpu" and f["deploy_memory_gb"] == 24
     assert f["target_weight_bits"] is None and f["symptoms"] == []
+
+
+def test_advisor_imports_no_heavy_library():
+    code = ("import sys, engine.advisor, engine.spec.scenario, engine.strategies; "
+            "engine.advisor.recommend('llama-13b-rtx4090'); "
+            "bad = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'torchao', 'gptqmodel') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+# ---- the decision matrix on the planner's estimates --------------------------------------------
+
+def scenario(**kw):
+    base = {"model": "llama-3.1-8b", "task": "chat", "examples": 5000,
+            "hardware": {"gpu": "a100-80gb", "count": 1}, "deploy": {"target": "gpu-server", "gpu": "a100-80gb"}}
+    return {**base, **kw}
+
+
+def rec(s, drop=None, what_if=False):
+    rules = None if drop is None else [r for r in advisor.load_rules() if r["id"] != drop]
+    return advisor.recommend(s, rules=rules, what_if=what_if)
+
+
+def row(out, sid):
+    return next(r for r in out["ranked"] if r["strategy"] == sid)
+
+
+def top(out):
+    assert out["recommended"] == out["ranked"][0]["strategy"] and out["ranked"][0]["feasible"]
+    return out["ranked"][0]
+
+
+# one scenario per rule: (rule id, scenario, check on the recommended entry, flips without the rule?)
+RULE_CASES = [
+    ("scale-large-finetune-then-ptq",
+     scenario(model="qwen2.5-14b", examples=50000, symptoms=["too-expensive"]),
+     lambda t: t["family"] == "finetune-then-quantize", False),
+    ("scale-sub-billion-qat", scenario(model="qwen2.5-0.5b", examples=5000),
+     lambda t: t["family"] == "joint-qat", True),
+    ("scale-small-conservative-int8", scenario(model="qwen2.5-0.5b", examples=0, symptoms=["too-slow"]),
+     lambda t: t["family"] == "ptq-only" and t["traits"]["w_bits"] == 8, False),
+    ("data-large-full-finetune", scenario(examples=200000, hardware={"gpu": "a100-80gb", "count": 2}),
+     lambda t: t["family"] == "finetune-then-quantize" and t["traits"]["train"] == "full", True),
+    ("data-mid-lora", scenario(examples=30000),
+     lambda t: t["family"] == "finetune-then-quantize" and t["traits"]["train"] == "lora", True),
+    ("data-small-qlora", scenario(examples=5000), lambda t: t["family"] == "quantize-then-finetune", False),
+    ("data-tiny-ptq-first", scenario(examples=300, symptoms=["too-expensive"]),
+     lambda t: t["family"] == "ptq-only", False),
+    ("task-discriminative-ptq-first", scenario(task="classification", examples=20000, symptoms=["too-expensive"]),
+     lambda t: t["family"] == "ptq-only", True),
+    ("task-generative-sensitive", scenario(task="generation", examples=20000, symptoms=["too-expensive"]),
+     lambda t: t["traits"]["train"] != "none" and t["traits"]["quantized"] and t["traits"]["w_bits"] >= 4, False),
+    ("hw-cluster-full-finetune", scenario(examples=50000, hardware={"gpu": "h100-80gb", "count": 8}),
+     lambda t: t["family"] == "finetune-then-quantize" and t["traits"]["train"] == "full", True),
+    ("hw-single-consumer-qlora",
+     scenario(examples=20000, hardware={"gpu": "rtx-4090-24gb"}, deploy={"target": "consumer-gpu"}),
+     lambda t: t["family"] == "quantize-then-finetune", True),
+    ("bits-8-no-finetune-needed", scenario(goals={"target_weight_bits": 8}),
+     lambda t: t["family"] == "ptq-only" and t["traits"]["w_bits"] == 8, False),
+    ("bits-4-lora-recovery", scenario(examples=3000, goals={"target_weight_bits": 4}),
+     lambda t: t["traits"]["lora"] and t["traits"]["w_bits"] == 4, False),
+    ("bits-sub4-qat", scenario(goals={"target_weight_bits": 3}),
+     lambda t: t["family"] in ("joint-qat", "quantize-then-finetune") and t["traits"]["w_bits"] == 3, False),
+    ("symptom-slow-or-big-quantize", scenario(examples=0, symptoms=["too-slow"]),
+     lambda t: t["family"] == "ptq-only", False),
+    ("symptom-domain-or-tone-finetune", scenario(examples=2000, symptoms=["wrong-tone"]),
+     lambda t: t["traits"]["train"] != "none", False),
+    ("symptom-both-finetune-then-quantize", scenario(examples=30000, symptoms=["too-big", "wrong-domain"]),
+     lambda t: t["family"] == "finetune-then-quantize", False),
+    ("deploy-device-small-finetuned-4bit",
+     scenario(model="llama-3.2-1b", deploy={"target": "edge", "gpu": "jetson-orin-nano-8gb"}),
+     lambda t: t["traits"]["train"] != "none" and t["traits"]["w_bits"] == 4, False),
+    ("deploy-hosted-api-prompting-first", scenario(examples=500, deploy={"target": "hosted-api"}),
+     lambda t: t["strategy"] == "hosted-api" and t["family"] == "no-change", True),
+]
+
+
+def test_every_rule_has_a_case():
+    assert {c[0] for c in RULE_CASES} == {r["id"] for r in advisor.load_rules()}
+
+
+@pytest.mark.parametrize("rid, sc, check, flips", RULE_CASES, ids=[c[0] for c in RULE_CASES])
+def test_rule(rid, sc, check, flips):
+    out = rec(sc)
+    t = {**top(out), "traits": __import__("engine").strategies.all_traits()[out["recommended"]]}
+    assert rid in [r["id"] for r in out["rules_fired"]]
+    assert check(t), (rid, out["recommended"])
+    # the rule is among the reasons of the recommendation, with its rationale and source
+    reason = next(r for r in t["reasons"] if r.get("rule") == rid)
+    rule = next(r for r in advisor.load_rules() if r["id"] == rid)
+    assert reason["delta"] > 0 and reason["rationale"] == rule["rationale"] and reason["source"] == rule["source"]
+    assert any(w.startswith(f"rule {rid} (+") for w in t["why"])
+    assert rid in t["rules"] and t["score_parts"]["rules"] >= reason["delta"] - 1e-9 or len(t["rules"]) > 1
+    if flips:   # where the rule is decisive, dropping it changes the recommended family
+        without = rec(sc, drop=rid)
+        assert without["recommended"] != out["recommended"], rid
+    # a rule never lifts a blocked strategy: everything infeasible stays below the recommendation
+    assert all(r["feasible"] for r in out["ranked"][:1])
+
+
+def test_rule_scores_are_the_sum_of_their_effects():
+    out = rec(scenario(examples=5000))
+    fired = {r["id"]: r for r in advisor.load_rules() if r["id"] in {x["id"] for x in out["rules_fired"]}}
+    traits = __import__("engine").strategies.all_traits()
+    for r in out["ranked"]:
+        want = sum(e["delta"] for rule in fired.values() for e in rule["effects"]
+                   if advisor.matches(e.get("match") or {}, traits[r["strategy"]]))
+        assert abs(r["score_parts"]["rules"] - want) < 1e-3, r["strategy"]
+        w = r["score_weights"]
+        base = sum(w[k] * r["score_parts"][k] for k in w)
+        assert abs(r["score"] - (base + r["score_parts"]["rules"])) < 2e-3, r["strategy"]
+
+
+# ---- feasibility from the planner's memory estimates -------------------------------------------
+
+def test_13b_on_24gb_full_finetune_infeasible_qlora_feasible():
+    from engine.estimate import estimate_train
+    out = rec(scenario(model="llama-2-13b", examples=8000, hardware={"gpu": "rtx-4090-24gb"},
+                       deploy={"target": "consumer-gpu", "gpu": "rtx-4090-24gb"}))
+    limit = 25393692672
+    full = row(out, "full-finetune")
+    assert not full["feasible"] and "memory" in full["blocked_by"]
+    b = next(x for x in full["blocked"] if x.get("stage") == "train")
+    planner = estimate_train("llama-2-13b", "full", seq_len=512, batch_size=4, gpu="rtx-4090-24gb")
+    assert b["value"] == planner["device_bytes"] > limit and b["limit"] == limit
+    assert f"{planner['device_bytes'] / 1e9:.1f} GB per GPU > 25.4 GB" in b["text"]
+    assert not row(out, "lora")["feasible"]                        # 16-bit LoRA: 26 GB of weights alone
+    q = row(out, "qlora")
+    assert q["feasible"]
+    qp = estimate_train("llama-2-13b", "qlora", seq_len=512, batch_size=4, gpu="rtx-4090-24gb")
+    assert q["estimates"]["train_device_bytes"] == qp["device_bytes"] < limit
+    assert out["ranked"][0]["family"] == "quantize-then-finetune"
+
+
+def test_multi_gpu_training_shards_model_states():
+    """Full fine-tuning of 13B: infeasible on one A100 80GB, feasible on 8 with FSDP (ZeRO-3)."""
+    from engine.estimate import estimate_train
+    from engine.models import resolve
+    one = rec(scenario(model="llama-2-13b", examples=150000))
+    eight = rec(scenario(model="llama-2-13b", examples=150000, hardware={"gpu": "a100-80gb", "count": 8}))
+    assert not row(one, "full-finetune")["feasible"]
+    st = next(s for s in row(eight, "full-finetune")["estimates"]["stages"] if s["stage"] == "train")
+    est = estimate_train("llama-2-13b", "full", seq_len=512, batch_size=4, gpu="a100-80gb")
+    shard = {"weights", "adapters", "gradients", "optimizer_states", "optimizer_temp", "autocast_weight_cache"}
+    per_gpu = (sum(v / 8 for k, v in est["breakdown"].items() if k in shard)
+               + sum(v for k, v in est["breakdown"].items() if k not in shard)
+               + 2 * resolve("llama-2-13b").linear_params_per_layer * 2)      # two gathered bf16 layers
+    assert st["peak_allocated_bytes"] == pytest.approx(per_gpu)
+    assert st["device_bytes"] == pytest.approx(per_gpu + est["device_bytes"] - est["peak_allocated_bytes"])
+    assert st["fits"] and row(eight, "full-finetune")["feasible"]
+    assert st["tokens_per_s"] == pytest.approx(est["tokens_per_s"] * 8 * 0.9)
+    assert "FSDP" in st["sharding"] and any("FSDP" in a for a in eight["assumptions"])
+
+
+def test_serving_memory_latency_accuracy_bits_and_formats_decide():
+    big = rec(scenario(model="llama-3.1-70b", examples=0, hardware={"gpu": "h100-80gb"},
+                       deploy={"target": "gpu-server", "gpu": "h100-80gb"}))
+    base = row(big, "bf16-baseline")
+    assert not base["feasible"] and base["blocked"][0]["stage"] == "serve" and base["blocked"][0]["value"] > 141e9
+    assert row(big, "ptq-gptq-4bit")["feasible"]
+    assert "data" in row(big, "qlora")["blocked_by"]                         # 0 examples: nothing to train on
+    # latency: every feasible strategy meets the goal; the blocked ones miss it by their own estimate
+    hr = advisor.recommend("hr-chatbot-13b-l4", what_if=False)
+    for r in hr["ranked"]:
+        ms = r["estimates"]["latency_ms_per_token"]
+        if r["feasible"]:
+            assert ms <= 60
+        elif r["blocked_by"] == ["latency"]:
+            assert ms > 60
+    # accuracy goal: 3-bit PTQ falls below 0.99 retention
+    strict = rec(scenario(examples=0, goals={"min_accuracy_retention": 0.99}))
+    g3 = row(strict, "ptq-gptq-3bit")
+    assert "accuracy" in g3["blocked_by"] and g3["estimates"]["accuracy"]["retention"] < 0.99
+    # bits goal: only 4-bit strategies remain for a 4-bit target
+    four = rec(scenario(goals={"target_weight_bits": 4}))
+    assert all(r["scheme"].startswith("W4") for r in four["ranked"] if r["feasible"])
+    # formats: FP8 needs FP8 tensor cores (A100 has none, H100 has); phones run no bitsandbytes
+    assert "format" in row(rec(scenario(examples=0)), "ptq-fp8")["blocked_by"]
+    h100 = rec(scenario(examples=0, hardware={"gpu": "h100-80gb"}, deploy={"target": "gpu-server", "gpu": "h100-80gb"}))
+    assert row(h100, "ptq-fp8")["feasible"]
+    phone = advisor.recommend("phone-assistant-3b", what_if=False)
+    assert "format" in row(phone, "qlora")["blocked_by"] and "format" in row(phone, "ptq-nf4")["blocked_by"]
+    # hosted API: your own quantized weights cannot be deployed there
+    hosted = rec(scenario(deploy={"target": "hosted-api"}))
+    assert "deploy" in row(hosted, "ptq-gptq-4bit")["blocked_by"] and row(hosted, "lora")["feasible"]
+    assert "deploy" in row(rec(scenario()), "hosted-api")["blocked_by"]
+
+
+def test_reasons_cite_numbers_and_sources():
+    out = rec(scenario(model="llama-2-13b", examples=8000, hardware={"gpu": "rtx-4090-24gb"},
+                       deploy={"target": "consumer-gpu"}, goals={"max_latency_ms_per_token": 50}))
+    t = top(out)
+    stages = {s["stage"]: s for s in t["estimates"]["stages"]}
+    assert stages["train"]["source"].startswith("estimate train --model llama-2-13b --method qlora")
+    assert stages["serve"]["source"].startswith("estimate infer --model llama-2-13b --weights")
+    assert t["estimates"]["accuracy"]["source"].startswith("estimate accuracy --family llama-2")
+    assert t["estimates"]["accuracy"]["evidence"]["count"] > 0
+    assert any("ms/token" in w and "goal 50 ms" in w for w in t["why"])
+    assert any(w.startswith("ok: train on 1x rtx-4090-24gb") for w in t["why"])
+    assert t["why"][-1].startswith("score ")
+    c = stages["train"]["cost"]
+    assert c["usd"] == pytest.approx(c["gpu_hours"] * 0.34) and "formula" in c
+
+
+# ---- what would change the answer ---------------------------------------------------------------
+
+def test_what_would_change_names_memory_and_a_bigger_gpu():
+    s = scenario(model="llama-2-13b", examples=50000, hardware={"gpu": "rtx-4090-24gb"},
+                 deploy={"target": "consumer-gpu", "gpu": "rtx-4090-24gb"})
+    out = rec(s, what_if=True)
+    w = out["what_would_change"]
+    assert w["binding"] == "memory"
+    alt = w["alternatives"][0]
+    assert alt["score"] > top(out)["score"] and "memory" in alt["blocked_by"]
+    assert set(alt["change"]) == {"hardware.gpu"} and alt["rank_after"] == 1
+    # and it is true: with that GPU the advisor recommends the alternative
+    again = advisor.recommend({**s, "hardware": {"gpu": alt["change"]["hardware.gpu"], "count": 1}}, what_if=False)
+    assert again["recommended"] == alt["strategy"] == alt["recommended_after"]
+    assert alt["strategy"] in w["summary"] and alt["change"]["hardware.gpu"] in w["summary"]
+
+
+def test_what_would_change_more_gpus_for_a_70b_full_finetune():
+    s = scenario(model="llama-3.1-70b", examples=200000, hardware={"gpu": "h100-80gb", "count": 1},
+                 deploy={"target": "gpu-server", "gpu": "h100-80gb"}, goals={"priority": "accuracy"})
+    out = rec(s, what_if=True)
+    alt = out["what_would_change"]["alternatives"][0]
+    assert alt["strategy"].startswith("full-then") and alt["change"] == {"hardware.count": alt["change"]["hardware.count"]}
+    n = alt["change"]["hardware.count"]
+    assert n >= 8 and alt["rank_after"] == 1
+    fewer = rec({**s, "hardware": {"gpu": "h100-80gb", "count": n // 2}})
+    assert not row(fewer, alt["strategy"])["feasible"]            # the smallest power of two that fits
+
+
+def test_what_would_change_without_a_better_blocked_strategy_reports_the_runner_up():
+    out = advisor.recommend("llama-70b-too-big")
+    w = out["what_would_change"]
+    assert w["runner_up"]["strategy"] != out["recommended"] and w["runner_up"]["gap"] >= 0
+    assert w["tightest"]["constraint"] in ("memory", "latency", "accuracy")
+
+
+# ---- worked examples, CLI, speed ---------------------------------------------------------------
+
+PRESET_FAMILIES = {
+    "hr-chatbot-13b-l4": {"quantize-then-finetune"},
+    "ticket-routing": {"ptq-only"},
+    "medical-150k-8xa100": {"finetune-then-quantize"},
+    "phone-assistant-3b": {"joint-qat"},
+    "llama-70b-too-big": {"ptq-only"},
+    "llama-13b-rtx4090": {"quantize-then-finetune"},
+}
+
+
+@pytest.mark.parametrize("sid", sorted(PRESET_FAMILIES))
+def test_preset_scenarios_recommend_something_sensible(sid):
+    out = advisor.recommend(sid)
+    t = top(out)
+    assert t["family"] in PRESET_FAMILIES[sid], (sid, t["strategy"])
+    assert len(out["ranked"]) == len(__import__("engine").strategies.ids())
+    text = (ROOT / "presets" / "scenarios" / f"{sid}.yaml").read_text()
+    assert t["strategy"] in text, f"{sid}: the comment should name what the advisor concludes ({t['strategy']})"
+
+
+def test_cli_json_contract():
+    p = subprocess.run([sys.executable, "-m", "engine", "recommend", "--scenario",
+                        str(ROOT / "presets" / "scenarios" / "llama-13b-rtx4090.yaml"), "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["recommended"] == out["ranked"][0]["strategy"]
+    for r in out["ranked"]:
+        assert {"strategy", "family", "feasible", "score", "why", "estimates"} <= set(r)
+        assert isinstance(r["why"], list) and r["why"]
+    assert [r["feasible"] for r in out["ranked"]] == sorted((r["feasible"] for r in out["ranked"]), reverse=True)
+    p = subprocess.run([sys.executable, "-m", "engine", "recommend", "--scenario", "ticket-routing"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "recommended: ptq-" in p.stdout
+
+
+def test_recommend_is_fast_enough_for_the_ui():
+    """Measured, printed, not asserted (shared CPUs): the UI recomputes on every input change."""
+    s = scenario(model="llama-2-13b", examples=8000)
+    advisor.recommend(s)                                         # estimates cached for this model
+    times = []
+    for i in range(5):
+        t0 = time.perf_counter()
+        advisor.recommend({**s, "examples": 8000 + i, "goals": {"max_latency_ms_per_token": 40 + i}})
+        times.append(1000 * (time.perf_counter() - t0))
+    print(f"\nrecommend(), warm, an input changed: median {sorted(times)[2]:.1f} ms, min {min(times):.1f} ms")
