@@ -356,3 +356,11 @@ def test_recommend_is_fast_enough_for_the_ui():
         advisor.recommend({**s, "examples": 8000 + i, "goals": {"max_latency_ms_per_token": 40 + i}})
         times.append(1000 * (time.perf_counter() - t0))
     print(f"\nrecommend(), warm, an input changed: median {sorted(times)[2]:.1f} ms, min {min(times):.1f} ms")
+
+
+def test_docs_list_every_rule_and_preset():
+    doc = (ROOT / "docs" / "advisor.md").read_text()
+    for r in advisor.load_rules():
+        assert f"`{r['id']}`" in doc, r["id"]
+    for sid in PRESET_FAMILIES:
+        assert f"presets/scenarios/{sid}.yaml" in doc, sid
