@@ -1,0 +1,320 @@
+"""The offline demo: a small language model and two task datasets the project builds itself.
+
+No hub, no download: a fresh machine can run every ``presets/runs/demo-*.yaml`` with what
+is already on it.
+
+Model (``model: demo:tiny-llama`` in a run config; sizes in presets/demo/models.yaml):
+  1. corpus: the docstrings of the Python standard library (every machine that runs this has
+     them), in a fixed order;
+  2. tokenizer: byte-level BPE (``tokenizers``) trained on that corpus plus some generated
+     task text, so task words are not split into bytes (the model itself never sees the tasks);
+  3. model: a Llama-architecture ``LlamaForCausalLM`` initialised from a seed and trained a
+     few CPU minutes on the corpus (the engine's own training loop), saved with
+     ``save_pretrained`` in bf16, so ``from_pretrained(dir)`` and ``engine.models.resolve(dir)``
+     read it like a hub model. ``build_info.json`` beside it records what was done and the
+     held-out perplexity.
+Built once into ``$TUNEQUANT_HOME/cache/demo/<id>-<fingerprint>/`` (the fingerprint changes
+when its preset changes); a file lock keeps two runs from building it at the same time.
+
+Datasets (``dataset: {demo: tickets}``; presets/demo/datasets.yaml): generated row by row
+from templates with a seeded generator, identical on every machine, written as JSONL:
+  tickets          classification: route a support message to billing / shipping / technical /
+                   account / feature_request
+  json-extraction  instruction: turn a free-text order into {"name", "city", "item", "quantity"}
+
+Importing this module is cheap (no torch); building imports torch, transformers, tokenizers.
+"""
+from __future__ import annotations
+
+import ast
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sysconfig
+import time
+from pathlib import Path
+
+from engine.errors import InputError
+from engine.presets import load_yaml
+
+PREFIX = "demo:"
+BUILD_VERSION = 1          # bump when the build procedure changes (rebuilds every cached model)
+SPECIALS = ("<|endoftext|>", "<|pad|>")
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
+             "turtledemo", "ensurepip", "idlelib", "tkinter"}
+
+
+# ---- registry ------------------------------------------------------------------------------
+def models() -> dict:
+    return load_yaml("demo/models.yaml")
+
+
+def datasets() -> dict:
+    return load_yaml("demo/datasets.yaml")
+
+
+def is_demo(ref) -> bool:
+    return isinstance(ref, str) and ref.strip().lower().startswith(PREFIX)
+
+
+def model_name(ref: str) -> str:
+    """``demo:tiny-llama`` (or ``tiny-llama``) -> ``tiny-llama``; InputError listing the known."""
+    name = ref.strip().lower()
+    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    if name not in models():
+        raise InputError(f"unknown demo model {ref!r}; known: {', '.join(PREFIX + n for n in models())}",
+                         field="model")
+    return name
+
+
+def hf_config(name: str) -> dict:
+    """The full config.json of a demo model, from its preset alone (no build, no torch)."""
+    p = models()[model_name(name)]
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": p["tokenizer"]["vocab_size"],
+            "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1, "hidden_act": "silu",
+            "initializer_range": 0.02, "attention_bias": False, "mlp_bias": False, **p["config"]}
+
+
+def cache_dir() -> Path:
+    """``$TUNEQUANT_HOME/cache`` (TUNEQUANT_HOME defaults to ./workspace)."""
+    from engine.runs.store import home
+    return home() / "cache"
+
+
+def _fingerprint(obj) -> str:
+    blob = json.dumps({"v": BUILD_VERSION, "obj": obj}, sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:10]
+
+
+def model_dir(name: str) -> Path:
+    name = model_name(name)
+    return cache_dir() / "demo" / f"{name}-{_fingerprint(models()[name])}"
+
+
+def is_built(name: str) -> bool:
+    return (model_dir(name) / "build_info.json").is_file()
+
+
+def build_info(name: str) -> dict | None:
+    p = model_dir(name) / "build_info.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+class _Lock:
+    """An exclusive file lock (released by the OS if the holder dies)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a+")
+
+    def __enter__(self):
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+# ---- datasets ----------------------------------------------------------------------------------
+def _fill(template: str, slots: dict, rng: random.Random) -> tuple[str, dict]:
+    values = {}
+    out = template
+    for key, choices in slots.items():
+        token = "{" + key + "}"
+        if token in out:
+            values[key] = rng.choice(choices)
+            out = out.replace(token, str(values[key]))
+    return out, values
+
+
+def dataset_rows(name: str, rows: int | None = None) -> list[dict]:
+    """The rows of a demo dataset, generated deterministically (distinct rows only)."""
+    all_ds = datasets()
+    if name not in all_ds:
+        raise InputError(f"unknown demo dataset {name!r}; known: {', '.join(all_ds)}", field="dataset.demo")
+    d = all_ds[name]
+    n = rows or d["rows"]
+    rng = random.Random(d["seed"])
+    out, seen = [], set()
+    tries = 0
+    while len(out) < n and tries < 50 * n:
+        tries += 1
+        if d["format"] == "classification":
+            labels = sorted(d["labels"])
+            label = labels[len(out) % len(labels)]            # balanced classes
+            body, _ = _fill(rng.choice(d["labels"][label]), d["slots"], rng)
+            pre, _ = _fill(rng.choice(d.get("prefix", [""])), d["slots"], rng)
+            suf, _ = _fill(rng.choice(d.get("suffix", [""])), d["slots"], rng)
+            row = {"text": (pre + body + suf).strip(), "label": label}
+            key = row["text"]
+        else:
+            text, values = _fill(rng.choice(d["templates"]), d["slots"], rng)
+            obj = {k: values[k] for k in d["fields"]}
+            row = {"instruction": d["instruction"], "input": text, "output": json.dumps(obj)}
+            key = text
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(row)
+    return out
+
+
+def dataset_path(name: str) -> Path:
+    """The JSONL file of a demo dataset, written on first use."""
+    rows_spec = datasets().get(name)
+    if rows_spec is None:
+        raise InputError(f"unknown demo dataset {name!r}; known: {', '.join(datasets())}", field="dataset.demo")
+    path = cache_dir() / "demo" / "data" / f"{name}-{_fingerprint(rows_spec)}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in dataset_rows(name):
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+# ---- corpus and tokenizer ---------------------------------------------------------------------
+def corpus(max_chars: int) -> list[str]:
+    """Docstrings of the Python standard library (modules, classes, functions), in a fixed
+    order, up to ``max_chars`` characters."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py")) + sorted(p for p in root.rglob("*.py")
+                                               if p.parent != root and not (set(p.relative_to(root).parts[:-1]) & SKIP_DIRS))
+    docs, total = [], 0
+    for path in files:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 40:
+                    docs.append(doc)
+                    total += len(doc)
+                    if total >= max_chars:
+                        return docs
+    if not docs:
+        raise RuntimeError(f"no docstrings found under {root}: the demo corpus needs the Python standard library sources")
+    return docs
+
+
+def _task_text(rows_per_dataset: int) -> list[str]:
+    out = []
+    for name in datasets():
+        for r in dataset_rows(name, rows_per_dataset):
+            out.append(" ".join(str(v) for v in r.values()))
+    return out
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2 style bytes, Llama-style BOS added to every input)."""
+    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(tmodels.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    bos = SPECIALS[0]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=bos, pad_token=SPECIALS[1],
+                                   model_max_length=100_000)
+
+
+# ---- the model ---------------------------------------------------------------------------------
+def ensure_model(name: str, log=None, should_stop=None) -> Path:
+    """The demo model's directory, built first if needed (once; concurrent callers wait)."""
+    name = model_name(name)
+    out = model_dir(name)
+    if is_built(name):
+        return out
+    with _Lock(out.parent / f"{out.name}.lock"):
+        if is_built(name):
+            return out
+        for old in out.parent.glob(f"{out.name}.building-*"):     # a build that was killed
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = out.parent / f"{out.name}.building-{os.getpid()}"
+        build(name, tmp, log=log, should_stop=should_stop)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return out
+
+
+def build(name: str, out: Path, log=None, should_stop=None) -> dict:
+    """Corpus -> tokenizer -> pretrained Llama, saved into ``out``; returns build_info."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.runs.stages import common
+    from engine.runs.stages.train import fit
+    log = log or (lambda msg: None)
+    p = models()[model_name(name)]
+    t0 = time.perf_counter()
+    pre = p["pretrain"]
+    common.seed_everything(pre["seed"])
+    docs = corpus(p["corpus"]["max_chars"])
+    tok = build_tokenizer(docs + _task_text(p["corpus"]["task_text_rows"]), p["tokenizer"]["vocab_size"])
+    ids: list[int] = []
+    for d in docs:                        # one stream: BOS doc EOS BOS doc EOS ...
+        ids += tok(d)["input_ids"] + [tok.eos_token_id]
+    L = pre["seq_len"]
+    blocks = torch.tensor(ids[: len(ids) // L * L]).view(-1, L)
+    g = torch.Generator().manual_seed(pre["seed"])
+    blocks = blocks[torch.randperm(len(blocks), generator=g)]
+    n_val = max(1, len(blocks) // 20)
+    val, train = blocks[:n_val], blocks[n_val:]
+    log(f"demo corpus: {len(docs)} stdlib docstrings, {sum(map(len, docs)) / 1e6:.2f}M chars, "
+        f"{len(ids) / 1e6:.2f}M tokens ({len(train)} training and {len(val)} held-out blocks of {L})")
+
+    cfg = LlamaConfig(**hf_config(name))
+    cfg.bos_token_id = cfg.eos_token_id = tok.bos_token_id
+    cfg.pad_token_id = tok.pad_token_id
+    torch.manual_seed(pre["seed"])
+    model = LlamaForCausalLM(cfg)
+    n_params = sum(x.numel() for x in model.parameters())
+    log(f"demo model: LlamaForCausalLM, {n_params / 1e6:.2f}M parameters, pretraining {pre['steps']} steps "
+        f"of {pre['batch_size']}x{L} tokens on the CPU")
+
+    def batch_iter():
+        bs = pre["batch_size"]
+        while True:
+            order = torch.randperm(len(train), generator=g)
+            for i in range(0, len(order) - bs + 1, bs):
+                x = train[order[i:i + bs]]
+                yield {"input_ids": x, "labels": x}
+
+    def on_step(s):
+        if s["step"] == 1 or s["step"] % 25 == 0 or s["step"] == s["total"]:
+            log(f"demo pretrain step {s['step']}/{s['total']} loss {s['loss']:.3f} "
+                f"({s['tokens_per_s']:.0f} tokens/s)")
+
+    model.train()
+    hist = fit(model, batch_iter(), steps=pre["steps"], lr=pre["learning_rate"], warmup=pre["warmup_steps"],
+               on_step=on_step, should_stop=should_stop, weight_decay=0.1)
+    model.eval()
+    with torch.no_grad():
+        losses = [model(input_ids=val[i:i + 16], labels=val[i:i + 16]).loss.item() for i in range(0, len(val), 16)]
+    val_loss = sum(losses) / len(losses)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out)          # 16-bit on disk, like hub checkpoints
+    tok.save_pretrained(out)
+    info = {"name": name, "params": n_params, "config": hf_config(name), "corpus_docs": len(docs),
+            "corpus_chars": sum(map(len, docs)), "corpus_tokens": len(ids), "steps": hist["steps"],
+            "first_loss": hist["losses"][0] if hist["losses"] else None,
+            "final_loss": hist["losses"][-1] if hist["losses"] else None,
+            "val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
+            "build_s": round(time.perf_counter() - t0, 1), "tokens_per_s": hist["tokens_per_s"],
+            "torch": torch.__version__, "built": time.strftime("%Y-%m-%d %H:%M:%S"), "build_version": BUILD_VERSION}
+    (out / "build_info.json").write_text(json.dumps(info, indent=1))
+    log(f"demo model built in {info['build_s']}s: held-out perplexity {info['val_perplexity']}")
+    return info
