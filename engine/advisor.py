@@ -781,8 +781,8 @@ def _what_would_change(sc: Scenario, rules: list[dict], res: dict) -> dict:
         summary = f"{binding} binds: {alternatives[0]['text']}"
     elif better:
         binding = better[0]["blocked_by"][0]
-        summary = (f"{binding} binds: {better[0]['strategy']} would score {better[0]['score']:.3f} but is blocked by "
-                   f"{', '.join(better[0]['blocked_by'])}, which no scenario knob lifts")
+        summary = (f"{binding} binds: {better[0]['strategy']} would score {better[0]['score']:.3f}, but "
+                   f"{better[0]['blocked'][0]['text']} (no goal, GPU or data change in the scenario lifts that)")
     else:
         binding = None
         summary = ("no constraint keeps a better-scoring strategy out"

@@ -139,6 +139,11 @@ def _message(err: dict) -> tuple[str, str]:
                  "hardware": "{gpu: <GPU id>, count: <n>}; GPUs: " + ", ".join(hardware.gpu_ids()),
                  "hardware.gpu": "a GPU id: " + ", ".join(hardware.gpu_ids())}
         return path, f"{path} is required: {hints.get(path, 'give a value')}"
+    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+              "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+    if typ in bounds:
+        op, key = bounds[typ]
+        return path, f"{path} must be {op} {err.get('ctx', {}).get(key)}, got {err.get('input')!r}"
     if path in _VALUES and typ in ("literal_error", "enum"):
         return path, (f"{path}: unknown value {err.get('input')!r}; allowed: "
                       + ", ".join(map(str, _VALUES[path])))
