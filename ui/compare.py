@@ -138,8 +138,10 @@ def long_rows(items: list[dict]) -> list[dict]:
                 if isinstance(v, (dict, list)):
                     continue
                 add(f"{name}: {k}", v)
+        shown = {f"{name}.{k}" for name, metrics in m["evals"].items() for k in metrics}
         for k, (v, unit) in m["metrics"].items():
-            add(k, v, unit)
+            if k not in shown and not isinstance(v, (dict, list)):
+                add(k, v, unit)
         add("cost", m["cost_usd"], "USD", m["cost_how"])
     return rows
 

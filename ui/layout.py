@@ -189,17 +189,18 @@ def _runs_tab():
                                            elem_id="run_device")
                 with gr.Row():
                     c["steps"] = gr.Number(value=f0.get("steps"), label="Train steps (0: default)", precision=0, elem_id="run_steps")
-                    c["learning_rate"] = gr.Number(value=f0.get("learning_rate"), label="Learning rate (0: default)")
-                    c["batch_size"] = gr.Number(value=f0.get("batch_size"), label="Batch size (0: default)", precision=0)
-                    c["seq_len"] = gr.Number(value=f0.get("seq_len"), label="Sequence length (0: default)", precision=0)
-                    c["lora_rank"] = gr.Number(value=f0.get("lora_rank"), label="LoRA rank (0: default)", precision=0)
+                    c["learning_rate"] = gr.Number(value=f0.get("learning_rate"), label="Learning rate (0: default)", elem_id="run_lr")
+                    c["batch_size"] = gr.Number(value=f0.get("batch_size"), label="Batch size (0: default)", precision=0, elem_id="run_batch")
+                    c["seq_len"] = gr.Number(value=f0.get("seq_len"), label="Sequence length (0: default)", precision=0, elem_id="run_seq")
+                    c["lora_rank"] = gr.Number(value=f0.get("lora_rank"), label="LoRA rank (0: default)", precision=0, elem_id="run_rank")
                 with gr.Row():
                     c["bits"] = gr.Dropdown(list(runs.BITS_CHOICES), value=f0.get("bits", "catalog default"),
-                                            label="Bits")
-                    c["group_size"] = gr.Number(value=f0.get("group_size"), label="Group size (0: catalog)", precision=0)
+                                            label="Bits", elem_id="run_bits")
+                    c["group_size"] = gr.Number(value=f0.get("group_size"), label="Group size (0: catalog)", precision=0, elem_id="run_group")
                     c["calibration_samples"] = gr.Number(value=f0.get("calibration_samples"),
-                                                         label="Calibration samples (0: catalog)", precision=0)
-                    c["eval_examples"] = gr.Number(value=f0.get("eval_examples"), label="Eval examples (0: default)", precision=0)
+                                                         label="Calibration samples (0: catalog)", precision=0,
+                                                         elem_id="run_calib")
+                    c["eval_examples"] = gr.Number(value=f0.get("eval_examples"), label="Eval examples (0: default)", precision=0, elem_id="run_eval")
                 with gr.Row():
                     c["launch"] = gr.Button("Launch run", variant="primary", elem_id="launch", scale=1)
                     c["launch_msg"] = gr.HTML(elem_id="launch_msg")
@@ -389,8 +390,12 @@ def build_app() -> gr.Blocks:
          .then(None, R["picker"], None, js=URL_RUN_JS))
 
         def tick(view):
-            return _live(*_poll(view))
-        R["timer"].tick(tick, R["view"], live_outputs, show_progress="hidden", concurrency_limit=None)
+            live = _live(*_poll(view))
+            if live[0].get("status") != (view or {}).get("status"):      # queued -> running -> finished ...
+                return live + [_history(), gr.update(choices=compare.run_choices())]
+            return live + [gr.skip(), gr.skip()]
+        R["timer"].tick(tick, R["view"], live_outputs + [R["history"], C["pick"]], show_progress="hidden",
+                        concurrency_limit=None)
 
         def do_stop(view):
             msg = runs.stop((view or {}).get("run_id"))

@@ -373,12 +373,21 @@ def loss_figure(view: dict):
 
 
 def metrics_rows(view: dict) -> list[dict]:
-    """Evaluation results and metrics as table rows (measured; the run id is the source)."""
-    rows = []
+    """Evaluation results and metrics as table rows (measured; the run id is the source).
+
+    Scalars only (sample generations stay in the log/artifacts); a metric event that repeats an
+    evaluation's figure ("after.perplexity") is shown once."""
+    rows, seen = [], set()
     for e in view.get("evals", []):
+        where = e.get("name") or e.get("stage")
         for k, val in (e.get("metrics") or {}).items():
-            rows.append({"where": e.get("name") or e.get("stage"), "metric": k, "value": _fmt(val), "unit": ""})
+            if isinstance(val, (dict, list)):
+                continue
+            rows.append({"where": where, "metric": k, "value": _fmt(val), "unit": ""})
+            seen.add(f"{where}.{k}")
     for m in view.get("metrics", []):
+        if m.get("name") in seen or isinstance(m.get("value"), (dict, list)):
+            continue
         rows.append({"where": m.get("stage") or "", "metric": m.get("name"), "value": _fmt(m.get("value")),
                      "unit": m.get("unit") or ""})
     return rows

@@ -1,0 +1,285 @@
+"""The dashboard in a real browser (Debian chromium driven by playwright), against the real app.
+
+One app process on a free localhost port with its own TUNEQUANT_HOME; one page walks it like a
+person would: the wizard on an example scenario, the matrix and a chart, a CPU demo run
+launched and watched live, a reload that re-attaches, a stop, and two finished runs compared.
+Runs use the project's smallest demo model (demo:micro-llama: built in seconds) and a few
+steps. With TUNEQUANT_SCREENSHOTS=<dir> set, each screen is also saved as a PNG there
+(docs/screenshots/ is made that way).
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium (dev.sh installs it)")]
+SHOTS = os.environ.get("TUNEQUANT_SCREENSHOTS")
+MODEL = "demo:micro-llama"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    port = _free_port()
+    env = {**os.environ, "TUNEQUANT_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False",
+           "TUNEQUANT_PUBLIC_DEMO": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("SPACE_ID", None)
+    env.pop("TUNEQUANT_STAGES", None)
+    log = open(home / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                raise RuntimeError("app did not start:\n" + (home / "app.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield {"url": url, "home": home, "proc": proc}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    # leave no worker behind: stop any run still active (the app process owned them)
+    env_runs = {**env}
+    subprocess.run([sys.executable, "-c", "from engine.runs import api\n"
+                    "for r in api.list_runs():\n"
+                    "    if r['status'] in ('queued','running'): api.stop(r['id'], grace_s=2, term_s=2)"],
+                   cwd=ROOT, env=env_runs, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--headless", "--no-sandbox", "--disable-gpu",
+                                          "--disable-background-networking"])
+        pg = browser.new_page(viewport={"width": 1500, "height": 1000})
+        pg.set_default_timeout(30_000)
+        errors = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(app["url"])
+        pg.wait_for_selector("#tab-wizard, #example", state="attached")
+        pg.errors = errors
+        yield pg
+        browser.close()
+
+
+STATE: dict = {}
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+def shot(page, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.wait_for_timeout(800)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+
+
+def tab(page, label: str) -> None:
+    page.get_by_role("tab", name=label).click()
+    page.wait_for_timeout(300)
+
+
+def pick(page, elem_id: str, value: str) -> None:
+    """Choose a value in a Gradio dropdown by typing it and clicking the option."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(value)
+    page.get_by_role("option", name=value, exact=True).first.click()
+    page.wait_for_timeout(300)
+
+
+def fill(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def wait_text(page, selector: str, pattern: str, timeout_s: float = 60) -> str:
+    """Wait until the element's text matches the regex; return the text."""
+    loc = page.locator(selector).first
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = loc.inner_text() if loc.count() else ""
+        if re.search(pattern, text):
+            return text
+        page.wait_for_timeout(250)
+    raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text[:500]!r}")
+
+
+def launch(page, name: str, strategy: str, steps: int) -> str:
+    tab(page, "4 · Runs")
+    pick(page, "run_strategy", strategy)
+    fill(page, "run_name", name)
+    fill(page, "run_model", MODEL)
+    fill(page, "run_demo", "tickets")
+    fill(page, "run_data_path", "")
+    page.locator("#run_device label", has_text="cpu").first.click()
+    fill(page, "run_steps", steps)
+    for elem_id, v in (("run_batch", 4), ("run_seq", 64), ("run_eval", 8)):
+        fill(page, elem_id, v)
+    # the preview is the exact config Launch sends
+    preview = wait_text(page, "#run_preview", rf"model: {re.escape(MODEL)}[\s\S]*steps: {steps}")
+    assert f"strategy: {strategy}" in preview and f"name: {name}" in preview
+    before = set(re.findall(r"r-\d{8}-\d{6}-[0-9a-f]+", page.locator("#launch_msg").inner_text()))
+    page.locator("#launch").click()
+    deadline, msg, ids = time.monotonic() + 60, "", set()
+    while time.monotonic() < deadline:
+        msg = page.locator("#launch_msg").inner_text()
+        ids = set(re.findall(r"r-\d{8}-\d{6}-[0-9a-f]+", msg)) - before
+        if ids or "⚠" in msg:
+            break
+        page.wait_for_timeout(200)
+    assert ids and "launched run" in msg, msg
+    run_id = ids.pop()
+    wait_text(page, "#run_status", re.escape(run_id))
+    return run_id
+
+
+# ---- the walk ------------------------------------------------------------------------------------------------
+def test_wizard_on_an_example_scenario(page):
+    pick(page, "example", "ticket-routing")
+    wait_text(page, "#example_note, .tq-ok", r"ticket-routing")
+    wait_text(page, "#model_msg", r"qwen2.5-7b")                 # the model step shows the resolved model
+    shot(page, "1-wizard")
+    page.get_by_role("button", name="Next: data →").click()
+    assert page.locator("#task input").first.input_value() == "classification"
+    assert page.locator("#examples input").first.input_value() == "600"
+    page.get_by_role("button", name="Next: hardware →").click()
+    wait_text(page, "#hw_msg", r"T4")
+    page.get_by_role("button", name="Next: goals →").click()
+    assert page.locator("#priority input[value='cost']").is_checked()
+    yaml_text = wait_text(page, "#scenario_yaml", r"task: classification")
+    assert "t4-16gb" in yaml_text and "examples: 600" in yaml_text
+    wait_text(page, "#summary", r"Recommended|No strategy is feasible")
+    # bad input shows next to its field, never a traceback
+    fill(page, "min_retention", 3)
+    err = wait_text(page, "#goals_msg", r"min_accuracy_retention")
+    assert "Traceback" not in page.content() and "⚠" in err
+    fill(page, "min_retention", 0.97)
+    wait_text(page, "#goals_msg", r"^$", 20)
+    page.locator("#to_matrix").click()
+
+
+def test_matrix_and_charts(page):
+    from engine import strategies
+    banner = wait_text(page, "#matrix_banner", r"\d+ strategies, \d+ feasible")
+    assert f"{len(strategies.ids())} strategies" in banner
+    table = page.locator("#matrix_table")
+    text = table.inner_text()
+    assert sum(sid in text for sid in strategies.ids()) >= 5      # the visible rows (the grid scrolls)
+    reco = re.search(r"Recommended \(highlighted\): (\S+)\.", banner).group(1)
+    if reco != "None":
+        assert reco in text
+    wait_text(page, "#matrix_change", r"What would change the answer")
+    # a row click opens its details with the reasons
+    table.get_by_text("qlora", exact=True).first.click()
+    wait_text(page, "#matrix_detail", r"QLoRA[\s\S]*Why")
+    shot(page, "2-matrix")
+    tab(page, "3 · Trade-offs")
+    page.wait_for_selector("#plot_mem .js-plotly-plot", state="attached", timeout=30_000)
+    page.wait_for_selector("#plot_cost .js-plotly-plot", state="attached", timeout=30_000)
+    title = page.locator("#plot_mem .gtitle").first.text_content()
+    assert "vs accuracy" in title.lower()
+    shot(page, "3-tradeoffs")
+
+
+def test_launch_a_cpu_demo_run_and_watch_it(page):
+    # a PTQ run first (compared at the end; it runs beside the others), then the run we watch
+    STATE["second"] = launch(page, "browser nf4", "ptq-nf4", 1)
+    run_id = launch(page, "browser lora", "lora", 12)
+    STATE["first"] = run_id
+    assert f"run={run_id}" in page.url                               # the URL names the run
+    # progress arrives: the stage and then the step counter move without any click
+    wait_text(page, "#run_status", r"train \(1/2\)|evaluate \(2/2\)|finished", 180)
+    steps_seen = set()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        t = page.locator("#run_status").inner_text()
+        m = re.search(r"step\s+(\d+)/12", t)
+        if m:
+            steps_seen.add(int(m.group(1)))
+        if "finished" in t or len(steps_seen) >= 2:
+            break
+        page.wait_for_timeout(200)
+    log = page.locator("#run_log textarea").input_value()
+    assert "stage 1/2: train" in log or len(steps_seen) >= 2, (steps_seen, log[-500:])
+    shot(page, "4-runs")
+
+
+def test_reload_reattaches(page):
+    run_id = STATE["first"]
+    page.reload()
+    page.wait_for_selector("#run_status", state="attached")
+    text = wait_text(page, "#run_status", re.escape(run_id), 60)
+    assert "lora" in text
+    assert page.get_by_role("tab", name="4 · Runs").get_attribute("aria-selected") == "true"
+    # and it keeps following the run to its end
+    wait_text(page, "#run_status", r"finished", 240)
+    wait_text(page, "#run_metrics", r"perplexity", 30)
+    hist = wait_text(page, "#run_history", re.escape(run_id), 30)
+    assert "finished" in hist
+    shot(page, "4-runs-finished")
+
+
+def test_stop_a_run(page):
+    run_id = launch(page, "browser stop me", "lora", 5000)
+    wait_text(page, "#run_status", r"step\s+\d+/5000", 180)
+    page.locator("#stop").click()
+    wait_text(page, "#stop_msg", r"stop requested")
+    wait_text(page, "#run_status", r"stopped", 60)
+    assert page.locator(f"#run_status [data-status='stopped']").count() == 1
+    STATE["stopped"] = run_id
+
+
+def test_compare_two_finished_runs(page, app):
+    first, second = STATE["first"], STATE["second"]
+    from engine.runs.store import RunStore
+    store = RunStore(app["home"] / "runs.sqlite")
+    deadline = time.monotonic() + 240
+    while store.get_run(second)["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert store.get_run(second)["status"] == "finished", store.get_run(second)["reason"]
+    tab(page, "5 · Compare")
+    page.get_by_role("button", name="Refresh").last.click()
+    page.wait_for_timeout(500)
+    for rid in (first, second):
+        box = page.locator("#compare_pick input").first
+        box.click()
+        box.fill(rid)
+        page.get_by_role("option").filter(has_text=rid).first.click()
+        page.wait_for_timeout(300)
+    page.keyboard.press("Escape")
+    table = wait_text(page, "#compare_table", re.escape(second), 60)
+    assert first in table and "perplexity" in table and "ptq-nf4" in table
+    wait_text(page, "#compare_est", r"run", 30)
+    page.wait_for_selector("#plot_cmp_quality .js-plotly-plot", state="attached")
+    assert page.locator("#export_csv a, #export_csv [download]").count() >= 1
+    shot(page, "5-compare")
+    assert not [e for e in page.errors if "Traceback" in e]
