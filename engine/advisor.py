@@ -213,6 +213,16 @@ def _gb(b) -> str:
     return "?" if b is None else f"{b / GB:.1f} GB"
 
 
+def _fits_text(st: dict) -> str:
+    """'12.8 GB [11.8, 15.3] of 25.4 GB (51%)', and a warning when the interval's high end does not fit."""
+    lo, hi = st.get("device_low"), st.get("device_high")
+    txt = (f"{_gb(st['device_bytes'])}" + (f" [{lo / GB:.1f}, {hi / GB:.1f}]" if lo and hi else "")
+           + f" of {_gb(st['limit_bytes'])} ({100 * st['device_bytes'] / st['limit_bytes']:.0f}%)")
+    if hi and hi > st["limit_bytes"]:
+        txt += "; the high end of the interval does not fit"
+    return txt
+
+
 def _shard(est: dict, count: int, arch) -> dict:
     """Per-GPU memory of a training step on ``count`` GPUs under FSDP full sharding.
 
@@ -221,16 +231,20 @@ def _shard(est: dict, count: int, arch) -> dict:
     being recomputed, workspaces) stays whole on each GPU, and FSDP's
     gathered layers (16-bit weights of ``gathered_layers`` blocks) are added."""
     peak, device = est["peak_allocated_bytes"], est["device_bytes"]
+    lo, hi = est.get("device_low", device), est.get("device_high", device)
     if count == 1:
-        return {"peak_allocated_bytes": peak, "device_bytes": device, "breakdown": est.get("breakdown", {}),
-                "sharding": "single GPU"}
+        return {"peak_allocated_bytes": peak, "device_bytes": device, "device_low": lo, "device_high": hi,
+                "breakdown": est.get("breakdown", {}), "sharding": "single GPU"}
     mg = settings()["multi_gpu"]
     parts = {name: (b / count if name in mg["sharded_parts"] else b)
              for name, b in (est.get("breakdown") or {}).items()}
     gathered = mg["gathered_layers"] * arch.linear_params_per_layer * 2
     parts["fsdp_gathered_layers"] = gathered
     per_peak = sum(parts.values())
-    return {"peak_allocated_bytes": per_peak, "device_bytes": per_peak + (device - peak), "breakdown": parts,
+    per_device = per_peak + (device - peak)
+    scale = per_device / device          # the planner's interval, scaled with the sharded total
+    return {"peak_allocated_bytes": per_peak, "device_bytes": per_device, "device_low": lo * scale,
+            "device_high": hi * scale, "breakdown": parts,
             "sharding": f"{mg['scheme']} over {count} GPUs: model states / {count}, activations per GPU, "
                         f"+{_gb(gathered)} for {mg['gathered_layers']} gathered 16-bit layers"}
 
@@ -278,6 +292,7 @@ def _stage_quantize(st, s, sc, arch, ctx) -> dict | None:
     if "error" in est:
         return {**out, "error": est["error"], "fits": None}
     out.update(peak_allocated_bytes=est.get("peak_allocated_bytes"), device_bytes=est.get("device_bytes"),
+               device_low=est.get("device_low"), device_high=est.get("device_high"),
                breakdown=est.get("breakdown", {}), time_s=est.get("time_s"), limit_bytes=tdev.memory_bytes,
                fits=est.get("device_bytes", 0) <= tdev.memory_bytes)
     if est.get("time_s"):
@@ -310,11 +325,15 @@ def _stage_serve(s, sc, arch, ctx) -> dict:
     if "error" in est:
         return {**out, "error": est["error"], "fits": False}
     tps = est.get("decode_tokens_per_s")
+    slow, fast = est.get("decode_tokens_per_s_low"), est.get("decode_tokens_per_s_high")
     out.update(weights_bytes=est.get("weights_bytes"), peak_allocated_bytes=est.get("peak_allocated_bytes"),
-               device_bytes=est.get("device_bytes"), breakdown=est.get("breakdown", {}),
+               device_bytes=est.get("device_bytes"), device_low=est.get("device_low"),
+               device_high=est.get("device_high"), breakdown=est.get("breakdown", {}),
                limit_bytes=sdev.memory_bytes, fits=est.get("device_bytes", 0) <= sdev.memory_bytes,
                prefill_s=est.get("prefill_s"), decode_tokens_per_s=tps,
-               decode_ms_per_token=1000.0 / tps if tps else None)
+               decode_ms_per_token=1000.0 / tps if tps else None,
+               decode_ms_per_token_low=1000.0 / fast if fast else None,
+               decode_ms_per_token_high=1000.0 / slow if slow else None)
     if tps and sdev.price_per_hour:
         out["cost"] = _estimate("serving_cost", decode_tokens_per_s_per_sequence=tps,
                                 batch_size=w["batch_size"], gpu=sdev.id,
@@ -378,10 +397,17 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
                             f"({est['source']})", stage=est["stage"], value=est["device_bytes"],
                   limit=est["limit_bytes"])
         else:
-            ok("memory", f"{where}: {_gb(est['device_bytes'])} of {_gb(est['limit_bytes'])} "
-                         f"({100 * est['device_bytes'] / est['limit_bytes']:.0f}%)"
-               + (f"; {est['note']}" if est.get("note") else ""), stage=est["stage"],
-               value=est["device_bytes"], limit=est["limit_bytes"])
+            ok("memory", f"{where}: {_fits_text(est)}" + (f"; {est['note']}" if est.get("note") else ""),
+               stage=est["stage"], value=est["device_bytes"], limit=est["limit_bytes"])
+
+    # time and money (informative: the cost part of the score uses them)
+    tr = next((x for x in stages if x["stage"] == "train" and x.get("time_s")), None)
+    if tr:
+        usd = (tr.get("cost") or {}).get("usd")
+        reasons.append({"kind": "estimate", "ok": True, "constraint": "cost",
+                        "text": f"training: {tr['tokens']:,.0f} tokens at {tr['tokens_per_s']:,.0f} tokens/s = "
+                                f"{tr['time_s'] / 3600:.1f} h on {sc.hardware.count}x {tr['device']}"
+                                + (f", {usd:,.2f} USD" if usd is not None else "")})
 
     # calibration data
     if t["calibration"]:
@@ -418,19 +444,24 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
                             f"({serve['source']})", stage="serve", value=serve["device_bytes"],
                   limit=serve["limit_bytes"])
         else:
-            ok("memory", f"serve on {sdev.id}: {_gb(serve['device_bytes'])} of {_gb(serve['limit_bytes'])} "
-                         f"({100 * serve['device_bytes'] / serve['limit_bytes']:.0f}%)", stage="serve",
+            ok("memory", f"serve on {sdev.id}: {_fits_text(serve)}", stage="serve",
                value=serve["device_bytes"], limit=serve["limit_bytes"])
-        ms = serve.get("decode_ms_per_token")
-        if ms is not None and g.max_latency_ms_per_token is not None:
-            if ms > g.max_latency_ms_per_token:
-                block("latency", f"decode {ms:.1f} ms/token on {sdev.id} > goal {g.max_latency_ms_per_token:g} ms",
-                      value=ms, limit=g.max_latency_ms_per_token)
+        ms, goal = serve.get("decode_ms_per_token"), g.max_latency_ms_per_token
+        if ms is not None:
+            lo, hi = serve.get("decode_ms_per_token_low"), serve.get("decode_ms_per_token_high")
+            txt = f"decode {ms:.1f} ms/token" + (f" [{lo:.1f}, {hi:.1f}]" if lo and hi else "") + f" on {sdev.id}"
+            if goal is None:
+                ok("latency", f"{txt} (no latency goal)", value=ms)
+            elif ms > goal:
+                block("latency", f"{txt} > goal {goal:g} ms ({serve['source']})", value=ms, limit=goal)
             else:
-                ok("latency", f"decode {ms:.1f} ms/token on {sdev.id} <= goal {g.max_latency_ms_per_token:g} ms",
-                   value=ms, limit=g.max_latency_ms_per_token)
-        elif ms is not None:
-            ok("latency", f"decode {ms:.1f} ms/token on {sdev.id} (no latency goal)", value=ms)
+                ok("latency", f"{txt} <= goal {goal:g} ms"
+                   + ("; the slow end of the interval misses it" if hi and hi > goal else ""), value=ms, limit=goal)
+        usd_m = (serve.get("cost") or {}).get("usd_per_million_tokens")
+        if usd_m is not None:
+            reasons.append({"kind": "estimate", "ok": True, "constraint": "cost",
+                            "text": f"serving: {usd_m:,.2f} USD per million tokens on {sdev.id} "
+                                    f"(batch {serve['cost'].get('batch_size')})"})
 
     # bits goal
     if g.target_weight_bits is not None and t["w_bits"] != g.target_weight_bits:
