@@ -754,8 +754,8 @@ def _tightest(row: dict) -> dict | None:
     """The constraint with the least slack for a feasible strategy (used fraction of its limit)."""
     best = None
     for r in row["reasons"]:
-        if r["kind"] != "estimate" or not r.get("limit") or r.get("value") is None:
-            continue
+        if r["kind"] != "estimate" or not r.get("limit") or r.get("value") is None or r.get("stage") == "merge":
+            continue                     # a merge that does not fit the GPU runs on the CPU: not a limit
         if r["constraint"] == "accuracy":
             used = (1 - r["value"]) / max(1e-9, 1 - r["limit"]) if r["limit"] < 1 else 1.0
         else:

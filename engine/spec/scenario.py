@@ -56,7 +56,7 @@ class Hardware(_Strict):
 
 class Deploy(_Strict):
     """Where the model is served: the target class and the device."""
-    target: Literal["gpu-server", "consumer-gpu", "edge", "phone", "hosted-api"] = "gpu-server"
+    target: Literal[TARGETS] = "gpu-server"
     gpu: str | None = None
 
 
@@ -64,23 +64,22 @@ class Goals(_Strict):
     """Every goal is optional; a missing one does not constrain."""
     max_latency_ms_per_token: float | None = Field(None, gt=0)
     min_accuracy_retention: float | None = Field(None, gt=0, le=1)
-    priority: Literal["accuracy", "balanced", "cost"] = "balanced"
-    target_weight_bits: Literal[2, 3, 4, 8, 16] | None = None
+    priority: Literal[PRIORITIES] = "balanced"
+    target_weight_bits: Literal[WEIGHT_BITS] | None = None
 
 
 class Scenario(_Strict):
     name: str = ""
     description: str = ""
     model: Union[str, dict]
-    task: Literal["classification", "retrieval", "generation", "structured-output", "chat"]
+    task: Literal[TASKS]
     examples: int = Field(0, ge=0)
     seq_len: int = Field(512, gt=0, le=1_048_576)
     epochs: float = Field(1.0, gt=0, le=1000)
     hardware: Hardware
     deploy: Deploy = Field(default_factory=Deploy)
     goals: Goals = Field(default_factory=Goals)
-    symptoms: list[Literal["too-slow", "too-big", "too-expensive", "wrong-domain", "wrong-tone",
-                           "wrong-format"]] = Field(default_factory=list)
+    symptoms: list[Literal[SYMPTOMS]] = Field(default_factory=list)
 
     # ---- resolved views (cached per instance; the scenario is not mutated after parsing) -----
     def arch(self) -> models.ModelArch:
