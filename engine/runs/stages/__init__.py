@@ -1,0 +1,118 @@
+"""The run stages, with the real libraries: train, merge, quantize, convert, evaluate.
+
+``STAGES[name](ctx)`` runs one stage of a run (``ctx``: engine.runs.context.StageContext) and
+returns a dict of what it measured and saved; stages hand the model on through ``ctx.state``
+(see stages/common.py). ``prepare(spec)`` refuses a run that cannot work before it starts:
+unknown model, bad dataset, settings the model or the device cannot take.
+
+Importing this package imports no torch (the UI calls ``prepare``); the stage functions import
+torch, transformers, peft, bitsandbytes, torchao and gptqmodel when they run. docs/stages.md
+says what each stage does with which library, on the CPU and on a GPU.
+"""
+from __future__ import annotations
+
+from engine.errors import InputError
+from engine.runs.stages.convert import convert
+from engine.runs.stages.evaluate import evaluate
+from engine.runs.stages.merge import merge
+from engine.runs.stages.quantize import quantize
+from engine.runs.stages.train import QAT_SCHEMES, train
+
+STAGES = {"train": train, "merge": merge, "quantize": quantize, "convert": convert, "evaluate": evaluate}
+TRAIN_METHODS = ("full", "lora", "qlora", "qat")
+
+
+def _device(spec) -> str:
+    if spec.device in ("cpu", "cuda"):
+        return spec.device
+    from engine.runs.executor import gpu_slots
+    return "cuda" if gpu_slots() else "cpu"
+
+
+def _arch(spec):
+    """The model's architecture, without loading weights (InputError for an unknown model)."""
+    from engine import models
+    from engine.runs import demo
+    if demo.is_demo(spec.model):
+        name = demo.model_name(spec.model)
+        return models.arch_from_config(demo.hf_config(name), name=name, source=f"demo:{name}")
+    return models.resolve(spec.model)
+
+
+def prepare(spec) -> dict:
+    """Check a run before it starts; returns what was checked (dataset report, model, device).
+    Raises InputError naming the problem: unknown model, missing/ill-formed dataset, settings
+    the model or the device cannot take (group size, GPU-only method on the CPU, ...)."""
+    from engine import strategies
+    from engine.runs import data
+    from engine.runs.stages.quantize import check as check_quantize
+    from engine.runs.stages.train import check_group
+    strategy = strategies.get(spec.strategy)
+    device = _device(spec)
+    arch = _arch(spec)
+    report = data.check(spec.dataset)
+    stages = [st["stage"] for st in strategy["stages"]]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise InputError(f"strategy {spec.strategy} has stage(s) {', '.join(unknown)} this engine does not run",
+                         field="strategy")
+    from engine.runs.context import stage_entry
+    for i, name in enumerate(stages):
+        entry = stage_entry(strategy, i, spec)
+        if name == "quantize":
+            check_quantize(entry, arch, device)
+        elif name == "train":
+            method = entry.get("method", "lora")
+            if method not in TRAIN_METHODS:
+                raise InputError(f"unknown training method {method!r}; known: {', '.join(TRAIN_METHODS)}",
+                                 field="strategy")
+            if method == "qat":
+                scheme = entry.get("scheme", "int8-dyn-act-int4-weight")
+                if scheme not in QAT_SCHEMES:
+                    raise InputError(f"unknown QAT scheme {scheme!r}; known: {', '.join(QAT_SCHEMES)}",
+                                     field="strategy")
+                check_group(arch, int(entry.get("group_size", 32)), "QAT")
+            if method in ("lora", "qlora") or entry.get("lora"):
+                have = {lin.lora_target for lin in arch.linears} | {lin.name.rsplit(".", 1)[-1] for lin in arch.linears}
+                if not set(spec.train.lora_targets) & have:
+                    raise InputError(f"none of the LoRA targets {', '.join(spec.train.lora_targets)} is a layer of "
+                                     f"{arch.name}; its layers: {', '.join(l.name for l in arch.linears)}",
+                                     field="train.lora_targets")
+    if spec.train.seq_len > arch.max_positions:
+        raise InputError(f"train.seq_len {spec.train.seq_len} is longer than {arch.name} supports "
+                         f"({arch.max_positions} positions)", field="train.seq_len")
+    return {"device": device, "model": arch.name, "dataset": {k: report[k] for k in ("format", "task", "rows",
+                                                                                         "valid_rows")},
+            "warnings": [p["message"] for p in report["problems"] if p["severity"] == "warning"]}
+
+
+def run_inline(spec, workdir, emit=None, device: str | None = None, should_stop=None) -> dict:
+    """Run every stage of a RunSpec in this process, without the run store or a worker: for
+    tests, notebooks and benchmarks. ``emit(type, **payload)`` receives the stage events
+    (default: dropped). Returns {"stages": {name#index: result}, "state": ctx.state, "events": [...]}."""
+    from pathlib import Path
+
+    from engine import strategies
+    from engine.runs.context import StageContext, stage_entry
+    from engine.spec.run import RunSpec
+    spec = spec if isinstance(spec, RunSpec) else RunSpec.parse(spec)
+    strategy = strategies.get(spec.strategy)
+    device = device or _device(spec)
+    prepare(spec)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    events: list[dict] = []
+
+    def _emit(type, **payload):
+        events.append({"type": type, **payload})
+        if emit is not None:
+            emit(type, **payload)
+
+    state: dict = {}
+    results = {}
+    for i, st in enumerate(strategy["stages"]):
+        ctx = StageContext(run_id="inline", spec=spec, strategy=strategy, stage=stage_entry(strategy, i, spec),
+                           index=i, workdir=workdir, state=state, device=device, emit=_emit,
+                           should_stop=should_stop or (lambda: False))
+        results[f"{st['stage']}#{i}"] = STAGES[st["stage"]](ctx)
+    return {"stages": results, "state": state, "events": events}

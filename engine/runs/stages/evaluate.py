@@ -1,0 +1,271 @@
+"""The evaluate stage: measure the model a run produced (``after``) and, when
+``evaluate.before_and_after``, the model it started from (``before``), on the same held-out rows.
+
+For each model:
+  perplexity            exp(mean NLL) of the held-out answer tokens (every token for plain
+                        text), the tokens the training loss counts; ``scored_tokens`` says how many
+  accuracy              classification: exact match of the generated label (greedy, first line)
+  json_valid_rate,      structured output: share of generations that hold a JSON object, share of
+  field_match,          the reference fields it gets exactly right, share with every field right
+  exact_match
+  prefill_ms            one forward pass over ``evaluate.prompt_len`` real tokens, batch 1
+                        (median of 3 after a warm-up)
+  decode_tokens_per_s   greedy ``generate`` of ``evaluate.new_tokens`` tokens: (new - 1) tokens
+                        over (generate time - prefill time)
+  peak_mem_bytes        CUDA max_memory_allocated, or the process's peak RSS on the CPU, from
+                        loading the model to the last measurement (``mem_source`` says which)
+  weights_bytes         the loaded model's parameters and buffers as stored (packed sizes of
+                        quantized tensors, inner tensors of torchao's)
+  size_on_disk_bytes    weight files of the model dir (plus the adapter's, if any)
+Each model is an ``eval`` event with all of these and ``metric`` events for the headline numbers;
+``compare`` gives after/before ratios.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from engine.runs.stages import common
+
+HEADLINE = {"perplexity": "", "accuracy": "fraction", "json_valid_rate": "fraction", "field_match": "fraction",
+            "prefill_ms": "ms", "decode_tokens_per_s": "tokens/s", "peak_mem_bytes": "bytes",
+            "size_on_disk_bytes": "bytes"}
+
+
+# ---- which model ------------------------------------------------------------------------------
+def final_model(ctx) -> dict:
+    """What the run produced: a model dir (maybe quantized), maybe with adapters on a base."""
+    st = ctx.state
+    if st.get("adapter_dir"):
+        base = st.get("adapter_base") or {"dir": st["model_dir"], "quant": st.get("quant")}
+        return {"dir": base["dir"], "quant": base.get("quant"), "adapter": st["adapter_dir"]}
+    return {"dir": st["model_dir"], "quant": st.get("quant"), "adapter": None}
+
+
+def load_for_eval(ctx, which: dict):
+    from engine.runs.stages.train import nf4_config
+    q = which.get("quant")
+    if q and q.get("on_load"):                      # QLoRA base quantized while loading
+        model = common.load_model(ctx, which["dir"], quantization_config=nf4_config(ctx, q["method"],
+                                                                                    q.get("double_quant", True)))
+    else:
+        model = common.load_model(ctx, which["dir"], quant=q)
+    if which.get("adapter"):
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, which["adapter"])
+        if not q:                                   # a 16-bit base is served with the adapters merged
+            model = model.merge_and_unload()
+    model.eval()
+    return model
+
+
+def describe(which: dict) -> str:
+    q = which.get("quant")
+    s = Path(which["dir"]).name if Path(which["dir"]).is_dir() else which["dir"]
+    if q:
+        s += f" ({q['method']}" + (f" {q['bits']}-bit" if q.get("bits") else "") + ")"
+    if which.get("adapter"):
+        s += " + LoRA adapter" + ("" if q else " (merged in memory)")
+    return s
+
+
+# ---- measurements ---------------------------------------------------------------------------------
+def _dev(model):
+    return next(model.parameters()).device
+
+
+def perplexity(model, tok, examples, seq_len: int, batch_size: int = 8) -> dict:
+    import torch
+    pairs = common.encode_all(tok, examples, seq_len)
+    nll, n = 0.0, 0
+    dev = "cuda" if _dev(model).type == "cuda" else "cpu"
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            b = common.collate(pairs[i:i + batch_size], tok.pad_token_id, dev)
+            k = int((b["labels"][:, 1:] != -100).sum())
+            if k == 0:
+                continue
+            loss = model(**b).loss.float().item()
+            nll += loss * k
+            n += k
+    return {"perplexity": round(math.exp(nll / n), 4) if n else None, "nll_per_token": round(nll / n, 5) if n else None,
+            "scored_tokens": n}
+
+
+def generate(model, tok, prompt: str, max_new_tokens: int) -> str:
+    import torch
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=True).to(_dev(model))
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def first_json_object(text: str):
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(text[start:])
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def task_accuracy(model, tok, ds, examples, should_stop) -> dict:
+    """Classification exact match, or structured-output validity and field match."""
+    if ds.task == "classification":
+        max_new = max(len(tok(lbl, add_special_tokens=False)["input_ids"]) for lbl in ds.labels) + 3
+        right = valid = done = 0
+        samples = []
+        for ex in examples:
+            if should_stop():
+                break
+            pred = generate(model, tok, ex.prompt, max_new).strip().split("\n")[0].strip()
+            right += pred == ex.label
+            valid += pred in ds.labels
+            done += 1
+            if len(samples) < 3:
+                samples.append({"label": ex.label, "generated": pred})
+        return {"accuracy": round(right / done, 4) if done else None,
+                "valid_label_rate": round(valid / done, 4) if done else None, "generated": done, "samples": samples}
+    if ds.task == "structured":
+        max_new = min(256, max(len(tok(ex.completion, add_special_tokens=False)["input_ids"]) for ex in examples) + 8)
+        valid = done = exact = 0
+        field_scores, samples = [], []
+        for ex in examples:
+            if should_stop():
+                break
+            text = generate(model, tok, ex.prompt, max_new)
+            obj = first_json_object(text)
+            ref = ex.fields or {}
+            done += 1
+            if obj is not None:
+                valid += 1
+                hits = sum(1 for k, v in ref.items() if k in obj and obj[k] == v)
+                field_scores.append(hits / len(ref) if ref else 1.0)
+                exact += bool(ref) and hits == len(ref)
+            else:
+                field_scores.append(0.0)
+            if len(samples) < 3:
+                samples.append({"reference": ex.completion, "generated": text[:200]})
+        return {"json_valid_rate": round(valid / done, 4) if done else None,
+                "field_match": round(sum(field_scores) / done, 4) if done else None,
+                "exact_match": round(exact / done, 4) if done else None, "generated": done, "samples": samples}
+    return {}
+
+
+def latency(model, tok, examples, prompt_len: int, new_tokens: int) -> dict:
+    """Prefill and greedy decode speed at batch 1 on a prompt of real held-out tokens."""
+    import torch
+    dev = _dev(model)
+    ids: list[int] = tok("", add_special_tokens=True)["input_ids"]
+    for ex in examples * (1 + prompt_len // 8):
+        if len(ids) >= prompt_len:
+            break
+        ids += tok(ex.prompt + ex.completion, add_special_tokens=False)["input_ids"]
+    x = torch.tensor([ids[:prompt_len]], device=dev)
+    mask = torch.ones_like(x)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        model(input_ids=x, attention_mask=mask)                      # warm-up
+        times = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            model(input_ids=x, attention_mask=mask)
+            sync()
+            times.append(time.perf_counter() - t0)
+        prefill = statistics.median(times)
+        sync()
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id)
+        sync()
+        gen = time.perf_counter() - t0
+    made = out.shape[1] - x.shape[1]
+    decode_s = gen - prefill
+    return {"prompt_tokens": int(x.shape[1]), "new_tokens": int(made), "prefill_ms": round(prefill * 1e3, 3),
+            "generate_s": round(gen, 4),
+            "decode_tokens_per_s": round((made - 1) / decode_s, 2) if made > 1 and decode_s > 0 else None}
+
+
+def measure(ctx, which: dict, tok, ds, examples) -> dict:
+    es = ctx.spec.evaluate
+    out: dict = {"model": describe(which)}
+    with common.PeakMemory(ctx.device) as pm:
+        t0 = time.perf_counter()
+        model = load_for_eval(ctx, which)
+        out["load_s"] = round(time.perf_counter() - t0, 3)
+        out["compute_dtype"] = str(model.dtype).replace("torch.", "")
+        out["weights_bytes"] = common.model_bytes(model)
+        if es.perplexity:
+            out.update(perplexity(model, tok, examples, ctx.spec.train.seq_len))
+        if es.task_accuracy and not ctx.should_stop():
+            out.update(task_accuracy(model, tok, ds, examples, ctx.should_stop))
+        if es.latency and not ctx.should_stop():
+            out.update(latency(model, tok, examples, es.prompt_len, es.new_tokens))
+    out["peak_mem_bytes"], out["mem_source"] = pm.peak, pm.source
+    size = common.weights_bytes_on_disk(which["dir"]) if Path(which["dir"]).is_dir() else None
+    if which.get("adapter"):
+        out["adapter_bytes"] = common.weights_bytes_on_disk(which["adapter"])
+        size = (size or 0) + out["adapter_bytes"]
+    out["size_on_disk_bytes"] = size
+    out["device"] = ctx.device
+    del model
+    gc.collect()
+    if ctx.device == "cuda":
+        import torch
+        torch.cuda.empty_cache()
+    return out
+
+
+def evaluate(ctx) -> dict:
+    common.quiet_libraries()
+    es = ctx.spec.evaluate
+    ds = common.dataset(ctx)
+    base = common.base_model(ctx)
+    tok = common.load_tokenizer(ctx.state["tokenizer_dir"])
+    examples = ds.eval[:es.max_examples]
+    after = final_model(ctx)
+    phases = []
+    unchanged = after["dir"] == base and not after["adapter"] and not after["quant"]
+    if es.before_and_after and not unchanged:
+        phases.append(("before", {"dir": base, "quant": None, "adapter": None}))
+    phases.append(("after", after))
+    ctx.log(f"evaluate on {len(examples)} held-out rows ({ds.task}): " +
+            "; ".join(f"{n}: {describe(w)}" for n, w in phases))
+    results: dict = {"task": ds.task, "eval_rows": len(examples)}
+    for name, which in phases:
+        if ctx.should_stop():
+            results["stopped"] = True
+            break
+        m = measure(ctx, which, tok, ds, examples)
+        if unchanged:
+            m["note"] = "the run does not change the model: this is also the starting model"
+        results[name] = m
+        ctx.emit("eval", name=name, metrics=m)
+        for key, unit in HEADLINE.items():
+            if m.get(key) is not None:
+                ctx.emit("metric", name=f"{name}.{key}", value=m[key], unit=unit)
+    if "before" in results and "after" in results:
+        b, a = results["before"], results["after"]
+        cmp = {}
+        for key in ("perplexity", "prefill_ms", "peak_mem_bytes", "size_on_disk_bytes", "weights_bytes"):
+            if a.get(key) and b.get(key):
+                cmp[f"{key}_ratio"] = round(a[key] / b[key], 4)
+        for key in ("accuracy", "json_valid_rate", "field_match", "exact_match"):
+            if a.get(key) is not None and b.get(key) is not None:
+                cmp[f"{key}_delta"] = round(a[key] - b[key], 4)
+        results["compare"] = cmp
+        for key, val in cmp.items():
+            ctx.emit("metric", name=f"compare.{key}", value=val, unit="ratio" if key.endswith("ratio") else "fraction")
+    return results

@@ -1,0 +1,349 @@
+"""The train stage: full fine-tune, LoRA, QLoRA (NF4 or a GPTQ base; QA-LoRA group-aligned
+adapters where peft allows), and QAT (torchao fake quantization, optionally with LoRA).
+
+One plain training loop for all of them (``fit``): torch AdamW, loss from ``labels``,
+gradient accumulation, gradient clipping, linear warmup then linear decay, and a step event
+with loss, learning rate, tokens/s, memory and ETA.
+
+The recipe follows DESIGN.md: LoRA rank r, alpha 2r, dropout 0 on all seven projections
+(those the model has); QLoRA = NF4 with double quantization, ``prepare_model_for_kbit_training``,
+same adapters; non-reentrant gradient checkpointing when asked; full fine-tune with bf16
+weights and optimizer states (``precision: bf16``) or fp32 weights under bf16 autocast
+(``fp32-amp``). On a CPU without fast bf16 everything computes in fp32 (a warning says so).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from engine.errors import InputError
+from engine.runs.stages import common
+
+EMIT_EVERY_S = 0.5          # step events: every step, but at most two a second (plus the last)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then linear decay towards 0 at ``total`` (step counts from 0)."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 1, max_grad_norm: float = 1.0,
+        params=None, on_step=None, should_stop=None, weight_decay: float = 0.0, autocast_dtype=None,
+        device: str = "cpu", mem_fn=None) -> dict:
+    """Train ``model`` for ``steps`` optimizer steps; returns losses, tokens/s and whether it stopped."""
+    import torch
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    if not params:
+        raise InputError("nothing to train: the model has no trainable parameters", field="train")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses, tokens, t0 = [], 0, time.perf_counter()
+    stopped = False
+    done = 0
+    for step in range(steps):
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+        cur_lr = lr_at(step, steps, lr, warmup)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        step_loss, step_tokens = 0.0, 0
+        for _ in range(accum):
+            batch = next(batch_iter)
+            with (torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=autocast_dtype)
+                  if autocast_dtype is not None else _null()):
+                out = model(**batch)
+            loss = out.loss / accum
+            loss.backward()
+            step_loss += loss.item()
+            m = batch.get("attention_mask")
+            step_tokens += int(m.sum()) if m is not None else batch["input_ids"].numel()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        losses.append(step_loss)
+        tokens += step_tokens
+        if on_step is not None:
+            el = time.perf_counter() - t0
+            on_step({"step": done, "total": steps, "loss": step_loss, "lr": cur_lr,
+                     "tokens_per_s": tokens / el if el > 0 else None,
+                     "eta_s": el / done * (steps - done), "mem_bytes": mem_fn() if mem_fn else None})
+    wall = time.perf_counter() - t0
+    del opt
+    return {"steps": done, "total": steps, "losses": losses, "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1) if wall > 0 and done else None, "stopped": stopped}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---- models for each method ---------------------------------------------------------------------
+def lora_config(ctx, model, **extra):
+    from peft import LoraConfig
+    tp = ctx.spec.train
+    targets = common.present_targets(model, tp.lora_targets)
+    missing = [t for t in tp.lora_targets if t not in targets]
+    if missing:
+        ctx.log(f"LoRA targets not in this model, skipped: {', '.join(missing)}")
+    return LoraConfig(r=tp.lora_rank, lora_alpha=tp.lora_alpha or 2 * tp.lora_rank, lora_dropout=tp.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM", **extra)
+
+
+def _full_model(ctx):
+    import torch
+    if ctx.state.get("quant"):
+        raise InputError(f"a full fine-tune needs a 16-bit model, but the model at this stage is quantized "
+                         f"({ctx.state['quant'].get('method')}); train before quantizing, or use qlora",
+                         field="strategy")
+    dtype = common.compute_dtype(ctx)
+    autocast = None
+    if ctx.device == "cuda" and ctx.spec.train.precision == "fp32-amp":
+        autocast, dtype = dtype, torch.float32         # fp32 master weights, bf16 math
+    model = common.load_model(ctx, common.current_model(ctx), dtype=dtype)
+    return model, autocast
+
+
+def _lora_model(ctx):
+    from peft import get_peft_model
+    if ctx.state.get("quant"):
+        return _qlora_model(ctx)
+    model = common.load_model(ctx, common.current_model(ctx))
+    if ctx.spec.train.grad_ckpt:
+        common.checkpointing(model)
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(ctx, model))
+    ctx.state["adapter_base"] = {"dir": common.current_model(ctx), "quant": None}
+    return model
+
+
+def nf4_config(ctx, method: str = "nf4", double_quant: bool = True):
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=common.compute_dtype(ctx))
+
+
+def _qlora_model(ctx):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    quant = ctx.state.get("quant")
+    path = common.current_model(ctx)
+    if quant:
+        ctx.log(f"adapters on the {quant['method']} model of the previous stage ({path})")
+        model = common.load_model(ctx, path, quant=quant)
+        base = {"dir": path, "quant": quant}
+    else:                                            # the reference recipe: quantize to NF4 while loading
+        ctx.log("no quantized model yet: loading the 16-bit model as NF4 (double quantization) for QLoRA")
+        model = common.load_model(ctx, path, quantization_config=nf4_config(ctx))
+        base = {"dir": path, "quant": {"library": "bitsandbytes", "method": "nf4", "bits": 4,
+                                       "double_quant": True, "on_load": True}}
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ctx.spec.train.grad_ckpt,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    extra = {}
+    if ctx.stage.get("group_aligned"):
+        if base["quant"].get("method") == "gptq" and base["quant"].get("group_size", -1) > 0:
+            extra = {"use_qalora": True, "qalora_group_size": base["quant"]["group_size"]}
+            ctx.log(f"QA-LoRA: adapter inputs pooled per quantization group of {base['quant']['group_size']} "
+                    "(peft use_qalora)")
+            ctx.warn("QA-LoRA: peft trains group-pooled adapters on the GPTQ base but cannot merge them into the "
+                     "int4 zero points (its QA-LoRA merge is not implemented for GPTQ layers); the served model "
+                     "is the GPTQ checkpoint plus the adapter")
+        else:
+            ctx.warn(f"group-aligned (QA-LoRA) adapters need a GPTQ base with a group size; the base here is "
+                     f"{base['quant'].get('method')}: trained plain LoRA adapters instead")
+    model = get_peft_model(model, lora_config(ctx, model, **extra))
+    ctx.state["adapter_base"] = base
+    return model
+
+
+# ---- QAT ---------------------------------------------------------------------------------------------
+QAT_SCHEMES = ("int8-dyn-act-int4-weight", "int4-weight-only")
+
+
+def torchao_config(scheme: str, group_size: int, device: str, bits: int = 4):
+    """(QAT prepare config, convert config, what it is, a note when the CPU changes the target).
+
+    int8-dyn-act-int4-weight: Int8DynamicActivationIntxWeightConfig(int4, PerGroup), CPU and GPU
+    alike (torchao infers the int8 per-token activation and int4 group weight fake quantizers).
+    int4-weight-only: on a GPU Int4WeightOnlyConfig (torchao's int4 fake quantizer while training;
+    converted to the tile-packed tinygemm layout that torch's CUDA kernel serves); on the CPU
+    torchao has no int4 weight-only kernel, so IntxWeightOnlyConfig(int4, PerGroup) stands in."""
+    import torch
+    from torchao.quantization import (Int4WeightOnlyConfig, Int8DynamicActivationIntxWeightConfig,
+                                      IntxWeightOnlyConfig, PerGroup)
+    from torchao.quantization.qat import QATConfig
+    wdtype = getattr(torch, f"int{bits}")
+    if scheme == "int8-dyn-act-int4-weight":
+        base = Int8DynamicActivationIntxWeightConfig(weight_dtype=wdtype, weight_granularity=PerGroup(group_size))
+        return (QATConfig(base, step="prepare"), QATConfig(base, step="convert"),
+                f"torchao Int8DynamicActivationIntxWeightConfig(int{bits} weights, group {group_size}; "
+                "int8 per-token activations)", None)
+    if scheme == "int4-weight-only":
+        if device == "cuda" and bits == 4:
+            from torchao.quantization.quantize_.workflows import Int4PackingFormat
+            served = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
+            return (QATConfig(Int4WeightOnlyConfig(group_size=group_size), step="prepare"),
+                    QATConfig(served, step="convert"),
+                    f"torchao Int4WeightOnlyConfig(group {group_size}, tile-packed for tinygemm)", None)
+        base = IntxWeightOnlyConfig(weight_dtype=wdtype, granularity=PerGroup(group_size))
+        return (QATConfig(base, step="prepare"), QATConfig(base, step="convert"),
+                f"torchao IntxWeightOnlyConfig(int{bits}, group {group_size})",
+                f"torchao's int4 weight-only kernels need a GPU: on the CPU the QAT target is IntxWeightOnlyConfig"
+                f"(int{bits}, group {group_size}) - int{bits} grouped weights served by torchao's portable kernel")
+    raise InputError(f"unknown QAT scheme {scheme!r}; known: {', '.join(QAT_SCHEMES)}", field="strategy")
+
+
+def not_lm_head(module, fqn: str) -> bool:
+    """Which modules torchao quantizes: every Linear but the output head (kept 16-bit, as the
+    transformers TorchAoConfig loader does)."""
+    import torch
+    return isinstance(module, torch.nn.Linear) and not fqn.endswith("lm_head") and "lora_" not in fqn
+
+
+def qat_prepare(model, scheme: str, group_size: int, device: str):
+    from torchao.quantization import quantize_
+    prepare, _, what, cpu_note = torchao_config(scheme, group_size, device)
+    quantize_(model, prepare, filter_fn=not_lm_head)
+    return what, cpu_note
+
+
+def check_group(model, group_size: int, what: str) -> None:
+    bad = {n: k for n, k in common.linear_in_features(model).items() if group_size > 0 and k % group_size}
+    if bad:
+        raise InputError(f"{what}: group size {group_size} does not divide the input size of "
+                         + ", ".join(f"{n} ({k})" for n, k in bad.items()) + "; pick a group size that divides "
+                         "them (e.g. 32 or 64)", field="quantize.group_size")
+
+
+def _qat_model(ctx):
+    from peft import get_peft_model
+    st = ctx.stage
+    scheme, gs = st.get("scheme", "int8-dyn-act-int4-weight"), int(st.get("group_size", 32))
+    path = common.current_model(ctx)
+    if ctx.state.get("quant"):
+        raise InputError("QAT trains a 16-bit model with fake quantization; the model at this stage is already "
+                         "quantized", field="strategy")
+    if (Path(path) / "config.json").is_file():
+        check_group(path, gs, "QAT")
+    model = common.load_model(ctx, path)
+    what, cpu_note = qat_prepare(model, scheme, gs, ctx.device)
+    if cpu_note:
+        ctx.warn(cpu_note)
+    ctx.log(f"QAT: fake quantization {what} on every linear but lm_head (straight-through gradients)")
+    if st.get("lora"):
+        model = get_peft_model(model, lora_config(ctx, model))
+        ctx.warn("QAT + LoRA: adapters train on the frozen fake-quantized base (torchao quantizes W, not W + BA, "
+                 "during training); at the end they are merged and the merged weights are quantized by convert")
+    elif ctx.spec.train.grad_ckpt:
+        common.checkpointing(model)
+    ctx.state["qat"] = {"scheme": scheme, "group_size": gs, "what": what, "lora": bool(st.get("lora"))}
+    return model
+
+
+# ---- the stage ----------------------------------------------------------------------------------------
+def train(ctx) -> dict:
+    import torch
+    method = ctx.stage.get("method", "lora")
+    tp = ctx.spec.train
+    ds = common.dataset(ctx)
+    common.base_model(ctx)
+    common.seed_everything(ctx.spec.seed)
+    common.quiet_libraries()
+    tok = common.load_tokenizer(ctx.state["tokenizer_dir"])
+    autocast = None
+    if method == "full":
+        model, autocast = _full_model(ctx)
+        if tp.grad_ckpt:
+            common.checkpointing(model)
+    elif method == "lora":
+        model = _lora_model(ctx)
+    elif method == "qlora":
+        model = _qlora_model(ctx)
+    elif method == "qat":
+        model = _qat_model(ctx)
+    else:
+        raise InputError(f"unknown training method {method!r}; known: full, lora, qlora, qat", field="strategy")
+    model.train()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    pairs = common.encode_all(tok, ds.train, tp.seq_len)
+    steps = tp.steps or max(1, math.ceil(tp.epochs * len(pairs) / (tp.batch_size * tp.grad_accum)))
+    ctx.log(f"train {method}: {n_train:,} trainable of {n_all:,} parameters; {steps} steps of "
+            f"{tp.batch_size}x{tp.grad_accum} sequences (<= {tp.seq_len} tokens), lr {tp.learning_rate:g}, "
+            f"{'gradient checkpointing, ' if tp.grad_ckpt else ''}device {ctx.device}")
+    last = [0.0]
+
+    def on_step(s):
+        now = time.perf_counter()
+        if s["step"] in (1, s["total"]) or now - last[0] >= EMIT_EVERY_S:
+            last[0] = now
+            ctx.emit("step", **s)
+
+    it = common.batches(pairs, tp.batch_size, ctx.spec.seed, tok.pad_token_id, ctx.device)
+    hist = fit(model, it, steps=steps, lr=tp.learning_rate, warmup=tp.warmup_steps, accum=tp.grad_accum,
+               max_grad_norm=tp.max_grad_norm, on_step=on_step, should_stop=ctx.should_stop,
+               autocast_dtype=autocast, device=ctx.device, mem_fn=lambda: common.mem_now(ctx.device))
+    model.eval()
+    if hist["stopped"]:
+        ctx.warn(f"stopped after {hist['steps']} of {steps} steps; saving what was trained")
+    out = _save(ctx, method, model, tok)
+    k = max(1, min(5, len(hist["losses"]) // 4))
+    res = {"method": method, "steps": hist["steps"], "total_steps": steps, "stopped": hist["stopped"],
+           "trainable_params": n_train, "params": n_all, "tokens": hist["tokens"],
+           "tokens_per_s": hist["tokens_per_s"], "train_s": hist["wall_s"],
+           "loss_first": _mean(hist["losses"][:k]), "loss_last": _mean(hist["losses"][-k:]),
+           "losses": [round(x, 4) for x in hist["losses"]], **out}
+    for name in ("loss_first", "loss_last"):
+        if res[name] is not None:
+            ctx.emit("metric", name=f"train.{name}", value=res[name], unit="nats/token")
+    if res["tokens_per_s"]:
+        ctx.emit("metric", name="train.tokens_per_s", value=res["tokens_per_s"], unit="tokens/s")
+    del model
+    if ctx.device == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def _mean(xs):
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def _save(ctx, method: str, model, tok) -> dict:
+    import torch
+    wd = Path(ctx.workdir)
+    if method == "full":
+        out = wd / "model-full"
+        model.to(common.base_dtype(ctx))
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        ctx.state.update(model_dir=str(out), quant=None, adapter_dir=None)
+        return {"model_dir": common.artifact(ctx, out, "model")}
+    if method in ("lora", "qlora"):
+        out = wd / "adapter"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        ctx.state["adapter_dir"] = str(out)
+        return {"adapter_dir": common.artifact(ctx, out, "adapter"),
+                "adapter_bytes": common.weights_bytes_on_disk(str(out))}
+    # qat: keep the fake-quantized model for convert; also save its float weights
+    q = ctx.state["qat"]
+    if q["lora"]:
+        adapter = wd / "adapter"
+        model.save_pretrained(adapter)
+        common.artifact(ctx, adapter, "adapter")
+        model = model.merge_and_unload()
+    out = wd / "qat-trained"
+    sd = {k: v for k, v in model.state_dict().items() if "fake_quantizer" not in k}
+    model.save_pretrained(out, state_dict=sd)
+    tok.save_pretrained(out)
+    q["model"] = model                               # the live fake-quantized model, for convert
+    q["trained_dir"] = str(out)
+    ctx.state.update(model_dir=str(out), quant=None, adapter_dir=None)
+    return {"qat_trained_dir": common.artifact(ctx, out, "model"), "qat": q["what"]}

@@ -1,0 +1,83 @@
+"""The offline demo model: built from the standard library's docstrings with its own tokenizer,
+saved like a hub checkpoint, read by engine.models, cached, rebuilt when its preset changes."""
+import json
+
+import pytest
+
+from engine import models
+from engine.errors import InputError
+from engine.runs import demo
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """The micro demo model, built once per test session under a shared TUNEQUANT_HOME."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEQUANT_HOME", str(tmp_path_factory.getbasetemp() / "tq-home"))
+        logs = []
+        path = demo.ensure_model("demo:micro-llama", log=logs.append)
+        yield path, logs
+
+
+def test_micro_model_is_a_real_checkpoint(micro):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path, _ = micro
+    info = json.loads((path / "build_info.json").read_text())
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["dtype"] == "bfloat16"                           # 16-bit on disk, like hub checkpoints
+    # the preset's config (no build needed) is what was built
+    for k, v in demo.hf_config("micro-llama").items():
+        if k == "rope_theta":                                   # transformers 5 nests it
+            assert cfg["rope_parameters"]["rope_theta"] == v
+        elif k not in ("bos_token_id", "eos_token_id", "pad_token_id", "architectures"):
+            assert cfg[k] == v, k
+    tok = AutoTokenizer.from_pretrained(path)
+    assert len(tok) == 512
+    enc = tok("Return the number of items in a container.")["input_ids"]
+    assert enc[0] == tok.bos_token_id                           # Llama-style BOS
+    assert tok.decode(enc, skip_special_tokens=True) == "Return the number of items in a container."
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == info["params"]
+    # hand count: embed + lm_head 2*512*128, per layer q,o 128x128, k,v 128x64, mlp 3x128x256, 2 norms
+    per_layer = 2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256 + 2 * 128
+    assert n == 2 * 512 * 128 + 2 * per_layer + 128 == 426_624
+    # pretraining did something: loss fell and held-out perplexity is far below the vocabulary size
+    assert info["final_loss"] < info["first_loss"] - 0.5
+    assert info["val_perplexity"] < 400 < 512
+    arch = models.resolve(str(path))
+    assert arch.total_params == n and arch.source.startswith("dir:")
+
+
+def test_cached_and_rebuilt_only_when_the_preset_changes(micro, monkeypatch, tmp_path_factory):
+    path, logs = micro
+    monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path_factory.getbasetemp() / "tq-home"))
+    assert demo.is_built("micro-llama") and demo.model_dir("micro-llama") == path
+    stamp = (path / "build_info.json").stat().st_mtime
+    assert demo.ensure_model("micro-llama") == path
+    assert (path / "build_info.json").stat().st_mtime == stamp     # not rebuilt
+    changed = json.loads(json.dumps(demo.models()["micro-llama"]))
+    changed["pretrain"]["steps"] += 1
+    assert demo._fingerprint(changed) != demo._fingerprint(demo.models()["micro-llama"])
+
+
+def test_names_and_arch_without_building(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path))
+    assert demo.is_demo("demo:tiny-llama") and not demo.is_demo("llama-3.2-1b")
+    assert demo.model_name("DEMO:Tiny-Llama") == "tiny-llama"
+    with pytest.raises(InputError, match="known: demo:tiny-llama, demo:micro-llama"):
+        demo.model_name("demo:huge")
+    cfg = demo.hf_config("tiny-llama")
+    arch = models.arch_from_config(cfg, name="tiny-llama")
+    assert arch.hidden_size == 256 and arch.num_layers == 4 and arch.vocab_size == 2048
+    assert not demo.is_built("tiny-llama")
+    assert str(demo.model_dir("tiny-llama")).startswith(str(tmp_path / "cache" / "demo"))
+
+
+def test_corpus_is_stdlib_docstrings():
+    docs = demo.corpus(20_000)
+    assert 20_000 <= sum(map(len, docs)) < 40_000
+    assert all(len(d) >= 40 for d in docs)
+    assert docs == demo.corpus(20_000)                         # fixed order

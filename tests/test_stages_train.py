@@ -1,0 +1,167 @@
+"""The train stage for real on the micro demo model (CPU, a few steps each): LoRA, full
+fine-tune, QLoRA on an NF4 base, QAT with torchao fake quantization then convert. Loss must
+fall, artifacts must load back, stop must save what was trained."""
+import math
+
+import pytest
+
+from engine.runs.context import StageContext, stage_entry
+from engine.runs.stages import common, run_inline
+from engine.runs.stages.train import fit, lr_at
+from engine.spec.run import RunSpec
+from engine import strategies
+
+TRAIN = {"steps": 8, "batch_size": 4, "seq_len": 64, "learning_rate": 5e-3, "lora_rank": 8}
+EVAL = {"max_examples": 6, "prompt_len": 16, "new_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A TUNEQUANT_HOME shared by the session (the micro model is built once) for this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEQUANT_HOME", str(tmp_path_factory.getbasetemp() / "tq-home"))
+        from engine.runs import demo
+        demo.ensure_model("micro-llama")
+        yield
+
+
+def spec(strategy, **kw):
+    base = {"model": "demo:micro-llama", "strategy": strategy, "dataset": {"demo": "tickets", "max_examples": 60},
+            "train": dict(TRAIN), "evaluate": dict(EVAL), "device": "cpu"}
+    for k, v in kw.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def steps_of(out):
+    return [e for e in out["events"] if e["type"] == "step"]
+
+
+def test_lr_schedule_by_hand():
+    # warmup 2 of 10 steps at lr 1.0: 0.5, 1.0, then linear decay (10 - s) / 8
+    got = [lr_at(s, 10, 1.0, 2) for s in range(10)]
+    assert got[:2] == [0.5, 1.0]
+    assert got[2:] == pytest.approx([(10 - s) / 8 for s in range(2, 10)])
+    assert lr_at(0, 4, 0.1, 0) == pytest.approx(0.1) and lr_at(3, 4, 0.1, 0) == pytest.approx(0.025)
+
+
+def test_lora_trains_saves_and_evaluates(home, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    out = run_inline(spec("lora"), tmp_path)
+    tr, ev = out["stages"]["train#0"], out["stages"]["evaluate#1"]
+    assert tr["method"] == "lora" and tr["steps"] == 8 and not tr["stopped"]
+    assert tr["loss_last"] < tr["loss_first"]
+    # rank 8 on all seven projections of 2 layers: 8 * (in + out) each
+    h, kv, i = 128, 64, 256
+    per_layer = 8 * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
+    assert tr["trainable_params"] == 2 * per_layer == 32_768
+    st = steps_of(out)
+    assert st[0]["step"] == 1 and st[-1]["step"] == 8 and st[-1]["total"] == 8
+    assert all(s["tokens_per_s"] > 0 and s["mem_bytes"] > 0 and s["lr"] > 0 for s in st)
+    assert st[-1]["eta_s"] == 0
+    # the adapter loads back on the base
+    base = AutoModelForCausalLM.from_pretrained(out["state"]["base_dir"])
+    model = PeftModel.from_pretrained(base, tr["adapter_dir"])
+    assert model.peft_config["default"].r == 8 and model.peft_config["default"].lora_alpha == 16
+    assert set(model.peft_config["default"].target_modules) == set(RunSpec.parse(spec("lora")).train.lora_targets)
+    # evaluation before and after, on the same held-out rows
+    b, a = ev["before"], ev["after"]
+    assert b["scored_tokens"] == a["scored_tokens"] > 0
+    assert a["perplexity"] < b["perplexity"]                    # tuned on this task's answers
+    assert ev["compare"]["perplexity_ratio"] == pytest.approx(a["perplexity"] / b["perplexity"], rel=1e-3)
+    for m in (a, b):
+        assert 0 <= m["accuracy"] <= 1 and m["generated"] == 6
+        assert m["prefill_ms"] > 0 and m["decode_tokens_per_s"] > 0 and m["peak_mem_bytes"] > 0
+    assert a["size_on_disk_bytes"] == b["size_on_disk_bytes"] + a["adapter_bytes"]
+    names = {e["name"] for e in out["events"] if e["type"] == "metric"}
+    assert {"before.perplexity", "after.perplexity", "train.loss_last", "compare.perplexity_ratio"} <= names
+
+
+def test_qlora_on_nf4_base(home, tmp_path):
+    out = run_inline(spec("qlora", train={"grad_ckpt": False}), tmp_path)
+    q, tr = out["stages"]["quantize#0"], out["stages"]["train#1"]
+    assert q["quant"]["method"] == "nf4" and q["quant"]["double_quant"]
+    assert q["size_on_disk_bytes"] < 0.6 * q["source_size_on_disk_bytes"]
+    assert tr["method"] == "qlora" and tr["loss_last"] < tr["loss_first"]
+    assert out["state"]["adapter_base"]["quant"]["method"] == "nf4"
+    after = out["stages"]["evaluate#2"]["after"]
+    assert "nf4" in after["model"] and "adapter" in after["model"] and math.isfinite(after["perplexity"])
+
+
+def test_full_finetune_then_int8(home, tmp_path):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+    out = run_inline(spec("full-then-int8", train={"steps": 6, "learning_rate": 2e-3}), tmp_path)
+    tr = out["stages"]["train#0"]
+    assert tr["trainable_params"] == tr["params"] == 426_624
+    assert tr["loss_last"] < tr["loss_first"]
+    m = AutoModelForCausalLM.from_pretrained(out["stages"]["quantize#1"]["model_dir"])
+    assert isinstance(m.model.layers[0].mlp.down_proj, bnb.nn.Linear8bitLt)
+    assert out["stages"]["evaluate#2"]["after"]["perplexity"] < out["stages"]["evaluate#2"]["before"]["perplexity"]
+
+
+def test_qat_prepare_train_convert(home, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+    out = run_inline(spec("qat-int8", train={"steps": 6, "learning_rate": 2e-3}), tmp_path)
+    tr, cv = out["stages"]["train#0"], out["stages"]["convert#1"]
+    assert tr["loss_last"] < tr["loss_first"]
+    assert "Int8DynamicActivationIntxWeightConfig" in tr["qat"] and cv["quant"]["group_size"] == 32
+    m = AutoModelForCausalLM.from_pretrained(cv["model_dir"])
+    w = m.model.layers[1].self_attn.o_proj.weight
+    assert type(w).__name__ == "IntxUnpackedToInt8Tensor"
+    assert int(w.qdata.min()) >= -8 and int(w.qdata.max()) <= 7      # int4 values in int8 storage
+    assert isinstance(m.lm_head.weight, torch.nn.Parameter) and type(m.lm_head.weight.data).__name__ == "Tensor"
+    ev = out["stages"]["evaluate#2"]
+    assert ev["after"]["perplexity"] < ev["before"]["perplexity"]
+
+
+def test_stop_saves_what_was_trained(home, tmp_path):
+    rs = RunSpec.parse(spec("lora", train={"steps": 50}))
+    strat = strategies.get("lora")
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > 3
+    events = []
+    ctx = StageContext(run_id="t", spec=rs, strategy=strat, stage=stage_entry(strat, 0, rs), index=0,
+                       workdir=tmp_path, state={}, device="cpu",
+                       emit=lambda type, **p: events.append((type, p)), should_stop=should_stop)
+    from engine.runs.stages import STAGES
+    res = STAGES["train"](ctx)
+    assert res["stopped"] and res["steps"] == 3 and res["total_steps"] == 50
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert any(t == "warning" and "stopped after 3 of 50" in p["message"] for t, p in events)
+
+
+def test_encoding_masks_prompt_and_keeps_answer(home):
+    from engine.runs import demo
+    from engine.runs.data import Example
+    tok = common.load_tokenizer(str(demo.model_dir("micro-llama")))
+    ex = Example(prompt="### Text:\nrefund me\n\n### Label:\n", completion="billing")
+    [(ids, labels)] = common.encode_example(tok, ex, 64)
+    p = tok(ex.prompt)["input_ids"]
+    c = tok(ex.completion, add_special_tokens=False)["input_ids"]
+    assert ids == p + c + [tok.eos_token_id]
+    assert labels == [-100] * len(p) + c + [tok.eos_token_id]
+    # too long: the prompt is cut from the left (BOS kept), the answer stays whole
+    [(ids2, labels2)] = common.encode_example(tok, ex, len(c) + 4)
+    assert len(ids2) == len(c) + 4 and ids2[0] == tok.bos_token_id and ids2[-len(c) - 1:] == c + [tok.eos_token_id]
+    # plain text longer than the window: consecutive windows, every token but BOS scored
+    long = Example(prompt="", completion="word " * 100)
+    pairs = common.encode_example(tok, long, 32)
+    n = len(tok("word " * 100)["input_ids"]) + 1
+    assert sum(len(i) for i, _ in pairs) == n and all(len(i) <= 32 for i, _ in pairs)
+    assert pairs[0][1][0] == -100 and pairs[1][1] == pairs[1][0]
+
+
+def test_fit_needs_trainable_parameters():
+    import torch
+    from engine.errors import InputError
+    m = torch.nn.Linear(2, 2)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(InputError, match="no trainable parameters"):
+        fit(m, iter([]), steps=1, lr=1e-3)
