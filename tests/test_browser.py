@@ -138,7 +138,7 @@ def launch(page, name: str, strategy: str, steps: int) -> str:
     pick(page, "run_strategy", strategy)
     fill(page, "run_name", name)
     fill(page, "run_model", MODEL)
-    fill(page, "run_demo", "tickets")
+    pick(page, "run_demo", "tickets")
     fill(page, "run_data_path", "")
     page.locator("#run_device label", has_text="cpu").first.click()
     fill(page, "run_steps", steps)
@@ -176,7 +176,7 @@ def test_wizard_on_an_example_scenario(page):
     page.get_by_role("button", name="Next: goals →").click()
     assert page.locator("#priority input[value='cost']").is_checked()
     yaml_text = wait_text(page, "#scenario_yaml", r"task: classification")
-    assert "t4-16gb" in yaml_text and "examples: 600" in yaml_text
+    assert "deploy: {target: gpu-server, gpu: t4-16gb}" in yaml_text and "examples: 600" in yaml_text
     wait_text(page, "#summary", r"Recommended|No strategy is feasible")
     # bad input shows next to its field, never a traceback
     fill(page, "min_retention", 3)

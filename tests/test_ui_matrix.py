@@ -78,34 +78,45 @@ def test_summary_change_and_detail_views(result):
     assert "not in this matrix" in matrix.detail_html(result, "no-such")
 
 
+def recompute(form) -> dict:
+    out = layout._recompute(form)
+    assert len(out) == len(layout.PLAN_KEYS)
+    return dict(zip(layout.PLAN_KEYS, out))
+
+
 def test_recompute_fills_every_output_and_is_fast():
     form = {**wizard.DEFAULT_FORM}
-    layout._recompute(form)                               # warm caches (presets, fits)
+    recompute(form)                                       # warm caches (presets, fits)
     t0 = time.perf_counter()
-    out = layout._recompute(form)
+    out = recompute(form)
     ms = (time.perf_counter() - t0) * 1000
     print(f"\nrecompute (advisor + matrix + 4 charts): {ms:.0f} ms server time")
-    scn, res = out[0], out[1]
+    scn, res = out["scenario"], out["result"]
     assert scn["model"] == "llama-3.1-8b" and res["recommended"] == matrix.recommended(res)
-    assert "model:" in out[2]                             # the scenario YAML
-    assert "tq-ok" in out[4] and "llama-3.1-8b" in out[4]  # model summary next to the field
-    assert len(out[9].data) == len(strategies.ids())      # the matrix
-    assert "server time" in out[-1]
+    assert "model: llama-3.1-8b" in out["scenario_yaml"]
+    assert "tq-ok" in out["model_msg"] and "llama-3.1-8b" in out["model_msg"]   # next to the field
+    assert len(out["table"].data) == len(strategies.ids())
+    assert "server time" in out["timing"]
+    reco = matrix.recommended(res)
+    if reco:
+        assert out["pick"]["value"] == reco and f"({reco}," in out["detail"]
+    for k in ("mem", "lat", "breakdown", "cost"):
+        assert out[k]["layout"]["uirevision"]             # every chart keeps zoom across redraws
 
 
 def test_recompute_puts_bad_input_next_to_its_field():
-    out = layout._recompute({**wizard.DEFAULT_FORM, "gpu_count": -1})
-    assert out[1] is None
-    assert out[4] == "" and "tq-error" in out[6] and "hardware.count" in out[6]   # hardware step message
-    assert "tq-error" in out[8]                                                   # and above the matrix
-    assert len(out[9]) == 0
-    out = layout._recompute({**wizard.DEFAULT_FORM, "source": wizard.SRC_HUB, "hub_id": "not a model"})
-    assert "tq-error" in out[4] and "Traceback" not in out[4]
+    out = recompute({**wizard.DEFAULT_FORM, "gpu_count": -1})
+    assert out["result"] is None
+    assert out["model_msg"] == "" and "tq-error" in out["hw_msg"] and "hardware.count" in out["hw_msg"]
+    assert "tq-error" in out["banner"]                    # and above the matrix
+    assert len(out["table"]) == 0
+    out = recompute({**wizard.DEFAULT_FORM, "source": wizard.SRC_HUB, "hub_id": "not a model"})
+    assert "tq-error" in out["model_msg"] and "Traceback" not in out["model_msg"]
 
 
 def test_every_example_scenario_gets_a_matrix():
     for name in wizard.example_scenarios():
-        out = layout._recompute(wizard.load_example(name))
-        res = out[1]
-        assert res is not None, (name, out[3])
+        out = recompute(wizard.load_example(name))
+        res = out["result"]
+        assert res is not None, (name, out["summary"])
         assert len(matrix.rows(res)) == len(strategies.ids())

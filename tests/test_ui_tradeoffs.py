@@ -39,7 +39,7 @@ def test_memory_vs_accuracy_serving_view():
     fig = tradeoffs.memory_vs_accuracy(ROWS, tradeoffs.MEMORY_VIEWS[0], serve_bytes=15.5 * GIB, serve_name="T4")
     assert isinstance(fig, Fig)
     json.loads(fig.to_json())                                       # valid Plotly JSON
-    assert fig.layout["uirevision"] == "mem-vs-acc"
+    assert fig.layout["uirevision"] == "mem-vs-acc-serve_bytes"     # zoom kept while inputs change
     pts = {t: (x, y) for tr in fig.traces if tr.get("mode") == "markers"
            for t, x, y in zip(tr["text"], tr["x"], tr["y"])}
     assert pts["nf4"] == (pytest.approx(5.5), 0.97) and pts["full"] == (pytest.approx(16.0), 1.0)
@@ -88,7 +88,8 @@ def test_breakdown_stacks_sum_to_the_stage_memory():
 
 def test_cost_chart_and_empty_states():
     rs = [row("a", "ptq-only", True, 1, 1, 1, 1, train_usd=None, serve_usd=0.12),
-          row("b", "finetune-only", True, 1, 1, 1, 1, train_usd=42.0, serve_usd=0.30)]
+          row("b", "finetune-only", True, 1, 1, 1, 1, train_usd=42.0, serve_usd=0.30),
+          row("c", "finetune-only", False, 1, 1, 1, 1, train_usd=99.0, serve_usd=0.50)]   # infeasible: left out
     fig = tradeoffs.cost_chart(rs)
     train, serve = fig.traces
     assert train["x"] == ["b"] and train["y"] == [42.0] and train["xaxis"] == "x"

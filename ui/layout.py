@@ -19,6 +19,9 @@ from ui.plotting import empty
 from ui.theme import CSS, THEME
 
 LAUNCH_KW = {"theme": THEME, "css": CSS, "max_file_size": MAX_UPLOAD}
+# what _recompute returns, in order (the outputs of every wizard change)
+PLAN_KEYS = ("scenario", "result", "scenario_yaml", "summary", "model_msg", "data_msg", "hw_msg", "goals_msg",
+             "banner", "table", "change", "pick", "mem", "lat", "breakdown", "cost", "timing", "detail")
 POLL_S = 1.0
 URL_RUN_JS = """(run_id) => {
   const u = new URL(window.location.href);
@@ -64,7 +67,8 @@ def _wizard_tab():
                         c["family"] = gr.Dropdown(list(wizard.models.FAMILIES), value=d["family"], label="Family")
                     c["size_row"] = size_row
                     c["model_msg"] = gr.HTML(elem_id="model_msg")
-                    next1 = gr.Button("Next: data →", size="sm")
+                    with gr.Row():
+                        next1 = gr.Button("Next: data →", size="sm", scale=0, min_width=160)
                 with gr.Step("Data", id=2):
                     with gr.Row():
                         c["task"] = gr.Dropdown(list(wizard.TASKS), value=d["task"], label="Task", elem_id="task")
@@ -80,8 +84,8 @@ def _wizard_tab():
                                                      max_height=260, wrap=True)
                     c["dataset_path"] = gr.State("")
                     with gr.Row():
-                        back2 = gr.Button("← Model", size="sm")
-                        next2 = gr.Button("Next: hardware →", size="sm")
+                        back2 = gr.Button("← Model", size="sm", scale=0, min_width=160)
+                        next2 = gr.Button("Next: hardware →", size="sm", scale=0, min_width=160)
                 with gr.Step("Hardware", id=3):
                     with gr.Row():
                         c["gpu"] = gr.Dropdown(wizard.gpu_choices(), value=d["gpu"], label="Training GPU", elem_id="gpu")
@@ -90,12 +94,13 @@ def _wizard_tab():
                     with gr.Row():
                         c["target"] = gr.Radio(list(wizard.TARGETS), value=d["target"], label="Serving target",
                                                elem_id="target")
-                        c["deploy_device"] = gr.Dropdown(wizard.device_choices(d["target"]), value=d["deploy_device"],
-                                                         label="Serving device", elem_id="deploy_device")
+                        c["deploy_device"] = gr.Dropdown(wizard.all_device_choices(), value=d["deploy_device"],
+                                                         label="Serving device (its kind must suit the target)",
+                                                         elem_id="deploy_device")
                     c["hw_msg"] = gr.HTML(elem_id="hw_msg")
                     with gr.Row():
-                        back3 = gr.Button("← Data", size="sm")
-                        next3 = gr.Button("Next: goals →", size="sm")
+                        back3 = gr.Button("← Data", size="sm", scale=0, min_width=160)
+                        next3 = gr.Button("Next: goals →", size="sm", scale=0, min_width=160)
                 with gr.Step("Goals", id=4):
                     with gr.Row():
                         c["max_latency"] = gr.Number(value=d["max_latency"], label="Max latency, ms/token (0: no goal)",
@@ -111,9 +116,9 @@ def _wizard_tab():
                                                      label="What is wrong today (optional)", elem_id="symptoms")
                     c["goals_msg"] = gr.HTML(elem_id="goals_msg")
                     with gr.Row():
-                        back4 = gr.Button("← Hardware", size="sm")
+                        back4 = gr.Button("← Hardware", size="sm", scale=0, min_width=160)
                         c["to_matrix"] = gr.Button("See the decision matrix →", variant="primary", size="sm",
-                                                   elem_id="to_matrix")
+                                                   elem_id="to_matrix", scale=0, min_width=220)
             for btn, step in ((next1, 2), (back2, 1), (next2, 3), (back3, 2), (next3, 4), (back4, 3)):
                 btn.click(lambda s=step: gr.Walkthrough(selected=s), outputs=walk, queue=False)
         with gr.Column(scale=2):
@@ -131,8 +136,8 @@ def _matrix_tab():
     c["banner"] = gr.HTML(elem_id="matrix_banner")
     c["table"] = gr.Dataframe(headers=matrix.COLUMNS, interactive=False, wrap=True, max_height=620,
                               label="Decision matrix (click a row for its details)", elem_id="matrix_table",
-                              column_widths=["50px", "130px", "120px", "60px", "260px", "110px", "90px", "110px",
-                                             "70px", "130px", "80px", "80px", "70px", "60px", "200px"])
+                              column_widths=["3%", "9%", "8%", "4%", "13%", "8%", "5%", "8%", "4%", "7%", "4%",
+                                             "4%", "4%", "4%", "15%"])
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             c["change"] = gr.HTML(elem_id="matrix_change")
@@ -152,13 +157,13 @@ def _tradeoffs_tab():
     c["mem_view"] = gr.Radio(list(tradeoffs.MEMORY_VIEWS), value=tradeoffs.MEMORY_VIEWS[0], label="Memory axis",
                              elem_id="mem_view")
     with gr.Row():
-        c["mem"] = gr.Plot(label="Memory vs accuracy", elem_id="plot_mem")
-        c["lat"] = gr.Plot(label="Latency vs accuracy", elem_id="plot_lat")
+        c["mem"] = gr.Plot(label="Memory vs accuracy", show_label=False, elem_id="plot_mem")
+        c["lat"] = gr.Plot(label="Latency vs accuracy", show_label=False, elem_id="plot_lat")
     c["shown"] = gr.Dropdown(choices=strategies.ids(), multiselect=True, label="Strategies in the memory breakdown "
                              "(empty: the six best ranked)", elem_id="breakdown_pick")
     with gr.Row():
-        c["breakdown"] = gr.Plot(label="Memory per stage", elem_id="plot_breakdown")
-        c["cost"] = gr.Plot(label="Cost", elem_id="plot_cost")
+        c["breakdown"] = gr.Plot(label="Memory per stage", show_label=False, elem_id="plot_breakdown")
+        c["cost"] = gr.Plot(label="Cost", show_label=False, elem_id="plot_cost")
     c["timing"] = gr.HTML(elem_id="tradeoffs_timing")
     return c
 
@@ -168,21 +173,23 @@ def _tradeoffs_tab():
 def _runs_tab():
     c = {}
     presets = list(runs.run_presets())
-    first = presets[0] if presets else None
-    f0 = runs.form_from_spec(runs.load_run_preset(first)) if first else {}
+    f0 = runs.default_form()
+    demo_models, demo_data = runs.demo_choices()
     with gr.Accordion("Launch a run", open=True):
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 with gr.Row():
-                    c["run_preset"] = gr.Dropdown([("—", "")] + [(p, p) for p in presets], value=first or "",
+                    c["run_preset"] = gr.Dropdown([("—", "")] + [(p, p) for p in presets], value=f0["run_preset"],
                                                   label="Start from a run preset (presets/runs)", elem_id="run_preset")
                     c["strategy"] = gr.Dropdown(strategies.ids(), value=f0.get("strategy"), label="Strategy",
                                                 elem_id="run_strategy")
                     c["name"] = gr.Textbox(value=f0.get("name", ""), label="Run name", elem_id="run_name")
                 with gr.Row():
                     c["model"] = gr.Textbox(value=f0.get("model", ""), label="Model (demo model, preset, hub id, "
-                                            "workspace folder)", elem_id="run_model")
-                    c["data_demo"] = gr.Textbox(value=f0.get("data_demo", ""), label="Demo dataset", elem_id="run_demo")
+                                            "workspace folder)", elem_id="run_model",
+                                            info="CPU demos: " + ", ".join(demo_models) if demo_models else None)
+                    c["data_demo"] = gr.Dropdown([("—", "")] + [(d, d) for d in demo_data],
+                                                 value=f0.get("data_demo", ""), label="Demo dataset", elem_id="run_demo")
                     c["data_path"] = gr.Textbox(value=f0.get("data_path", ""), label="…or dataset file in the workspace",
                                                 elem_id="run_data_path")
                     c["device"] = gr.Radio(list(runs.DEVICES), value=f0.get("device") or "cpu", label="Device",
@@ -216,7 +223,7 @@ def _runs_tab():
     c["stop_msg"] = gr.HTML(elem_id="stop_msg")
     c["status"] = gr.HTML(runs.status_html(runs.new_view(None), None), elem_id="run_status")
     with gr.Row(equal_height=False):
-        c["loss"] = gr.Plot(label="Loss", elem_id="plot_loss", scale=3)
+        c["loss"] = gr.Plot(label="Loss", show_label=False, elem_id="plot_loss", scale=3)
         c["metrics"] = gr.Dataframe(headers=["where", "metric", "value", "unit"], label="Evaluation (measured)",
                                     interactive=False, max_height=320, elem_id="run_metrics", scale=2)
     c["log"] = gr.Textbox(label="Log tail", lines=10, max_lines=10, autoscroll=True, interactive=False,
@@ -242,8 +249,8 @@ def _compare_tab():
     c["vs_est"] = gr.Dataframe(label="Measured vs estimated", interactive=False, wrap=True, elem_id="compare_est",
                                max_height=360)
     with gr.Row():
-        c["chart_quality"] = gr.Plot(label="Quality", elem_id="plot_cmp_quality")
-        c["chart_cost"] = gr.Plot(label="Memory and speed", elem_id="plot_cmp_speed")
+        c["chart_quality"] = gr.Plot(label="Quality", show_label=False, elem_id="plot_cmp_quality")
+        c["chart_cost"] = gr.Plot(label="Memory and speed", show_label=False, elem_id="plot_cmp_speed")
     with gr.Row():
         c["csv"] = gr.File(label="CSV export", interactive=False, elem_id="export_csv")
         c["json"] = gr.File(label="JSON export", interactive=False, elem_id="export_json")
@@ -276,9 +283,11 @@ def build_app() -> gr.Blocks:
             form = dict(zip(wizard.FIELDS, vals))
             return _recompute(form)
 
-        plan_outputs = [scenario, result, W["scenario_yaml"], W["summary"], W["model_msg"], W["data_msg"],
-                        W["hw_msg"], W["goals_msg"], M["banner"], M["table"], M["change"], M["pick"],
-                        T["mem"], T["lat"], T["breakdown"], T["cost"], T["timing"]]
+        where = {"scenario": scenario, "result": result, **{k: W[k] for k in ("scenario_yaml", "summary", "model_msg",
+                                                                               "data_msg", "hw_msg", "goals_msg")},
+                 "banner": M["banner"], "table": M["table"], "change": M["change"], "pick": M["pick"],
+                 "detail": M["detail"], **{k: T[k] for k in ("mem", "lat", "breakdown", "cost", "timing")}}
+        plan_outputs = [where[k] for k in PLAN_KEYS]
         triggers = [W[k].change for k in wizard.FIELDS if k not in ("hub_id", "config_file", "dataset_file")]
         triggers += [W["hub_id"].submit, W["hub_id"].blur, W["config_file"].change, demo.load]
         gr.on(triggers, recompute, inputs=form_inputs, outputs=plan_outputs, trigger_mode="always_last",
@@ -293,11 +302,10 @@ def build_app() -> gr.Blocks:
 
         # -- serving target: devices of that kind
         def target_devices(target, current):
-            ch = wizard.device_choices(target)
-            ids = [k for _, k in ch]
-            return gr.update(choices=ch, value=current if current in ids else (ids[0] if ids else None),
-                             interactive=bool(ids))
-        W["target"].change(target_devices, [W["target"], W["deploy_device"]], W["deploy_device"], queue=False)
+            ids = [k for _, k in wizard.device_choices(target)]
+            return gr.update(value=current if current in ids else (ids[0] if ids else None), interactive=bool(ids))
+        # .input: only a person's click (an example sets target and device together)
+        W["target"].input(target_devices, [W["target"], W["deploy_device"]], W["deploy_device"], queue=False)
 
         # -- dataset upload: validate, preview, count rows
         def dataset_uploaded(path, examples):
@@ -322,10 +330,7 @@ def build_app() -> gr.Blocks:
             for k in wizard.FIELDS:
                 if k in ("config_file", "dataset_file"):
                     continue
-                if k == "deploy_device":
-                    vals.append(gr.update(choices=wizard.device_choices(form["target"]), value=form[k]))
-                else:
-                    vals.append(form[k])
+                vals.append(form[k])
             return vals + [note]
         W["example"].change(load_example, W["example"], ex_outputs + [W["example_note"]])
         W["to_matrix"].click(lambda: gr.Tabs(selected="matrix"), outputs=tabs, queue=False)
@@ -457,14 +462,15 @@ def _recompute(form: dict) -> list:
     return [scn, res, wizard.scenario_yaml(scn), matrix.summary_html(res, rs), msgs["model"], msgs["data"],
             msgs["hardware"], msgs["goals"], matrix.banner_html(res, rs), matrix.table(rs),
             matrix.change_html(res), gr.update(value=reco, choices=[r["strategy"] for r in rs] or strategies.ids()),
-            *figs, f"<div class='tq-src'>advisor {ms:.0f} ms · whole update {total_ms:.0f} ms of server time</div>"]
+            *figs, f"<div class='tq-src'>advisor {ms:.0f} ms · whole update {total_ms:.0f} ms of server time</div>",
+            matrix.detail_html(res, reco or (rs[0]["strategy"] if rs else None))]
 
 
 def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:
     import pandas as pd
     fig = empty("", "fix the scenario to see the charts")
     return [scn, None, wizard.scenario_yaml(scn) if scn else "", err, msgs["model"], msgs["data"], msgs["hardware"],
-            msgs["goals"], err, pd.DataFrame(columns=matrix.COLUMNS), "", gr.update(), fig, fig, fig, fig, ""]
+            msgs["goals"], err, pd.DataFrame(columns=matrix.COLUMNS), "", gr.update(), fig, fig, fig, fig, "", ""]
 
 
 def _charts(rs: list[dict], scn: dict | None, view: str, shown) -> list:

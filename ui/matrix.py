@@ -14,7 +14,7 @@ from engine import strategies
 from engine.errors import InputError
 from ui.common import duration, engine_fn, error_md, gib, not_available, num, usd
 
-COLUMNS = ["rank", "strategy", "family", "feasible", "why not", "train mem / GPU", "calibrate mem",
+COLUMNS = ["#", "strategy", "family", "feasible", "why not", "train mem / GPU", "calibrate mem",
            "serve mem / device", "ms/token", "retention [interval]", "train time", "train cost",
            "serve $/M tok", "score", "rules fired"]
 
@@ -45,7 +45,7 @@ def row(entry: dict, rank: int) -> dict:
     for st in est.get("stages") or []:
         src = st.get("source") or ""
         if src and not src.startswith("python"):
-            src = "python -m engine estimate " + src
+            src = "python -m engine " + (src if src.startswith("estimate ") else "estimate " + src)
         stages.append({"stage": st.get("stage"), "bytes": st.get("device_bytes"),
                        "peak": st.get("peak_allocated_bytes"), "limit": st.get("limit_bytes"),
                        "fits": st.get("fits"), "breakdown": st.get("breakdown") or {}, "source": src,
@@ -125,7 +125,7 @@ def table(rs: list[dict]):
         ret = "—" if r["retention"] is None else (
             f"{r['retention']:.3f} [{num(r['ret_low'], '{:.3f}')}–{num(r['ret_high'], '{:.3f}')}]")
         data.append({
-            "rank": r["rank"], "strategy": r["strategy"], "family": r["family"],
+            "#": r["rank"], "strategy": r["strategy"], "family": r["family"],
             "feasible": "✓" if r["feasible"] else "✗",
             "why not": "; ".join(_short(t) for t in r["why_not"]),
             "train mem / GPU": _vs(r["train_bytes"], r["train_limit"]),
@@ -137,7 +137,7 @@ def table(rs: list[dict]):
             "train cost": usd(r["train_usd"]) if r["train_usd"] else "—",
             "serve $/M tok": usd(r["serve_usd_mtok"]),
             "score": num(r["score"], "{:.3f}"),
-            "rules fired": ", ".join(r["rules"]),
+            "rules fired": ", ".join(r["rules"]) or "—",
         })
     df = pd.DataFrame(data, columns=COLUMNS)
     if not rs:
@@ -185,22 +185,38 @@ def _ul(items, limit=8) -> str:
 
 
 def summary_html(result: dict | None, rs: list[dict]) -> str:
-    """The wizard's side panel: the recommendation, its reasons, the next best."""
+    """The wizard's side panel: the recommendation with its key figures, its first reasons, the next best."""
     if not result or not rs:
         return ""
     reco = recommended(result)
     top = next((r for r in rs if r["strategy"] == reco), None)
     if top is None:
-        return ("<div class='tq-reco'><h3>No strategy is feasible</h3>"
-                + _ul(rs[0]["why_not"] or rs[0]["why"]) + "</div>")
-    ret = (f" · retention {top['retention']:.3f} [{top['ret_low']:.3f}–{top['ret_high']:.3f}]"
-           if top["retention"] is not None and top["ret_low"] is not None else "")
+        w = result.get("what_would_change") or {}
+        return ("<div class='tq-reco' id='reco'><h3>No strategy is feasible</h3>"
+                f"<div class='tq-src'>{html.escape(str(w.get('summary') or ''))}</div>"
+                + _ul([_short(t, 160) for t in rs[0]["why_not"]], 4) + "</div>")
+    figs = []
+    if top["train_bytes"]:
+        figs.append(f"train {_vs(top['train_bytes'], top['train_limit'])}")
+    if top["serve_bytes"]:
+        figs.append(f"serve {_vs(top['serve_bytes'], top['serve_limit'])}")
+    if top["ms_per_token"]:
+        figs.append(f"{top['ms_per_token']:.1f} ms/token")
+    if top["retention"] is not None:
+        figs.append(f"retention {top['retention']:.3f} [{num(top['ret_low'], '{:.3f}')}–"
+                    f"{num(top['ret_high'], '{:.3f}')}]")
+    if top["train_usd"]:
+        figs.append(f"training {usd(top['train_usd'])}")
+    reasons = [_short(t, 170) for t in top["why"] if not t.startswith("score ")]
     nxt = [r for r in rs if r["feasible"] and r["strategy"] != reco][:3]
     nxt_html = ("<div class='tq-top'>Next: " + ", ".join(
         f"{html.escape(r['strategy'])} ({num(r['score'], '{:.2f}')})" for r in nxt) + "</div>") if nxt else ""
     return (f"<div class='tq-reco' id='reco'><h3>Recommended: {html.escape(top['name'])}</h3>"
             f"<div class='tq-src'>{html.escape(str(top['strategy']))} · {html.escape(str(top['family']))} · "
-            f"score {num(top['score'], '{:.2f}')}{ret}</div>{_ul(top['why'], 6)}{nxt_html}</div>")
+            f"score {num(top['score'], '{:.3f}')}</div>"
+            f"<div class='tq-figs'>{' · '.join(html.escape(f) for f in figs)}</div>"
+            f"{_ul(reasons, 4)}{nxt_html}<div class='tq-src'>All reasons, sources and the other strategies: "
+            f"decision matrix tab.</div></div>")
 
 
 def banner_html(result: dict | None, rs: list[dict]) -> str:

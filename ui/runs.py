@@ -39,6 +39,25 @@ def api(name: str):
 
 # ---- run presets and the launch form ----------------------------------------------------------
 
+def demo_choices() -> tuple[list[str], list[str]]:
+    """(demo model refs, demo dataset ids) the project builds itself (engine.runs.demo)."""
+    models_fn, data_fn = engine_fn("engine.runs.demo", "models"), engine_fn("engine.runs.demo", "datasets")
+    models = [f"demo:{m}" for m in (models_fn() if models_fn else {})]
+    data = list(data_fn() if data_fn else {})
+    return models, data
+
+
+def default_form() -> dict:
+    """The launch form before anything is chosen: the first run preset, else a CPU demo."""
+    presets = run_presets()
+    if presets:
+        first = next(iter(presets))
+        return {"run_preset": first, **form_from_spec(load_run_preset(first))}
+    models, data = demo_choices()
+    return {"run_preset": "", "name": "", "strategy": "qlora", "model": models[0] if models else "",
+            "data_demo": data[0] if data else "", "data_path": "", "device": "cpu", "bits": "catalog default"}
+
+
 def run_presets() -> dict[str, Path]:
     """presets/runs/*.yaml by id (demo-* first: they run on a CPU)."""
     d = PRESETS_DIR / "runs"

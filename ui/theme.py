@@ -23,6 +23,7 @@ CSS = """
 .tq-reco ul, .tq-detail ul { margin: 4px 0 0 18px; }
 .tq-reco li, .tq-detail li { margin: 1px 0; font-size: 13px; }
 .tq-top { font-size: 13px; margin-top: 6px; }
+.tq-figs { font-size: 13.5px; font-weight: 600; margin: 4px 0; }
 .tq-change { border-left: 4px solid #10b981; padding: 6px 12px; background: #ecfdf5; border-radius: 4px; }
 .tq-change li { font-size: 13px; }
 .tq-detail table { font-size: 12.5px; border-collapse: collapse; width: 100%; }

@@ -92,7 +92,7 @@ def memory_vs_accuracy(rs: list[dict], view: str = MEMORY_VIEWS[0], gpu_bytes=No
             return "<br>".join(f"{s['stage']}: {(s['bytes'] or 0) / GIB:.2f} GiB — {_wrap(s['source'], 80, 2)}"
                                for s in r["stages"] if s["bytes"] and s["stage"] != "serve")
         title = f"Pipeline peak memory vs accuracy ({gpu_name})"
-    return _vs_accuracy(rs, key, title, "GiB", limit, label, "mem-vs-acc", GIB, hover)
+    return _vs_accuracy(rs, key, title, "GiB", limit, label, f"mem-vs-acc-{key}", GIB, hover)
 
 
 def latency_vs_accuracy(rs: list[dict], goal_ms=None, device_name="target") -> Fig:
@@ -118,7 +118,8 @@ def memory_breakdown(rs: list[dict], strategies_shown: list[str] | None = None, 
                 parts.append(k)
     fig = figure("Memory per stage (stacked breakdown, GiB)", "mem-breakdown", max(360, 80 + 24 * len(bars)),
                  barmode="stack", xaxis={"title": {"text": "GiB"}}, yaxis={"autorange": "reversed"},
-                 margin={"l": 210, "r": 20, "t": 50, "b": 50}, legend={"y": -0.12})
+                 margin={"l": 190, "r": 10, "t": 50, "b": 50},
+                 legend={"orientation": "v", "x": 1.02, "y": 1, "font": {"size": 10}})
     labels = [b[0] for b in bars]
     for part in parts:
         vals = [_parts(s).get(part, 0) / GIB for _, s in bars]
@@ -142,11 +143,13 @@ def _parts(stage: dict) -> dict:
 
 
 def cost_chart(rs: list[dict]) -> Fig:
-    """Training cost (one-off, USD) and serving cost (USD per million tokens) per strategy, by rank."""
-    tr = [r for r in rs if r["train_usd"]]
-    sv = [r for r in rs if r["serve_usd_mtok"] is not None]
+    """Training cost (one-off, USD) and serving cost (USD per million tokens) of the feasible
+    strategies, in rank order (an infeasible strategy's cost answers no question)."""
+    tr = [r for r in rs if r["train_usd"] and r["feasible"]]
+    sv = [r for r in rs if r["serve_usd_mtok"] is not None and r["feasible"]]
     if not tr and not sv:
-        return empty("Cost", "no cost estimates (no price for these devices, or not estimated)", "cost")
+        return empty("Cost", "no cost estimates for feasible strategies (no price for these devices, "
+                             "or nothing feasible)", "cost")
     fig = side_by_side("Cost comparison", "cost", ("training, one-off (USD)", "serving (USD per 1M tokens)"),
                        showlegend=False, margin={"l": 60, "r": 20, "t": 60, "b": 130})
     fig.traces.append({"type": "bar", "x": [r["strategy"] for r in tr], "y": [r["train_usd"] for r in tr],

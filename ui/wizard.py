@@ -89,6 +89,17 @@ def device_choices(target: str) -> list[tuple[str, str]]:
     return [(f"{devs[k].name} ({k})", k) for k in ids]
 
 
+def all_device_choices() -> list[tuple[str, str]]:
+    """Every serving device (GPUs, edge boards, phones, laptops, CPUs), labelled with its kind.
+
+    One fixed list: the target only decides which of them are valid (checked with the rest of
+    the form), so an example that sets target and device together never races a list update."""
+    devs = hardware.devices()
+    order = {"gpu": 0, "edge": 1, "laptop": 2, "cpu": 3, "phone": 4}
+    ids = sorted(devs, key=lambda k: (order.get(devs[k].kind, 9), devs[k].memory_bytes))
+    return [(f"{devs[k].name} ({k}) · {devs[k].kind}", k) for k in ids]
+
+
 def preset_choices() -> list[tuple[str, str]]:
     ps = models.presets()
     return [(f"{pid} — {ps[pid].get('params_b', 0):g}B ({ps[pid].get('family', '')})", pid)
