@@ -208,6 +208,19 @@ def test_matrix_and_charts(page):
     title = page.locator("#plot_mem .gtitle").first.text_content()
     assert "vs accuracy" in title.lower()
     shot(page, "3-tradeoffs")
+    # zoom the latency chart, make every chart redraw, and the zoom stays (uirevision)
+    zoom = "[document.querySelector('#plot_lat .js-plotly-plot')].map(g => g.layout.xaxis.range.map(x => +x.toFixed(3)))[0]"
+    page.evaluate("Plotly.relayout(document.querySelector('#plot_lat .js-plotly-plot'), {'xaxis.range': [1, 2]})")
+    assert page.evaluate(zoom) == [1, 2]
+    bars = "document.querySelector('#plot_breakdown .js-plotly-plot').data[0].y.join(',')"
+    assert "bf16-baseline" not in page.evaluate(bars)
+    pick(page, "breakdown_pick", "bf16-baseline")                     # redraws all four charts
+    page.keyboard.press("Escape")
+    deadline = time.monotonic() + 30
+    while "bf16-baseline" not in page.evaluate(bars) and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+    assert "bf16-baseline" in page.evaluate(bars)
+    assert page.evaluate(zoom) == [1, 2]
 
 
 def test_launch_a_cpu_demo_run_and_watch_it(page):

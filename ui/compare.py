@@ -17,6 +17,7 @@ from engine.errors import InputError
 from ui.common import GIB, duration, engine_fn, error_md, not_available, ok_md
 
 FINAL_OK = ("finished",)
+STAGE_COLORS = ("#2563eb", "#059669", "#d97706", "#7c3aed", "#dc2626")
 
 
 def _api(name):
@@ -269,15 +270,16 @@ def charts(items: list[dict]):
         for st in it["m"]["stages"]:
             if st["stage"] not in stage_names:
                 stage_names.append(st["stage"])
-    for name in stage_names:
+    for i, name in enumerate(stage_names):
+        color = STAGE_COLORS[i % len(STAGE_COLORS)]
         mem = [next((st["peak_mem_bytes"] / GIB for st in it["m"]["stages"]
                      if st["stage"] == name and st.get("peak_mem_bytes")), None) for it in items]
         tim = [next((st["duration_s"] for st in it["m"]["stages"] if st["stage"] == name), None) for it in items]
         s.traces.append({"type": "bar", "x": ids, "y": mem, "name": name, "legendgroup": name,
-                         "xaxis": "x", "yaxis": "y",
+                         "marker": {"color": color}, "xaxis": "x", "yaxis": "y",
                          "hovertemplate": "%{x} " + name + ": %{y:.2f} GiB<extra>measured</extra>"})
         s.traces.append({"type": "bar", "x": ids, "y": tim, "name": name, "legendgroup": name, "showlegend": False,
-                         "xaxis": "x2", "yaxis": "y2",
+                         "marker": {"color": color}, "xaxis": "x2", "yaxis": "y2",
                          "hovertemplate": "%{x} " + name + ": %{y:.1f} s<extra>measured</extra>"})
     return q, s
 

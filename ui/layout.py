@@ -397,9 +397,10 @@ def build_app() -> gr.Blocks:
         def tick(view):
             live = _live(*_poll(view))
             if live[0].get("status") != (view or {}).get("status"):      # queued -> running -> finished ...
-                return live + [_history(), gr.update(choices=compare.run_choices())]
-            return live + [gr.skip(), gr.skip()]
-        R["timer"].tick(tick, R["view"], live_outputs + [R["history"], C["pick"]], show_progress="hidden",
+                return live + [_history(), gr.update(choices=compare.run_choices()),
+                               gr.update(choices=runs.run_choices())]
+            return live + [gr.skip(), gr.skip(), gr.skip()]
+        R["timer"].tick(tick, R["view"], live_outputs + [R["history"], C["pick"], R["picker"]], show_progress="hidden",
                         concurrency_limit=None)
 
         def do_stop(view):

@@ -7,13 +7,15 @@ when an input changes and the chart is redrawn, a zoom the user made is kept.
 """
 from __future__ import annotations
 
-import textwrap
-
 from ui.common import GIB
 from ui.plotting import Fig, empty, figure, side_by_side, vline
 
 FAMILY_COLORS = {"ptq-only": "#2563eb", "finetune-then-quantize": "#d97706", "quantize-then-finetune": "#059669",
                  "joint-qat": "#7c3aed", "finetune-only": "#dc2626", "no-change": "#6b7280"}
+# 20 distinct colours (matplotlib tab20 order) for the named parts of a memory breakdown
+PART_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+               "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
 MEMORY_VIEWS = ("serving memory on the target", "peak of train/calibrate/merge on the training GPU")
 
 
@@ -28,9 +30,18 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
 
 
 def _wrap(text: str, width: int = 90, max_lines: int = 4) -> str:
-    """Hover text wrapped into <br>-separated lines (Plotly does not wrap)."""
-    lines = textwrap.wrap(str(text), width) or [""]
-    return "<br>".join(lines[:max_lines]) + ("…" if len(lines) > max_lines else "")
+    """Hover text wrapped into <br>-separated lines (Plotly does not wrap); greedy, by words."""
+    lines, cur = [], ""
+    for word in str(text).split():
+        if cur and len(cur) + 1 + len(word) > width:
+            lines.append(cur)
+            if len(lines) == max_lines:
+                return "<br>".join(lines) + "…"
+            cur = word
+        else:
+            cur = f"{cur} {word}" if cur else word
+    lines.append(cur)
+    return "<br>".join(lines)
 
 
 def _acc_hover(r: dict) -> str:
@@ -121,11 +132,12 @@ def memory_breakdown(rs: list[dict], strategies_shown: list[str] | None = None, 
                  margin={"l": 190, "r": 10, "t": 50, "b": 50},
                  legend={"orientation": "v", "x": 1.02, "y": 1, "font": {"size": 10}})
     labels = [b[0] for b in bars]
-    for part in parts:
+    for i, part in enumerate(parts):
         vals = [_parts(s).get(part, 0) / GIB for _, s in bars]
         if not any(vals):
             continue
         fig.traces.append({"type": "bar", "orientation": "h", "name": part, "y": labels, "x": vals,
+                           "marker": {"color": PART_COLORS[i % len(PART_COLORS)]},
                            "hovertemplate": "%{y}<br>" + part + ": %{x:.2f} GiB<extra></extra>"})
     if gpu_bytes:
         vline(fig, gpu_bytes / GIB, f"training GPU {gpu_bytes / GIB:.1f} GiB")
