@@ -123,6 +123,8 @@ def test_public_demo_allows_only_cpu_demo_runs(store, monkeypatch):
     monkeypatch.setenv("TUNEQUANT_PUBLIC_DEMO", "1")
     rid, msg = runs.launch({**FORM, "device": "cuda", "model": "demo:tiny"})
     assert rid is None and "GPU runs is off" in msg
+    # "auto" would take a GPU where there is one: the config (and its preview) says cpu
+    assert runs.spec_from_form({**FORM, "device": "auto", "model": "demo:tiny"})["device"] == "cpu"
     rid, msg = runs.launch({**FORM, "model": "meta-llama/Llama-3.1-8B"})
     assert rid is None and "demo models" in msg
     assert store.list_runs() == []

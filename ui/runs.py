@@ -51,7 +51,7 @@ def default_form() -> dict:
     """The launch form before anything is chosen: the first run preset, else a CPU demo."""
     presets = run_presets()
     if presets:
-        first = next(iter(presets))
+        first = "demo-qlora" if "demo-qlora" in presets else next(iter(presets))
         return {"run_preset": first, **form_from_spec(load_run_preset(first))}
     models, data = demo_choices()
     return {"run_preset": "", "name": "", "strategy": "qlora", "model": models[0] if models else "",
@@ -120,6 +120,11 @@ def spec_from_form(form: dict) -> dict:
         spec["model"] = str(form["model"]).strip()
     if form.get("device"):
         spec["device"] = form["device"]
+    if public_demo() and spec.get("device", "auto") != "cpu":
+        if spec.get("device") == "cuda":
+            raise InputError("public demo: launching GPU runs is off here; set device to cpu "
+                             "(run the app yourself to use a GPU)", field="device")
+        spec["device"] = "cpu"                # "auto" would take a GPU if the host has one
     data = dict(spec.get("dataset") or {})
     if form.get("data_path"):
         data.pop("demo", None)
