@@ -198,10 +198,11 @@ def test_matrix_and_charts(page):
     if reco != "None":
         assert reco in text
     wait_text(page, "#matrix_change", r"What would change the answer")
-    # a row click opens its details with the reasons
+    wait_text(page, "#matrix_detail", r"Why")                       # the recommendation's details
+    shot(page, "2-matrix")
+    # a row click opens that strategy's details with the reasons
     table.get_by_text("qlora", exact=True).first.click()
     wait_text(page, "#matrix_detail", r"QLoRA[\s\S]*Why")
-    shot(page, "2-matrix")
     tab(page, "3 · Trade-offs")
     page.wait_for_selector("#plot_mem .js-plotly-plot", state="attached", timeout=30_000)
     page.wait_for_selector("#plot_cost .js-plotly-plot", state="attached", timeout=30_000)
