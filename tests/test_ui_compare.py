@@ -103,10 +103,11 @@ def test_render_charts_and_exports(finished):
     out = compare.render([a, b])
     msg, table, vs, quality, speed, csv_path, json_path = out
     assert "2 run(s)" in msg and len(table) > 5
+    assert "Measured vs estimated" in vs and a in vs and b in vs
     ppl = [t for t in quality["data"] if "perplexity" in t["name"]]
     assert {t["name"] for t in ppl} == {"before perplexity", "after perplexity"}
     after = next(t for t in ppl if t["name"] == "after perplexity")
-    assert after["x"] == [a, b] and after["y"] == [12.0, 10.0]
+    assert after["x"] == [f"gptq 4<br>{a[-6:]}", f"lora<br>{b[-6:]}"] and after["y"] == [12.0, 10.0]
     assert {t["name"] for t in speed["data"]} >= {"train", "evaluate", "quantize"}
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))

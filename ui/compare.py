@@ -232,6 +232,19 @@ def vs_estimate(items: list[dict]):
     return pd.DataFrame(out, columns=["run", "quantity", "estimated", "measured", "error", "note"])
 
 
+def vs_estimate_html(df) -> str:
+    """The measured-vs-estimated table as HTML (it wraps long notes inside the page width)."""
+    import html as _h
+    if df is None or len(df) == 0:
+        return ""
+    head = "".join(f"<th>{_h.escape(c)}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_h.escape(str(v))}</td>" for v in row) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return (f"<div class='tq-detail' id='vs-estimate'><b>Measured vs estimated</b> <span class='tq-src'>(the "
+            f"planner's estimate stored with each run; the error only where both measure the same thing)</span>"
+            f"<table><tr>{head}</tr>{body}</table></div>")
+
+
 def _first_metric(m: dict, names: tuple[str, ...]):
     """A measured value by name: the 'after' evaluation first, then metric events."""
     for n in names:
@@ -243,10 +256,16 @@ def _first_metric(m: dict, names: tuple[str, ...]):
     return None
 
 
+def run_label(run: dict) -> str:
+    """A short two-line axis label: the run's name (or strategy) and the end of its id."""
+    name = (run.get("name") or run.get("strategy") or "")[:28]
+    return f"{name}<br>{run['id'][-6:]}"
+
+
 def charts(items: list[dict]):
     """(quality figure, memory/time figure) for the chosen runs; every bar is a measurement."""
     from ui.plotting import side_by_side
-    ids = [it["run"]["id"] for it in items]
+    ids = [run_label(it["run"]) for it in items]
     q = side_by_side("Quality (measured)", "cmp-quality", ("perplexity (lower is better)", "task metrics"), 380,
                      barmode="group", margin={"l": 55, "r": 20, "t": 60, "b": 40}, legend={"y": -0.25})
     ppl_keys = sorted({(n, k) for it in items for n, ms in it["m"]["evals"].items() for k in ms
@@ -309,14 +328,12 @@ def render(run_ids: list[str] | None) -> list:
     """Every output of the compare screen: message, table, vs-estimate, two charts, CSV, JSON."""
     import pandas as pd
     if not run_ids:
-        empty = pd.DataFrame()
-        return ["<div class='tq-muted'>Pick two or more runs.</div>", empty, empty, None, None, None, None]
+        return ["<div class='tq-muted'>Pick two or more runs.</div>", pd.DataFrame(), "", None, None, None, None]
     items, problems = collect(run_ids)
     if not items:
-        empty = pd.DataFrame()
-        return [error_md("; ".join(problems) or "nothing to compare"), empty, empty, None, None, None, None]
+        return [error_md("; ".join(problems) or "nothing to compare"), pd.DataFrame(), "", None, None, None, None]
     q, s = charts(items)
     csv_path, json_path = export(items)
     msg = (error_md("; ".join(problems)) if problems else "") + ok_md(
         f"{len(items)} run(s) · every figure is measured by the run named in its column (events of the run store)")
-    return [msg, side_by_side(items), vs_estimate(items), q, s, csv_path, json_path]
+    return [msg, side_by_side(items), vs_estimate_html(vs_estimate(items)), q, s, csv_path, json_path]

@@ -246,8 +246,7 @@ def _compare_tab():
     c["msg"] = gr.HTML(elem_id="compare_msg")
     c["table"] = gr.Dataframe(label="Side by side (measured)", interactive=False, wrap=True, elem_id="compare_table",
                               max_height=520)
-    c["vs_est"] = gr.Dataframe(label="Measured vs estimated", interactive=False, wrap=True, elem_id="compare_est",
-                               max_height=360, column_widths=["16%", "18%", "9%", "9%", "7%", "41%"])
+    c["vs_est"] = gr.HTML(elem_id="compare_est")
     with gr.Row():
         c["chart_quality"] = gr.Plot(label="Quality", show_label=False, elem_id="plot_cmp_quality")
         c["chart_cost"] = gr.Plot(label="Memory and speed", show_label=False, elem_id="plot_cmp_speed")
