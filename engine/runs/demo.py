@@ -16,11 +16,15 @@ Model (``model: demo:tiny-llama`` in a run config; sizes in presets/demo/models.
 Built once into ``$TUNEQUANT_HOME/cache/demo/<id>-<fingerprint>/`` (the fingerprint changes
 when its preset changes); a file lock keeps two runs from building it at the same time.
 
-Datasets (``dataset: {demo: tickets}``; presets/demo/datasets.yaml): generated row by row
-from templates with a seeded generator, identical on every machine, written as JSONL:
+Datasets (``dataset: {demo: tickets}``; presets/demo/datasets.yaml), identical on every
+machine, written as JSONL:
   tickets          classification: route a support message to billing / shipping / technical /
-                   account / feature_request
+                   account / feature_request (generated from templates with a seeded generator)
   json-extraction  instruction: turn a free-text order into {"name", "city", "item", "quantity"}
+                   (generated likewise)
+  python-docs      text: passages of the Python language reference the stdlib ships
+                   (pydoc_data.topics), never in the pretraining corpus: held-out perplexity
+                   shows what quantization costs
 
 Importing this module is cheap (no torch); building imports torch, transformers, tokenizers.
 """
@@ -45,7 +49,7 @@ PREFIX = "demo:"
 BUILD_VERSION = 1          # bump when the build procedure changes (rebuilds every cached model)
 SPECIALS = ("<|endoftext|>", "<|pad|>")
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
-             "turtledemo", "ensurepip", "idlelib", "tkinter"}
+             "turtledemo", "ensurepip", "idlelib", "tkinter", "pydoc_data"}   # pydoc_data: the held-out docs
 
 
 # ---- registry ------------------------------------------------------------------------------
@@ -132,6 +136,26 @@ def _fill(template: str, slots: dict, rng: random.Random) -> tuple[str, dict]:
     return out, values
 
 
+def reference_passages(min_chars: int, max_chars: int) -> list[str]:
+    """Passages of the Python language reference shipped with the stdlib (pydoc_data.topics):
+    paragraphs joined until ``min_chars``, cut at a paragraph end before ``max_chars``."""
+    from pydoc_data.topics import topics
+    out = []
+    for key in sorted(topics):
+        cur = ""
+        for para in (p.strip() for p in topics[key].split("\n\n")):
+            if not para:
+                continue
+            if cur and len(cur) + 2 + len(para) > max_chars:
+                if len(cur) >= min_chars:
+                    out.append(cur)
+                cur = ""
+            cur = (cur + "\n\n" + para).strip() if cur else para[:max_chars]
+        if len(cur) >= min_chars:
+            out.append(cur)
+    return out
+
+
 def dataset_rows(name: str, rows: int | None = None) -> list[dict]:
     """The rows of a demo dataset, generated deterministically (distinct rows only)."""
     all_ds = datasets()
@@ -140,6 +164,10 @@ def dataset_rows(name: str, rows: int | None = None) -> list[dict]:
     d = all_ds[name]
     n = rows or d["rows"]
     rng = random.Random(d["seed"])
+    if d["format"] == "text":
+        passages = list(dict.fromkeys(reference_passages(d["min_chars"], d["max_chars"])))   # distinct
+        rng.shuffle(passages)
+        return [{"text": t} for t in passages[:n]]
     out, seen = [], set()
     tries = 0
     while len(out) < n and tries < 50 * n:

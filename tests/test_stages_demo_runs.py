@@ -1,0 +1,45 @@
+"""The shipped demo runs end to end, through the real executor and worker process (opt-in:
+``pytest -m slow``; minutes each on a 2-core CPU, and the first one builds the tiny demo model
+into $TUNEQUANT_HOME/cache, ./workspace by default, which takes several more)."""
+from pathlib import Path
+
+import pytest
+
+from engine.runs import api
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMOS = sorted(p.name for p in (ROOT / "presets" / "runs").glob("demo-*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A private run store; the demo model cache stays the user's (built once, reused)."""
+    d = tmp_path_factory.mktemp("demo-runs")
+    api.use_store(d / "runs.sqlite", d / "runs")
+    yield
+    api.use_store(None)
+
+
+def test_the_five_demos_are_shipped():
+    assert DEMOS == ["demo-lora-merge-gptq.yaml", "demo-ptq-gptq.yaml", "demo-ptq-nf4.yaml", "demo-qat.yaml",
+                     "demo-qlora.yaml"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DEMOS)
+def test_demo_run_finishes_with_real_metrics(store, name):
+    run_id = api.launch(str(ROOT / "presets" / "runs" / name))
+    run = api.wait(run_id, timeout=1800)
+    assert run["status"] == "finished", (run["reason"], api.log_tail(run_id, 40))
+    res = run["result"]
+    stages = [s["stage"] for s in res["stages"]]
+    assert stages[-1] == "evaluate" and all(s["duration_s"] > 0 and s["peak_mem_bytes"] > 0 for s in res["stages"])
+    before, after = res["eval"]["before"], res["eval"]["after"]
+    assert after["perplexity"] > 1 and before["perplexity"] > 1
+    assert after["size_on_disk_bytes"] < before["size_on_disk_bytes"]          # every demo quantizes
+    steps = [e for e in api.events(run_id) if e["type"] == "step"]
+    if "train" in stages:
+        assert steps and steps[-1]["step"] == steps[-1]["total"]
+        assert after["perplexity"] < before["perplexity"]                     # tuned on the task
+    else:
+        assert not steps and after["perplexity"] >= before["perplexity"] * 0.99  # PTQ never helps much
