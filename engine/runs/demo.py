@@ -235,8 +235,11 @@ def corpus(max_chars: int) -> list[str]:
 
 
 def _task_text(rows_per_dataset: int) -> list[str]:
+    """Generated task rows for the tokenizer (the generated datasets only: python-docs stays unseen)."""
     out = []
-    for name in datasets():
+    for name, d in datasets().items():
+        if d["format"] == "text":
+            continue
         for r in dataset_rows(name, rows_per_dataset):
             out.append(" ".join(str(v) for v in r.values()))
     return out
