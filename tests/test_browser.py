@@ -168,13 +168,14 @@ def test_wizard_on_an_example_scenario(page):
     wait_text(page, "#example_note, .tq-ok", r"ticket-routing")
     wait_text(page, "#model_msg", r"qwen2.5-7b")                 # the model step shows the resolved model
     shot(page, "1-wizard")
+    from playwright.sync_api import expect
     page.get_by_role("button", name="Next: data →").click()
-    assert page.locator("#task input").first.input_value() == "classification"
-    assert page.locator("#examples input").first.input_value() == "600"
+    expect(page.locator("#task input").first).to_have_value("classification")
+    expect(page.locator("#examples input").first).to_have_value("600")
     page.get_by_role("button", name="Next: hardware →").click()
     wait_text(page, "#hw_msg", r"T4")
     page.get_by_role("button", name="Next: goals →").click()
-    assert page.locator("#priority input[value='cost']").is_checked()
+    expect(page.locator("#priority input[value='cost']")).to_be_checked()
     yaml_text = wait_text(page, "#scenario_yaml", r"task: classification")
     assert "deploy: {target: gpu-server, gpu: t4-16gb}" in yaml_text and "examples: 600" in yaml_text
     wait_text(page, "#summary", r"Recommended|No strategy is feasible")

@@ -93,7 +93,7 @@ def test_measured_vs_estimated_only_where_comparable(finished):
         assert r["measured"] == "1.2"
         want = (1.2 - est["accuracy"]["ppl_ratio"]) / est["accuracy"]["ppl_ratio"] * 100
         assert r["error"] == f"{want:+.1f}%"
-    train = df[(df["run"] == b) & (df["quantity"] == "train: peak memory (GiB)")]
+    train = df[(df["run"] == b) & (df["quantity"] == "train: peak memory (GB)")]
     if len(train):                                   # estimate_train exists: CPU RSS is not a GPU allocation
         assert train.iloc[0]["error"] == "—" and "not comparable" in train.iloc[0]["note"]
 

@@ -5,16 +5,16 @@ import json
 import pytest
 
 from ui import tradeoffs
-from ui.common import GIB
+from ui.common import GB
 from ui.plotting import Fig
 
 
 def row(sid, family, feasible, serve_gib, ret, low, high, ms=None, rank=1, stages=None, train_usd=None,
         serve_usd=None):
-    stages = stages or [{"stage": "serve", "bytes": serve_gib * GIB, "breakdown": {}, "source": f"infer {sid}"}]
+    stages = stages or [{"stage": "serve", "bytes": serve_gib * GB, "breakdown": {}, "source": f"infer {sid}"}]
     pipeline = [s["bytes"] for s in stages if s["stage"] != "serve"]
     return {"strategy": sid, "family": family, "feasible": feasible, "rank": rank, "blocked_by": [] if feasible
-            else ["memory"], "serve_bytes": serve_gib * GIB, "peak_bytes": max(pipeline) if pipeline else None,
+            else ["memory"], "serve_bytes": serve_gib * GB, "peak_bytes": max(pipeline) if pipeline else None,
             "retention": ret, "ret_low": low, "ret_high": high, "acc_source": f"fit on 12 results for {sid}",
             "serve_source": f"python -m engine estimate infer ... {sid}", "ms_per_token": ms, "stages": stages,
             "train_usd": train_usd, "serve_usd_mtok": serve_usd, "cost_source": f"train_cost {sid}"}
@@ -36,7 +36,7 @@ def test_pareto_by_hand():
 
 
 def test_memory_vs_accuracy_serving_view():
-    fig = tradeoffs.memory_vs_accuracy(ROWS, tradeoffs.MEMORY_VIEWS[0], serve_bytes=15.5 * GIB, serve_name="T4")
+    fig = tradeoffs.memory_vs_accuracy(ROWS, tradeoffs.MEMORY_VIEWS[0], serve_bytes=15.5 * GB, serve_name="T4")
     assert isinstance(fig, Fig)
     json.loads(fig.to_json())                                       # valid Plotly JSON
     assert fig.layout["uirevision"] == "mem-vs-acc-serve_bytes"     # zoom kept while inputs change
@@ -46,7 +46,7 @@ def test_memory_vs_accuracy_serving_view():
     front = next(tr for tr in fig.traces if tr["name"].startswith("Pareto"))
     assert front["x"] == pytest.approx([4.5, 5.5, 9.0, 16.0])      # the infeasible 'full' is not on it
     assert fig.layout["shapes"][0]["x0"] == pytest.approx(15.5)     # the device's memory line
-    assert "T4: 15.5 GiB" in fig.layout["annotations"][0]["text"]
+    assert "T4: 15.5 GB" in fig.layout["annotations"][0]["text"]
     ptq = next(tr for tr in fig.traces if tr["name"] == "ptq-only")
     i = ptq["text"].index("nf4")
     assert ptq["error_y"]["array"][i] == pytest.approx(0.01) and ptq["error_y"]["arrayminus"][i] == pytest.approx(0.02)
@@ -56,10 +56,10 @@ def test_memory_vs_accuracy_serving_view():
 
 
 def test_pipeline_view_and_latency_goal():
-    stages = [{"stage": "train", "bytes": 20 * GIB, "breakdown": {}, "source": "train qlora"},
-              {"stage": "serve", "bytes": 6 * GIB, "breakdown": {}, "source": "infer nf4"}]
+    stages = [{"stage": "train", "bytes": 20 * GB, "breakdown": {}, "source": "train qlora"},
+              {"stage": "serve", "bytes": 6 * GB, "breakdown": {}, "source": "infer nf4"}]
     rs = ROWS + [row("qlora", "quantize-then-finetune", True, 6.0, 0.985, 0.97, 0.99, ms=21, rank=7, stages=stages)]
-    fig = tradeoffs.memory_vs_accuracy(rs, tradeoffs.MEMORY_VIEWS[1], gpu_bytes=24 * GIB, gpu_name="RTX 4090")
+    fig = tradeoffs.memory_vs_accuracy(rs, tradeoffs.MEMORY_VIEWS[1], gpu_bytes=24 * GB, gpu_name="RTX 4090")
     xs = [x for tr in fig.traces if tr.get("mode") == "markers" for x in tr["x"]]
     assert xs == [pytest.approx(20.0)]                             # only strategies with a train/calibrate stage
     assert fig.layout["shapes"][0]["x0"] == pytest.approx(24.0)
@@ -71,16 +71,16 @@ def test_pipeline_view_and_latency_goal():
 
 
 def test_breakdown_stacks_sum_to_the_stage_memory():
-    stages = [{"stage": "train", "bytes": 10 * GIB, "source": "train",
-               "breakdown": {"weights": 4 * GIB, "activations": 3 * GIB, "optimizer": 2.5 * GIB}},
-              {"stage": "serve", "bytes": 5 * GIB, "source": "infer",
-               "breakdown": {"weights": 4 * GIB, "kv_cache": 1 * GIB}}]
+    stages = [{"stage": "train", "bytes": 10 * GB, "source": "train",
+               "breakdown": {"weights": 4 * GB, "activations": 3 * GB, "optimizer": 2.5 * GB}},
+              {"stage": "serve", "bytes": 5 * GB, "source": "infer",
+               "breakdown": {"weights": 4 * GB, "kv_cache": 1 * GB}}]
     rs = [row("lora", "finetune-only", True, 5.0, 1.0, 1.0, 1.0, rank=1, stages=stages)]
-    fig = tradeoffs.memory_breakdown(rs, gpu_bytes=24 * GIB)
+    fig = tradeoffs.memory_breakdown(rs, gpu_bytes=24 * GB)
     labels = fig.traces[0]["y"]
     assert labels == ["lora · train", "lora · serve"]
     totals = [sum(tr["x"][i] for tr in fig.traces) for i in range(2)]
-    assert totals == [pytest.approx(10.0), pytest.approx(5.0)]      # the unnamed 0.5 GiB shows as its own part
+    assert totals == [pytest.approx(10.0), pytest.approx(5.0)]      # the unnamed 0.5 GB shows as its own part
     names = [tr["name"] for tr in fig.traces]
     assert "context + allocator slack" in names and fig.layout["barmode"] == "stack"
     assert fig.layout["uirevision"] == "mem-breakdown"

@@ -159,15 +159,15 @@ def unexpected_md(e: BaseException, what: str) -> str:
 
 # ---- formatting -----------------------------------------------------------------------------
 
-GIB = 1024 ** 3
+GB = 1e9     # memory is shown in decimal GB, the unit GPU names and the advisor's reasons use
 
 
-def gib(n, digits: int = 1) -> str:
-    """Bytes as GiB text ('—' when unknown)."""
+def gb(n, digits: int = 1) -> str:
+    """Bytes as GB text ('—' when unknown)."""
     if n is None:
         return "—"
     try:
-        return f"{float(n) / GIB:.{digits}f} GiB"
+        return f"{float(n) / GB:.{digits}f} GB"
     except (TypeError, ValueError):
         return "—"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine import hardware
 from engine.errors import InputError
-from ui.common import GIB, duration, engine_fn, error_md, not_available, ok_md
+from ui.common import GB, duration, engine_fn, error_md, not_available, ok_md
 
 FINAL_OK = ("finished",)
 STAGE_COLORS = ("#2563eb", "#059669", "#d97706", "#7c3aed", "#dc2626")
@@ -126,11 +126,11 @@ def long_rows(items: list[dict]) -> list[dict]:
         add("device", run.get("device"))
         add("status", run.get("status"))
         add("wall time", m["wall_s"], "s")
-        add("peak memory (max over stages)", m["peak_mem_bytes"] / GIB if m["peak_mem_bytes"] else None, "GiB",
+        add("peak memory (max over stages)", m["peak_mem_bytes"] / GB if m["peak_mem_bytes"] else None, "GB",
             f"{src} ({m['mem_source'] or 'measured'})")
         for s in m["stages"]:
             add(f"{s['stage']}: time", s.get("duration_s"), "s")
-            add(f"{s['stage']}: peak memory", s["peak_mem_bytes"] / GIB if s.get("peak_mem_bytes") else None, "GiB",
+            add(f"{s['stage']}: peak memory", s["peak_mem_bytes"] / GB if s.get("peak_mem_bytes") else None, "GB",
                 f"{src} ({s.get('mem_source') or 'measured'})")
         if m["train_tokens_per_s"] is not None:
             add("training tokens/s (last step)", m["train_tokens_per_s"], "tokens/s")
@@ -214,8 +214,8 @@ def vs_estimate(items: list[dict]):
         tr = est.get("train") or {}
         if not tr.get("error"):
             cuda_mem = bool(train) and "cuda" in str(train.get("mem_source"))
-            add(rid, "train: peak memory (GiB)", tr.get("peak_allocated_bytes"),
-                train.get("peak_mem_bytes") if train else None, cuda_mem, gpu_why, 1 / GIB)
+            add(rid, "train: peak memory (GB)", tr.get("peak_allocated_bytes"),
+                train.get("peak_mem_bytes") if train else None, cuda_mem, gpu_why, 1 / GB)
             add(rid, "training tokens/s", tr.get("tokens_per_s"), m["train_tokens_per_s"], on_gpu, gpu_why)
         inf = est.get("infer") or {}
         if not inf.get("error"):
@@ -281,7 +281,7 @@ def charts(items: list[dict]):
         q.traces.append({"type": "bar", "x": ids, "y": [it["m"]["evals"].get(n, {}).get(k) for it in items],
                          "name": f"{n} {k}", "xaxis": "x2", "yaxis": "y2",
                          "hovertemplate": "%{x}: %{y:.3f}<extra>measured</extra>"})
-    s = side_by_side("Memory and time (measured)", "cmp-speed", ("peak memory per stage (GiB)",
+    s = side_by_side("Memory and time (measured)", "cmp-speed", ("peak memory per stage (GB)",
                                                                 "wall time per stage (s)"), 380,
                      barmode="group", margin={"l": 55, "r": 20, "t": 60, "b": 40}, legend={"y": -0.25})
     stage_names = []
@@ -291,12 +291,12 @@ def charts(items: list[dict]):
                 stage_names.append(st["stage"])
     for i, name in enumerate(stage_names):
         color = STAGE_COLORS[i % len(STAGE_COLORS)]
-        mem = [next((st["peak_mem_bytes"] / GIB for st in it["m"]["stages"]
+        mem = [next((st["peak_mem_bytes"] / GB for st in it["m"]["stages"]
                      if st["stage"] == name and st.get("peak_mem_bytes")), None) for it in items]
         tim = [next((st["duration_s"] for st in it["m"]["stages"] if st["stage"] == name), None) for it in items]
         s.traces.append({"type": "bar", "x": ids, "y": mem, "name": name, "legendgroup": name,
                          "marker": {"color": color}, "xaxis": "x", "yaxis": "y",
-                         "hovertemplate": "%{x} " + name + ": %{y:.2f} GiB<extra>measured</extra>"})
+                         "hovertemplate": "%{x} " + name + ": %{y:.2f} GB<extra>measured</extra>"})
         s.traces.append({"type": "bar", "x": ids, "y": tim, "name": name, "legendgroup": name, "showlegend": False,
                          "marker": {"color": color}, "xaxis": "x2", "yaxis": "y2",
                          "hovertemplate": "%{x} " + name + ": %{y:.1f} s<extra>measured</extra>"})

@@ -12,10 +12,10 @@ import time
 
 from engine import strategies
 from engine.errors import InputError
-from ui.common import duration, engine_fn, error_md, gib, not_available, num, usd
+from ui.common import duration, engine_fn, error_md, gb, not_available, num, usd
 
 COLUMNS = ["#", "strategy", "family", "feasible", "why not", "train mem / GPU", "calibrate mem",
-           "serve mem / device", "ms/token", "retention [interval]", "train time", "train cost",
+           "serve mem / device", "ms/token", "retention [interval]", "train time", "one-off cost",
            "serve $/M tok", "score", "rules fired"]
 
 
@@ -129,12 +129,12 @@ def table(rs: list[dict]):
             "feasible": "✓" if r["feasible"] else "✗",
             "why not": "; ".join(_short(t) for t in r["why_not"]),
             "train mem / GPU": _vs(r["train_bytes"], r["train_limit"]),
-            "calibrate mem": gib(r["quant_bytes"]) if r["quant_bytes"] else "—",
+            "calibrate mem": gb(r["quant_bytes"]) if r["quant_bytes"] else "—",
             "serve mem / device": _vs(r["serve_bytes"], r["serve_limit"]),
             "ms/token": num(r["ms_per_token"], "{:.1f}"),
             "retention [interval]": ret,
             "train time": duration(r["train_time_s"]) if r["train_time_s"] else "—",
-            "train cost": usd(r["train_usd"]) if r["train_usd"] else "—",
+            "one-off cost": usd(r["train_usd"]) if r["train_usd"] else "—",
             "serve $/M tok": usd(r["serve_usd_mtok"]),
             "score": num(r["score"], "{:.3f}"),
             "rules fired": ", ".join(r["rules"]) or "—",
@@ -162,7 +162,7 @@ def _short(text: str, n: int = 110) -> str:
 def _vs(x, limit) -> str:
     if not x:
         return "—"
-    return f"{gib(x)} / {gib(limit)}" if limit else gib(x)
+    return f"{gb(x)} / {gb(limit)}" if limit else gb(x)
 
 
 # ---- HTML views ---------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def summary_html(result: dict | None, rs: list[dict]) -> str:
         figs.append(f"retention {top['retention']:.3f} [{num(top['ret_low'], '{:.3f}')}–"
                     f"{num(top['ret_high'], '{:.3f}')}]")
     if top["train_usd"]:
-        figs.append(f"training {usd(top['train_usd'])}")
+        figs.append(f"one-off {usd(top['train_usd'])} (train + calibrate)")
     reasons = [_short(t, 170) for t in top["why"] if not t.startswith("score ")]
     nxt = [r for r in rs if r["feasible"] and r["strategy"] != reco][:3]
     nxt_html = ("<div class='tq-top'>Next: " + ", ".join(
@@ -264,7 +264,7 @@ def detail_html(result: dict | None, strategy_id: str | None) -> str:
     cat = strategies.get(strategy_id)
     stages = " → ".join(s["stage"] + (f" ({s['method']})" if s.get("method") else "") for s in cat["stages"])
     mem_rows = "".join(
-        f"<tr><td>{html.escape(str(s['stage']))}</td><td>{gib(s['bytes'], 2)}</td><td>{gib(s['limit'], 1)}</td>"
+        f"<tr><td>{html.escape(str(s['stage']))}</td><td>{gb(s['bytes'], 2)}</td><td>{gb(s['limit'], 1)}</td>"
         f"<td>{'✓' if s['fits'] else ('✗' if s['fits'] is False else '—')}</td>"
         f"<td class='tq-src'>{html.escape(str(s['source'])[:300])}</td></tr>" for s in r["stages"])
     mem = (f"<table><tr><th>stage</th><th>memory</th><th>limit</th><th>fits</th><th>source</th></tr>{mem_rows}</table>"
@@ -278,7 +278,7 @@ def detail_html(result: dict | None, strategy_id: str | None) -> str:
             f"<div class='tq-src'>{html.escape(cat.get('summary', ''))}<br>stages: {html.escape(stages)}</div>"
             f"<b>Why</b>{_ul(r['why'], 20)}{('<b>Why not</b>' + _ul(r['why_not'], 20)) if r['why_not'] else ''}"
             f"{mem}<div>{ret}</div>"
-            f"<div>serving: {gib(r['serve_bytes'], 2)}, {num(r['ms_per_token'], '{:.1f}')} ms/token "
+            f"<div>serving: {gb(r['serve_bytes'], 2)}, {num(r['ms_per_token'], '{:.1f}')} ms/token "
             f"<span class='tq-src'>{html.escape(str(r['serve_source'])[:200])}</span></div>"
             f"<div>cost: training {usd(r['train_usd'])}, serving {usd(r['serve_usd_mtok'])} per 1M tokens "
             f"<span class='tq-src'>{html.escape(str(r['cost_source'])[:200])}</span></div></div>")

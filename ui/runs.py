@@ -20,7 +20,7 @@ from engine import strategies
 from engine.errors import InputError
 from engine.presets import PRESETS_DIR
 from engine.spec.run import RunSpec
-from ui.common import confine, duration, engine_fn, error_md, gib, not_available, ok_md, public_demo, redact
+from ui.common import confine, duration, engine_fn, error_md, gb, not_available, ok_md, public_demo, redact
 
 ACTIVE = ("queued", "running")
 LOG_TAIL = 200            # log lines kept in the view
@@ -340,7 +340,7 @@ def status_html(view: dict, run: dict | None) -> str:
     cells = [("stage", stage_txt), ("step", step_txt),
              ("loss", f"{s['loss']:.4f}" if isinstance(s.get("loss"), (int, float)) else "—"),
              ("tokens/s", f"{s['tokens_per_s']:,.0f}" if isinstance(s.get("tokens_per_s"), (int, float)) else "—"),
-             ("memory", gib(s.get("mem_bytes"), 2) if s.get("mem_bytes") is not None else "—"),
+             ("memory", gb(s.get("mem_bytes"), 2) if s.get("mem_bytes") is not None else "—"),
              ("ETA", duration(s.get("eta_s")) if st == "running" and s.get("eta_s") is not None else "—"),
              ("elapsed", duration(elapsed) if elapsed is not None else "—")]
     grid = "".join(f"<div class='tq-kv'><span>{k}</span><b>{html.escape(str(v))}</b></div>" for k, v in cells)
@@ -366,7 +366,7 @@ def stages_html(view: dict, run: dict) -> str:
         if i in done:
             d = done[i]
             items.append(f"<li class='done'>✓ {name} — {duration(d.get('duration_s'))}, peak "
-                         f"{gib(d.get('peak_mem_bytes'), 2)} <span class='tq-src'>({d.get('mem_source') or 'measured'})</span></li>")
+                         f"{gb(d.get('peak_mem_bytes'), 2)} <span class='tq-src'>({d.get('mem_source') or 'measured'})</span></li>")
         elif view.get("stage_index") == i and view.get("status") in ACTIVE:
             items.append(f"<li class='now'>▶ {name}</li>")
         else:

@@ -7,7 +7,7 @@ when an input changes and the chart is redrawn, a zoom the user made is kept.
 """
 from __future__ import annotations
 
-from ui.common import GIB
+from ui.common import GB
 from ui.plotting import Fig, empty, figure, side_by_side, vline
 
 FAMILY_COLORS = {"ptq-only": "#2563eb", "finetune-then-quantize": "#d97706", "quantize-then-finetune": "#059669",
@@ -91,19 +91,19 @@ def memory_vs_accuracy(rs: list[dict], view: str = MEMORY_VIEWS[0], gpu_bytes=No
     """Memory (the served model on its device, or the peak of the train/calibrate/merge stages on
     the training GPU) vs retention, with that device's memory as a line."""
     if view != MEMORY_VIEWS[1]:
-        key, limit, label = "serve_bytes", serve_bytes, f"{serve_name}: {(serve_bytes or 0) / GIB:.1f} GiB"
+        key, limit, label = "serve_bytes", serve_bytes, f"{serve_name}: {(serve_bytes or 0) / GB:.1f} GB"
 
         def hover(r):
-            return f"serving {r['serve_bytes'] / GIB:.2f} GiB<br>{_wrap(r['serve_source'])}"
+            return f"serving {r['serve_bytes'] / GB:.2f} GB<br>{_wrap(r['serve_source'])}"
         title = f"Serving memory vs accuracy ({serve_name})"
     else:
-        key, limit, label = "peak_bytes", gpu_bytes, f"{gpu_name}: {(gpu_bytes or 0) / GIB:.1f} GiB per GPU"
+        key, limit, label = "peak_bytes", gpu_bytes, f"{gpu_name}: {(gpu_bytes or 0) / GB:.1f} GB per GPU"
 
         def hover(r):
-            return "<br>".join(f"{s['stage']}: {(s['bytes'] or 0) / GIB:.2f} GiB — {_wrap(s['source'], 80, 2)}"
+            return "<br>".join(f"{s['stage']}: {(s['bytes'] or 0) / GB:.2f} GB — {_wrap(s['source'], 80, 2)}"
                                for s in r["stages"] if s["bytes"] and s["stage"] != "serve")
         title = f"Pipeline peak memory vs accuracy ({gpu_name})"
-    return _vs_accuracy(rs, key, title, "GiB", limit, label, f"mem-vs-acc-{key}", GIB, hover)
+    return _vs_accuracy(rs, key, title, "GB", limit, label, f"mem-vs-acc-{key}", GB, hover)
 
 
 def latency_vs_accuracy(rs: list[dict], goal_ms=None, device_name="target") -> Fig:
@@ -127,20 +127,20 @@ def memory_breakdown(rs: list[dict], strategies_shown: list[str] | None = None, 
         for k in _parts(s):
             if k not in parts:
                 parts.append(k)
-    fig = figure("Memory per stage (stacked breakdown, GiB)", "mem-breakdown", max(360, 80 + 24 * len(bars)),
-                 barmode="stack", xaxis={"title": {"text": "GiB"}}, yaxis={"autorange": "reversed"},
+    fig = figure("Memory per stage (stacked breakdown, GB)", "mem-breakdown", max(360, 80 + 24 * len(bars)),
+                 barmode="stack", xaxis={"title": {"text": "GB"}}, yaxis={"autorange": "reversed"},
                  margin={"l": 190, "r": 10, "t": 50, "b": 50},
                  legend={"orientation": "v", "x": 1.02, "y": 1, "font": {"size": 10}})
     labels = [b[0] for b in bars]
     for i, part in enumerate(parts):
-        vals = [_parts(s).get(part, 0) / GIB for _, s in bars]
+        vals = [_parts(s).get(part, 0) / GB for _, s in bars]
         if not any(vals):
             continue
         fig.traces.append({"type": "bar", "orientation": "h", "name": part, "y": labels, "x": vals,
                            "marker": {"color": PART_COLORS[i % len(PART_COLORS)]},
-                           "hovertemplate": "%{y}<br>" + part + ": %{x:.2f} GiB<extra></extra>"})
+                           "hovertemplate": "%{y}<br>" + part + ": %{x:.2f} GB<extra></extra>"})
     if gpu_bytes:
-        vline(fig, gpu_bytes / GIB, f"training GPU {gpu_bytes / GIB:.1f} GiB")
+        vline(fig, gpu_bytes / GB, f"training GPU {gpu_bytes / GB:.1f} GB")
     return fig
 
 
@@ -155,14 +155,15 @@ def _parts(stage: dict) -> dict:
 
 
 def cost_chart(rs: list[dict]) -> Fig:
-    """Training cost (one-off, USD) and serving cost (USD per million tokens) of the feasible
+    """One-off cost (training + calibration, USD) and serving cost (USD per million tokens) of the feasible
     strategies, in rank order (an infeasible strategy's cost answers no question)."""
     tr = [r for r in rs if r["train_usd"] and r["feasible"]]
     sv = [r for r in rs if r["serve_usd_mtok"] is not None and r["feasible"]]
     if not tr and not sv:
         return empty("Cost", "no cost estimates for feasible strategies (no price for these devices, "
                              "or nothing feasible)", "cost")
-    fig = side_by_side("Cost comparison", "cost", ("training, one-off (USD)", "serving (USD per 1M tokens)"),
+    fig = side_by_side("Cost comparison", "cost",
+                       ("one-off: training + calibration (USD)", "serving (USD per 1M tokens)"),
                        showlegend=False, margin={"l": 60, "r": 20, "t": 60, "b": 130})
     fig.traces.append({"type": "bar", "x": [r["strategy"] for r in tr], "y": [r["train_usd"] for r in tr],
                        "marker": {"color": [FAMILY_COLORS.get(r["family"], "#999") for r in tr]},

@@ -15,7 +15,7 @@ import yaml
 from engine import hardware, models
 from engine.errors import InputError
 from engine.presets import PRESETS_DIR
-from ui.common import (MAX_CONFIG_BYTES, MAX_DATASET_BYTES, confine, engine_fn, error_md, gib,
+from ui.common import (MAX_CONFIG_BYTES, MAX_DATASET_BYTES, confine, engine_fn, error_md, gb,
                        not_available, ok_md, save_upload, unexpected_md, workspace)
 
 BITS = ("any", "2", "3", "4", "8", "16")
@@ -285,7 +285,7 @@ def model_summary(ref) -> str:
     return ok_md(
         f"<b>{a.name}</b> · {a.family} · {a.total_params / 1e9:.2f} B parameters{act} · {a.num_layers} layers · "
         f"hidden {a.hidden_size} · heads {a.num_heads}/{a.num_kv_heads} kv · vocab {a.vocab_size:,} · "
-        f"bf16 weights {gib(a.total_params * 2)} · <span class='tq-src'>source: {a.source}</span>{approx}")
+        f"bf16 weights {gb(a.total_params * 2)} · <span class='tq-src'>source: {a.source}</span>{approx}")
 
 
 def hardware_summary(gpu: str, count, device: str | None, target: str) -> str:
@@ -293,7 +293,7 @@ def hardware_summary(gpu: str, count, device: str | None, target: str) -> str:
         g = hardware.get(gpu, gpu_only=True)
     except InputError as e:
         return error_md(e)
-    txt = (f"Training: {int(count or 1)} × {g.name} — {gib(g.memory_bytes)} usable each "
+    txt = (f"Training: {int(count or 1)} × {g.name} — {gb(g.memory_bytes)} usable each "
            f"(torch total_memory), {g.bandwidth_gbs:g} GB/s, bf16 {g.bf16_tflops or '—'} TFLOP/s"
            f"{', ${:.2f}/h'.format(g.price_per_hour) if g.price_per_hour else ''}.")
     if target == "hosted-api":
@@ -301,7 +301,7 @@ def hardware_summary(gpu: str, count, device: str | None, target: str) -> str:
     elif device:
         try:
             d = hardware.get(device)
-            txt += f" Serving: {d.name} — {gib(d.memory_bytes)} for the model, {d.bandwidth_gbs:g} GB/s."
+            txt += f" Serving: {d.name} — {gb(d.memory_bytes)} for the model, {d.bandwidth_gbs:g} GB/s."
         except InputError as e:
             return error_md(e)
     return ok_md(txt + " <span class='tq-src'>source: presets/hardware</span>")
