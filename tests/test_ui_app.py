@@ -79,3 +79,12 @@ def test_build_app_has_every_screen(tmp_path, monkeypatch):
     # the launch handler is the one place with a concurrency limit of 1 (GPU work)
     launch = [bf for bf in demo.fns.values() if getattr(bf.fn, "__name__", "") == "do_launch"]
     assert launch and launch[0].concurrency_limit == 1
+
+
+def test_public_demo_banner(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path))
+    monkeypatch.setenv("TUNEQUANT_PUBLIC_DEMO", "1")
+    from ui.layout import build_app
+    cfg = build_app().get_config_file()
+    html = " ".join(str(c.get("props", {}).get("value", "")) for c in cfg["components"])
+    assert "Public demo" in html and "launching GPU runs is off" in html

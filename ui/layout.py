@@ -225,7 +225,8 @@ def _runs_tab():
     with gr.Row(equal_height=False):
         c["loss"] = gr.Plot(label="Loss", show_label=False, elem_id="plot_loss", scale=3)
         c["metrics"] = gr.Dataframe(headers=["where", "metric", "value", "unit"], label="Evaluation (measured)",
-                                    interactive=False, max_height=320, elem_id="run_metrics", scale=2)
+                                    interactive=False, max_height=320, elem_id="run_metrics", scale=2, wrap=True,
+                                    column_widths=["18%", "36%", "32%", "14%"])
     c["log"] = gr.Textbox(label="Log tail", lines=10, max_lines=10, autoscroll=True, interactive=False,
                           elem_id="run_log", elem_classes=["tq-log"])
     c["history"] = gr.Dataframe(label="History (every run, newest first)", interactive=False, max_height=360,
