@@ -120,3 +120,12 @@ def test_every_example_scenario_gets_a_matrix():
         res = out["result"]
         assert res is not None, (name, out["summary"])
         assert len(matrix.rows(res)) == len(strategies.ids())
+
+
+def test_recompute_keeps_the_chosen_chart_view():
+    from ui import tradeoffs
+    out = dict(zip(layout.PLAN_KEYS, layout._recompute(dict(wizard.DEFAULT_FORM), tradeoffs.MEMORY_VIEWS[1],
+                                                        ["qlora", "full-finetune"])))
+    assert out["mem"]["layout"]["title"]["text"].startswith("Pipeline peak memory")
+    labels = {y for t in out["breakdown"]["data"] for y in t["y"]}
+    assert labels and all(lbl.split(" · ")[0] in ("qlora", "full-finetune") for lbl in labels)

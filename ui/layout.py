@@ -281,7 +281,7 @@ def build_app() -> gr.Blocks:
         # -- scenario -> advisor -> matrix + charts (one handler: they never disagree)
         def recompute(*vals):
             form = dict(zip(wizard.FIELDS, vals))
-            return _recompute(form)
+            return _recompute(form, *vals[len(wizard.FIELDS):])     # + the trade-off view and picks
 
         where = {"scenario": scenario, "result": result, **{k: W[k] for k in ("scenario_yaml", "summary", "model_msg",
                                                                                "data_msg", "hw_msg", "goals_msg")},
@@ -290,7 +290,8 @@ def build_app() -> gr.Blocks:
         plan_outputs = [where[k] for k in PLAN_KEYS]
         triggers = [W[k].change for k in wizard.FIELDS if k not in ("hub_id", "config_file", "dataset_file")]
         triggers += [W["hub_id"].submit, W["hub_id"].blur, W["config_file"].change, demo.load]
-        gr.on(triggers, recompute, inputs=form_inputs, outputs=plan_outputs, trigger_mode="always_last",
+        gr.on(triggers, recompute, inputs=form_inputs + [T["mem_view"], T["shown"]], outputs=plan_outputs,
+              trigger_mode="always_last",
               show_progress="hidden", concurrency_limit=8)
 
         # -- model source: show the matching field
@@ -309,8 +310,8 @@ def build_app() -> gr.Blocks:
 
         # -- dataset upload: validate, preview, count rows
         def dataset_uploaded(path, examples):
-            msg, df, n, saved = _dataset(path)
-            return (msg, gr.update(value=df, visible=df is not None), n if n else examples, saved,
+            msg, df, n, saved = wizard.dataset_check(path)
+            return (msg, gr.update(value=df, visible=df is not None), n if n else examples, saved or "",
                     gr.update(value=saved) if saved else gr.update())
         W["dataset_file"].change(dataset_uploaded, [W["dataset_file"], W["examples"]],
                                  [W["data_msg"], W["data_preview"], W["examples"], W["dataset_path"], R["data_path"]])
@@ -432,16 +433,15 @@ def build_app() -> gr.Blocks:
 
 # ---- handler bodies (kept out of build_app so tests can call them) -------------------------------------
 
-def _recompute(form: dict) -> list:
-    """Wizard form -> scenario -> advisor -> every plan output (see plan_outputs)."""
+def _recompute(form: dict, mem_view: str = tradeoffs.MEMORY_VIEWS[0], shown=None) -> list:
+    """Wizard form -> scenario -> advisor -> every plan output, in PLAN_KEYS order."""
     t0 = time.perf_counter()
     msgs = {g: "" for g in wizard.GROUPS}
-    blank = [None, None, "", "", "", "", "", ""]
     try:
         scn = wizard.scenario_from_form(form)
     except InputError as e:
-        msgs[wizard.group_of(e.field)] = wizard_error = error_md(e)
-        return _plan_error(msgs, wizard_error)
+        msgs[wizard.group_of(e.field)] = error_md(e)
+        return _plan_error(msgs, error_md(e))
     except Exception as e:
         return _plan_error(msgs, unexpected_md(e, "reading the form"))
     msgs["model"] = wizard.model_summary(scn["model"])
@@ -450,28 +450,37 @@ def _recompute(form: dict) -> list:
     try:
         res, ms, note = matrix.recommend(scn)
     except InputError as e:
-        msgs[wizard.group_of(e.field)] = err = error_md(e)
-        return _plan_error(msgs, err, scn)
+        msgs[wizard.group_of(e.field)] = error_md(e)
+        return _plan_error(msgs, error_md(e), scn)
     except Exception as e:
         return _plan_error(msgs, unexpected_md(e, "the advisor"), scn)
     if res is None:
         return _plan_error(msgs, note, scn)
     rs = matrix.rows(res)
-    figs = _charts(rs, scn, tradeoffs.MEMORY_VIEWS[0], None)
-    total_ms = (time.perf_counter() - t0) * 1000
+    mem, lat, breakdown, cost = _charts(rs, scn, mem_view, shown)
     reco = matrix.recommended(res)
-    return [scn, res, wizard.scenario_yaml(scn), matrix.summary_html(res, rs), msgs["model"], msgs["data"],
-            msgs["hardware"], msgs["goals"], matrix.banner_html(res, rs), matrix.table(rs),
-            matrix.change_html(res), gr.update(value=reco, choices=[r["strategy"] for r in rs] or strategies.ids()),
-            *figs, f"<div class='tq-src'>advisor {ms:.0f} ms · whole update {total_ms:.0f} ms of server time</div>",
-            matrix.detail_html(res, reco or (rs[0]["strategy"] if rs else None))]
+    out = {"scenario": scn, "result": res, "scenario_yaml": wizard.scenario_yaml(scn),
+           "summary": matrix.summary_html(res, rs), "model_msg": msgs["model"], "data_msg": msgs["data"],
+           "hw_msg": msgs["hardware"], "goals_msg": msgs["goals"], "banner": matrix.banner_html(res, rs),
+           "table": matrix.table(rs), "change": matrix.change_html(res),
+           "pick": gr.update(value=reco, choices=[r["strategy"] for r in rs] or strategies.ids()),
+           "mem": mem, "lat": lat, "breakdown": breakdown, "cost": cost,
+           "detail": matrix.detail_html(res, reco or (rs[0]["strategy"] if rs else None))}
+    total_ms = (time.perf_counter() - t0) * 1000
+    out["timing"] = f"<div class='tq-src'>advisor {ms:.0f} ms · whole update {total_ms:.0f} ms of server time</div>"
+    return [out[k] for k in PLAN_KEYS]
 
 
 def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:
+    """Every plan output when the scenario cannot be used: the message by its field and above
+    the matrix; no stale matrix or chart stays on screen."""
     import pandas as pd
     fig = empty("", "fix the scenario to see the charts")
-    return [scn, None, wizard.scenario_yaml(scn) if scn else "", err, msgs["model"], msgs["data"], msgs["hardware"],
-            msgs["goals"], err, pd.DataFrame(columns=matrix.COLUMNS), "", gr.update(), fig, fig, fig, fig, "", ""]
+    out = {"scenario": scn, "result": None, "scenario_yaml": wizard.scenario_yaml(scn) if scn else "",
+           "summary": err, "model_msg": msgs["model"], "data_msg": msgs["data"], "hw_msg": msgs["hardware"],
+           "goals_msg": msgs["goals"], "banner": err, "table": pd.DataFrame(columns=matrix.COLUMNS), "change": "",
+           "pick": gr.update(), "mem": fig, "lat": fig, "breakdown": fig, "cost": fig, "timing": "", "detail": ""}
+    return [out[k] for k in PLAN_KEYS]
 
 
 def _charts(rs: list[dict], scn: dict | None, view: str, shown) -> list:
@@ -489,18 +498,6 @@ def _charts(rs: list[dict], scn: dict | None, view: str, shown) -> list:
             tradeoffs.latency_vs_accuracy(rs, goal, dev.name if dev else "hosted API"),
             tradeoffs.memory_breakdown(rs, shown or None, g.memory_bytes),
             tradeoffs.cost_chart(rs)]
-
-
-def _dataset(path):
-    msg, df, n = wizard.dataset_check(path)
-    saved = ""
-    if path and "tq-error" not in msg.split("</div>")[0]:
-        from ui.common import save_upload, MAX_DATASET_BYTES
-        try:
-            saved = str(save_upload(path, "datasets", MAX_DATASET_BYTES, (".jsonl", ".json", ".csv"), "dataset"))
-        except InputError:
-            saved = ""
-    return msg, df, n, saved
 
 
 def _poll(view: dict):

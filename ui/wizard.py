@@ -307,28 +307,29 @@ def hardware_summary(gpu: str, count, device: str | None, target: str) -> str:
     return ok_md(txt + " <span class='tq-src'>source: presets/hardware</span>")
 
 
-def dataset_check(path) -> tuple[str, object, int | None]:
-    """Validate an uploaded dataset: (inline message, preview rows as a DataFrame or None, rows).
+def dataset_check(path) -> tuple[str, object, int | None, str | None]:
+    """Validate an uploaded dataset: (inline message, preview DataFrame or None, rows, saved path).
 
-    Uses engine.runs.data.validate_dataset (pure Python); the file is copied into the
-    workspace first so a run can use it.
+    The file is copied into the workspace first (a run can use it: the saved path goes to the
+    launch form) and checked by engine.runs.data.validate_dataset (pure Python).
     """
     import pandas as pd
     if not path:
-        return "", None, None
+        return "", None, None, None
     try:
         saved = save_upload(path, "datasets", MAX_DATASET_BYTES, (".jsonl", ".json", ".csv"), "dataset")
     except InputError as e:
-        return error_md(e), None, None
+        return error_md(e), None, None, None
     validate = engine_fn("engine.runs.data", "validate_dataset")
     if validate is None:
-        return error_md(f"dataset saved as {saved.name}; validation is {not_available('engine.runs.data')}"), None, None
+        return (error_md(f"dataset saved as {saved.name}; validation is {not_available('engine.runs.data')}"),
+                None, None, str(saved))
     try:
         rep = validate(str(saved))
     except InputError as e:
-        return error_md(e), None, None
+        return error_md(e), None, None, None
     except Exception as e:  # a bug in validation must not take the wizard down
-        return unexpected_md(e, "dataset validation"), None, None
+        return unexpected_md(e, "dataset validation"), None, None, None
     rows = rep.get("rows")
     problems = rep.get("problems") or []
     head = f"<b>{saved.name}</b>: {rows} rows" + (f" ({rep['valid_rows']} valid)" if "valid_rows" in rep else "") \
@@ -346,7 +347,7 @@ def dataset_check(path) -> tuple[str, object, int | None]:
     preview = rep.get("preview") or []
     df = pd.DataFrame([{k: _cell(v) for k, v in r.items()} if isinstance(r, dict) else {"row": _cell(r)}
                        for r in preview[:10]]) if preview else None
-    return msg, df, rows
+    return msg, df, rows, str(saved)
 
 
 def _stats_text(stats: dict) -> str:
