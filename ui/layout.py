@@ -22,7 +22,8 @@ LAUNCH_KW = {"theme": THEME, "css": CSS, "max_file_size": MAX_UPLOAD}
 # what _recompute returns, in order (the outputs of every wizard change)
 PLAN_KEYS = ("scenario", "result", "scenario_yaml", "summary", "model_msg", "data_msg", "hw_msg", "goals_msg",
              "banner", "table", "change", "pick", "mem", "lat", "breakdown", "cost", "timing", "detail")
-POLL_S = 1.0
+POLL_S = 1.0          # the attached run's events
+HISTORY_S = 5.0       # the history table
 URL_RUN_JS = """(run_id) => {
   const u = new URL(window.location.href);
   if (run_id) { u.searchParams.set('run', run_id); } else { u.searchParams.delete('run'); }
@@ -233,6 +234,7 @@ def _runs_tab():
                                 elem_id="run_history", wrap=True)
     c["view"] = gr.State(runs.new_view(None))
     c["timer"] = gr.Timer(POLL_S, active=False)
+    c["history_timer"] = gr.Timer(HISTORY_S)        # other runs' statuses (another tab, the CLI)
     return c
 
 
@@ -408,6 +410,8 @@ def build_app() -> gr.Blocks:
             msg = runs.stop((view or {}).get("run_id"))
             return [msg, gr.Timer(active=True)]
         R["stop"].click(do_stop, R["view"], [R["stop_msg"], R["timer"]])
+
+        R["history_timer"].tick(_history, None, R["history"], show_progress="hidden", concurrency_limit=None)
 
         def refresh_runs(current):
             ch = runs.run_choices()
