@@ -7,4 +7,171 @@ Public API (what the CLI, the advisor and the UI call):
                    new_tokens=128, gpu=None) -> dict
     estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=None,
                       per_channel=False, finetune="none") -> dict
+    estimate_quantize(model, method, bits=4, group_size=128, calibration_samples=128,
+                      seq_len=2048, gpu=None) -> dict
+    estimate_merge(model, base="bf16", lora_rank=16, gpu=None) -> dict
+    weights_formats() -> list[str]
+
+``model`` is anything engine.models.resolve accepts; ``gpu`` is a device id of
+presets/hardware (None: the reference GPU, h100-80gb). Every result carries its inputs, the
+formula and interval of each number (``terms``), ``low``/``high`` and ``notes``. Memory follows
+the reference recipe of DESIGN.md (engine/estimate/memory.py); speed is in
+engine/estimate/latency.py; weight formats in engine/estimate/formats.py.
 """
+from __future__ import annotations
+
+from engine import models as _models
+from engine.errors import InputError
+from engine.estimate import formats as _formats
+from engine.estimate import latency as _latency
+from engine.estimate import memory as _memory
+
+
+def _arch(model):
+    return _models.resolve(model)
+
+
+def _gpu_only(dev, what: str):
+    if dev.kind != "gpu":
+        raise InputError(f"{what} estimates need a GPU id ({', '.join(_memory.hardware.gpu_ids())}); "
+                         f"{dev.id} is a {dev.kind} serving target", field="gpu")
+
+
+def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, grad_ckpt=True, lora_rank=16,
+                   gpu=None, qat_scheme="int4-weight-only") -> dict:
+    """Peak GPU memory and speed of one training step of the reference recipe."""
+    seq_len = _memory.positive_int("seq_len", seq_len)
+    batch_size = _memory.positive_int("batch_size", batch_size)
+    lora_rank = _memory.positive_int("lora_rank", lora_rank)
+    if not isinstance(grad_ckpt, bool):
+        raise InputError(f"grad_ckpt must be true or false, got {grad_ckpt!r}", field="grad_ckpt")
+    arch = _arch(model)
+    dev = _memory.device(gpu)
+    _gpu_only(dev, "training")
+    m = _memory.train_memory(arch, method, precision, seq_len, batch_size, grad_ckpt, lora_rank, dev,
+                             qat_scheme=qat_scheme)
+    s = _latency.train_speed(arch, method, precision, seq_len, batch_size, grad_ckpt, lora_rank, dev)
+    d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "train")
+    return {
+        "kind": "train",
+        "inputs": {"model": arch.name, "method": method, "precision": precision, "seq_len": seq_len,
+                   "batch_size": batch_size, "grad_ckpt": grad_ckpt, "lora_rank": lora_rank, "gpu": dev.id,
+                   **({"qat_scheme": qat_scheme} if method == "qat" else {})},
+        "model": arch.to_dict(),
+        "gpu": dev.id,
+        "peak_allocated_bytes": m["peak_allocated_bytes"], "low": m["low"], "high": m["high"],
+        "peak_phase": m["peak_phase"], "breakdown": m["breakdown"], "terms": m["terms"], "phases": m["phases"],
+        **d,
+        "tokens_per_s": s["tokens_per_s"], "tokens_per_s_low": s["tokens_per_s_low"],
+        "tokens_per_s_high": s["tokens_per_s_high"], "step_time_s": s["step_time_s"],
+        "flops_per_token": s["flops_per_token"], "mfu": s["mfu"], "step_time_parts": s["step_time_parts"],
+        "speed_formula": s["formula"],
+        "trainable_params": m["trainable_params"], "attention_kernel": m["attention_kernel"],
+        "activations_per_layer_per_token": m["activations_per_layer_per_token"],
+        "optimizer_alternatives": m["optimizer_alternatives"],
+        "approximate": m["approximate"] or arch.approximate,
+        "notes": m["notes"] + list(arch.notes),
+        "source": "formula: engine/estimate/memory.py + latency.py (reference recipe of DESIGN.md); "
+                  "constants presets/estimate/*.yaml",
+    }
+
+
+def estimate_infer(model, weights="bf16", batch_size=1, prompt_len=512, new_tokens=128, gpu=None,
+                   group_size=None) -> dict:
+    """Memory and speed of greedy generation with the weights in a format."""
+    batch_size = _memory.positive_int("batch_size", batch_size)
+    prompt_len = _memory.positive_int("prompt_len", prompt_len)
+    new_tokens = _memory.positive_int("new_tokens", new_tokens)
+    arch = _arch(model)
+    dev = _memory.device(gpu)
+    fmt = _formats.get(weights).with_group_size(group_size)
+    notes = []
+    if fmt.requires_fp8 and not dev.has_fp8:
+        notes.append(f"{dev.id} has no FP8 tensor cores: fp8 weights would run through a slower fallback")
+    m = _memory.infer_memory(arch, fmt, batch_size, prompt_len, new_tokens, dev,
+                             include_workspace=dev.kind in ("gpu", "edge"))
+    s = _latency.infer_speed(arch, fmt, batch_size, prompt_len, new_tokens, dev)
+    d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "infer")
+    hf = s["hf"]
+    return {
+        "kind": "infer",
+        "inputs": {"model": arch.name, "weights": fmt.id, "batch_size": batch_size, "prompt_len": prompt_len,
+                   "new_tokens": new_tokens, "gpu": dev.id,
+                   **({"group_size": fmt.group_size} if fmt.grouped else {})},
+        "model": arch.to_dict(),
+        "gpu": dev.id,
+        "weights_format": {"id": fmt.id, "name": fmt.name, "library": fmt.library, "evidence": fmt.evidence},
+        "weights_bytes": m["weights_bytes"], "weights_breakdown": m["weights_breakdown"],
+        "peak_allocated_bytes": m["peak_allocated_bytes"], "low": m["low"], "high": m["high"],
+        "peak_phase": m["peak_phase"], "breakdown": m["breakdown"], "terms": m["terms"], "phases": m["phases"],
+        "kv_cache_bytes": m["kv_cache_bytes_end"],
+        **d,
+        "prefill_s": hf["prefill_s"], "prefill_s_low": hf["prefill_s_low"], "prefill_s_high": hf["prefill_s_high"],
+        "decode_tokens_per_s": hf["decode_tokens_per_s"],
+        "decode_tokens_per_s_low": hf["decode_tokens_per_s_low"],
+        "decode_tokens_per_s_high": hf["decode_tokens_per_s_high"],
+        "decode_tokens_per_s_total": hf["decode_tokens_per_s_total"],
+        "ms_per_token": 1000 * hf["decode_s_per_token"],
+        "hf_generate": hf, "roofline": s["roofline"],
+        "approximate": m["approximate"] or arch.approximate,
+        "notes": notes + m["notes"] + list(arch.notes),
+        "source": "formula: engine/estimate/memory.py + latency.py; formats presets/estimate/formats.yaml "
+                  "(layouts checked against bitsandbytes/gptqmodel/torchao); speed constants presets/estimate/speed.yaml",
+    }
+
+
+def estimate_quantize(model, method, bits=4, group_size=128, calibration_samples=128, seq_len=2048,
+                      gpu=None) -> dict:
+    """Peak GPU memory and time of a quantize stage (GPTQ/AWQ calibration, or quantize-on-load)."""
+    arch = _arch(model)
+    dev = _memory.device(gpu)
+    _gpu_only(dev, "quantize-stage")
+    m = _memory.quantize_memory(arch, method, bits, group_size, calibration_samples, seq_len, dev)
+    t = _latency.quantize_time(arch, method, _memory.positive_int("calibration_samples", calibration_samples),
+                               _memory.positive_int("seq_len", seq_len), dev)
+    d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "quantize")
+    return {"kind": "quantize",
+            "inputs": {"model": arch.name, "method": method, "bits": bits, "group_size": group_size,
+                       "calibration_samples": calibration_samples, "seq_len": seq_len, "gpu": dev.id},
+            "gpu": dev.id, **m, **d, **t, "source": "formula: engine/estimate/memory.py quantize_memory"}
+
+
+def estimate_merge(model, base="bf16", lora_rank=16, gpu=None) -> dict:
+    """Peak GPU memory and time of merging LoRA adapters into a 16-bit model."""
+    arch = _arch(model)
+    dev = _memory.device(gpu)
+    _gpu_only(dev, "merge-stage")
+    m = _memory.merge_memory(arch, base, lora_rank, dev)
+    d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "quantize")
+    w16 = _formats.weights_bytes(arch, "bf16", 1)
+    compute = 3 * w16 / (dev.bandwidth_gbs * 1e9 * 0.5)
+    save = w16 / (_latency.sp()["stages"]["save_gbps"] * 1e9)
+    return {"kind": "merge", "inputs": {"model": arch.name, "base": _formats.get(base).id, "lora_rank": lora_rank,
+                                        "gpu": dev.id},
+            "gpu": dev.id, **m, **d, "time_s": compute + save, "time_s_low": 0.5 * (compute + save),
+            "time_s_high": 2 * (compute + save), "save_s": save,
+            "source": "formula: engine/estimate/memory.py merge_memory"}
+
+
+def estimate_accuracy(**kw) -> dict:
+    """Accuracy retention (engine/estimate/accuracy.py, another module; imported when first used)."""
+    from engine.estimate.accuracy import estimate_accuracy as f
+    return f(**kw)
+
+
+def weights_formats() -> list[str]:
+    """Every weights format ``estimate_infer`` accepts."""
+    return _formats.ids()
+
+
+def stage_memory(stage: str, model, gpu=None, **params) -> dict:
+    """Per-stage estimate for the advisor: stage in train | quantize | merge | serve."""
+    if stage == "train":
+        return estimate_train(model, gpu=gpu, **params)
+    if stage == "quantize":
+        return estimate_quantize(model, gpu=gpu, **params)
+    if stage == "merge":
+        return estimate_merge(model, gpu=gpu, **params)
+    if stage in ("serve", "evaluate", "infer"):
+        return estimate_infer(model, gpu=gpu, **params)
+    raise InputError(f"stage must be train, quantize, merge or serve, got {stage!r}", field="stage")
