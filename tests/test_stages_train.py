@@ -13,6 +13,7 @@ from engine import strategies
 
 TRAIN = {"steps": 8, "batch_size": 4, "seq_len": 64, "learning_rate": 5e-3, "lora_rank": 8}
 EVAL = {"max_examples": 6, "prompt_len": 16, "new_tokens": 4}
+PPL_ONLY = {"task_accuracy": False, "latency": False}          # keeps the other tests fast
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,8 @@ def test_lora_trains_saves_and_evaluates(home, tmp_path):
 
 
 def test_qlora_on_nf4_base(home, tmp_path):
-    out = run_inline(spec("qlora", train={"grad_ckpt": False}), tmp_path)
+    out = run_inline(spec("qlora", train={"grad_ckpt": False}, evaluate={**PPL_ONLY, "before_and_after": False}),
+                     tmp_path)
     q, tr = out["stages"]["quantize#0"], out["stages"]["train#1"]
     assert q["quant"]["method"] == "nf4" and q["quant"]["double_quant"]
     assert q["size_on_disk_bytes"] < 0.6 * q["source_size_on_disk_bytes"]
@@ -92,7 +94,7 @@ def test_qlora_on_nf4_base(home, tmp_path):
 def test_full_finetune_then_int8(home, tmp_path):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
-    out = run_inline(spec("full-then-int8", train={"steps": 6, "learning_rate": 2e-3}), tmp_path)
+    out = run_inline(spec("full-then-int8", train={"steps": 6, "learning_rate": 2e-3}, evaluate=PPL_ONLY), tmp_path)
     tr = out["stages"]["train#0"]
     assert tr["trainable_params"] == tr["params"] == 426_624
     assert tr["loss_last"] < tr["loss_first"]
@@ -104,7 +106,7 @@ def test_full_finetune_then_int8(home, tmp_path):
 def test_qat_prepare_train_convert(home, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
-    out = run_inline(spec("qat-int8", train={"steps": 6, "learning_rate": 2e-3}), tmp_path)
+    out = run_inline(spec("qat-int8", train={"steps": 6, "learning_rate": 2e-3}, evaluate=PPL_ONLY), tmp_path)
     tr, cv = out["stages"]["train#0"], out["stages"]["convert#1"]
     assert tr["loss_last"] < tr["loss_first"]
     assert "Int8DynamicActivationIntxWeightConfig" in tr["qat"] and cv["quant"]["group_size"] == 32

@@ -156,6 +156,28 @@ def reference_passages(min_chars: int, max_chars: int) -> list[str]:
     return out
 
 
+def stories(d: dict, n: int, seed: int) -> list[str]:
+    """``n`` distinct generated stories: one alternative per line of ``d["sentences"]``, every
+    {slot} drawn once per story (so names, numbers and places recur within it)."""
+    rng = random.Random(seed)
+    out, seen = [], set()
+    for _ in range(50 * n):
+        if len(out) >= n:
+            break
+        values = {}
+        for key, choices in d["slots"].items():
+            if len(choices) == 1 and isinstance(choices[0], str) and "-" in choices[0]:
+                lo, hi = (int(x) for x in choices[0].split("-"))
+                values[key] = rng.randint(lo, hi)
+            else:
+                values[key] = rng.choice(choices)
+        text = " ".join(rng.choice(line).format(**values) for line in d["sentences"])
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
 def dataset_rows(name: str, rows: int | None = None) -> list[dict]:
     """The rows of a demo dataset, generated deterministically (distinct rows only)."""
     all_ds = datasets()
@@ -164,6 +186,8 @@ def dataset_rows(name: str, rows: int | None = None) -> list[dict]:
     d = all_ds[name]
     n = rows or d["rows"]
     rng = random.Random(d["seed"])
+    if d["format"] == "text" and "sentences" in d:
+        return [{"text": t} for t in stories(d, n, d["seed"])]
     if d["format"] == "text":
         passages = list(dict.fromkeys(reference_passages(d["min_chars"], d["max_chars"])))   # distinct
         rng.shuffle(passages)
@@ -235,7 +259,7 @@ def corpus(max_chars: int) -> list[str]:
 
 
 def _task_text(rows_per_dataset: int) -> list[str]:
-    """Generated task rows for the tokenizer (the generated datasets only: python-docs stays unseen)."""
+    """Generated task rows for the tokenizer (the task datasets only: the text ones stay unseen)."""
     out = []
     for name, d in datasets().items():
         if d["format"] == "text":
@@ -293,10 +317,17 @@ def build(name: str, out: Path, log=None, should_stop=None) -> dict:
     t0 = time.perf_counter()
     pre = p["pretrain"]
     common.seed_everything(pre["seed"])
-    docs = corpus(p["corpus"]["max_chars"])
-    tok = build_tokenizer(docs + _task_text(p["corpus"]["task_text_rows"]), p["tokenizer"]["vocab_size"])
+    c = p["corpus"]
+    docs = corpus(c["max_chars"])
+    gen = []
+    if c.get("generated"):                # generated stories: structure a small model learns precisely
+        g_ds = datasets()[c["generated"]]
+        gen = stories(g_ds, c["generated_rows"], g_ds["pretrain_seed"])
+    tok = build_tokenizer(docs + gen + _task_text(c["task_text_rows"]), p["tokenizer"]["vocab_size"])
+    texts = docs + gen
+    random.Random(pre["seed"]).shuffle(texts)
     ids: list[int] = []
-    for d in docs:                        # one stream: BOS doc EOS BOS doc EOS ...
+    for d in texts:                       # one stream: BOS text EOS BOS text EOS ...
         ids += tok(d)["input_ids"] + [tok.eos_token_id]
     L = pre["seq_len"]
     blocks = torch.tensor(ids[: len(ids) // L * L]).view(-1, L)
@@ -304,8 +335,9 @@ def build(name: str, out: Path, log=None, should_stop=None) -> dict:
     blocks = blocks[torch.randperm(len(blocks), generator=g)]
     n_val = max(1, len(blocks) // 20)
     val, train = blocks[:n_val], blocks[n_val:]
-    log(f"demo corpus: {len(docs)} stdlib docstrings, {sum(map(len, docs)) / 1e6:.2f}M chars, "
-        f"{len(ids) / 1e6:.2f}M tokens ({len(train)} training and {len(val)} held-out blocks of {L})")
+    log(f"demo corpus: {len(docs)} stdlib docstrings ({sum(map(len, docs)) / 1e6:.2f}M chars) and {len(gen)} "
+        f"generated stories ({sum(map(len, gen)) / 1e6:.2f}M chars): {len(ids) / 1e6:.2f}M tokens "
+        f"({len(train)} training and {len(val)} held-out blocks of {L})")
 
     cfg = LlamaConfig(**hf_config(name))
     cfg.bos_token_id = cfg.eos_token_id = tok.bos_token_id
@@ -340,7 +372,8 @@ def build(name: str, out: Path, log=None, should_stop=None) -> dict:
     model.to(torch.bfloat16).save_pretrained(out)          # 16-bit on disk, like hub checkpoints
     tok.save_pretrained(out)
     info = {"name": name, "params": n_params, "config": hf_config(name), "corpus_docs": len(docs),
-            "corpus_chars": sum(map(len, docs)), "corpus_tokens": len(ids), "steps": hist["steps"],
+            "corpus_chars": sum(map(len, docs)), "corpus_stories": len(gen), "corpus_story_chars": sum(map(len, gen)),
+            "corpus_tokens": len(ids), "steps": hist["steps"],
             "first_loss": hist["losses"][0] if hist["losses"] else None,
             "final_loss": hist["losses"][-1] if hist["losses"] else None,
             "val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
