@@ -319,8 +319,6 @@ def test_planner_imports_no_heavy_stack():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-@pytest.mark.xfail(not hasattr(engine.estimate, "estimate_accuracy"), strict=False,
-                   reason="engine.estimate.__init__ (another part) does not expose estimate_accuracy yet")
 def test_cli_contract():
     cmd = [sys.executable, "-m", "engine", "estimate", "accuracy", "--family", "llama-3", "--params-b", "8",
            "--method", "awq", "--w-bits", "4", "--group-size", "128", "--json"]
@@ -329,5 +327,5 @@ def test_cli_contract():
     out = json.loads(p.stdout)
     assert out["low"] <= out["retention"] <= out["high"] and out["ppl_ratio"] > 1
     assert out["evidence"]["count"] >= 400
-    p = subprocess.run(cmd[:8] + ["magic", "--w-bits", "4", "--json"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(cmd[:10] + ["magic", "--w-bits", "4", "--json"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "gptq" in json.loads(p.stdout)["error"]
