@@ -15,7 +15,7 @@ with the error, the median and the worst.
 
 On the CPU (smoke test, seconds; no GPU needed):
 
-    python bench/estimates_vs_measured.py --device cpu --tiny
+    python bench/estimates_vs_measured.py --device cpu --tiny          # --quick: 5 cases, as in tests/
 
 runs the same code on shrunken models and measures peak memory with a live-storage tracker
 (a TorchDispatchMode that adds each new tensor storage when an op creates it and subtracts
@@ -65,8 +65,10 @@ GPU_NAMES = {"H100": "h100-80gb", "H200": "h200-141gb", "A100-SXM4-80GB": "a100-
 def train_grid(model_id: str, tiny: bool, quick: bool) -> list[dict]:
     """(method, ckpt, seq_len, batch) cases for one model; 8B skips what cannot fit an 80 GB GPU."""
     if tiny:
-        return [dict(method=m, grad_ckpt=c, seq_len=32, batch_size=2)
-                for m in ("lora", "qlora", "full") for c in (True, False)]
+        cases = [(m, c) for m in ("lora", "qlora", "full") for c in (True, False)]
+        if quick:
+            cases = [("lora", False), ("qlora", True), ("full", True)]
+        return [dict(method=m, grad_ckpt=c, seq_len=32, batch_size=2) for m, c in cases]
     big = model_id == "llama-3.1-8b"
     out = []
     for m in ("lora", "qlora", "full"):
@@ -83,10 +85,11 @@ def train_grid(model_id: str, tiny: bool, quick: bool) -> list[dict]:
     return out
 
 
-def infer_grid(tiny: bool) -> list[dict]:
+def infer_grid(tiny: bool, quick: bool = False) -> list[dict]:
     if tiny:
         # no int8 on the CPU: bitsandbytes' CPU int8 matmul upcasts to fp32, unlike the CUDA kernel
-        return [dict(weights=w, batch_size=b, prompt_len=16, new_tokens=4) for w in ("bf16", "nf4") for b in (1, 4)]
+        cases = [("bf16", 1), ("nf4", 4)] if quick else [(w, b) for w in ("bf16", "nf4") for b in (1, 4)]
+        return [dict(weights=w, batch_size=b, prompt_len=16, new_tokens=4) for w, b in cases]
     return [dict(weights=w, batch_size=b, prompt_len=512, new_tokens=64) for w in ("bf16", "int8", "nf4") for b in (1, 8)]
 
 
@@ -461,7 +464,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="shrunken 2-layer models (smoke test)")
     ap.add_argument("--models", default=None, help="comma-separated preset ids")
     ap.add_argument("--only", choices=("train", "infer"), default=None)
-    ap.add_argument("--quick", action="store_true", help="fewer shapes per model")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes per model (with --tiny: the test suite's smoke run)")
     ap.add_argument("--gpu", default=None, help="preset id of this GPU (default: detected)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "measurements"))
     ap.add_argument("--no-save", action="store_true")
@@ -502,7 +505,7 @@ def main(argv=None) -> int:
                 _save(doc, out_path, args.no_save)
                 _print_row(doc["results"][-1])
         if args.only in (None, "infer"):
-            for case in infer_grid(args.tiny):
+            for case in infer_grid(args.tiny, args.quick):
                 t0 = time.perf_counter()
                 meas = infer_case(hf_cfg, case, dev, ckpt_cache)
                 pred = predict_infer(arch, case, gpu_id, dev)
