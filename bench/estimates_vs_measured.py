@@ -121,16 +121,16 @@ def build_random(hf_cfg, dev: str, dtype):
     return m
 
 
-def saved_checkpoint(hf_cfg, cache: dict) -> str:
+def saved_checkpoint(hf_cfg, cache: dict, dev: str = "cpu") -> str:
     """A random-init bf16 checkpoint on disk, so bitsandbytes quantizes through from_pretrained."""
     key = id(hf_cfg)
     if key not in cache:
         import torch
-        m = build_random(hf_cfg, "cpu", torch.bfloat16)
+        m = build_random(hf_cfg, dev, torch.bfloat16)          # random init is fast on the GPU
         d = tempfile.mkdtemp(prefix="tq-bench-")
         m.save_pretrained(d)
         del m
-        gc.collect()
+        free_cuda()
         cache[key] = d
     return cache[key]
 
@@ -300,11 +300,13 @@ def train_case(hf_cfg, case: dict, dev: str, ckpt_cache: dict, steps: int | None
     import peft
     method, T, B = case["method"], case["seq_len"], case["batch_size"]
     amp = case.get("precision", "bf16") == "fp32-amp"
+    free_cuda()
+    before = torch.cuda.memory_allocated() if dev == "cuda" else 0     # leftovers of earlier cases
     if method == "qlora":
         qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            saved_checkpoint(hf_cfg, ckpt_cache), dtype=torch.bfloat16, quantization_config=qc,
+            saved_checkpoint(hf_cfg, ckpt_cache, dev), dtype=torch.bfloat16, quantization_config=qc,
             device_map={"": 0} if dev == "cuda" else {"": "cpu"})
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=case["grad_ckpt"],
@@ -351,7 +353,7 @@ def train_case(hf_cfg, case: dict, dev: str, ckpt_cache: dict, steps: int | None
             dt = (time.perf_counter() - t0) / 2
         else:
             dt = r["seconds"]
-        out.update(peak_allocated_bytes=r["peak"], reserved_bytes=r["reserved"], step_time_s=dt,
+        out.update(peak_allocated_bytes=r["peak"] - before, reserved_bytes=r["reserved"], step_time_s=dt,
                    tokens_per_s=B * T / dt)
     except torch.OutOfMemoryError as e:
         out.update(oom=True, error=str(e).splitlines()[0][:200])
@@ -373,11 +375,11 @@ def infer_case(hf_cfg, case: dict, dev: str, ckpt_cache: dict) -> dict:
     elif w == "int8":
         qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
     meter = Meter(dev)
+    path = saved_checkpoint(hf_cfg, ckpt_cache, dev)
     free_cuda()
     before = meter.allocated() if dev == "cuda" else 0
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        saved_checkpoint(hf_cfg, ckpt_cache), dtype=torch.bfloat16, quantization_config=qc,
-        device_map={"": 0} if dev == "cuda" else {"": "cpu"})
+        path, dtype=torch.bfloat16, quantization_config=qc, device_map={"": 0} if dev == "cuda" else {"": "cpu"})
     model.eval()
     weights = meter.allocated(model) - before
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -398,6 +400,15 @@ def infer_case(hf_cfg, case: dict, dev: str, ckpt_cache: dict) -> dict:
     del model
     free_cuda()
     return out
+
+
+def cuda_context_bytes() -> int:
+    """Device memory in use that the caching allocator does not hold: the CUDA context (after a matmul)."""
+    import torch
+    x = torch.ones(256, 256, device="cuda")
+    (x @ x).sum().item()
+    free, total = torch.cuda.mem_get_info()
+    return int(total - free - torch.cuda.memory_reserved())
 
 
 def _timed(fn, dev):
@@ -468,6 +479,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", default=None, help="preset id of this GPU (default: detected)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "measurements"))
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=540.0,
+                    help="start no new case after this many seconds (a device call is limited to 10 minutes)")
     args = ap.parse_args(argv)
     import warnings
     warnings.filterwarnings("ignore")
@@ -491,28 +504,37 @@ def main(argv=None) -> int:
     out_path = Path(args.out) / f"{gpu_id}{'-tiny' if args.tiny else ''}-{stamp}.json"
     doc = {"gpu": gpu_id, "device": dev, "device_name": torch.cuda.get_device_name(0) if dev == "cuda" else platform.processor(),
            "tiny": args.tiny, "versions": versions, "started": stamp, "results": []}
+    if dev == "cuda":
+        doc["cuda_context_bytes"] = cuda_context_bytes()
     ckpt_cache: dict = {}
+    t_start = time.perf_counter()
+    skipped = []
     for mid in model_ids:
         hf_cfg = hf_config(mid, args.tiny)
         arch = models.arch_from_config(hf_cfg.to_dict(), name=mid + ("-tiny" if args.tiny else ""))
+        cases = []
         if args.only in (None, "train"):
-            for case in train_grid(mid, args.tiny, args.quick):
-                t0 = time.perf_counter()
-                meas = train_case(hf_cfg, case, dev, ckpt_cache)
-                pred = predict_train(arch, case, gpu_id, dev)
-                doc["results"].append({"kind": "train", "model": mid, **case, "measured": meas, "predicted": pred,
-                                       "wall_s": round(time.perf_counter() - t0, 2)})
-                _save(doc, out_path, args.no_save)
-                _print_row(doc["results"][-1])
+            cases += [("train", c) for c in train_grid(mid, args.tiny, args.quick)]
         if args.only in (None, "infer"):
-            for case in infer_grid(args.tiny, args.quick):
-                t0 = time.perf_counter()
-                meas = infer_case(hf_cfg, case, dev, ckpt_cache)
-                pred = predict_infer(arch, case, gpu_id, dev)
-                doc["results"].append({"kind": "infer", "model": mid, **case, "measured": meas, "predicted": pred,
-                                       "wall_s": round(time.perf_counter() - t0, 2)})
-                _save(doc, out_path, args.no_save)
-                _print_row(doc["results"][-1])
+            cases += [("infer", c) for c in infer_grid(args.tiny, args.quick)]
+        for kind, case in cases:
+            if time.perf_counter() - t_start > args.budget_s:
+                skipped.append(f"{mid} {kind} {case}")
+                continue
+            t0 = time.perf_counter()
+            try:
+                meas = (train_case if kind == "train" else infer_case)(hf_cfg, case, dev, ckpt_cache)
+            except Exception as e:  # noqa: BLE001 - one failing case must not lose the others
+                meas = {"oom": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+                free_cuda()
+            pred = (predict_train if kind == "train" else predict_infer)(arch, case, gpu_id, dev)
+            doc["results"].append({"kind": kind, "model": mid, **case, "measured": meas, "predicted": pred,
+                                   "wall_s": round(time.perf_counter() - t0, 2)})
+            _save(doc, out_path, args.no_save)
+            _print_row(doc["results"][-1], show_speed=dev == "cuda")
+    if skipped:
+        doc["skipped_for_budget"] = skipped
+        print(f"{len(skipped)} cases skipped (--budget-s {args.budget_s:.0f}); run them with --models/--only")
     summary = summarize(doc["results"], speed=dev == "cuda")
     doc["summary"] = summary
     _save(doc, out_path, args.no_save)
@@ -544,8 +566,11 @@ def _gib(x):
     return f"{x / 2 ** 30:8.3f} GiB" if x >= 2 ** 28 else f"{x / 2 ** 20:8.3f} MiB"
 
 
-def _print_row(r):
+def _print_row(r, show_speed: bool = True):
     m, p = r["measured"], r["predicted"]
+    if m.get("error") and not m.get("oom"):
+        print(f"{_label(r):48s} ERROR {m['error']}", flush=True)
+        return
     if m.get("oom"):
         print(f"{_label(r):55s} OOM measured; predicted {_gib(p['peak_allocated_bytes'])} fits={p.get('fits')}",
               flush=True)
@@ -556,7 +581,9 @@ def _print_row(r):
         ew = err(p["weights_bytes"], m["weights_bytes"])
         extra = f"  weights {_gib(p['weights_bytes'])}/{_gib(m['weights_bytes'])} ({ew:+.1%})"
     speed = ""
-    if r["kind"] == "train" and m.get("tokens_per_s"):
+    if not show_speed:
+        pass
+    elif r["kind"] == "train" and m.get("tokens_per_s"):
         speed = f"  tok/s pred {p['tokens_per_s']:,.0f} meas {m['tokens_per_s']:,.0f}"
     elif r["kind"] == "infer" and m.get("decode_tokens_per_s"):
         speed = f"  decode tok/s pred {p['decode_tokens_per_s']:,.1f} meas {m['decode_tokens_per_s']:,.1f}"
@@ -575,8 +602,15 @@ def summarize(results: list[dict], speed: bool = True) -> dict:
                 if r["kind"] == kind and not r["measured"].get("oom") and r["measured"].get(key)]
         if errs:
             out[f"{kind}.{key}"] = {"n": len(errs), "median_abs_err": statistics.median(errs), "worst_abs_err": max(errs)}
+    for kind in ("train", "infer"):    # allocator slack: reserved / allocated at the peak (presets/estimate/runtime.yaml)
+        ratios = [r["measured"]["reserved_bytes"] / r["measured"]["peak_allocated_bytes"] for r in results
+                  if r["kind"] == kind and r["measured"].get("reserved_bytes") and r["measured"].get("peak_allocated_bytes")]
+        if ratios:
+            out[f"{kind}.reserved_over_peak"] = {"n": len(ratios), "median": statistics.median(ratios), "max": max(ratios)}
     ooms = [r for r in results if r["measured"].get("oom")]
     out["oom_cases"] = [{"case": _label(r), "predicted_fits": r["predicted"].get("fits")} for r in ooms]
+    out["errors"] = [{"case": _label(r), "error": r["measured"]["error"]} for r in results
+                     if r["measured"].get("error") and not r["measured"].get("oom")]
     return out
 
 
@@ -586,6 +620,13 @@ def print_summary(s: dict):
         if k == "oom_cases":
             for o in v:
                 print(f"  OOM: {o['case']} (estimate said fits={o['predicted_fits']})")
+            continue
+        if k == "errors":
+            for o in v:
+                print(f"  ERROR: {o['case']}: {o['error']}")
+            continue
+        if k.endswith("reserved_over_peak"):
+            print(f"  {k:34s} n={v['n']:3d}  median {v['median']:.3f}  max {v['max']:.3f}")
             continue
         print(f"  {k:34s} n={v['n']:3d}  median {v['median_abs_err']:6.1%}  worst {v['worst_abs_err']:6.1%}")
 
