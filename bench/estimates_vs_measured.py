@@ -49,7 +49,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engine import hardware, models  # noqa: E402  (pure Python)
-from engine.estimate import formats as F  # noqa: E402
 from engine.estimate import latency, memory  # noqa: E402
 
 GPU_MODELS = ["qwen2.5-0.5b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
@@ -479,7 +478,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", default=None, help="preset id of this GPU (default: detected)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "measurements"))
     ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=540.0,
+    ap.add_argument("--budget-s", type=float, default=480.0,
                     help="start no new case after this many seconds (a device call is limited to 10 minutes)")
     args = ap.parse_args(argv)
     import warnings

@@ -232,7 +232,6 @@ def bytes_read_per_token(arch: ModelArch, fmt="bf16") -> float:
     b = weights_breakdown(arch, fmt, round_to=1)
     if arch.num_experts:
         frac = arch.experts_per_token / arch.num_experts
-        moe = [l for l in arch.linears if l.count > 1]
         dense_lin = [l for l in arch.linears if l.count == 1]
         sub = replace(arch, linears=tuple(dense_lin))
         sub_b = weights_breakdown(sub, fmt, round_to=1)

@@ -450,7 +450,6 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
     # loss: logits and cross-entropy buffers, per token x V
     BTV = BT * V
     loss_fwd = (head_bytes + (4 if head_bytes == 2 else 0) + 4) * BTV   # logits, fp32 upcast, log_softmax out
-    loss_saved = 4 * BTV                                               # log_softmax output
     loss_bwd = 12 * BTV                                                # + grad of nll, grad of log_softmax
     head_grad_w = (arch.lm_head_params or arch.embed_params) * rc.dense if rc.base_trainable else 0
 
@@ -677,7 +676,7 @@ def quantize_memory(arch: ModelArch, method: str, bits: int = 4, group_size: int
     n = positive_int("calibration_samples", calibration_samples)
     T = positive_int("seq_len", seq_len)
     ws = cublas_workspace(dev)
-    h, L = arch.hidden_size, arch.num_layers
+    h = arch.hidden_size
     terms: list[Term] = []
     notes: list[str] = []
     if method in ("gptq", "awq"):
