@@ -104,3 +104,21 @@ def test_bench_cpu_smoke_path(tmp_path):
         if r["kind"] == "infer":
             assert pr["weights_bytes"] == m["weights_bytes"]              # tensor for tensor
     assert doc["summary"]["train.peak_allocated_bytes"]["median_abs_err"] < 0.05
+
+
+def test_quantize_and_merge_stages_answer_the_commands_the_advisor_cites():
+    """The advisor's reasons print `estimate quantize ...` / `estimate merge ...`: both must run."""
+    from engine.estimate import estimate_merge, estimate_quantize
+    rc, stdout = cli("estimate", "quantize", "--model", "qwen2.5-0.5b", "--method", "gptq", "--bits", "4",
+                     "--group-size", "128", "--calibration-samples", "64", "--seq-len", "1024", "--gpu", "l4-24gb", "--json")
+    assert rc == 0, stdout
+    out = json.loads(stdout)
+    same = estimate_quantize("qwen2.5-0.5b", "gptq", bits=4, group_size=128, calibration_samples=64,
+                             seq_len=1024, gpu="l4-24gb")
+    assert out["peak_allocated_bytes"] == same["peak_allocated_bytes"] > 0
+    assert sum(out["breakdown"].values()) == out["peak_allocated_bytes"]
+    rc, stdout = cli("estimate", "merge", "--model", "llama-3.2-1b", "--lora-rank", "8", "--json")
+    assert rc == 0, stdout
+    assert json.loads(stdout)["peak_allocated_bytes"] == estimate_merge("llama-3.2-1b", lora_rank=8)["peak_allocated_bytes"]
+    rc, stdout = cli("estimate", "quantize", "--model", "qwen2.5-0.5b", "--json")      # --method missing
+    assert rc == 2 and "method" in json.loads(stdout)["error"]

@@ -29,6 +29,22 @@ INFER_ARGS = {
     "prompt_len": ("--prompt-len", int, 512),
     "new_tokens": ("--new-tokens", int, 128),
     "gpu": ("--gpu", str, None),
+    "group_size": ("--group-size", int, None),
+}
+QUANTIZE_ARGS = {
+    "model": ("--model", str, None),
+    "method": ("--method", str, None),
+    "bits": ("--bits", int, 4),
+    "group_size": ("--group-size", int, 128),
+    "calibration_samples": ("--calibration-samples", int, 128),
+    "seq_len": ("--seq-len", int, 2048),
+    "gpu": ("--gpu", str, None),
+}
+MERGE_ARGS = {
+    "model": ("--model", str, None),
+    "base": ("--base", str, "bf16"),
+    "lora_rank": ("--lora-rank", int, 16),
+    "gpu": ("--gpu", str, None),
 }
 ACCURACY_ARGS = {
     "family": ("--family", str, None),
@@ -40,19 +56,22 @@ ACCURACY_ARGS = {
     "per_channel": ("--per-channel", bool, False),
     "finetune": ("--finetune", str, "none"),
 }
-REQUIRED = {"train": ("model", "method"), "infer": ("model",), "accuracy": ("family", "params_b", "method", "w_bits")}
+REQUIRED = {"train": ("model", "method"), "infer": ("model",), "accuracy": ("family", "params_b", "method", "w_bits"),
+            "quantize": ("model", "method"), "merge": ("model",)}
 CHOICES = {
     ("train", "method"): ("full", "lora", "qlora", "qat"),
     ("train", "precision"): ("bf16", "fp32-amp"),
     ("accuracy", "finetune"): ("none", "lora", "qlora", "qat"),
 }
-KINDS = {"train": TRAIN_ARGS, "infer": INFER_ARGS, "accuracy": ACCURACY_ARGS}
+KINDS = {"train": TRAIN_ARGS, "infer": INFER_ARGS, "accuracy": ACCURACY_ARGS,
+         "quantize": QUANTIZE_ARGS, "merge": MERGE_ARGS}
 
 
 def _call(kind: str, kwargs: dict) -> dict:
     from engine import estimate
     fn = {"train": estimate.estimate_train, "infer": estimate.estimate_infer,
-          "accuracy": estimate.estimate_accuracy}[kind]
+          "accuracy": estimate.estimate_accuracy, "quantize": estimate.estimate_quantize,
+          "merge": estimate.estimate_merge}[kind]
     return fn(**kwargs)
 
 
@@ -144,7 +163,9 @@ def register(sub) -> None:
     est = sub.add_parser("estimate", help="memory, speed, accuracy estimates")
     esub = est.add_subparsers(dest="what", required=True, parser_class=type(est))
     for kind, help_ in (("train", "training memory and speed"), ("infer", "inference memory and speed"),
-                        ("accuracy", "accuracy retention and perplexity ratio")):
+                        ("accuracy", "accuracy retention and perplexity ratio"),
+                        ("quantize", "memory and time of a quantize/calibration stage (GPTQ, AWQ, ...)"),
+                        ("merge", "memory of merging LoRA adapters into the 16-bit base")):
         p = esub.add_parser(kind, help=help_)
         _add_flags(p, kind)
         p.set_defaults(func=_run_one(kind))
