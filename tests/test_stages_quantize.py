@@ -31,7 +31,9 @@ def run_quantize(tmp_path, method, **extra):
     ctx = StageContext(run_id="t", spec=rs, strategy=strategies.get("ptq-nf4"), stage={"stage": "quantize",
                        "method": method, **extra}, index=0, workdir=tmp_path, state={}, device="cpu",
                        emit=lambda type, **p: events.append((type, p)))
-    return STAGES["quantize"](ctx), ctx.state, events
+    res = STAGES["quantize"](ctx)
+    ctx.state["_ctx"] = ctx
+    return res, ctx.state, events
 
 
 def logits(path, x):
@@ -62,6 +64,14 @@ def test_bitsandbytes_roundtrip(home, tmp_path, method, cls):
     if method != "int8":
         assert lin.weight.quant_state.quant_type == method and lin.weight.quant_state.blocksize == 64
         assert m.config.quantization_config.bnb_4bit_use_double_quant
+    # the stages' loader computes in fp32 on a CPU without fast bf16: the unquantized weights
+    # (saved bf16) are cast up losslessly, the quantized ones stay packed
+    from engine.runs.stages import common
+    ctx = state["_ctx"]
+    mm = common.load_model(ctx, res["model_dir"], quant=res["quant"])
+    want = common.compute_dtype(ctx)
+    assert mm.model.embed_tokens.weight.dtype == want and mm.lm_head.weight.dtype == want
+    assert type(mm.model.layers[0].self_attn.q_proj.weight).__name__ in ("Params4bit", "Int8Params")
     # 4-bit: 0.5 byte per weight plus scales; the unquantized embeddings/head keep 16-bit
     assert res["size_on_disk_bytes"] < res["source_size_on_disk_bytes"] * (0.55 if method != "int8" else 0.7)
     assert any(t == "artifact" and p["kind"] == "quantized-model" for t, p in events)

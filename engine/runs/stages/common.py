@@ -169,6 +169,7 @@ def quiet_libraries() -> None:
 def load_model(ctx, path: str, quant: dict | None = None, dtype=None, quantization_config=None):
     """from_pretrained on the run's device. A quantized checkpoint (bitsandbytes, GPTQ/AWQ,
     torchao) loads through the quantization_config saved in its config.json."""
+    import torch
     from transformers import AutoModelForCausalLM
     quiet_libraries()
     if quant and quant.get("library") == "gptqmodel":
@@ -181,7 +182,22 @@ def load_model(ctx, path: str, quant: dict | None = None, dtype=None, quantizati
     kw = {"dtype": dtype, "device_map": device_map(ctx)}
     if quantization_config is not None:
         kw["quantization_config"] = quantization_config
-    return AutoModelForCausalLM.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if quant and quant.get("library") == "bitsandbytes" and dtype == torch.float32:
+        upcast_unquantized(model, dtype)
+    return model
+
+
+def upcast_unquantized(model, dtype) -> None:
+    """A saved bitsandbytes checkpoint reloads its unquantized weights (embeddings, lm_head,
+    norms) in their saved 16-bit dtype whatever dtype is asked for; where the run computes in
+    fp32 (a CPU without fast bf16) cast those up (lossless), leaving the quantized ones alone."""
+    import torch
+    plain = (torch.Tensor, torch.nn.Parameter)          # not bnb's Params4bit / Int8Params
+    for mod in model.modules():
+        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+            if type(t) in plain and t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.to(dtype)
 
 
 def setup_gptqmodel() -> None:
