@@ -313,6 +313,10 @@ def resolve(ref) -> ModelArch:
         raise InputError("model is required: a preset id (e.g. llama-3.1-8b), a local model dir, "
                          "a config.json path or a hub id", field="model")
     ref = ref.strip()
+    if ref.startswith("demo:"):                  # the project's own offline demo models (presets/demo/models.yaml)
+        from engine.runs import demo
+        name = demo.model_name(ref)
+        return arch_from_config(demo.hf_config(name), name=ref, source=f"demo:{name}")
     ps = presets()
     if ref.lower() in ps:
         return _from_preset(ref.lower())

@@ -104,3 +104,15 @@ def test_counts_match_transformers_modules(pid):
                       and not name.endswith((".gate", ".router")))
     if ours.num_experts == 0:
         assert ours.linear_params == linear_real, pid
+
+
+def test_demo_models_resolve_offline_without_a_build():
+    """`demo:NAME` is the project's own model (presets/demo/models.yaml): the planner reads its config,
+    so estimates for the demo runs need no build and no hub."""
+    from engine.models import resolve
+    arch = resolve("demo:tiny-llama")
+    assert (arch.hidden_size, arch.num_layers, arch.vocab_size) == (256, 4, 2048)
+    # 2 x 2048 x 256 (untied embeddings) + 4 x (attention 256x(256+2x128+256) + mlp 3x256x512 + 2 norms) + final norm
+    assert arch.total_params == 2 * 2048 * 256 + 4 * (256 * 768 + 3 * 256 * 512 + 2 * 256) + 256 == 3_410_176
+    with pytest.raises(InputError, match="known: demo:tiny-llama"):
+        resolve("demo:nope")
