@@ -336,12 +336,33 @@ def resolve(ref) -> ModelArch:
                      f"Presets: {', '.join(preset_ids())}", field="model")
 
 
+def _reachable(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether a TCP connection to the host of ``url`` opens within ``timeout_s`` (DNS included)."""
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def _from_hub(repo_id: str) -> ModelArch:
     """Fetch config.json of a hub model (needs the network; offline it says so)."""
     try:
-        from huggingface_hub import hf_hub_download  # light: no torch
-        path = hf_hub_download(repo_id, "config.json")
+        from huggingface_hub import constants, hf_hub_download  # light: no torch
+        # offline (HF_HUB_OFFLINE or no route to the hub) only the local cache can answer: asking the hub
+        # would retry with back-off for ~25 s before failing, so probe once and go local straight away
+        local = bool(constants.HF_HUB_OFFLINE) or not _reachable(constants.ENDPOINT)
+        path = hf_hub_download(repo_id, "config.json", local_files_only=local)
     except Exception as e:  # offline, gated, missing: say which and what works offline
+        if local:
+            raise InputError(f"the model hub ({constants.ENDPOINT}) is not reachable from this machine"
+                             f"{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''} and config.json "
+                             f"of {repo_id!r} is not in the local hub cache. Offline, use a preset "
+                             f"({', '.join(preset_ids()[:12])}, ...), a local model dir or a config.json path",
+                             field="model") from None
         raise InputError(f"could not fetch config.json of hub model {repo_id!r} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}). Offline, use a preset "
                          f"({', '.join(preset_ids()[:12])}, ...), a local dir or a config.json path",

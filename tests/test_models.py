@@ -116,3 +116,24 @@ def test_demo_models_resolve_offline_without_a_build():
     assert arch.total_params == 2 * 2048 * 256 + 4 * (256 * 768 + 3 * 256 * 512 + 2 * 256) + 256 == 3_410_176
     with pytest.raises(InputError, match="known: demo:tiny-llama"):
         resolve("demo:nope")
+
+
+def test_unreachable_hub_fails_fast_with_what_works_offline(tmp_path):
+    """No route to the hub: one quick probe, then the local cache only (no ~25 s of retries)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))   # port 9: nothing listens
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "engine", "estimate", "train", "--model", "someorg/somemodel",
+                        "--method", "lora", "--json"], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    took = time.perf_counter() - t0
+    assert p.returncode == 2, p.stderr
+    msg = json.loads(p.stdout)["error"]
+    assert "not reachable" in msg and "local hub cache" in msg
+    assert "preset" in msg and "config.json path" in msg
+    assert "Retrying" not in p.stderr, f"the hub was retried ({took:.1f} s) instead of answering from the cache"
