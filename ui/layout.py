@@ -488,20 +488,8 @@ def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:
 
 
 def _charts(rs: list[dict], scn: dict | None, view: str, shown) -> list:
-    from engine import hardware
-    if not rs or not scn:
-        fig = empty("", "no scenario yet")
-        return [fig, fig, fig, fig]
-    g = hardware.get(scn["hardware"]["gpu"])
-    count = int(scn["hardware"].get("count") or 1)
-    dev_id = (scn.get("deploy") or {}).get("gpu")
-    dev = hardware.get(dev_id) if dev_id else None
-    goal = (scn.get("goals") or {}).get("max_latency_ms_per_token")
-    return [tradeoffs.memory_vs_accuracy(rs, view, g.memory_bytes, f"{count} × {g.name}" if count > 1 else g.name,
-                                         dev.memory_bytes if dev else None, dev.name if dev else "hosted API"),
-            tradeoffs.latency_vs_accuracy(rs, goal, dev.name if dev else "hosted API"),
-            tradeoffs.memory_breakdown(rs, shown or None, g.memory_bytes),
-            tradeoffs.cost_chart(rs)]
+    figs = tradeoffs.scenario_charts(rs, scn, view, shown)
+    return [figs[k] for k in tradeoffs.CHARTS]
 
 
 def _poll(view: dict):

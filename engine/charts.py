@@ -1,0 +1,377 @@
+"""The charts of a scenario, as plain Plotly JSON: the dashboard and the report draw the same ones.
+
+A figure is a dict ``{"data": [...], "layout": {...}}``, the format plotly.js draws; nothing here
+imports plotly or gradio (building ``plotly.graph_objects`` validates every property in Python,
+10-25 ms per figure, too slow for charts redrawn on every input change). ``Fig`` adds
+``to_json()``, all ``gr.Plot`` needs; tests read it like any dict.
+
+``rows(result)`` flattens the advisor's answer (``engine.advisor.recommend``) into one dict of
+figures per strategy; every chart is built from those rows, so charts and matrix never disagree.
+``scenario_charts(rows, scenario)`` is the set both screens show: memory vs accuracy, latency vs
+accuracy (each with the Pareto front of the feasible strategies and the device's limit as a
+dashed line), the stacked memory breakdown of each stage, and the cost. Hovering a point shows
+where its numbers come from (the planner command, the accuracy evidence). Each figure has a
+fixed ``uirevision``: a zoom survives a redraw when an input changes.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+GB = 1e9     # memory is shown in decimal GB, the unit GPU names and the advisor's reasons use
+FONT = {"family": "Inter, ui-sans-serif, system-ui, sans-serif", "size": 12, "color": "#1f2937"}
+AXIS = {"gridcolor": "#e5e7eb", "zeroline": False, "linecolor": "#9ca3af", "showline": True, "automargin": True}
+FAMILY_COLORS = {"ptq-only": "#2563eb", "finetune-then-quantize": "#d97706", "quantize-then-finetune": "#059669",
+                 "joint-qat": "#7c3aed", "finetune-only": "#dc2626", "no-change": "#6b7280"}
+# 20 distinct colours (matplotlib tab20 order) for the named parts of a memory breakdown
+PART_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+               "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+MEMORY_VIEWS = ("serving memory on the target", "peak of train/calibrate/merge on the training GPU")
+
+
+# ---- figures as JSON ---------------------------------------------------------------------------------
+
+class Fig(dict):
+    """A Plotly figure as JSON; ``gr.Plot`` accepts it like a plotly Figure (it calls to_json)."""
+
+    def to_json(self) -> str:
+        return json.dumps(self, default=_clean, allow_nan=False)
+
+    @property
+    def traces(self) -> list[dict]:
+        return self["data"]
+
+    @property
+    def layout(self) -> dict:
+        return self["layout"]
+
+
+def _clean(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+def figure(title: str, uirevision: str, height: int = 420, **layout) -> Fig:
+    """An empty figure with the dashboard's look; ``uirevision`` keeps zoom across redraws."""
+    base = {"title": {"text": title, "font": {"size": 15}, "x": 0.01}, "uirevision": uirevision,
+            "height": height, "font": FONT, "paper_bgcolor": "white", "plot_bgcolor": "white",
+            "margin": {"l": 60, "r": 20, "t": 50, "b": 50}, "hoverlabel": {"align": "left"},
+            "legend": {"orientation": "h", "y": -0.2, "font": {"size": 11}},
+            "xaxis": dict(AXIS), "yaxis": dict(AXIS)}
+    for k, v in layout.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return Fig(data=[], layout=base)
+
+
+def side_by_side(title: str, uirevision: str, titles: tuple[str, str], height: int = 420, **layout) -> Fig:
+    """Two panels: traces go to axes x/y (left) and x2/y2 (right)."""
+    fig = figure(title, uirevision, height, **layout)
+    fig.layout["xaxis"] = {**AXIS, "domain": [0, 0.45], "anchor": "y"}
+    fig.layout["yaxis"] = {**AXIS, "anchor": "x"}
+    fig.layout["xaxis2"] = {**AXIS, "domain": [0.55, 1], "anchor": "y2"}
+    fig.layout["yaxis2"] = {**AXIS, "anchor": "x2"}
+    fig.layout["annotations"] = [
+        {"text": t, "x": x, "y": 1.0, "xref": "paper", "yref": "paper", "xanchor": "center", "yanchor": "bottom",
+         "showarrow": False, "font": {"size": 12}} for t, x in ((titles[0], 0.225), (titles[1], 0.775))]
+    return fig
+
+
+def vline(fig: Fig, x: float, label: str, color: str = "#b91c1c") -> None:
+    """A dashed vertical line across the plot (a memory limit, a latency goal) with its label."""
+    fig.layout.setdefault("shapes", []).append(
+        {"type": "line", "x0": x, "x1": x, "y0": 0, "y1": 1, "xref": "x", "yref": "paper",
+         "line": {"color": color, "dash": "dash", "width": 1.5}})
+    fig.layout.setdefault("annotations", []).append(
+        {"text": label, "x": x, "y": 1.0, "xref": "x", "yref": "paper", "xanchor": "right", "yanchor": "bottom",
+         "showarrow": False, "font": {"color": color, "size": 11}})
+
+
+def note(fig: Fig, text: str) -> Fig:
+    """A message in the middle of an empty plot (and no axes)."""
+    fig.layout.setdefault("annotations", []).append(
+        {"text": text, "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper", "showarrow": False,
+         "font": {"size": 13, "color": "#6b7280"}})
+    fig.layout["xaxis"] = {**fig.layout.get("xaxis", {}), "visible": False}
+    fig.layout["yaxis"] = {**fig.layout.get("yaxis", {}), "visible": False}
+    return fig
+
+
+def empty(title: str, why: str, uirevision: str = "empty", height: int = 420) -> Fig:
+    return note(figure(title, uirevision, height), why)
+
+
+# ---- the advisor's answer -> the figures of each strategy -------------------------------------------
+
+def reason_text(r) -> str:
+    if isinstance(r, dict):
+        return str(r.get("text") or r.get("message") or r.get("reason") or r)
+    return str(r)
+
+
+def row(entry: dict, rank: int) -> dict:
+    """One ranked advisor entry as the flat figures of a matrix row (None where not estimated)."""
+    est = entry.get("estimates") or {}
+    sid = entry.get("strategy")
+    stages = []
+    for st in est.get("stages") or []:
+        src = st.get("source") or ""
+        if src and not src.startswith("python"):
+            src = "python -m engine " + (src if src.startswith("estimate ") else "estimate " + src)
+        stages.append({"stage": st.get("stage"), "bytes": st.get("device_bytes"),
+                       "peak": st.get("peak_allocated_bytes"), "limit": st.get("limit_bytes"),
+                       "fits": st.get("fits"), "breakdown": st.get("breakdown") or {}, "source": src,
+                       "device": st.get("device"), "note": st.get("note") or st.get("sharding") or "",
+                       "error": st.get("error")})
+    by = {s["stage"]: s for s in stages}
+    pipeline = [s["bytes"] for s in stages if s["stage"] != "serve" and s["bytes"]]
+    serve = by.get("serve") or {}
+    acc = est.get("accuracy") or {}
+    cost = est.get("cost") or {}
+    return {
+        "rank": entry.get("rank", rank), "strategy": sid, "name": entry.get("name", sid),
+        "family": entry.get("family"), "scheme": entry.get("scheme"), "feasible": bool(entry.get("feasible")),
+        "score": entry.get("score"), "why": [reason_text(r) for r in entry.get("why") or []],
+        "rules": list(entry.get("rules") or []),
+        "why_not": [reason_text(b) for b in entry.get("blocked") or []],
+        "blocked_by": list(entry.get("blocked_by") or []),
+        "stages": stages,
+        "train_bytes": (by.get("train") or {}).get("bytes"), "train_limit": (by.get("train") or {}).get("limit"),
+        "quant_bytes": (by.get("quantize") or {}).get("bytes"),
+        "peak_bytes": max(pipeline) if pipeline else None,
+        "serve_bytes": serve.get("bytes"), "serve_limit": serve.get("limit"),
+        "serve_source": serve.get("source", ""),
+        "ms_per_token": est.get("latency_ms_per_token"),
+        "train_time_s": est.get("train_time_s"),
+        "retention": acc.get("retention"), "ret_low": acc.get("low"), "ret_high": acc.get("high"),
+        "acc_source": evidence_text(acc), "acc_error": acc.get("error"),
+        "train_usd": cost.get("train_usd"), "train_gpu_hours": cost.get("train_gpu_hours"),
+        "serve_usd_mtok": cost.get("serve_usd_per_million_tokens"),
+        "cost_source": cost_text(est),
+    }
+
+
+def rows(result: dict | None) -> list[dict]:
+    """Every strategy of the advisor's answer as a row, in its rank order."""
+    if not result:
+        return []
+    return [row(e, i + 1) for i, e in enumerate(result.get("ranked") or [])]
+
+
+def cost_text(est: dict) -> str:
+    out = []
+    for st in est.get("stages") or []:
+        c = st.get("cost") or {}
+        if c.get("formula"):
+            out.append(f"{st.get('stage')}: {c['formula']}")
+        elif c.get("error"):
+            out.append(f"{st.get('stage')}: {c['error']}")
+    return "; ".join(out)
+
+
+def evidence_text(acc: dict) -> str:
+    """Where a retention figure comes from: the fit, the evidence count, the closest published result."""
+    if not acc:
+        return ""
+    ev = acc.get("evidence") or {}
+    parts = [acc.get("source") or ""]
+    if isinstance(ev, dict):
+        if ev.get("count") is not None:
+            parts.append(f"{ev['count']} results ({ev.get('published', '?')} published, "
+                         f"{ev.get('measured', 0)} measured)")
+        close = [c for c in ev.get("closest") or [] if isinstance(c, dict)]
+        if close:
+            c = close[0]
+            parts.append(f"closest: {c.get('model')} {c.get('method')} w{float(c.get('w_bits') or 0):g} "
+                         f"{str(c.get('metric', ''))[:30]} {c.get('value')} vs {c.get('baseline')} "
+                         f"({str(c.get('source', ''))[:60]})")
+    elif ev:
+        parts.append(str(ev))
+    return " · ".join(p for p in parts if p)
+
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The points no other point beats on both axes (lower x and higher y), sorted by x."""
+    front, best_y = [], float("-inf")
+    for x, y, label in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best_y:
+            front.append((x, y, label))
+            best_y = y
+    return front
+
+
+def _wrap(text: str, width: int = 90, max_lines: int = 4) -> str:
+    """Hover text wrapped into <br>-separated lines (Plotly does not wrap); greedy, by words."""
+    lines, cur = [], ""
+    for word in str(text).split():
+        if cur and len(cur) + 1 + len(word) > width:
+            lines.append(cur)
+            if len(lines) == max_lines:
+                return "<br>".join(lines) + "…"
+            cur = word
+        else:
+            cur = f"{cur} {word}" if cur else word
+    lines.append(cur)
+    return "<br>".join(lines)
+
+
+def _acc_hover(r: dict) -> str:
+    if r["retention"] is None or r["ret_low"] is None:
+        return ""
+    return (f"retention {r['retention']:.3f} [{r['ret_low']:.3f}–{r['ret_high']:.3f}]<br>"
+            f"evidence: {_wrap(r['acc_source'] or '—')}")
+
+
+def _vs_accuracy(rs, xkey, title, xtitle, limit, limit_label, uirev, xscale, hover_x) -> Fig:
+    pts = [r for r in rs if r.get(xkey) is not None and r["retention"] is not None]
+    if not pts:
+        return empty(title, "no estimates to plot (see the matrix for why)", uirev)
+    fig = figure(title, uirev, xaxis={"title": {"text": xtitle}},
+                 yaxis={"title": {"text": "accuracy retention vs 16-bit"}})
+    for fam, color in FAMILY_COLORS.items():
+        fr = [r for r in pts if r["family"] == fam]
+        if not fr:
+            continue
+        fig.traces.append({
+            "type": "scatter", "mode": "markers", "name": fam,
+            "x": [r[xkey] / xscale for r in fr], "y": [r["retention"] for r in fr],
+            "text": [r["strategy"] for r in fr],
+            "marker": {"color": color, "size": [15 if r["rank"] == 1 and r["feasible"] else 9 for r in fr],
+                       "symbol": ["circle" if r["feasible"] else "x-thin-open" for r in fr],
+                       "line": {"width": 2, "color": color}},
+            "error_y": {"type": "data", "symmetric": False, "thickness": 1, "width": 3, "color": color,
+                        "array": [max(0.0, (r["ret_high"] if r["ret_high"] is not None else r["retention"])
+                                      - r["retention"]) for r in fr],
+                        "arrayminus": [max(0.0, r["retention"] - (r["ret_low"] if r["ret_low"] is not None
+                                                                   else r["retention"])) for r in fr]},
+            "hovertext": [f"<b>#{r['rank']} {r['strategy']}</b> ({'feasible' if r['feasible'] else 'not feasible: ' + ', '.join(r['blocked_by'])})"
+                          f"<br>{hover_x(r)}<br>{_acc_hover(r)}" for r in fr],
+            "hoverinfo": "text"})
+    front = pareto([(r[xkey] / xscale, r["retention"], r["strategy"]) for r in pts if r["feasible"]])
+    if len(front) > 1:
+        fig.traces.append({"type": "scatter", "mode": "lines", "name": "Pareto front (feasible)",
+                           "x": [p[0] for p in front], "y": [p[1] for p in front], "hoverinfo": "skip",
+                           "line": {"shape": "hv", "dash": "dot", "color": "#111827", "width": 1.5}})
+    if limit:
+        vline(fig, limit / xscale, limit_label)
+    return fig
+
+
+def memory_vs_accuracy(rs: list[dict], view: str = MEMORY_VIEWS[0], gpu_bytes=None, gpu_name="GPU",
+                       serve_bytes=None, serve_name="target") -> Fig:
+    """Memory (the served model on its device, or the peak of the train/calibrate/merge stages on
+    the training GPU) vs retention, with that device's memory as a line."""
+    if view != MEMORY_VIEWS[1]:
+        key, limit, label = "serve_bytes", serve_bytes, f"{serve_name}: {(serve_bytes or 0) / GB:.1f} GB"
+
+        def hover(r):
+            return f"serving {r['serve_bytes'] / GB:.2f} GB<br>{_wrap(r['serve_source'])}"
+        title = f"Serving memory vs accuracy ({serve_name})"
+    else:
+        key, limit, label = "peak_bytes", gpu_bytes, f"{gpu_name}: {(gpu_bytes or 0) / GB:.1f} GB per GPU"
+
+        def hover(r):
+            return "<br>".join(f"{s['stage']}: {(s['bytes'] or 0) / GB:.2f} GB — {_wrap(s['source'], 80, 2)}"
+                               for s in r["stages"] if s["bytes"] and s["stage"] != "serve")
+        title = f"Pipeline peak memory vs accuracy ({gpu_name})"
+    return _vs_accuracy(rs, key, title, "GB", limit, label, f"mem-vs-acc-{key}", GB, hover)
+
+
+def latency_vs_accuracy(rs: list[dict], goal_ms=None, device_name="target") -> Fig:
+    def hover(r):
+        return f"{r['ms_per_token']:.1f} ms/token on {device_name}<br>{_wrap(r['serve_source'])}"
+    return _vs_accuracy(rs, "ms_per_token", f"Latency vs accuracy ({device_name})", "decode latency, ms per token",
+                        goal_ms, f"goal {goal_ms:g} ms/token" if goal_ms else "", "lat-vs-acc", 1.0, hover)
+
+
+def memory_breakdown(rs: list[dict], strategies_shown: list[str] | None = None, gpu_bytes=None) -> Fig:
+    """Stacked memory breakdown of each stage of the chosen strategies (one bar per strategy · stage).
+
+    Bars are the planner's named parts (weights, gradients, optimizer states, activations, logits,
+    KV cache, CUDA context ...); they sum to the stage's device memory."""
+    chosen = [r for r in rs if (r["strategy"] in strategies_shown if strategies_shown else r["rank"] <= 6)]
+    bars = [(f"{r['strategy']} · {s['stage']}", s) for r in chosen for s in r["stages"] if s["bytes"]]
+    if not bars:
+        return empty("Memory per stage", "no per-stage memory estimates to show", "mem-breakdown", 360)
+    parts: list[str] = []
+    for _, s in bars:
+        for k in _parts(s):
+            if k not in parts:
+                parts.append(k)
+    fig = figure("Memory per stage (stacked breakdown, GB)", "mem-breakdown", max(360, 80 + 24 * len(bars)),
+                 barmode="stack", xaxis={"title": {"text": "GB"}}, yaxis={"autorange": "reversed"},
+                 margin={"l": 190, "r": 10, "t": 50, "b": 50},
+                 legend={"orientation": "v", "x": 1.02, "y": 1, "font": {"size": 10}})
+    labels = [b[0] for b in bars]
+    for i, part in enumerate(parts):
+        vals = [_parts(s).get(part, 0) / GB for _, s in bars]
+        if not any(vals):
+            continue
+        fig.traces.append({"type": "bar", "orientation": "h", "name": part, "y": labels, "x": vals,
+                           "marker": {"color": PART_COLORS[i % len(PART_COLORS)]},
+                           "hovertemplate": "%{y}<br>" + part + ": %{x:.2f} GB<extra></extra>"})
+    if gpu_bytes:
+        vline(fig, gpu_bytes / GB, f"training GPU {gpu_bytes / GB:.1f} GB")
+    return fig
+
+
+def _parts(stage: dict) -> dict:
+    """A stage's breakdown in bytes; what the planner did not name (device overhead) as 'other'."""
+    b = {k: float(v) for k, v in (stage.get("breakdown") or {}).items() if isinstance(v, (int, float))}
+    total = float(stage.get("bytes") or 0)
+    rest = total - sum(b.values())
+    if rest > 0.005 * total:
+        b["context + allocator slack" if b else "total"] = rest
+    return b
+
+
+def cost_chart(rs: list[dict]) -> Fig:
+    """One-off cost (training + calibration, USD) and serving cost (USD per million tokens) of the feasible
+    strategies, in rank order (an infeasible strategy's cost answers no question)."""
+    tr = [r for r in rs if r["train_usd"] and r["feasible"]]
+    sv = [r for r in rs if r["serve_usd_mtok"] is not None and r["feasible"]]
+    if not tr and not sv:
+        return empty("Cost", "no cost estimates for feasible strategies (no price for these devices, "
+                             "or nothing feasible)", "cost")
+    fig = side_by_side("Cost comparison", "cost",
+                       ("one-off: training + calibration (USD)", "serving (USD per 1M tokens)"),
+                       showlegend=False, margin={"l": 60, "r": 20, "t": 60, "b": 130})
+    fig.traces.append({"type": "bar", "x": [r["strategy"] for r in tr], "y": [r["train_usd"] for r in tr],
+                       "marker": {"color": [FAMILY_COLORS.get(r["family"], "#999") for r in tr]},
+                       "hovertext": [_wrap(r["cost_source"] or "", 80, 3) for r in tr],
+                       "hovertemplate": "%{x}: $%{y:,.2f}<br>%{hovertext}<extra></extra>",
+                       "xaxis": "x", "yaxis": "y"})
+    fig.traces.append({"type": "bar", "x": [r["strategy"] for r in sv], "y": [r["serve_usd_mtok"] for r in sv],
+                       "marker": {"color": [FAMILY_COLORS.get(r["family"], "#999") for r in sv]},
+                       "hovertemplate": "%{x}: $%{y:,.3f} per 1M tokens<extra></extra>",
+                       "xaxis": "x2", "yaxis": "y2"})
+    for ax in ("xaxis", "xaxis2"):
+        fig.layout[ax].update(tickangle=-45, tickfont={"size": 10})
+    return fig
+
+
+# ---- the charts of a scenario ------------------------------------------------------------------------
+
+CHARTS = ("memory", "latency", "breakdown", "cost")
+
+
+def scenario_charts(rs: list[dict], scenario: dict | None, view: str = MEMORY_VIEWS[0],
+                    shown: list[str] | None = None) -> dict[str, Fig]:
+    """The four trade-off figures of a scenario (keys of ``CHARTS``), limits drawn from its devices:
+    the training GPU's memory (per GPU), the serving device's memory, the latency goal."""
+    from engine import hardware
+    if not rs or not scenario:
+        fig = empty("", "no scenario yet")
+        return {k: fig for k in CHARTS}
+    g = hardware.get(scenario["hardware"]["gpu"])
+    count = int(scenario["hardware"].get("count") or 1)
+    dev_id = (scenario.get("deploy") or {}).get("gpu")
+    dev = hardware.get(dev_id) if dev_id else None
+    goal = (scenario.get("goals") or {}).get("max_latency_ms_per_token")
+    return {"memory": memory_vs_accuracy(rs, view, g.memory_bytes, f"{count} × {g.name}" if count > 1 else g.name,
+                                         dev.memory_bytes if dev else None, dev.name if dev else "hosted API"),
+            "latency": latency_vs_accuracy(rs, goal, dev.name if dev else "hosted API"),
+            "breakdown": memory_breakdown(rs, shown or None, g.memory_bytes),
+            "cost": cost_chart(rs)}
