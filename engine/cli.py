@@ -25,12 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.estimate import cli as estimate_cli
     from engine import advisor
     from engine.runs import cli as runs_cli
+    from engine import report
 
     p = _Parser(prog="python -m engine", description="tunequant engine: estimate, recommend, run")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     estimate_cli.register(sub)
     advisor.register_cli(sub)
     runs_cli.register(sub)
+    report.register_cli(sub)
     return p
 
 
