@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import json
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -356,8 +357,7 @@ def _charts_section(d: dict, fmt: str) -> list:
         out.append(text("The HTML report draws these as interactive charts; here is their data."))
     for key, fig in d["figures"].items():
         title = ((fig.get("layout") or {}).get("title") or {}).get("text") or CHART_TITLES[key]
-        out.append(sub(title))
-        out += [figure(key, fig)] if fmt == "html" else fig_tables(fig)
+        out += [figure(key, fig)] if fmt == "html" else [sub(title)] + fig_tables(fig)
     return out
 
 
@@ -491,7 +491,7 @@ h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;border-bottom:2px solid #e5e7
 h3{font-size:15px;margin:18px 0 6px}
 table{border-collapse:collapse;margin:8px 0 14px;font-size:12.5px}th,td{border:1px solid #e5e7eb;padding:4px 7px;
 text-align:left;vertical-align:top}th{background:#f3f4f6}table.kv td:first-child{font-weight:600;white-space:nowrap}
-table.matrix td:nth-child(9){font-size:11px;color:#6b7280;max-width:340px}
+table.matrix td:nth-child(9){font-size:11px;color:#6b7280;min-width:260px;max-width:520px}
 table.matrix tr.reco td{background:#e0e7ff;font-weight:600}table.matrix tr.infeasible td{color:#9ca3af}
 pre{background:#f9fafb;border:1px solid #e5e7eb;padding:10px;overflow-x:auto;font-size:12px}
 .meta,.muted{color:#6b7280}.verdict{font-size:16px;font-weight:600}nav a{margin-right:12px}
@@ -562,7 +562,9 @@ def html(d: dict) -> str:
 
 
 def _md_cell(c: str) -> str:
-    return str(c).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
+    """Text for a Markdown line or table cell: pipes escaped, one line, no tag can open ('<=' stays)."""
+    s = str(c).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", s)
 
 
 def markdown(d: dict) -> str:
@@ -582,7 +584,7 @@ def markdown(d: dict) -> str:
             elif kind == "list":
                 out += [f"- {_md_cell(x)}" for x in b[1]] + [""]
             elif kind == "code":
-                fence = "````" if "```" in b[1] else "```"
+                fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", b[1])), default=0))
                 out += [f"{fence}{b[2]}", b[1].rstrip("\n"), fence, ""]
             elif kind == "table":
                 out += ["| " + " | ".join(_md_cell(h) for h in b[1]) + " |",
