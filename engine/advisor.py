@@ -12,13 +12,18 @@ For each strategy of presets/strategies.yaml:
    cost, data fit) plus the deltas of the practitioners' rules that fired (presets/rules/rules.yaml);
 4. **reasons**: which estimate decided (number vs limit) and which rule fired (id + rationale).
 
+A strategy measured on the user's own data (a finished run of that strategy on the scenario's
+model, from the run store by default) takes the run's measured retention in place of the
+accuracy prior, with the narrow interval of its evaluation; the reasons name the run.
+
 Feasible strategies rank above infeasible ones, then by score. ``what_would_change`` names the
 binding constraint and the nearest alternative, checked by re-running the advisor on the
 changed scenario. Pure Python: never imports torch (the planner does not either).
 
 Public API::
 
-    recommend(scenario: dict | Scenario, rules=None, what_if=True) -> dict   # the CLI's JSON
+    recommend(scenario: dict | Scenario, rules=None, what_if=True, runs=None) -> dict   # the CLI's JSON
+    measured_runs(scenario, runs=None) -> list[dict]   # the finished runs that count as measured evidence
     facts(scenario) -> dict            # what rule conditions read
     matches(condition, values) -> bool # the condition language of presets/rules
     load_rules() -> list[dict]
@@ -28,6 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -184,8 +190,11 @@ def _call(fn: str, kwargs: tuple):
             pass
     if f is None:
         return json.dumps({"error": f"the planner has no {fn} yet"})
+    kw = dict(kwargs)
+    if isinstance(kw.get("measured"), str):          # measured rows travel as JSON text (hashable)
+        kw["measured"] = json.loads(kw["measured"])
     try:
-        return json.dumps(f(**dict(kwargs)), default=str)
+        return json.dumps(f(**kw), default=str)
     except InputError as e:
         return json.dumps({"error": str(e)})
 
@@ -268,6 +277,8 @@ def _stage_train(s, sc, arch, ctx) -> dict:
     eff = ctx["settings"]["multi_gpu"]["scaling_efficiency"] if count > 1 else 1.0
     tps = est.get("tokens_per_s") or 0.0
     total_tps = tps * count * eff
+    if est.get("calibration") is not None:
+        out["calibration"] = est["calibration"]
     out.update(per, limit_bytes=tdev.memory_bytes, fits=per["device_bytes"] <= tdev.memory_bytes,
                tokens=tokens, tokens_per_s=total_tps, time_s=tokens / total_tps if total_tps else None,
                low_bytes=est.get("low"), high_bytes=est.get("high"))
@@ -326,6 +337,8 @@ def _stage_serve(s, sc, arch, ctx) -> dict:
         return {**out, "error": est["error"], "fits": False}
     tps = est.get("decode_tokens_per_s")
     slow, fast = est.get("decode_tokens_per_s_low"), est.get("decode_tokens_per_s_high")
+    if est.get("calibration") is not None:
+        out["calibration"] = est["calibration"]
     out.update(weights_bytes=est.get("weights_bytes"), peak_allocated_bytes=est.get("peak_allocated_bytes"),
                device_bytes=est.get("device_bytes"), device_low=est.get("device_low"),
                device_high=est.get("device_high"), breakdown=est.get("breakdown", {}),
@@ -341,17 +354,50 @@ def _stage_serve(s, sc, arch, ctx) -> dict:
     return out
 
 
-def _accuracy(s, sc, arch) -> dict:
+def _accuracy(s, sc, arch, ctx=None) -> dict:
+    """The accuracy prior of a strategy (the accuracy model, pulled by measured runs of other
+    strategies of the same method on this model), replaced by the newest run of this very
+    strategy on this model when there is one (``measured``; the prior stays under ``prior``)."""
+    from engine.estimate.accuracy import measured_accuracy
     a = s["accuracy"]
     kw = dict(family=arch.family, params_b=round(arch.total_params / 1e9, 3), method=a["method"],
               w_bits=float(a["w_bits"]), a_bits=float(a.get("a_bits", 16)), group_size=a.get("group_size"),
               per_channel=bool(a.get("per_channel", False)), finetune=a.get("finetune", "none"))
-    est = _estimate("estimate_accuracy", **kw)
     src = (f"estimate accuracy --family {kw['family']} --params-b {kw['params_b']} --method {kw['method']} "
            f"--w-bits {kw['w_bits']:g} --a-bits {kw['a_bits']:g}"
            + (f" --group-size {kw['group_size']}" if kw["group_size"] else "")
            + (" --per-channel" if kw["per_channel"] else "") + f" --finetune {kw['finetune']}")
-    return {**est, "source": src}
+    m = (ctx or {}).get("measured") or {}
+    own = (m.get("by_strategy") or {}).get(s["id"])
+    pull = [r for sid, e in (m.get("by_strategy") or {}).items() if sid != s["id"] for r in e["rows"]
+            if r["comparable"] and r["method"] == a["method"] and a["method"] != "none"]
+    if pull and not own:
+        est = _estimate("estimate_accuracy", **kw, measured=json.dumps(pull, sort_keys=True))
+        ids = est.get("evidence", {}).get("measured_runs") or []
+        if ids:
+            src += f" (+ {len(ids)} measured run(s) of other {a['method']} strategies: {', '.join(ids)})"
+    else:
+        est = _estimate("estimate_accuracy", **kw)
+    est = {**est, "source": src}
+    if not own or est.get("retention") is None:
+        return est
+    meas = measured_accuracy(own["rows"], params_b=kw["params_b"])
+    if meas is None:
+        return est
+    meas["runs"] = own["runs"]
+    prior = {k: est.get(k) for k in ("retention", "low", "high", "ppl_ratio", "ppl_low", "ppl_high", "source",
+                                     "interval")}
+    ev = dict(est.get("evidence") or {})
+    ev["measured_runs"] = sorted(set(ev.get("measured_runs") or []) | {meas["run_id"]})
+    ev["measured"] = len(ev["measured_runs"])
+    ev["count"] = (ev.get("published") or 0) + ev["measured"]
+    ppl = meas.get("ppl_ratio")
+    return {**est, "retention": meas["retention"], "low": meas["low"], "high": meas["high"],
+            "ppl_ratio": ppl if ppl is not None else est.get("ppl_ratio"),
+            "ppl_low": ppl if ppl is not None else est.get("ppl_low"),
+            "ppl_high": ppl if ppl is not None else est.get("ppl_high"),
+            "interval": "central 80% of the measurement", "measured": meas, "prior": prior, "evidence": ev,
+            "source": f"measured: run {meas['run_id']} ({meas['basis']}); prior: {src}"}
 
 
 def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
@@ -469,14 +515,25 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
                       f"(target_weight_bits)", value=t["w_bits"], limit=g.target_weight_bits)
 
     # accuracy goal
-    acc = _accuracy(s, sc, arch)
+    acc = _accuracy(s, sc, arch, ctx)
     r = acc.get("retention")
+    meas = acc.get("measured")
+    if meas:
+        p = acc["prior"]
+        reasons.append({"kind": "measured", "ok": True, "constraint": "accuracy", "run_id": meas["run_id"],
+                        "text": f"measured on your data: run {meas['run_id']} ({meas['dataset']}, {meas['rows']} "
+                                f"held-out rows): retention {r:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] from "
+                                f"{meas['basis']}; replaces the prior {p['retention']:.3f} "
+                                f"[{p['low']:.3f}, {p['high']:.3f}]"
+                                + (f" ({len(meas['runs'])} runs of {s['id']}; the newest counts)"
+                                   if len(meas["runs"]) > 1 else "")
+                                + (f"; against the {meas['reference']}" if not meas["comparable"] else "")})
     if r is None:
         reasons.append({"kind": "estimate", "ok": None, "constraint": "accuracy",
                         "text": f"accuracy not estimated ({acc.get('error', 'no retention')})"})
     else:
         lo, hi = acc.get("low", r), acc.get("high", r)
-        txt = f"retention {r:.3f} [{lo:.3f}, {hi:.3f}]"
+        txt = f"retention {r:.3f} [{lo:.3f}, {hi:.3f}]" + (f" measured (run {meas['run_id']})" if meas else "")
         if g.min_accuracy_retention is not None:
             if r < g.min_accuracy_retention:
                 block("accuracy", f"{txt} < goal {g.min_accuracy_retention:g} ({acc['source']})",
@@ -595,21 +652,23 @@ def _score(rows: list[dict], sc: Scenario, rules: list[dict], fired: list[dict],
 def _why(row: dict) -> list[str]:
     """Reasons as text, most decisive first: what blocks, then rules, then the estimates."""
     blocked = [r["text"] for r in row["reasons"] if r["kind"] == "constraint"]
+    blocked += [r["text"] for r in row["reasons"] if r["kind"] == "measured"]
     rules = [r["text"] for r in sorted((r for r in row["reasons"] if r["kind"] == "rule"),
                                        key=lambda r: -abs(r["delta"]))]
     est = [("ok: " if r["ok"] else "") + r["text"] for r in row["reasons"] if r["kind"] == "estimate"]
     parts = ", ".join(f"{k} {v:.2f}" for k, v in row["score_parts"].items())
-    return ["not feasible: " + b for b in blocked] + rules + est + [f"score {row['score']:.3f} = goal-weighted parts "
+    return [("" if b.startswith("measured") else "not feasible: ") + b for b in blocked] + rules + est + [f"score {row['score']:.3f} = goal-weighted parts "
                                                                    f"({parts}); priority {row['priority']}"]
 
 
 # ---- the matrix -----------------------------------------------------------------------------
 
-def _rank(sc: Scenario, rules: list[dict]) -> dict:
+def _rank(sc: Scenario, rules: list[dict], measured: dict | None = None) -> dict:
     cfg = settings()
     f = facts(sc)
     fired = [r for r in rules if matches(r["when"], f)]
-    ctx = {"arch": sc.arch(), "train_device": sc.train_device(), "serve_device": sc.serve_device(), "settings": cfg}
+    ctx = {"arch": sc.arch(), "train_device": sc.train_device(), "serve_device": sc.serve_device(), "settings": cfg,
+           "measured": measured or {}}
     rows = [assess(s, sc, ctx) for s in strategies.catalog()]
     _score(rows, sc, rules, fired, cfg)
     order = {s: i for i, s in enumerate(strategies.ids())}
@@ -619,20 +678,26 @@ def _rank(sc: Scenario, rules: list[dict]) -> dict:
         r["priority"] = sc.goals.priority
         r["why"] = _why(r)
     rec = rows[0]["strategy"] if rows and rows[0]["feasible"] else None
-    return {"facts": f, "fired": fired, "rows": rows, "recommended": rec}
+    return {"facts": f, "fired": fired, "rows": rows, "recommended": rec, "measured": measured or {}}
 
 
-def recommend(scenario, rules: list[dict] | None = None, what_if: bool = True) -> dict:
+def recommend(scenario, rules: list[dict] | None = None, what_if: bool = True, runs=None) -> dict:
     """The decision matrix for a scenario (a dict, a Scenario, or a path/preset id of a YAML file).
 
     Returns the JSON of ``python -m engine recommend --json``: ``recommended`` (a strategy id,
     or None when nothing is feasible), ``ranked`` (every strategy: strategy, family, feasible,
-    score, why, estimates, ...), ``rules_fired``, ``what_would_change``, ``assumptions``.
+    score, why, estimates, ...), ``rules_fired``, ``what_would_change``, ``assumptions``,
+    ``measured_runs`` (the runs that counted as measured accuracy evidence).
+
+    ``runs``: the measured evidence, overriding the scenario's ``measured`` field: run dicts
+    (as engine.runs.api.get_run returns them) or run ids; [] for none. Left out, the scenario
+    decides (default: the run store's finished runs of the scenario's model).
     """
     t0 = time.perf_counter()
     sc = _scenario(scenario)
     rules = load_rules() if rules is None else check_rules(rules)
-    res = _rank(sc, rules)
+    measured = _measured_evidence(sc, measured_runs(sc, runs))
+    res = _rank(sc, rules, measured)
     rows = res["rows"]
     out = {
         "scenario": sc.to_dict(),
@@ -643,10 +708,85 @@ def recommend(scenario, rules: list[dict] | None = None, what_if: bool = True) -
         "rules_fired": [{"id": r["id"], "topic": r["topic"], "rationale": r["rationale"], "source": r["source"]}
                         for r in res["fired"]],
         "assumptions": _assumptions(sc),
+        "measured_runs": measured["summary"],
     }
     out["what_would_change"] = _what_would_change(sc, rules, res) if what_if else None
     out["timing_ms"] = round(1000 * (time.perf_counter() - t0), 1)
     return out
+
+
+# ---- measured runs: the user's own evidence ----------------------------------------------------
+
+_store_cache: dict = {}
+
+
+def _store_runs() -> list[dict]:
+    """Finished runs of the run store (engine.runs.api's store if this process opened one, else
+    the default file; none when it does not exist or TUNEQUANT_MEASURED=off). Read again only
+    when the file changed: the dashboard calls the advisor on every input change."""
+    if os.environ.get("TUNEQUANT_MEASURED", "").strip().lower() in ("off", "none", "0", "false"):
+        return []
+    from engine.runs import api, store as run_store      # sqlite only: imports no torch
+    ex = api._executor
+    path = ex.store.path if ex is not None else run_store.default_db_path()
+    if not path.is_file():
+        return []
+    stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
+                  for p in (path, path.with_name(path.name + "-wal")))
+    hit = _store_cache.get(str(path))
+    if hit and hit[0] == stamp:
+        return hit[1]
+    st = ex.store if ex is not None else run_store.RunStore(path)
+    runs = st.list_runs(status="finished")
+    _store_cache[str(path)] = (stamp, runs)
+    return runs
+
+
+def measured_runs(scenario, runs=None) -> list[dict]:
+    """The finished runs that count as measured evidence for a scenario, newest first.
+
+    ``runs`` (run dicts or ids; [] for none) overrides the scenario's ``measured`` field:
+    ``store`` (default) reads the run store, ``none`` uses none, a list names run ids (each
+    read with engine.runs.api.get_run; an unknown id is an InputError). Only runs of the
+    scenario's model count (the run's model reference or its resolved name)."""
+    sc = _scenario(scenario)
+    src = sc.measured if runs is None else list(runs)
+    if src == "none":
+        return []
+    if src == "store":
+        found = _store_runs()
+    else:
+        from engine.runs import api
+        found = []
+        for i, r in enumerate(src):
+            if isinstance(r, dict):
+                found.append(r)
+                continue
+            try:
+                found.append(api.get_run(str(r)))
+            except (InputError, KeyError) as e:
+                raise InputError(f"measured[{i}]: no run {r!r} in the run store ({e})", field="measured")
+    from engine.estimate.accuracy import run_models
+    names = {sc.arch().name.strip().lower()} | ({sc.model.strip().lower()} if isinstance(sc.model, str) else set())
+    out = [r for r in found if r.get("status", "finished") == "finished" and run_models(r) & names]
+    return sorted(out, key=lambda r: -(r.get("created") or 0))
+
+
+def _measured_evidence(sc: Scenario, runs: list[dict]) -> dict:
+    """Measured rows of the runs, the newest run per strategy, and a summary for the output."""
+    from engine.estimate.accuracy import measured_from_runs
+    rows = measured_from_runs(runs)
+    by_strategy: dict[str, dict] = {}
+    for r in rows:                                         # runs are newest first
+        e = by_strategy.setdefault(r["strategy"], {"run_id": r["run_id"], "rows": [], "runs": []})
+        if r["run_id"] not in e["runs"]:
+            e["runs"].append(r["run_id"])
+        if r["run_id"] == e["run_id"]:
+            e["rows"].append(r)
+    summary = [{"run_id": r.get("id"), "strategy": r.get("strategy"), "model": r.get("model"),
+                "used_for": next((sid for sid, e in by_strategy.items() if e["run_id"] == r.get("id")), None)}
+               for r in runs]
+    return {"rows": rows, "by_strategy": by_strategy, "summary": summary}
 
 
 def _assumptions(sc: Scenario) -> list[str]:
@@ -780,7 +920,7 @@ def _what_would_change(sc: Scenario, rules: list[dict], res: dict) -> dict:
             continue
         change, text = found
         try:
-            after = _rank(_apply(sc, change), rules)
+            after = _rank(_apply(sc, change), rules, res["measured"])
         except InputError:
             continue
         new = next(r for r in after["rows"] if r["strategy"] == row["strategy"])

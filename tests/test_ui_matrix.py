@@ -9,6 +9,15 @@ from engine.advisor import recommend
 from ui import layout, matrix, wizard
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_measured_runs():
+    """These tests rank on the priors: the developer's run store is not read (measured runs have
+    their own tests in test_measured_evidence.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEQUANT_MEASURED", "off")
+        yield
+
+
 @pytest.fixture(scope="module")
 def result():
     return recommend(wizard.scenario_from_form(wizard.DEFAULT_FORM))
@@ -38,6 +47,21 @@ def test_row_carries_the_advisors_figures_exactly(result):
         assert r["train_bytes"] == by.get("train", {}).get("device_bytes")
         assert r["serve_bytes"] == by.get("serve", {}).get("device_bytes")
         assert len(r["stages"]) == len(est["stages"])
+
+
+def test_rows_say_where_accuracy_and_memory_figures_come_from(result):
+    df = matrix.table(matrix.rows(result)).data
+    for entry, r, cell in zip(result["ranked"], matrix.rows(result), df["accuracy from"]):
+        acc = entry["estimates"]["accuracy"]
+        assert r["acc_run"] is None                                          # no runs in these tests
+        if acc.get("interval") == "exact":                                   # 16-bit: its own reference
+            assert r["acc_kind"] == "definition" and cell == "by definition (16-bit reference)"
+        else:
+            assert r["acc_kind"] == "estimated"
+            assert cell == r["acc_from"] == f"estimated ({acc['evidence']['published']} published)"
+        assert r["calibration"] in ("—", "not calibrated") or r["calibration"].startswith(("calibrated from", "train:"))
+    d = matrix.detail_html(result, matrix.recommended(result) or result["ranked"][0]["strategy"])
+    assert "<b>estimated</b> from" in d and "?run=" not in d
 
 
 def test_table_highlights_the_recommendation(result):

@@ -10,13 +10,12 @@ from __future__ import annotations
 import html
 import time
 
-from engine import strategies
-from engine.errors import InputError
+from engine import charts, strategies
 from ui.common import duration, engine_fn, error_md, gb, not_available, num, usd
 
 COLUMNS = ["#", "strategy", "family", "feasible", "why not", "train mem / GPU", "calibrate mem",
-           "serve mem / device", "ms/token", "retention [interval]", "train time", "one-off cost",
-           "serve $/M tok", "score", "rules fired"]
+           "serve mem / device", "ms/token", "retention [interval]", "accuracy from", "train time", "one-off cost",
+           "serve $/M tok", "score", "rules fired", "mem/speed calibration"]
 
 
 def recommend(scenario: dict) -> tuple[dict | None, float, str]:
@@ -31,84 +30,55 @@ def recommend(scenario: dict) -> tuple[dict | None, float, str]:
 
 # ---- the advisor's entry -> the figures shown ------------------------------------------------
 
-def _reason_text(r) -> str:
-    if isinstance(r, dict):
-        return str(r.get("text") or r.get("message") or r.get("reason") or r)
-    return str(r)
+_reason_text = charts.reason_text
 
 
 def row(entry: dict, rank: int) -> dict:
-    """One ranked advisor entry as the flat figures of a matrix row (None where not estimated)."""
+    """One ranked advisor entry as the flat figures of a matrix row (None where not estimated):
+    engine.charts.row's figures, plus where the accuracy comes from (a measured run or the
+    published evidence) and whether the memory/speed estimates are calibrated."""
+    out = charts.row(entry, rank)
     est = entry.get("estimates") or {}
-    sid = entry.get("strategy")
-    stages = []
-    for st in est.get("stages") or []:
-        src = st.get("source") or ""
-        if src and not src.startswith("python"):
-            src = "python -m engine " + (src if src.startswith("estimate ") else "estimate " + src)
-        stages.append({"stage": st.get("stage"), "bytes": st.get("device_bytes"),
-                       "peak": st.get("peak_allocated_bytes"), "limit": st.get("limit_bytes"),
-                       "fits": st.get("fits"), "breakdown": st.get("breakdown") or {}, "source": src,
-                       "device": st.get("device"), "note": st.get("note") or st.get("sharding") or "",
-                       "error": st.get("error")})
-    by = {s["stage"]: s for s in stages}
-    pipeline = [s["bytes"] for s in stages if s["stage"] != "serve" and s["bytes"]]
-    serve = by.get("serve") or {}
-    acc = est.get("accuracy") or {}
-    cost = est.get("cost") or {}
-    return {
-        "rank": entry.get("rank", rank), "strategy": sid, "name": entry.get("name", sid),
-        "family": entry.get("family"), "scheme": entry.get("scheme"), "feasible": bool(entry.get("feasible")),
-        "score": entry.get("score"), "why": [_reason_text(r) for r in entry.get("why") or []],
-        "rules": list(entry.get("rules") or []),
-        "why_not": [_reason_text(b) for b in entry.get("blocked") or []],
-        "blocked_by": list(entry.get("blocked_by") or []),
-        "stages": stages,
-        "train_bytes": (by.get("train") or {}).get("bytes"), "train_limit": (by.get("train") or {}).get("limit"),
-        "quant_bytes": (by.get("quantize") or {}).get("bytes"),
-        "peak_bytes": max(pipeline) if pipeline else None,
-        "serve_bytes": serve.get("bytes"), "serve_limit": serve.get("limit"),
-        "serve_source": serve.get("source", ""),
-        "ms_per_token": est.get("latency_ms_per_token"),
-        "train_time_s": est.get("train_time_s"),
-        "retention": acc.get("retention"), "ret_low": acc.get("low"), "ret_high": acc.get("high"),
-        "acc_source": _evidence_text(acc), "acc_error": acc.get("error"),
-        "train_usd": cost.get("train_usd"), "train_gpu_hours": cost.get("train_gpu_hours"),
-        "serve_usd_mtok": cost.get("serve_usd_per_million_tokens"),
-        "cost_source": _cost_text(est),
-    }
+    out.update(accuracy_basis(est.get("accuracy") or {}))
+    out["calibration"] = calibration_text(est.get("stages") or [])
+    return out
 
 
-def _cost_text(est: dict) -> str:
-    out = []
-    for st in est.get("stages") or []:
-        c = st.get("cost") or {}
-        if c.get("formula"):
-            out.append(f"{st.get('stage')}: {c['formula']}")
-        elif c.get("error"):
-            out.append(f"{st.get('stage')}: {c['error']}")
-    return "; ".join(out)
+def accuracy_basis(acc: dict) -> dict:
+    """measured (the run id, its dataset and rows), estimated (published rows and measured runs
+    counted), or by definition (the 16-bit model is its own reference)."""
+    ev = acc.get("evidence") if isinstance(acc.get("evidence"), dict) else {}
+    m = acc.get("measured") or {}
+    runs = list(ev.get("measured_runs") or [])
+    if m.get("run_id"):
+        return {"acc_kind": "measured", "acc_run": m["run_id"], "acc_runs": runs,
+                "acc_published": ev.get("published"),
+                "acc_from": f"measured (run {m['run_id']}, {m.get('dataset')}, {m.get('rows')} rows)"}
+    if acc.get("interval") == "exact":
+        return {"acc_kind": "definition", "acc_run": None, "acc_runs": [], "acc_published": 0,
+                "acc_from": "by definition (16-bit reference)"}
+    n = ev.get("published")
+    txt = "estimated" + (f" ({n} published" if n is not None else "") + (
+        f", {len(runs)} measured run(s) of the same method" if runs else "") + (")" if n is not None else "")
+    return {"acc_kind": "estimated" if acc.get("retention") is not None else None, "acc_run": None,
+            "acc_runs": runs, "acc_published": n, "acc_from": txt if acc.get("retention") is not None else "—"}
 
 
-def _evidence_text(acc: dict) -> str:
-    """Where a retention figure comes from: the fit, the evidence count, the closest published result."""
-    if not acc:
-        return ""
-    ev = acc.get("evidence") or {}
-    parts = [acc.get("source") or ""]
-    if isinstance(ev, dict):
-        if ev.get("count") is not None:
-            parts.append(f"{ev['count']} results ({ev.get('published', '?')} published, "
-                         f"{ev.get('measured', 0)} measured)")
-        close = [c for c in ev.get("closest") or [] if isinstance(c, dict)]
-        if close:
-            c = close[0]
-            parts.append(f"closest: {c.get('model')} {c.get('method')} w{float(c.get('w_bits') or 0):g} "
-                         f"{str(c.get('metric', ''))[:30]} {c.get('value')} vs {c.get('baseline')} "
-                         f"({str(c.get('source', ''))[:60]})")
-    elif ev:
-        parts.append(str(ev))
-    return " · ".join(p for p in parts if p)
+def calibration_text(stages: list[dict]) -> str:
+    """'calibrated from N runs' / 'not calibrated' per stage estimate that carries the planner's
+    ``calibration`` key (memory and speed); '—' when none does."""
+    seen = []
+    for st in stages:
+        c = st.get("calibration")
+        if not isinstance(c, dict):
+            continue
+        txt = f"calibrated from {c.get('runs', 0)} runs" if c.get("applied") else "not calibrated"
+        seen.append((st.get("stage"), txt))
+    if not seen:
+        return "—"
+    if len({t for _, t in seen}) == 1:
+        return seen[0][1]
+    return "; ".join(f"{stage}: {t}" for stage, t in seen)
 
 
 def rows(result: dict | None) -> list[dict]:
@@ -133,11 +103,13 @@ def table(rs: list[dict]):
             "serve mem / device": _vs(r["serve_bytes"], r["serve_limit"]),
             "ms/token": num(r["ms_per_token"], "{:.1f}"),
             "retention [interval]": ret,
+            "accuracy from": r["acc_from"],
             "train time": duration(r["train_time_s"]) if r["train_time_s"] else "—",
             "one-off cost": usd(r["train_usd"]) if r["train_usd"] else "—",
             "serve $/M tok": usd(r["serve_usd_mtok"]),
             "score": num(r["score"], "{:.3f}"),
             "rules fired": ", ".join(r["rules"]) or "—",
+            "mem/speed calibration": r["calibration"],
         })
     df = pd.DataFrame(data, columns=COLUMNS)
     if not rs:
@@ -252,6 +224,22 @@ def change_html(result: dict | None) -> str:
     return f"<div class='tq-change' id='what-would-change'><b>What would change the answer</b><ul>{lis}</ul></div>"
 
 
+def _run_link(run_id: str) -> str:
+    """A link that opens the run's page (the dashboard re-attaches to ?run=ID)."""
+    rid = html.escape(str(run_id), quote=True)
+    return f"<a href='?run={rid}' class='tq-run-link'>{rid}</a>"
+
+
+def _basis_html(r: dict) -> str:
+    """'measured in run <link> (dataset, rows)' or 'estimated from N published results (+ runs <links>)'."""
+    if r.get("acc_kind") == "measured":
+        return (f"<b class='tq-measured'>measured</b> in run {_run_link(r['acc_run'])} "
+                f"<span class='tq-src'>({html.escape(r['acc_from'].split(', ', 1)[-1].rstrip(')'))})</span>")
+    runs = r.get("acc_runs") or []
+    return ("<b>estimated</b>" + (f" from {r['acc_published']} published results" if r.get("acc_published") else "")
+            + (" + runs " + ", ".join(_run_link(x) for x in runs) if runs else ""))
+
+
 def detail_html(result: dict | None, strategy_id: str | None) -> str:
     """Everything about one strategy: reasons with their rule or number, and each estimate's source."""
     if not result or not strategy_id:
@@ -270,14 +258,15 @@ def detail_html(result: dict | None, strategy_id: str | None) -> str:
     mem = (f"<table><tr><th>stage</th><th>memory</th><th>limit</th><th>fits</th><th>source</th></tr>{mem_rows}</table>"
            if mem_rows else "")
     ret = (f"retention {r['retention']:.3f} [{num(r['ret_low'], '{:.3f}')}–{num(r['ret_high'], '{:.3f}')}] "
-           f"<span class='tq-src'>evidence: {html.escape(r['acc_source'] or '—')}</span>"
+           f"{_basis_html(r)} <span class='tq-src'>evidence: {html.escape(r['acc_source'] or '—')}</span>"
            if r["retention"] is not None else "retention: not estimated")
+    cal = (f"<div>memory/speed estimates: {html.escape(r['calibration'])}</div>" if r["calibration"] != "—" else "")
     return (f"<div class='tq-detail'><b>#{r['rank']} {html.escape(r['name'])}</b> "
             f"<span class='tq-src'>({html.escape(strategy_id)}, {html.escape(str(r['family']))}; "
             f"{'feasible' if r['feasible'] else 'not feasible'}; score {num(r['score'], '{:.2f}')})</span>"
             f"<div class='tq-src'>{html.escape(cat.get('summary', ''))}<br>stages: {html.escape(stages)}</div>"
             f"<b>Why</b>{_ul(r['why'], 20)}{('<b>Why not</b>' + _ul(r['why_not'], 20)) if r['why_not'] else ''}"
-            f"{mem}<div>{ret}</div>"
+            f"{mem}{cal}<div>{ret}</div>"
             f"<div>serving: {gb(r['serve_bytes'], 2)}, {num(r['ms_per_token'], '{:.1f}')} ms/token "
             f"<span class='tq-src'>{html.escape(str(r['serve_source'])[:200])}</span></div>"
             f"<div>cost: training {usd(r['train_usd'])}, serving {usd(r['serve_usd_mtok'])} per 1M tokens "

@@ -610,24 +610,47 @@ def _local_spread(model: Fit, p: Point, neigh) -> tuple[float, float]:
     return math.sqrt(var * (1.0 + 1.0 / (sw + 1.0))), sw
 
 
-def _measured_rows(measured, request: dict) -> list[Row]:
-    """Measured results of runs -> Rows with source 'run:<id>'; missing config keys = the request's."""
-    out = []
+def _measured_metric(metric) -> str | None:
+    """A measured row's metric -> a metric id of accuracy_model.yaml (None if unknown)."""
+    ms = spec()["measured"]
+    alias = {"ppl": ms["ppl_metric"], "perplexity": ms["ppl_metric"], "zeroshot": spec()["reference_metric"],
+             **{t: ms["task_metric"] for t in ms["task_metrics"]}}
+    metric = alias.get(metric, metric)
+    return metric if metric in spec()["metrics"] else None
+
+
+def _measured_rows(measured, request: dict) -> tuple[list[Row], list[dict]]:
+    """Measured results of runs -> (Rows with source 'run:<id>', rows left out with why).
+
+    Missing config keys are the request's. Left out: rows marked ``comparable: False`` (a run
+    that fine-tuned: its 16-bit reference is the base before fine-tuning, so the ratio mixes
+    the fine-tuning gain with the quantization loss, the published rows' exclusion rule) and
+    rows whose 16-bit baseline is 0 (no ratio)."""
+    out, skipped = [], []
     for i, m in enumerate(measured or []):
         if not isinstance(m, dict):
             raise InputError(f"measured[{i}] must be a mapping with run_id, metric, value, baseline", field="measured")
         run_id = m.get("run_id", m.get("id"))
-        metric = m.get("metric")
-        metric = {"ppl": "wikitext2_ppl", "zeroshot": spec()["reference_metric"]}.get(metric, metric)
-        if run_id is None or metric not in spec()["metrics"]:
-            raise InputError(f"measured[{i}]: needs run_id and a metric among "
-                             f"{', '.join(['ppl', 'zeroshot', *spec()['metrics']])}", field="measured")
+        metric = _measured_metric(m.get("metric"))
+        if run_id is None or metric is None:
+            names = ["ppl", "perplexity", "zeroshot", *spec()["measured"]["task_metrics"], *spec()["metrics"]]
+            raise InputError(f"measured[{i}]: needs run_id and a metric among {', '.join(names)}", field="measured")
         try:
             value, baseline = float(m["value"]), float(m["baseline"])
         except (KeyError, TypeError, ValueError):
             raise InputError(f"measured[{i}]: value and baseline must be numbers", field="measured")
-        if not (value > 0 and baseline > 0):
-            raise InputError(f"measured[{i}]: value and baseline must be > 0", field="measured")
+        cls = spec()["metrics"][metric]["class"]
+        if not (value > 0 or (cls != "ppl" and value == 0)) or baseline < 0 or (cls == "ppl" and baseline == 0):
+            raise InputError(f"measured[{i}]: value and baseline must be > 0 (a task score may be 0)",
+                             field="measured")
+        if m.get("comparable") is False:
+            skipped.append({"run_id": run_id, "metric": m.get("metric"),
+                            "why": m.get("why") or "not comparable with a quantization loss"})
+            continue
+        if baseline == 0:
+            skipped.append({"run_id": run_id, "metric": m.get("metric"),
+                            "why": "the 16-bit model scores 0 on this metric: no ratio"})
+            continue
         group = m.get("group", request["group"])
         method = method_id(m.get("method", request["method"])) or request["method"]
         out.append(Row(idx=-1, model=str(m.get("model", f"run {run_id}")), family=m.get("family", request["family"]),
@@ -635,9 +658,9 @@ def _measured_rows(measured, request: dict) -> list[Row]:
                        w_bits=float(m.get("w_bits", request["w_bits"])),
                        a_bits=float(m.get("a_bits", request["a_bits"])), group=group,
                        finetune=m.get("finetune", request["finetune"]), metric=metric,
-                       metric_class=spec()["metrics"][metric]["class"], value=value, baseline=baseline,
+                       metric_class=cls, value=value, baseline=baseline,
                        source=f"run:{run_id}", notes=str(m.get("notes", ""))))
-    return out
+    return out, skipped
 
 
 def _validate(family, params_b, method, w_bits, a_bits, group_size, per_channel, finetune) -> dict:
@@ -710,7 +733,8 @@ def estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=No
         return {"retention": 1.0, "ppl_ratio": 1.0, "low": 1.0, "high": 1.0, "ppl_low": 1.0, "ppl_high": 1.0,
                 "damage_nats": 0.0, "inputs": inputs, "interval": "exact",
                 "source": "definition: the 16-bit model is its own reference",
-                "evidence": {"count": 0, "published": 0, "measured": 0, "sources": [], "closest": [], "terms": []},
+                "evidence": {"count": 0, "published": 0, "measured": 0, "sources": [], "published_sources": [],
+                             "measured_runs": [], "closest": [], "terms": []},
                 "notes": notes + ["16-bit weights and activations: nothing is quantized"]}
     eft = effective_finetune(req["method"], req["finetune"])
     if eft != req["finetune"]:
@@ -722,7 +746,7 @@ def estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=No
     spread, near = _local_spread(model, p, neigh)
 
     # measured runs: each pulls the estimate toward itself, by precision, as close as it is
-    runs = _measured_rows(measured, {**req, "finetune": req["finetune"]})
+    runs, skipped = _measured_rows(measured, {**req, "finetune": req["finetune"]})
     if runs:
         prec = 1.0 / spread ** 2
         acc = y * prec
@@ -775,6 +799,9 @@ def estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=No
             "near": round(near, 2), "same_method": model.by_method.get(p.method, 0),
             "same_family": model.by_family.get(p.family, 0),
             "sources": sorted({c["source"] for c in closest}),
+            "published_sources": sorted({c["source"] for c in closest if not c["source"].startswith("run:")}),
+            "measured_runs": sorted({r.source[4:] for r in runs}),
+            **({"measured_skipped": skipped} if skipped else {}),
             "closest": closest, "terms": _term_list(model, p),
             "mapping": {"k": round(m.k["zeroshot"], 4), "kappa": round(m.kappa, 3), "c": round(model.chance_ref, 4),
                         "pairs": m.pairs, "rms": round(m.rms, 4)},
@@ -782,3 +809,174 @@ def estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=No
         },
         "notes": notes,
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Measured evidence: finished runs' evaluate results (docs/accuracy.md section 4)
+# ---------------------------------------------------------------------------------------
+
+def run_models(run: dict) -> set[str]:
+    """The names a run's model goes by (the spec's reference, the planner's resolved name), lowercase."""
+    names = {run.get("model"), (run.get("spec") or {}).get("model")}
+    for est in (run.get("estimate") or {}).values():
+        if isinstance(est, dict) and isinstance(est.get("model"), dict):
+            names.add(est["model"].get("name"))
+    return {str(n).strip().lower() for n in names if n}
+
+
+def _run_arch(run: dict) -> tuple[str, float] | None:
+    """(family, params_b) of a run's model: from the planner estimate stored with the run, else resolved."""
+    for est in (run.get("estimate") or {}).values():
+        m = est.get("model") if isinstance(est, dict) else None
+        if isinstance(m, dict) and m.get("family") and m.get("total_params"):
+            return m["family"], m["total_params"] / 1e9
+    try:
+        from engine import models              # plain data module; resolving a config imports no torch
+        a = models.resolve((run.get("spec") or {}).get("model") or run.get("model"))
+        return a.family, a.total_params / 1e9
+    except Exception:                          # noqa: BLE001 - a model that no longer resolves: no config keys
+        return None
+
+
+def _evaluate(run: dict) -> dict | None:
+    """The evaluate stage's result of a run (task, eval_rows, before, after), if it measured both."""
+    res = run.get("result") or {}
+    ev = next((s.get("result") for s in res.get("stages") or [] if s.get("stage") == "evaluate"), None) or {}
+    before, after = ev.get("before") or (res.get("eval") or {}).get("before"), \
+        ev.get("after") or (res.get("eval") or {}).get("after")
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return None
+    return {"task": ev.get("task"), "rows": ev.get("eval_rows"), "before": before, "after": after}
+
+
+def _dataset_name(spec_: dict) -> str:
+    ds = spec_.get("dataset") or {}
+    if ds.get("demo"):
+        return f"demo:{ds['demo']}"
+    if ds.get("path"):
+        return str(ds["path"]).replace("\\", "/").rstrip("/").split("/")[-1]
+    return "?"
+
+
+def measured_from_runs(runs, model=None, strategy=None) -> list[dict]:
+    """Finished runs' evaluate results -> measured rows for ``estimate_accuracy(measured=...)``.
+
+    One row per metric the run measured on both the 16-bit model (``before``) and its own model
+    (``after``) on the same held-out rows: ``perplexity`` (ratio after / before) and each task
+    score of accuracy_model.yaml ``measured.task_metrics`` (retention after / before). Each row:
+    run_id, strategy, model, dataset, rows (held-out rows evaluated), metric, value (after),
+    baseline (before), ratio (None when the baseline is 0), comparable, reference, why, the
+    strategy's quantization config (method, w_bits, a_bits, group, finetune), family, params_b.
+    ``comparable`` is False for a run that fine-tuned: its ``before`` is the base before
+    fine-tuning, so its ratio holds the fine-tuning gain too (estimate_accuracy leaves it out).
+    ``model`` / ``strategy`` keep the runs of that model (a name it goes by) / strategy id only.
+    Runs that did not finish or did not evaluate before and after give no rows. Newest first
+    as given (engine.runs.api.list_runs order)."""
+    from engine import strategies              # the catalog: plain data
+    want = None if model is None else str(getattr(model, "name", model)).strip().lower()
+    ms = spec()["measured"]
+    out = []
+    for run in runs or []:
+        if not isinstance(run, dict) or run.get("status", "finished") != "finished":
+            continue
+        sid = run.get("strategy") or (run.get("spec") or {}).get("strategy")
+        if (strategy is not None and sid != strategy) or (want is not None and want not in run_models(run)):
+            continue
+        ev = _evaluate(run)
+        if ev is None:
+            continue
+        try:
+            s = strategies.get(sid)
+        except InputError:
+            continue                           # a strategy no longer in the catalog
+        trained = strategies.traits(s)["train"] != "none"
+        acc = s.get("accuracy") or {}
+        arch = _run_arch(run)
+        cfg = {"method": acc.get("method", "none"), "w_bits": float(acc.get("w_bits", 16)),
+               "a_bits": float(acc.get("a_bits", 16)), "finetune": acc.get("finetune", "none")}
+        if arch:
+            cfg.update(family=arch[0], params_b=arch[1])
+            try:
+                cfg["group"] = _validate(arch[0], arch[1], cfg["method"], cfg["w_bits"], cfg["a_bits"],
+                                         acc.get("group_size"), bool(acc.get("per_channel")),
+                                         cfg["finetune"])["group"]
+            except InputError:
+                pass
+        reference = "16-bit base before fine-tuning" if trained else "16-bit model before quantization"
+        why = ("the run fine-tuned: after / before holds the fine-tuning gain as well as the quantization "
+               "loss" if trained else "same model, same held-out rows, before and after quantization")
+        base = {"run_id": run.get("id"), "strategy": sid, "model": run.get("model") or (run.get("spec") or {}).get("model"),
+                "dataset": _dataset_name(run.get("spec") or {}), "rows": ev["rows"], "task": ev["task"],
+                "comparable": not trained, "reference": reference, "why": why, **cfg}
+        b, a = ev["before"], ev["after"]
+        if isinstance(b.get("perplexity"), (int, float)) and isinstance(a.get("perplexity"), (int, float)) \
+                and b["perplexity"] > 0 and a["perplexity"] > 0:
+            out.append({**base, "metric": "perplexity", "value": a["perplexity"], "baseline": b["perplexity"],
+                        "ratio": a["perplexity"] / b["perplexity"],
+                        "tokens": a.get("scored_tokens"), "published_metric": ms["ppl_metric"]})
+        for t in ms["task_metrics"]:
+            if isinstance(b.get(t), (int, float)) and isinstance(a.get(t), (int, float)):
+                out.append({**base, "metric": t, "value": a[t], "baseline": b[t],
+                            "ratio": a[t] / b[t] if b[t] > 0 else None,
+                            "published_metric": ms["task_metric"]})
+    return out
+
+
+def _binomial_ratio(after: float, before: float, n: int, z: float) -> tuple[float, float, float]:
+    """after / before of two proportions over n rows each, with a central interval (Katz log
+    method; (x + 0.5) / (n + 1) keeps 0 and 1 finite). Treats the two as independent, which is
+    conservative for the same rows scored twice."""
+    pa, pb = (after * n + 0.5) / (n + 1), (before * n + 0.5) / (n + 1)
+    se = math.sqrt((1 - pa) / (n * pa) + (1 - pb) / (n * pb))
+    r = after / before
+    return r, r * math.exp(-z * se), r * math.exp(z * se)
+
+
+def measured_accuracy(rows: list[dict], params_b: float | None = None) -> dict | None:
+    """The accuracy a run measured, as the advisor's ``estimates.accuracy.measured`` block.
+
+    ``rows``: measured_from_runs rows of ONE run. The headline is the first task score of
+    ``measured.task_metrics`` that says something: retention = after / before with a binomial
+    80% interval over the evaluated rows; a 16-bit score of 0 with a score > 0 after counts as
+    full retention (nothing to lose against). Without one, retention comes from the perplexity
+    ratio through the retention mapping (D = ln ratio, at least 0), with the measured-run spread
+    (fit.measured_sigma) as its interval. None when the run measured neither."""
+    if not rows:
+        return None
+    first = rows[0]
+    z = spec()["measured"]["z"]
+    ppl = next((r for r in rows if r["metric"] == "perplexity"), None)
+    out = {k: first.get(k) for k in ("run_id", "strategy", "model", "dataset", "rows", "task", "reference",
+                                     "comparable", "why")}
+    out["ppl_ratio"] = round(ppl["ratio"], 6) if ppl else None
+    out["perplexity"] = {"after": ppl["value"], "before": ppl["baseline"], "tokens": ppl.get("tokens")} if ppl else None
+    out["scores"] = {r["metric"]: {"after": r["value"], "before": r["baseline"]} for r in rows
+                     if r["metric"] != "perplexity"}
+    n = int(first.get("rows") or 0)
+    for r in rows:
+        if r["metric"] == "perplexity" or n <= 0:
+            continue
+        if r["baseline"] > 0:
+            ret, lo, hi = _binomial_ratio(r["value"], r["baseline"], n, z)
+            basis = (f"{r['metric']} {r['value']:.3f} after vs {r['baseline']:.3f} before on {n} held-out rows "
+                     f"of {first['dataset']} (80% interval: binomial, Katz log ratio)")
+        elif r["value"] > 0:
+            ret, lo, hi = 1.0, 1.0, 1.0
+            basis = (f"{r['metric']} {r['value']:.3f} after vs 0 before on {n} held-out rows of {first['dataset']}: "
+                     f"the 16-bit base cannot do the task, so no loss against it can be measured (counted as 1)")
+        else:
+            continue
+        return {**out, "metric": r["metric"], "value": r["value"], "baseline": r["baseline"],
+                "retention": round(ret, 4), "low": round(lo, 4), "high": round(hi, 4), "basis": basis}
+    if ppl is None:
+        return None
+    model, f = default_fit(), spec()["fit"]
+    pb = params_b or first.get("params_b") or 7.0
+    y = math.log(max(math.log(ppl["ratio"]), 0.0) + f["eps"])
+    s = f["measured_sigma"]
+    ret = [model.mapping.retention(damage_of(y + t), model.chance_ref, "zeroshot", pb) for t in (0, z * s, -z * s)]
+    return {**out, "metric": "perplexity", "value": ppl["value"], "baseline": ppl["baseline"],
+            "retention": round(ret[0], 4), "low": round(ret[1], 4), "high": round(ret[2], 4),
+            "basis": (f"perplexity {ppl['value']:.4g} after vs {ppl['baseline']:.4g} before on {n} held-out rows of "
+                      f"{first['dataset']} (ratio {ppl['ratio']:.4f}); retention through the retention mapping, "
+                      f"interval +-{z:g} x {s:g} in ln damage (docs/accuracy.md)")}

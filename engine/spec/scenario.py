@@ -14,7 +14,9 @@ team look at fine-tuning or quantization at all::
     symptoms: [too-slow, wrong-tone]
 
 Optional extras: ``name``, ``description``, ``seq_len`` (training sequence length, default
-512) and ``epochs`` (passes over the examples, default 1) for the time and cost estimates.
+512) and ``epochs`` (passes over the examples, default 1) for the time and cost estimates, and
+``measured``: which finished runs count as measured accuracy evidence (``store``, the default:
+the run store's finished runs of this model; ``none``; or a list of run ids), docs/advisor.md.
 ``deploy.gpu`` is the serving device: a GPU id, or for edge/phone a device of
 presets/hardware/targets.yaml (``deploy.device`` is accepted as a synonym). Left out, it is
 the training GPU (gpu-server, consumer-gpu) or the first device of that kind (edge, phone).
@@ -39,6 +41,7 @@ TARGETS = ("gpu-server", "consumer-gpu", "edge", "phone", "hosted-api")
 PRIORITIES = ("accuracy", "balanced", "cost")
 SYMPTOMS = ("too-slow", "too-big", "too-expensive", "wrong-domain", "wrong-tone", "wrong-format")
 WEIGHT_BITS = (2, 3, 4, 8, 16)
+MEASURED = ("store", "none")       # or a list of run ids
 # which device kinds (engine.hardware.Device.kind) may serve each deploy target
 TARGET_KINDS = {"gpu-server": ("gpu",), "consumer-gpu": ("gpu",), "edge": ("edge", "laptop", "cpu"),
                 "phone": ("phone",), "hosted-api": ()}
@@ -80,6 +83,7 @@ class Scenario(_Strict):
     deploy: Deploy = Field(default_factory=Deploy)
     goals: Goals = Field(default_factory=Goals)
     symptoms: list[Literal[SYMPTOMS]] = Field(default_factory=list)
+    measured: Union[str, list[str]] = "store"
 
     # ---- resolved views (cached per instance; the scenario is not mutated after parsing) -----
     def arch(self) -> models.ModelArch:
@@ -172,6 +176,14 @@ def parse_scenario(data) -> Scenario:
         field, first = _message(errs[0])
         rest = [_message(x)[1] for x in errs[1:]]
         raise InputError("bad scenario: " + "; ".join([first] + rest), field=field or None)
+
+    if isinstance(sc.measured, str) and sc.measured.strip().lower() not in MEASURED:
+        raise InputError(f"measured: unknown value {sc.measured!r}; allowed: {', '.join(MEASURED)}, "
+                         "or a list of run ids", field="measured")
+    if isinstance(sc.measured, str):
+        sc.measured = sc.measured.strip().lower()
+    elif not all(str(x).strip() for x in sc.measured):
+        raise InputError("measured: run ids must not be empty", field="measured")
 
     # the model must resolve (unknown preset, missing dir, size without family ...)
     if isinstance(sc.model, str) and not sc.model.strip():
