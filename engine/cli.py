@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     advisor.register_cli(sub)
     runs_cli.register(sub)
     report.register_cli(sub)
+    __import__("engine.calibration", fromlist=["register_cli"]).register_cli(sub)   # python -m engine calibrate
     return p
 
 

@@ -21,6 +21,8 @@ class Device:
     price_per_hour: float | None
     arch: str = ""
     vendor: str = ""
+    fp32_tflops: float | None = None   # CPUs that compute in fp32 (no fast bf16): their matmul rate
+
 
     @property
     def has_bf16(self) -> bool:
@@ -32,8 +34,8 @@ class Device:
 
     @property
     def matmul_tflops(self) -> float:
-        """16-bit tensor peak (bf16, else fp16)."""
-        return float(self.bf16_tflops or self.fp16_tflops or 0.0)
+        """16-bit tensor peak (bf16, else fp16; fp32 for a CPU entry that computes in fp32)."""
+        return float(self.bf16_tflops or self.fp16_tflops or self.fp32_tflops or 0.0)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -52,7 +54,8 @@ def _all() -> dict[str, Device]:
                               memory_bytes=int(t["memory_gb"] * 1e9 * t["usable_fraction"]),
                               bandwidth_gbs=t["bandwidth_gbs"], bf16_tflops=t["bf16_tflops"],
                               fp16_tflops=t["fp16_tflops"], fp8_tflops=t["fp8_tflops"],
-                              int8_tops=t["int8_tops"], price_per_hour=t["price_per_hour"])
+                              int8_tops=t["int8_tops"], price_per_hour=t["price_per_hour"],
+                              fp32_tflops=t.get("fp32_tflops"))
     return out
 
 

@@ -91,9 +91,10 @@ def collect(run_ids: list[str]) -> tuple[list[dict], list[str]]:
         if run is None:
             problems.append(f"run {rid} not found")
             continue
-        m = measured(run, events(rid))
+        evs = events(rid)
+        m = measured(run, evs)
         cost, how = run_cost(run, m["wall_s"])
-        out.append({"run": run, "m": {**m, "cost_usd": cost, "cost_how": how}})
+        out.append({"run": run, "m": {**m, "cost_usd": cost, "cost_how": how}, "events": evs})
         if run.get("status") != "finished":
             problems.append(f"{rid} is {run.get('status')}: its figures are partial")
     return out, problems
@@ -165,39 +166,20 @@ def side_by_side(items: list[dict]):
                         columns=["quantity"] + cols)
 
 
-def _ratio(evals: dict, key: str) -> float | None:
-    """after/before of an evaluation metric (e.g. perplexity) when both were measured."""
-    before, after = (evals.get("before") or {}).get(key), (evals.get("after") or {}).get(key)
-    if isinstance(before, (int, float)) and isinstance(after, (int, float)) and before:
-        return after / before
-    return None
-
-
 def vs_estimate(items: list[dict]):
     """Measured next to what the planner estimated for the run (stored by the worker), with the error.
 
-    Only like is compared with like: GPU memory and speed estimates are for a GPU, so a CPU run
-    (peak RSS, CPU speed) gets the reason instead of an error figure; the perplexity ratio is a
-    quantization estimate, so it is compared only for runs that do not also fine-tune.
+    The pairs and what makes them comparable are engine.calibration.pairs (one place for the
+    concept; calibration fits on the same pairs): speeds and weights when the estimate was made
+    for the device the run used, peak memory only on CUDA (a CPU run's peak RSS is not a tensor
+    allocation), the perplexity ratio only for runs that do not also fine-tune. The note says
+    what was compared, or why not.
     """
     import pandas as pd
-    from engine import strategies
+    from engine import calibration
     out = []
-
-    def add(rid, q, est, meas, comparable, why, scale=1.0):
-        if est is None and meas is None:
-            return
-        err = "—"
-        if est is not None and meas is not None and comparable and est:
-            err = f"{(meas - est) / est * 100:+.1f}%"
-        note = "" if comparable or meas is None else why
-        if meas is None:
-            note = "not measured by this run"
-        out.append({"run": rid, "quantity": q, "estimated": _fmt(est * scale if est is not None else None),
-                    "measured": _fmt(meas * scale if meas is not None else None), "error": err, "note": note})
-
     for it in items:
-        run, m = it["run"], it["m"]
+        run = it["run"]
         rid, est = run["id"], run.get("estimate") or {}
         if not est or est.get("error"):
             out.append({"run": rid, "quantity": "estimate", "estimated": "—", "measured": "—", "error": "—",
@@ -208,27 +190,17 @@ def vs_estimate(items: list[dict]):
             if e.get("error"):
                 out.append({"run": rid, "quantity": f"{key} estimate", "estimated": "—", "measured": "—",
                             "error": "—", "note": f"not estimated: {e['error']}"[:200]})
-        on_gpu = run.get("device") == "cuda"
-        gpu_why = "not comparable: the estimate is for a GPU; this run measured on the CPU"
-        train = next((s for s in m["stages"] if s["stage"] == "train"), None)
-        tr = est.get("train") or {}
-        if not tr.get("error"):
-            cuda_mem = bool(train) and "cuda" in str(train.get("mem_source"))
-            add(rid, "train: peak memory (GB)", tr.get("peak_allocated_bytes"),
-                train.get("peak_mem_bytes") if train else None, cuda_mem, gpu_why, 1 / GB)
-            add(rid, "training tokens/s", tr.get("tokens_per_s"), m["train_tokens_per_s"], on_gpu, gpu_why)
-        inf = est.get("infer") or {}
-        if not inf.get("error"):
-            dec = _first_metric(m, ("decode_tokens_per_s",))
-            add(rid, "decode tokens/s", inf.get("decode_tokens_per_s"), dec, on_gpu, gpu_why)
-        acc = est.get("accuracy") or {}
-        if not acc.get("error") and acc.get("ppl_ratio") is not None:
-            try:
-                tunes = strategies.get(run.get("strategy")).get("train")
-            except InputError:
-                tunes = None
-            add(rid, "perplexity ratio after/before", acc.get("ppl_ratio"), _ratio(m["evals"], "perplexity"),
-                not tunes, "not comparable: this run also fine-tunes, so after/before is not quantization alone")
+        for p in calibration.pairs(run, it.get("events")):
+            scale, unit = (1 / GB, " (GB)") if p["unit"] == "bytes" else (1.0, "")
+            est_v, meas_v, err, note = p["estimated"], p["measured"], p["error"], p["why"]
+            if p["calibrated"] is not None:      # the planner showed a calibrated figure: compare with that
+                note += f"; the formula alone said {_fmt(est_v * scale)}" + (f" ({err * 100:+.1f}%)" if err is not None else "")
+                est_v = p["calibrated"]
+                err = meas_v / est_v - 1 if err is not None and est_v else None
+            out.append({"run": rid, "quantity": p["label"] + unit,
+                        "estimated": _fmt(est_v * scale if est_v is not None else None),
+                        "measured": _fmt(meas_v * scale if meas_v is not None else None),
+                        "error": f"{err * 100:+.1f}%" if err is not None else "—", "note": note})
     return pd.DataFrame(out, columns=["run", "quantity", "estimated", "measured", "error", "note"])
 
 

@@ -2,9 +2,9 @@
 
 Public API (what the CLI, the advisor and the UI call):
     estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4,
-                   grad_ckpt=True, lora_rank=16, gpu=None) -> dict
+                   grad_ckpt=True, lora_rank=16, gpu=None, calibration=True) -> dict
     estimate_infer(model, weights="bf16", batch_size=1, prompt_len=512,
-                   new_tokens=128, gpu=None) -> dict
+                   new_tokens=128, gpu=None, calibration=True) -> dict
     estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=None,
                       per_channel=False, finetune="none") -> dict
     estimate_quantize(model, method, bits=4, group_size=128, calibration_samples=128,
@@ -13,7 +13,9 @@ Public API (what the CLI, the advisor and the UI call):
     weights_formats() -> list[str]
 
 ``model`` is anything engine.models.resolve accepts; ``gpu`` is a device id of
-presets/hardware (None: the reference GPU, h100-80gb). Every result carries its inputs, the
+presets/hardware (None: the reference GPU, h100-80gb; training also takes the CPU entry
+cpu-x86-pytorch, what CPU runs are estimated for). Train and infer estimates carry a
+``calibration`` key (engine/calibration.py): applied or not, from how many measured runs. Every result carries its inputs, the
 formula and interval of each number (``terms``), ``low``/``high`` and ``notes``. Memory follows
 the reference recipe of DESIGN.md (engine/estimate/memory.py); speed is in
 engine/estimate/latency.py; weight formats in engine/estimate/formats.py.
@@ -37,9 +39,17 @@ def _gpu_only(dev, what: str):
                          f"{dev.id} is a {dev.kind} serving target", field="gpu")
 
 
+def _calibrated(out: dict, kind: str, enabled: bool, dev) -> dict:
+    """The ``calibration`` key: headline figures corrected by measured runs (engine/calibration.py)."""
+    from engine import calibration
+    return calibration.apply(out, kind, enabled=enabled,
+                             device_bytes=lambda p, lo, hi: _memory.device_bytes(p, lo, hi, dev, kind))
+
+
 def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, grad_ckpt=True, lora_rank=16,
-                   gpu=None, qat_scheme="int4-weight-only") -> dict:
-    """Peak GPU memory and speed of one training step of the reference recipe."""
+                   gpu=None, qat_scheme="int4-weight-only", calibration=True) -> dict:
+    """Peak GPU memory and speed of one training step of the reference recipe (``calibration``:
+    correct the headline figures by measured runs where a fit matches; see docs/calibration.md)."""
     seq_len = _memory.positive_int("seq_len", seq_len)
     batch_size = _memory.positive_int("batch_size", batch_size)
     lora_rank = _memory.positive_int("lora_rank", lora_rank)
@@ -47,12 +57,14 @@ def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, g
         raise InputError(f"grad_ckpt must be true or false, got {grad_ckpt!r}", field="grad_ckpt")
     arch = _arch(model)
     dev = _memory.device(gpu)
-    _gpu_only(dev, "training")
+    if dev.kind not in ("gpu", "cpu"):
+        raise InputError(f"training estimates need a GPU id ({', '.join(_memory.hardware.gpu_ids())}) or a CPU "
+                         f"entry; {dev.id} is a {dev.kind} serving target", field="gpu")
     m = _memory.train_memory(arch, method, precision, seq_len, batch_size, grad_ckpt, lora_rank, dev,
                              qat_scheme=qat_scheme)
     s = _latency.train_speed(arch, method, precision, seq_len, batch_size, grad_ckpt, lora_rank, dev)
     d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "train")
-    return {
+    return _calibrated({
         "kind": "train",
         "inputs": {"model": arch.name, "method": method, "precision": precision, "seq_len": seq_len,
                    "batch_size": batch_size, "grad_ckpt": grad_ckpt, "lora_rank": lora_rank, "gpu": dev.id,
@@ -73,12 +85,13 @@ def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, g
         "notes": m["notes"] + list(arch.notes),
         "source": "formula: engine/estimate/memory.py + latency.py (reference recipe of DESIGN.md); "
                   "constants presets/estimate/*.yaml",
-    }
+    }, "train", calibration, dev)
 
 
 def estimate_infer(model, weights="bf16", batch_size=1, prompt_len=512, new_tokens=128, gpu=None,
-                   group_size=None) -> dict:
-    """Memory and speed of greedy generation with the weights in a format."""
+                   group_size=None, calibration=True) -> dict:
+    """Memory and speed of greedy generation with the weights in a format (``calibration`` as
+    in estimate_train)."""
     batch_size = _memory.positive_int("batch_size", batch_size)
     prompt_len = _memory.positive_int("prompt_len", prompt_len)
     new_tokens = _memory.positive_int("new_tokens", new_tokens)
@@ -93,7 +106,7 @@ def estimate_infer(model, weights="bf16", batch_size=1, prompt_len=512, new_toke
     s = _latency.infer_speed(arch, fmt, batch_size, prompt_len, new_tokens, dev)
     d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "infer")
     hf = s["hf"]
-    return {
+    return _calibrated({
         "kind": "infer",
         "inputs": {"model": arch.name, "weights": fmt.id, "batch_size": batch_size, "prompt_len": prompt_len,
                    "new_tokens": new_tokens, "gpu": dev.id,
@@ -117,7 +130,7 @@ def estimate_infer(model, weights="bf16", batch_size=1, prompt_len=512, new_toke
         "notes": notes + m["notes"] + list(arch.notes),
         "source": "formula: engine/estimate/memory.py + latency.py; formats presets/estimate/formats.yaml "
                   "(layouts checked against bitsandbytes/gptqmodel/torchao); speed constants presets/estimate/speed.yaml",
-    }
+    }, "infer", calibration, dev)
 
 
 def estimate_quantize(model, method, bits=4, group_size=128, calibration_samples=128, seq_len=2048,

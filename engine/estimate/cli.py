@@ -21,6 +21,7 @@ TRAIN_ARGS = {
     "grad_ckpt": ("--grad-ckpt", bool, True),
     "lora_rank": ("--lora-rank", int, 16),
     "gpu": ("--gpu", str, None),
+    "calibration": ("--calibration", bool, True),
 }
 INFER_ARGS = {
     "model": ("--model", str, None),
@@ -30,6 +31,7 @@ INFER_ARGS = {
     "new_tokens": ("--new-tokens", int, 128),
     "gpu": ("--gpu", str, None),
     "group_size": ("--group-size", int, None),
+    "calibration": ("--calibration", bool, True),
 }
 QUANTIZE_ARGS = {
     "model": ("--model", str, None),
@@ -119,6 +121,12 @@ def _add_flags(p, kind: str) -> None:
             g.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=True,
                            help="gradient checkpointing, non-reentrant (default)")
             g.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
+        elif key == "calibration":
+            g = p.add_mutually_exclusive_group()
+            g.add_argument("--calibration", dest="calibration", action="store_true", default=True,
+                           help="correct the figures by measured runs where a fit matches (default; docs/calibration.md)")
+            g.add_argument("--no-calibration", dest="calibration", action="store_false",
+                           help="the formula's figures alone")
         elif key == "per_channel":
             p.add_argument(flag, dest=key, action="store_true", help="one scale per output channel (no groups)")
         else:

@@ -37,6 +37,8 @@ from engine.spec.run import RunSpec
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "torchao", "gptqmodel", "optimum",
              "safetensors", "tokenizers", "datasets", "numpy", "psutil")
 STOP_POLL_S = 0.25
+# the presets/hardware/targets.yaml entry CPU runs are estimated for (speed and weights comparable)
+CPU_PRESET = "cpu-x86-pytorch"
 
 
 class StopRun(BaseException):
@@ -68,7 +70,7 @@ def machine_info(device: str) -> dict:
     import psutil
     info = {"host": platform.node(), "os": platform.platform(), "cpu": _cpu_name(),
             "cpu_count": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
-            "device": device, "cwd": os.getcwd()}
+            "device": device, "cwd": os.getcwd(), "device_preset": CPU_PRESET if device != "cuda" else None}
     if device == "cuda":
         import torch
         props = torch.cuda.get_device_properties(0)
@@ -76,6 +78,7 @@ def machine_info(device: str) -> dict:
                     gpu_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                     gpu_preset=gpu_preset(props.name, int(props.total_memory)))
+        info["device_preset"] = info["gpu_preset"]
     return info
 
 
@@ -94,7 +97,11 @@ def gpu_preset(name: str, total_bytes: int) -> str | None:
 
 
 def planner_estimate(spec: RunSpec, strategy: dict, gpu: str | None) -> dict:
-    """What the planner estimates for this run, with the inputs it used; {"error"} where it cannot."""
+    """What the planner estimates for this run, with the inputs it used; {"error"} where it cannot.
+
+    ``gpu`` is the device the run uses (machine["device_preset"]): the matched GPU preset on
+    CUDA, CPU_PRESET on the CPU (speed and weights then compare with what the run measures;
+    engine/calibration.py pairs them), None for an unrecognised GPU (the reference H100)."""
     out: dict = {"gpu": gpu}
     try:
         from engine import estimate
@@ -305,7 +312,7 @@ class Worker:
                                                "machine; use device: cpu or auto")
             machine = machine_info(device)
             self.store.update_run(self.run_id, machine=machine)
-            self.store.update_run(self.run_id, estimate=planner_estimate(spec, strategy, machine.get("gpu_preset")))
+            self.store.update_run(self.run_id, estimate=planner_estimate(spec, strategy, machine.get("device_preset")))
             table, _ = load_stages(self.run.get("stages_hook"))
             state: dict = {}
             entries = strategy["stages"]

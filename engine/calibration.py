@@ -1,0 +1,682 @@
+"""Calibration: the planner's estimates corrected by the runs that measured them.
+
+Every finished run stores the planner's estimate for the device it used (engine/runs/worker.py
+planner_estimate) and what it measured (its result). ``pairs(run)`` puts the two side by side,
+term by term, and says which pairs measure the same thing. The comparable pairs of speed and
+memory terms are *records*; ``fit(records)`` keeps, per (device, library versions, term), the
+geometric mean of measured/estimated shrunk toward 1 when the runs are few (settings in
+presets/calibration.yaml); ``apply`` multiplies an estimate's headline figures by the factor
+that matches its device and the installed versions. ``evaluate(records)`` is the proof: the
+median error before and after, in-sample and with each run held back from its own fit.
+
+A team shares measurements with ``export(path)`` / ``import_(path)`` (JSON records; the GPU
+bench's output, bench/estimates_vs_measured.py, imports too). ``python -m engine calibrate``
+refits, writes ``$TUNEQUANT_HOME/calibration.json`` and prints the table (docs/calibration.md).
+
+Pure Python (json, sqlite3, math): never imports torch or the ML libraries.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import math
+import os
+import re
+import sqlite3
+import statistics
+import time
+from pathlib import Path
+
+from engine.errors import InputError
+from engine.presets import load_yaml
+
+SCHEMA = 1
+# term -> (label, unit); the estimate kind and key are the two halves of the name
+TERMS = {
+    "train.peak_allocated_bytes": ("train: peak memory", "bytes"),
+    "train.tokens_per_s": ("training tokens/s", "tokens/s"),
+    "infer.weights_bytes": ("inference: weights in memory", "bytes"),
+    "infer.peak_allocated_bytes": ("inference: peak memory", "bytes"),
+    "infer.prefill_s": ("inference: prefill", "s"),
+    "infer.decode_tokens_per_s": ("decode tokens/s", "tokens/s"),
+    "accuracy.ppl_ratio": ("perplexity ratio after/before", "ratio"),
+    "accuracy.retention": ("task metric retention after/before", "ratio"),
+}
+TASK_METRICS = ("accuracy", "exact_match", "field_match")
+RSS_WHY = ("not comparable: a CPU run measures the process's peak RSS (Python, the libraries, allocator caches, "
+           "the data), not the tensor bytes torch.cuda.max_memory_allocated counts on a GPU")
+
+
+@functools.lru_cache(maxsize=1)
+def settings() -> dict:
+    return load_yaml("calibration.yaml")
+
+
+def _home() -> Path:
+    # the same rule as engine.runs.store.home() (not imported: estimates must stay light)
+    return Path(os.environ.get("TUNEQUANT_HOME") or "workspace").expanduser().resolve()
+
+
+def records_path() -> Path:
+    """Imported records (a team's shared measurements), one JSON object per line."""
+    return _home() / "calibration_records.jsonl"
+
+
+def fitted_path() -> Path | None:
+    """The fitted calibration estimates use: $TUNEQUANT_CALIBRATION (a path, or ``off``:
+    None), else $TUNEQUANT_HOME/calibration.json."""
+    env = os.environ.get("TUNEQUANT_CALIBRATION")
+    if env is not None and env.strip().lower() in ("off", "0", "false", "none", ""):
+        return None
+    return Path(env).expanduser().resolve() if env else _home() / "calibration.json"
+
+
+# ---- versions -----------------------------------------------------------------------------------
+def versions_key(versions: dict | None) -> str:
+    """'torch 2.13 · transformers 5.23 · ...' at major.minor of the packages of the settings."""
+    versions = versions or {}
+    parts = []
+    for name in settings()["version_packages"]:
+        v = versions.get(name)
+        m = re.match(r"^(\d+)\.(\d+)", str(v)) if v else None
+        parts.append(f"{name} {m.group(1)}.{m.group(2)}" if m else f"{name} -")
+    return " · ".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def installed_versions_key() -> str:
+    """The versions key of this environment (package metadata only; nothing is imported)."""
+    out = {}
+    for name in settings()["version_packages"]:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return versions_key(out)
+
+
+# ---- pairs: measured next to estimated ------------------------------------------------------------
+def run_device(run: dict) -> str | None:
+    """The presets/hardware id of the device a run used (None: an unrecognised GPU, or a run
+    recorded before the worker named its device)."""
+    m = run.get("machine") or {}
+    if m.get("device_preset"):
+        return m["device_preset"]
+    return m.get("gpu_preset") if run.get("device") == "cuda" else None
+
+
+def _raw(est: dict, key: str):
+    """The formula's figure: an estimate stored with calibration applied keeps it in terms[key].raw."""
+    cal = est.get("calibration") or {}
+    if cal.get("applied") and key in (cal.get("terms") or {}):
+        return cal["terms"][key].get("raw")
+    return est.get(key)
+
+
+def _num(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _tunes(strategy_id) -> bool | None:
+    from engine import strategies
+    try:
+        return bool(strategies.get(strategy_id).get("train"))
+    except (InputError, KeyError, TypeError):
+        return None
+
+
+def pairs(run: dict, events: list[dict] | None = None) -> list[dict]:
+    """The measured-vs-estimated pairs of one run (a dict as ``engine.runs.api.get_run`` returns).
+
+    ``estimated`` is the formula's figure (the raw one when the stored estimate was calibrated;
+    ``calibrated`` then holds what the planner showed). ``comparable`` says whether both measure
+    the same thing: speeds and weights when the estimate was made for the device the run used;
+    peak memory only on CUDA (max_memory_allocated); the perplexity ratio only for runs that do
+    not also fine-tune. ``events`` (optional) supply the last training step's tokens/s when the
+    train stage reported none.
+    """
+    rid, est, res = run.get("id"), run.get("estimate") or {}, run.get("result") or {}
+    device, vkey = run_device(run), versions_key(run.get("versions"))
+    stages = {s.get("stage"): s for s in res.get("stages") or [] if isinstance(s, dict)}
+    evals = res.get("eval") or {}
+    metrics = {k: (v or {}).get("value") for k, v in (res.get("metrics") or {}).items() if isinstance(v, dict)}
+    after, before = evals.get("after") or {}, evals.get("before") or {}
+    out: list[dict] = []
+
+    def add(term, stage, e, measured, comparable, why):
+        kind, key = term.split(".", 1)
+        estimated = _raw(e, key) if e else None
+        if _num(estimated) is None and _num(measured) is None:
+            return
+        label, unit = TERMS[term]
+        cal = (e or {}).get("calibration") or {}
+        calibrated = e.get(key) if cal.get("applied") and key in (cal.get("terms") or {}) else None
+        if _num(measured) is None:
+            comparable, why = False, "not measured by this run"
+        elif _num(estimated) is None:
+            comparable, why = False, "not estimated"
+        ok = bool(comparable) and estimated not in (0, None)
+        out.append({"run_id": rid, "stage": stage, "term": term, "label": label, "unit": unit,
+                    "estimated": _num(estimated), "measured": _num(measured), "calibrated": _num(calibrated),
+                    "error": (measured / estimated - 1) if ok else None, "comparable": ok, "why": why,
+                    "device": device, "estimate_device": (e or {}).get("gpu"), "versions": vkey})
+
+    def same_device(e) -> tuple[bool, str]:
+        ed = (e or {}).get("gpu")
+        if device is None:
+            what = "a GPU no hardware preset matches" if run.get("device") == "cuda" else "a device the run did not name"
+            return False, f"not comparable: the estimate is for {ed}; this run used {what}"
+        if ed != device:
+            return False, f"not comparable: the estimate is for {ed}; this run used {device}"
+        return True, f"compared on {device}"
+
+    # training: the train stage's peak memory and its tokens/s over the whole stage
+    tr = est.get("train") or {}
+    if "train" in est and not tr.get("error"):
+        st = stages.get("train") or {}
+        same, why = same_device(tr)
+        src = str(st.get("mem_source") or "")
+        if "cuda" in src:
+            mem_ok, mem_why = same, (why + " (torch.cuda.max_memory_allocated over the stage)" if same else why)
+        else:
+            mem_ok, mem_why = False, RSS_WHY
+        add("train.peak_allocated_bytes", "train", tr, st.get("peak_mem_bytes"), mem_ok, mem_why)
+        tps = (st.get("result") or {}).get("tokens_per_s") or metrics.get("train.tokens_per_s")
+        if tps is None and events:
+            steps = [e["payload"] if isinstance(e.get("payload"), dict) else e for e in events if e.get("type") == "step"]
+            tps = next((p.get("tokens_per_s") for p in reversed(steps) if p.get("tokens_per_s") is not None), None)
+        add("train.tokens_per_s", "train", tr, tps, same,
+            why + ("; measured: real (non-padding) tokens over the train stage, the estimate fills seq_len"
+                   if same else ""))
+    # inference: the evaluation of the deployed model ('after')
+    inf = est.get("infer") or {}
+    if "infer" in est and not inf.get("error"):
+        same, why = same_device(inf)
+        inputs = inf.get("inputs") or {}
+        w_ok, w_why = same, why + " (weights in memory after loading)"
+        if after.get("adapter_bytes"):
+            w_ok, w_why = False, ("not comparable: the evaluated model carries an unmerged LoRA adapter "
+                                  "the estimate of the deploy format does not count")
+        elif same and after.get("compute_dtype") == "float32":
+            w_why += "; the run computed in float32, so its unquantized tensors take 4 bytes (the estimate: 2)"
+        add("infer.weights_bytes", "evaluate", inf, after.get("weights_bytes"), w_ok, w_why)
+        src = str(after.get("mem_source") or "")
+        if "cuda" in src:
+            add("infer.peak_allocated_bytes", "evaluate", inf, after.get("peak_mem_bytes"), same, why)
+        else:
+            add("infer.peak_allocated_bytes", "evaluate", inf, after.get("peak_mem_bytes"), False, RSS_WHY)
+        shape_ok, shape_why = same, why
+        pt = after.get("prompt_tokens")
+        if same and pt is not None and inputs.get("prompt_len") not in (None, pt):
+            shape_ok, shape_why = False, f"not comparable: measured with {pt} prompt tokens, estimated for {inputs['prompt_len']}"
+        pre = after.get("prefill_ms")
+        add("infer.prefill_s", "evaluate", inf, pre / 1000 if _num(pre) is not None else None, shape_ok, shape_why)
+        dec = after.get("decode_tokens_per_s", metrics.get("after.decode_tokens_per_s", metrics.get("decode_tokens_per_s")))
+        add("infer.decode_tokens_per_s", "evaluate", inf, dec, shape_ok, shape_why)
+    # accuracy: measured after/before on the run's own evaluation data
+    acc = est.get("accuracy") or {}
+    if "accuracy" in est and not acc.get("error"):
+        tunes = _tunes(run.get("strategy") or (run.get("spec") or {}).get("strategy"))
+        ft_why = "not comparable: this run also fine-tunes, so after/before is not quantization alone"
+        b, a = _num(before.get("perplexity")), _num(after.get("perplexity"))
+        add("accuracy.ppl_ratio", "evaluate", acc, a / b if a is not None and b else None, not tunes,
+            ft_why if tunes else "compared: perplexity after / before on the run's evaluation rows")
+        task = next((k for k in TASK_METRICS if _num(before.get(k)) and _num(after.get(k)) is not None), None)
+        if task:                                    # a ratio exists only where the base scored above 0
+            add("accuracy.retention", "evaluate", acc, after[task] / before[task], not tunes,
+                ft_why if tunes else f"compared: {task} after / before on the run's evaluation rows")
+    return out
+
+
+# ---- records ------------------------------------------------------------------------------------
+def fitted_terms() -> list[str]:
+    return list(settings()["terms"])
+
+
+def _record(run: dict, p: dict, source: str) -> dict:
+    m = run.get("machine") or {}
+    kind = p["term"].split(".", 1)[0]
+    est = (run.get("estimate") or {}).get(kind) or {}
+    versions = run.get("versions") or {}
+    return {"run_id": p["run_id"], "term": p["term"], "device": p["device"], "versions": p["versions"],
+            "library_versions": {k: versions.get(k) for k in ("python", *settings()["version_packages"], "torchao",
+                                                              "gptqmodel") if k in versions},
+            "machine": {k: m.get(k) for k in ("host", "cpu", "cpu_count", "gpu", "gpu_preset", "device") if k in m},
+            "inputs": est.get("inputs"), "strategy": run.get("strategy"), "model": run.get("model"),
+            "stage": p["stage"], "estimated": p["estimated"], "measured": p["measured"],
+            "created": run.get("created"), "source": source}
+
+
+def records_from_runs(runs: list[dict], source: str = "run-store") -> list[dict]:
+    """Comparable pairs of finished runs, for the fitted terms, as records."""
+    keep = set(fitted_terms())
+    out = []
+    for run in runs:
+        if run.get("status") not in (None, "finished"):
+            continue
+        for p in pairs(run):
+            if p["comparable"] and p["term"] in keep and p["estimated"] and p["measured"] and \
+                    p["estimated"] > 0 and p["measured"] > 0:
+                out.append(_record(run, p, source))
+    return out
+
+
+def _db_path(store_or_path=None) -> Path:
+    if store_or_path is None:
+        return Path(os.environ.get("TUNEQUANT_DB") or _home() / "runs.sqlite").expanduser().resolve()
+    return Path(getattr(store_or_path, "path", store_or_path)).expanduser().resolve()
+
+
+def finished_runs(store_or_path=None) -> list[dict]:
+    """Finished runs of a run store (a RunStore, a path, or None: the default store), read-only."""
+    path = _db_path(store_or_path)
+    if not path.exists():
+        return []
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute("SELECT id, name, strategy, model, device, status, created, spec, estimate, versions, "
+                           "machine, result FROM runs WHERE status = 'finished' ORDER BY created").fetchall()
+    finally:
+        con.close()
+    out = []
+    for r in rows:
+        run = dict(zip(("id", "name", "strategy", "model", "device", "status", "created"), r[:7]))
+        for k, v in zip(("spec", "estimate", "versions", "machine", "result"), r[7:]):
+            try:
+                run[k] = json.loads(v) if v else None
+            except (TypeError, ValueError):
+                run[k] = None
+        out.append(run)
+    return out
+
+
+def records_from_store(store_or_path=None) -> list[dict]:
+    """Comparable records of the store's finished runs, plus the imported ones (store first;
+    an imported record with the same run id and term as a store record is dropped)."""
+    own = records_from_runs(finished_runs(store_or_path))
+    return _merge(own, imported_records())
+
+
+def _key(r: dict) -> tuple:
+    return (str(r.get("run_id")), str(r.get("term")))
+
+
+def _merge(first: list[dict], more: list[dict]) -> list[dict]:
+    seen = {_key(r) for r in first}
+    out = list(first)
+    for r in more:
+        if _key(r) not in seen:
+            seen.add(_key(r))
+            out.append(r)
+    return out
+
+
+def imported_records() -> list[dict]:
+    path = records_path()
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+# ---- the fit ------------------------------------------------------------------------------------
+def _factor(logs: list[float]) -> tuple[float, float]:
+    """(shrunk factor, spread) from ln(measured/estimated) of n runs."""
+    n, k = len(logs), float(settings()["prior_runs"])
+    mean = sum(logs) / n
+    spread = math.exp(statistics.pstdev(logs)) if n >= 2 else 1.0
+    return math.exp(n / (n + k) * mean), spread
+
+
+def fit(records: list[dict], min_runs: int | None = None) -> dict:
+    """Correction factors per (device, versions key, term) and per (device, any versions, term).
+
+    factor = exp(n/(n + prior_runs) x mean ln(measured/estimated)); ``spread`` is the geometric
+    standard deviation of measured/estimated (1.0 from a single run); ``gmean`` the unshrunk
+    geometric mean. Applied from ``min_runs`` runs on (presets/calibration.yaml)."""
+    cfg = settings()
+    min_runs = int(cfg["min_runs"] if min_runs is None else min_runs)
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("term") not in cfg["terms"] or not r.get("device"):
+            continue
+        if not (_num(r.get("estimated")) and _num(r.get("measured"))) or r["estimated"] <= 0 or r["measured"] <= 0:
+            continue
+        for v in (r.get("versions") or "-", "*"):
+            groups.setdefault((r["device"], v, r["term"]), []).append(r)
+    factors = []
+    for (dev, v, term), rs in sorted(groups.items()):
+        logs = [math.log(r["measured"] / r["estimated"]) for r in rs]
+        f, spread = _factor(logs)
+        run_ids = sorted({str(r["run_id"]) for r in rs})
+        factors.append({"device": dev, "versions": v, "term": term, "factor": f,
+                        "gmean": math.exp(sum(logs) / len(logs)), "spread": spread, "runs": len(run_ids),
+                        "records": len(rs), "run_ids": run_ids, "applies": len(run_ids) >= min_runs})
+    devices: dict[str, set] = {}
+    for r in records:
+        if r.get("device"):
+            devices.setdefault(r["device"], set()).add(str(r["run_id"]))
+    return {"schema": SCHEMA, "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "settings": {"min_runs": min_runs, "prior_runs": cfg["prior_runs"],
+                         "version_packages": cfg["version_packages"]},
+            "records": len(records), "runs": len({str(r["run_id"]) for r in records}),
+            "devices": {d: len(s) for d, s in sorted(devices.items())}, "factors": factors}
+
+
+def _index(fitted: dict) -> dict:
+    idx = fitted.get("_index")
+    if idx is None:
+        idx = {(f["device"], f["versions"], f["term"]): f for f in fitted.get("factors") or []}
+        fitted["_index"] = idx
+    return idx
+
+
+def lookup(fitted: dict, device: str | None, versions: str, term: str) -> tuple[dict | None, str]:
+    """(factor entry, how it matched): the exact versions key first, else the device with any versions."""
+    idx = _index(fitted)
+    exact = idx.get((device, versions, term))
+    if exact and exact["applies"]:
+        return exact, "exact"
+    anyv = idx.get((device, "*", term))
+    if anyv and anyv["applies"]:
+        return anyv, "any-versions"
+    return None, ""
+
+
+# ---- evaluation: the error before and after -------------------------------------------------------
+def _err(est: float, meas: float, factor: float = 1.0) -> float:
+    return abs(meas / (est * factor) - 1)
+
+
+def evaluate(records: list[dict]) -> list[dict]:
+    """Per (device, term): median |measured/estimated - 1| of the formula, after calibration
+    in-sample (fitted on every record), and held back (each run's records corrected by a fit
+    on the other runs only: what a new run would see)."""
+    full = fit(records)
+    by: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("term") in settings()["terms"] and r.get("device"):
+            by.setdefault((r["device"], r["term"]), []).append(r)
+    run_ids = sorted({str(r["run_id"]) for r in records})
+    held = {}
+    for rid in run_ids:
+        rest = [r for r in records if str(r["run_id"]) != rid]
+        held[rid] = fit(rest)
+    rows = []
+    for (dev, term), rs in sorted(by.items()):
+        before, ins, out, n_in, n_out = [], [], [], 0, 0
+        for r in rs:
+            before.append(_err(r["estimated"], r["measured"]))
+            f, _ = lookup(full, dev, r.get("versions") or "-", term)
+            ins.append(_err(r["estimated"], r["measured"], f["factor"] if f else 1.0))
+            n_in += bool(f)
+            g, _ = lookup(held[str(r["run_id"])], dev, r.get("versions") or "-", term)
+            out.append(_err(r["estimated"], r["measured"], g["factor"] if g else 1.0))
+            n_out += bool(g)
+        rows.append({"device": dev, "term": term, "records": len(rs), "runs": len({str(r["run_id"]) for r in rs}),
+                     "before": statistics.median(before), "in_sample": statistics.median(ins),
+                     "held_back": statistics.median(out), "corrected_in_sample": n_in, "corrected_held_back": n_out})
+    return rows
+
+
+# ---- applying a fit to an estimate ------------------------------------------------------------------
+_LOADED: dict = {}
+
+
+def load_fitted(path: Path | None = None) -> dict | None:
+    """The fitted calibration (cached by path and mtime); None when there is none."""
+    path = fitted_path() if path is None else Path(path)
+    if path is None:
+        return None
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        return None
+    hit = _LOADED.get(str(path))
+    if hit and hit[0] == mtime:
+        return hit[1]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    _LOADED[str(path)] = (mtime, data)
+    return data
+
+
+def apply(est: dict, kind: str, enabled: bool = True, device_bytes=None) -> dict:
+    """Add the ``calibration`` key to an estimate (and correct its headline figures in place).
+
+    ``device_bytes(peak, low, high)`` recomputes what the device must hold when a peak changes."""
+    dev = est.get("gpu")
+    info = {"applied": False, "runs": 0, "device": dev, "note": "", "terms": {}}
+    path = fitted_path()
+    if not enabled:
+        info["note"] = "not calibrated: calibration=False (--no-calibration); the formula's figures"
+    elif path is None:
+        info["note"] = "not calibrated: TUNEQUANT_CALIBRATION=off; the formula's figures"
+    else:
+        fitted = load_fitted(path)
+        if fitted is None:
+            info["note"] = (f"not calibrated: no fitted calibration at {path} (run `python -m engine calibrate` "
+                            f"after measured runs)")
+        else:
+            vkey = installed_versions_key()
+            matched, how_set, run_ids = [], set(), set()
+            for term, spec in settings()["terms"].items():
+                k, key = term.split(".", 1)
+                if k != kind or _num(est.get(key)) is None:
+                    continue
+                f, how = lookup(fitted, dev, vkey, term)
+                if f is None:
+                    continue
+                factor = f["factor"]
+                for s in spec.get("scales", []):
+                    if _num(est.get(s)) is not None:
+                        est[s] = est[s] * factor
+                for s in spec.get("inverse", []):
+                    if _num(est.get(s)) is not None:
+                        est[s] = est[s] / factor
+                info["terms"][key] = {"factor": factor, "raw": est[key] / factor, "runs": f["runs"],
+                                      "spread": f["spread"], "versions": f["versions"], "match": how,
+                                      "run_ids": f["run_ids"][:20]}
+                if key in ("weights_bytes", "peak_allocated_bytes"):
+                    est[key] = int(round(est[key]))
+                if spec.get("device_bytes") and device_bytes is not None:
+                    est.update(device_bytes(est["peak_allocated_bytes"], int(est["low"]), int(est["high"])))
+                matched.append(term)
+                how_set.add(how)
+                run_ids.update(f["run_ids"])
+            if matched:
+                info["applied"], info["runs"] = True, len(run_ids)
+                where = ("the installed library versions" if how_set == {"exact"} else
+                         "other library versions too (no exact match for " + vkey + ")")
+                info["note"] = (f"calibrated from {len(run_ids)} measured run(s) on {dev} with {where}: "
+                                + ", ".join(f"{t.split('.', 1)[1]} x{info['terms'][t.split('.', 1)[1]]['factor']:.3g}"
+                                            for t in matched) + f" ({path.name}, fitted {fitted.get('fitted_at')})")
+            else:
+                n = (fitted.get("devices") or {}).get(dev, 0)
+                info["note"] = (f"not calibrated: no measured runs for {dev}" if not n else
+                                f"not calibrated: {n} measured run(s) on {dev}, fewer than "
+                                f"{fitted.get('settings', {}).get('min_runs')} per term for {kind}")
+    est["calibration"] = info
+    if info["applied"]:
+        est.setdefault("notes", []).append(info["note"])
+    return est
+
+
+# ---- sharing: export / import ------------------------------------------------------------------------
+def export(path, store_or_path=None) -> dict:
+    """Write every record (the store's comparable pairs + imported ones) as a JSON file."""
+    recs = records_from_store(store_or_path)
+    doc = {"schema": SCHEMA, "kind": "tunequant-calibration-records",
+           "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "records": recs}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+    return {"path": str(path), "records": len(recs), "runs": len({r["run_id"] for r in recs})}
+
+
+REQUIRED = ("run_id", "term", "device", "versions", "estimated", "measured")
+
+
+def _check_record(r, i: int, path) -> dict:
+    if not isinstance(r, dict):
+        raise InputError(f"{path}: record {i} is not a JSON object", field="import")
+    missing = [k for k in REQUIRED if r.get(k) in (None, "")]
+    if missing:
+        raise InputError(f"{path}: record {i} lacks {', '.join(missing)} (every record needs "
+                         f"{', '.join(REQUIRED)})", field="import")
+    if r["term"] not in TERMS:
+        raise InputError(f"{path}: record {i} has unknown term {r['term']!r}; known: {', '.join(TERMS)}",
+                         field="import")
+    for k in ("estimated", "measured"):
+        if _num(r[k]) is None or r[k] <= 0:
+            raise InputError(f"{path}: record {i}: {k} must be a positive number, got {r[k]!r}", field="import")
+    return r
+
+
+def records_from_bench(doc: dict, source: str = "bench") -> list[dict]:
+    """Records from bench/estimates_vs_measured.py output (a GPU session's measurements).
+
+    Only CUDA runs: the CPU smoke run measures shrunken models with a live-storage tracker and
+    is predicted for CPU kernels, which no CPU run of the engine uses."""
+    if doc.get("device") != "cuda":
+        return []
+    gpu, v = doc.get("gpu"), doc.get("versions") or {}
+    vkey = versions_key(v)
+    out = []
+    for i, r in enumerate(doc.get("results") or []):
+        kind, meas, pred = r.get("kind"), r.get("measured") or {}, r.get("predicted") or {}
+        if kind not in ("train", "infer") or meas.get("oom") or meas.get("error"):
+            continue
+        shape = {k: r.get(k) for k in ("model", "method", "weights", "precision", "grad_ckpt", "seq_len",
+                                       "batch_size", "prompt_len", "new_tokens") if r.get(k) is not None}
+        label = "-".join(str(x) for x in shape.values())
+        for key in (("peak_allocated_bytes", "tokens_per_s") if kind == "train" else
+                    ("weights_bytes", "peak_allocated_bytes", "prefill_s", "decode_tokens_per_s")):
+            e, m = _num(pred.get(key)), _num(meas.get(key))
+            if e and m and e > 0 and m > 0:
+                out.append({"run_id": f"bench:{gpu}:{doc.get('started')}:{label}", "term": f"{kind}.{key}",
+                            "device": gpu, "versions": vkey, "library_versions": v,
+                            "machine": {"gpu": doc.get("device_name"), "gpu_preset": gpu, "device": "cuda"},
+                            "inputs": {**shape, "gpu": gpu}, "strategy": None, "model": r.get("model"),
+                            "stage": kind, "estimated": e, "measured": m, "created": doc.get("started"),
+                            "source": source})
+    return out
+
+
+def read_records(path) -> list[dict]:
+    """Records from a calibration export or a bench measurement file; InputError otherwise."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"--import: no such file {path}", field="import")
+    except (OSError, ValueError) as e:
+        raise InputError(f"--import: {path} is not JSON ({e}); expected a `python -m engine calibrate --export` "
+                         f"file or a bench/measurements/*.json file", field="import")
+    if isinstance(doc, dict) and isinstance(doc.get("records"), list):
+        if doc.get("schema") != SCHEMA:
+            raise InputError(f"--import: {path} has schema {doc.get('schema')!r}; this version reads schema {SCHEMA}",
+                             field="import")
+        return [_check_record(r, i, path) for i, r in enumerate(doc["records"])]
+    if isinstance(doc, dict) and isinstance(doc.get("results"), list) and "gpu" in doc:
+        return records_from_bench(doc, source=f"bench:{path.name}")
+    raise InputError(f"--import: {path} is neither a calibration export (schema, records) nor a bench "
+                     f"measurement file (gpu, results); make one with `python -m engine calibrate --export FILE`",
+                     field="import")
+
+
+def import_(path) -> dict:
+    """Merge a file's records into $TUNEQUANT_HOME/calibration_records.jsonl (dedupe by run id
+    and term; what is there stays) and refit. Returns what was added."""
+    new = read_records(path)
+    have = imported_records()
+    merged = _merge(have, new)
+    added = len(merged) - len(have)
+    rp = records_path()
+    rp.parent.mkdir(parents=True, exist_ok=True)
+    with open(rp, "a", encoding="utf-8") as f:
+        for r in merged[len(have):]:
+            f.write(json.dumps(r, default=str) + "\n")
+    return {"file": str(path), "read": len(new), "added": added, "duplicates": len(new) - added,
+            "records_path": str(rp)}
+
+
+def calibrate(store_or_path=None, import_file=None, export_file=None, out=None) -> dict:
+    """Import (optional), refit from the store + imported records, write the fitted JSON,
+    evaluate, export (optional): what `python -m engine calibrate` does."""
+    imported = import_(import_file) if import_file else None
+    recs = records_from_store(store_or_path)
+    fitted = fit(recs)
+    fitted["evaluation"] = evaluate(recs)
+    path = Path(out) if out else (fitted_path() or _home() / "calibration.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: v for k, v in fitted.items() if k != "_index"}, indent=1, default=str) + "\n",
+                    encoding="utf-8")
+    res = {"path": str(path), "store": str(_db_path(store_or_path)), "records": len(recs), "runs": fitted["runs"],
+           "devices": fitted["devices"], "evaluation": fitted["evaluation"],
+           "factors": [{k: f[k] for k in ("device", "versions", "term", "factor", "gmean", "spread", "runs", "applies")}
+                       for f in fitted["factors"]],
+           "active": fitted_path() is not None}
+    if imported:
+        res["imported"] = imported
+    if export_file:
+        res["exported"] = export(export_file, store_or_path)
+    return res
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+def _pct(x) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
+def table(res: dict) -> str:
+    lines = [f"calibration: {res['records']} record(s) from {res['runs']} run(s) -> {res['path']}"]
+    if not res.get("active"):
+        lines.append("  (TUNEQUANT_CALIBRATION=off: estimates of this process do not use it)")
+    for dev, n in res["devices"].items():
+        lines.append(f"  {dev}: {n} run(s)")
+    if res.get("imported"):
+        i = res["imported"]
+        lines.append(f"imported {i['added']} new record(s) of {i['read']} from {i['file']}")
+    lines.append("")
+    lines.append("median |measured/estimated - 1|   (held back: each run corrected by a fit on the other runs)")
+    hdr = f"{'device':<18} {'term':<28} {'runs':>4} {'before':>9} {'in-sample':>10} {'held back':>10}"
+    lines += [hdr, "-" * len(hdr)]
+    for r in res["evaluation"]:
+        lines.append(f"{r['device']:<18} {r['term']:<28} {r['runs']:>4} {_pct(r['before']):>9} "
+                     f"{_pct(r['in_sample']):>10} {_pct(r['held_back']):>10}")
+    lines.append("")
+    lines.append("factors applied (device, term, versions: factor x, spread, runs)")
+    for f in res["factors"]:
+        if f["applies"] and f["versions"] != "*":
+            lines.append(f"  {f['device']:<18} {f['term']:<28} x{f['factor']:.3g} (spread x{f['spread']:.2g}, "
+                         f"{f['runs']} runs; {f['versions']})")
+    if res.get("exported"):
+        lines.append(f"exported {res['exported']['records']} record(s) to {res['exported']['path']}")
+    return "\n".join(lines)
+
+
+def _run_cli(args) -> int:
+    res = calibrate(args.store, getattr(args, "import_file", None), args.export)
+    if args.json:
+        from engine.cli import emit
+        emit(res)
+    else:
+        print(table(res))
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("calibrate", help="refit the estimates' correction factors from measured runs")
+    p.add_argument("--store", default=None, help="run store (default $TUNEQUANT_DB or $TUNEQUANT_HOME/runs.sqlite)")
+    p.add_argument("--import", dest="import_file", default=None,
+                   help="merge records from a calibration export or a bench/measurements/*.json file")
+    p.add_argument("--export", default=None, help="write every record (store + imported) to this JSON file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run_cli)
