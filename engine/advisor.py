@@ -381,7 +381,7 @@ def _accuracy(s, sc, arch, ctx=None) -> dict:
     est = {**est, "source": src}
     if not own or est.get("retention") is None:
         return est
-    meas = measured_accuracy(own["rows"], params_b=kw["params_b"])
+    meas = measured_accuracy(own["rows"])          # at the run's own model size
     if meas is None:
         return est
     meas["runs"] = own["runs"]
@@ -521,9 +521,10 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
     if meas:
         p = acc["prior"]
         reasons.append({"kind": "measured", "ok": True, "constraint": "accuracy", "run_id": meas["run_id"],
-                        "text": f"measured on your data: run {meas['run_id']} ({meas['dataset']}, {meas['rows']} "
-                                f"held-out rows): retention {r:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] from "
-                                f"{meas['basis']}; replaces the prior {p['retention']:.3f} "
+                        "dataset": meas["dataset"],
+                        "text": f"measured on your data: run {meas['run_id']}: retention {r:.3f} "
+                                f"[{acc['low']:.3f}, {acc['high']:.3f}] from {meas['basis']}; replaces the prior "
+                                f"{p['retention']:.3f} "
                                 f"[{p['low']:.3f}, {p['high']:.3f}]"
                                 + (f" ({len(meas['runs'])} runs of {s['id']}; the newest counts)"
                                    if len(meas["runs"]) > 1 else "")

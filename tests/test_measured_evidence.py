@@ -275,7 +275,7 @@ def test_matrix_shows_the_calibration_status():
 
 @pytest.mark.slow
 def test_a_real_run_becomes_measured_evidence(tmp_path, monkeypatch):
-    """Runs the shipped NF4 demo (PTQ, ~15 s on 2 cores once the demo model is cached) into a
+    """Runs the shipped NF4 demo (PTQ; 15 s to 3 min on 2 shared cores once the demo model is cached) into a
     private store, then the advisor finds it there by default and ranks NF4 by it."""
     before = api._executor
     api.use_store(tmp_path / "runs.sqlite", tmp_path / "runs")
@@ -294,3 +294,19 @@ def test_a_real_run_becomes_measured_evidence(tmp_path, monkeypatch):
         assert any(rid in w for w in entry(out, "ptq-nf4")["why"])
     finally:
         api._executor = before
+
+
+def test_a_measurement_worse_than_the_goal_blocks_and_names_the_run():
+    """A hypothetical NF4 run that lost accuracy: the real run's payload with its task score
+    changed (constructed here, not measured) so the measured retention misses the goal."""
+    run = runs(NF4)[0]
+    ev = run["result"]["stages"][0]["result"]
+    ev["task"], ev["eval_rows"] = "classification", 64
+    ev["before"]["accuracy"], ev["after"]["accuracy"] = 0.9, 0.75
+    sc = {**DEMO, "goals": {"min_accuracy_retention": 0.85}}
+    prior = entry(advisor.recommend(sc, what_if=False, runs=[]), "ptq-nf4")
+    assert prior["estimates"]["accuracy"]["retention"] > 0.85 and prior["blocked_by"] == []    # the prior meets it
+    e = entry(advisor.recommend(sc, what_if=False, runs=[run]), "ptq-nf4")
+    acc = e["estimates"]["accuracy"]
+    assert acc["measured"]["metric"] == "accuracy" and acc["retention"] == pytest.approx(0.75 / 0.9, abs=1e-4)
+    assert e["blocked_by"] == ["accuracy"] and NF4 in e["blocked"][0]["text"]
