@@ -479,7 +479,7 @@ def document(d: dict, fmt: str = "html") -> list[tuple[str, str, list]]:
 
 def title(d: dict) -> str:
     s = d["scenario"]
-    return f"tunequant report: {s.get('name') or s.get('model')}"
+    return f"tunequant report: {s.get('name') or ', '.join(str(x) for x in (s.get('model'), s.get('task')) if x)}"
 
 
 # ---- renderers --------------------------------------------------------------------------------------

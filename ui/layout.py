@@ -13,7 +13,7 @@ import gradio as gr
 
 from engine import strategies
 from engine.errors import InputError
-from ui import compare, matrix, runs, tradeoffs, wizard
+from ui import compare, matrix, report, runs, tradeoffs, wizard
 from ui.common import MAX_UPLOAD, error_md, ok_md, public_demo, unexpected_md
 from ui.plotting import empty
 from ui.theme import CSS, THEME
@@ -135,6 +135,15 @@ def _wizard_tab():
 def _matrix_tab():
     c = {}
     c["banner"] = gr.HTML(elem_id="matrix_banner")
+    with gr.Row(equal_height=True, elem_id="report_row"):
+        c["report_fmt"] = gr.Radio(list(report.FORMATS), value=next(iter(report.FORMATS)), label="Report of this "
+                                   "scenario (what a team lead would forward)", elem_id="report_fmt", scale=2)
+        c["report_runs"] = gr.Dropdown(list(report.RUNS), value=next(iter(report.RUNS)), label="Runs in the report",
+                                       elem_id="report_runs", scale=1)
+        c["report_build"] = gr.Button("Build report", elem_id="report_build", scale=1, min_width=140)
+        c["report_download"] = gr.DownloadButton("Download report", visible=False, elem_id="report_download",
+                                                 variant="primary", scale=1, min_width=160)
+    c["report_msg"] = gr.HTML(elem_id="report_msg")
     c["table"] = gr.Dataframe(headers=matrix.COLUMNS, interactive=False, wrap=True, max_height=620,
                               label="Decision matrix (click a row for its details)", elem_id="matrix_table",
                               column_widths=["3%", "9%", "8%", "4%", "13%", "8%", "5%", "8%", "4%", "7%", "4%",
@@ -353,6 +362,19 @@ def build_app() -> gr.Blocks:
             vals = runs.form_for_strategy(sid, scn)
             return [vals.get(k, gr.update()) for k in runs.LAUNCH_FIELDS] + [gr.Tabs(selected="runs")]
         M["run_this"].click(run_this, [M["pick"], scenario], launch_fields + [tabs])
+
+        # -- the report of the current scenario: build, then download; a changed scenario hides the stale one
+        def build_report(scn, fmt, which_runs):
+            path, msg = report.write(scn, fmt, which_runs)
+            if path is None:
+                return gr.DownloadButton(visible=False), msg
+            return gr.DownloadButton(f"Download {path.rsplit('/', 1)[-1]}", value=path, visible=True), msg
+        M["report_build"].click(build_report, [scenario, M["report_fmt"], M["report_runs"]],
+                                [M["report_download"], M["report_msg"]],
+                                concurrency_limit=2)
+        gr.on([scenario.change, M["report_fmt"].change, M["report_runs"].change],
+              lambda: (gr.DownloadButton(visible=False), ""), None, [M["report_download"], M["report_msg"]],
+              show_progress="hidden")
 
         # -- trade-off controls
         def charts_only(res, scn, view, shown):
