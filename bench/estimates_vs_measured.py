@@ -81,6 +81,9 @@ def train_grid(model_id: str, tiny: bool, quick: bool) -> list[dict]:
                 out.append(dict(method=m, grad_ckpt=c, seq_len=T, batch_size=B))
         if not quick and not big:
             out.append(dict(method=m, grad_ckpt=True, seq_len=2048, batch_size=8))
+        # the engine's chunked loss at the shape where the reference loss is the peak
+        out.append(dict(method=m, grad_ckpt=True, seq_len=512, batch_size=4,
+                        loss="chunked"))
     return out
 
 
@@ -329,9 +332,14 @@ def train_case(hf_cfg, case: dict, dev: str, ckpt_cache: dict, steps: int | None
     ids = torch.randint(3, hf_cfg.vocab_size, (B, T), generator=g).to(dev)
     meter = Meter(dev)
 
+    chunked = case.get("loss", "reference") == "chunked"
+    if chunked:                                  # the engine's loss (engine/runs/stages/loss.py)
+        from engine.runs.stages.loss import chunked_loss
+        batch = {"input_ids": ids, "labels": ids}
+
     def step():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = chunked_loss(model, batch, case.get("loss_chunk")) if chunked else model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -428,7 +436,7 @@ def predict_train(arch, case, gpu_id: str, dev: str) -> dict:
     kw = dict(attn_kernel="flash", round_to=1, include_workspace=False) if dev == "cpu" else {}
     prec = case.get("precision", "bf16")
     m = memory.train_memory(arch, case["method"], prec, case["seq_len"], case["batch_size"], case["grad_ckpt"],
-                            16, d, **kw)
+                            16, d, loss=case.get("loss", "reference"), loss_chunk=case.get("loss_chunk"), **kw)
     s = latency.train_speed(arch, case["method"], prec, case["seq_len"], case["batch_size"], case["grad_ckpt"],
                             16, d)
     dv = memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], d, "train")
@@ -554,7 +562,8 @@ def _save(doc, path: Path, skip: bool):
 
 def _label(r) -> str:
     if r["kind"] == "train":
-        return f"{r['model']} {r['method']} {'ckpt' if r['grad_ckpt'] else 'nockpt'} T{r['seq_len']} B{r['batch_size']}"
+        return (f"{r['model']} {r['method']} {'ckpt' if r['grad_ckpt'] else 'nockpt'} T{r['seq_len']} B{r['batch_size']}"
+                + (" chunked" if r.get("loss") == "chunked" else ""))
     return f"{r['model']} {r['weights']} B{r['batch_size']} P{r['prompt_len']}+{r['new_tokens']}"
 
 

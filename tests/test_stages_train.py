@@ -52,6 +52,7 @@ def test_lora_trains_saves_and_evaluates(home, tmp_path):
     out = run_inline(spec("lora"), tmp_path)
     tr, ev = out["stages"]["train#0"], out["stages"]["evaluate#1"]
     assert tr["method"] == "lora" and tr["steps"] == 8 and not tr["stopped"]
+    assert tr["loss_mode"] == "chunked" and "loss_fallback" not in tr       # the default train.loss
     assert tr["loss_last"] < tr["loss_first"]
     # rank 8 on all seven projections of 2 layers: 8 * (in + out) each
     h, kv, i = 128, 64, 256

@@ -2,7 +2,8 @@
 
 Public API (what the CLI, the advisor and the UI call):
     estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4,
-                   grad_ckpt=True, lora_rank=16, gpu=None, calibration=True) -> dict
+                   grad_ckpt=True, lora_rank=16, gpu=None, calibration=True,
+                   loss="reference") -> dict      # loss="chunked": the engine's chunked cross-entropy
     estimate_infer(model, weights="bf16", batch_size=1, prompt_len=512,
                    new_tokens=128, gpu=None, calibration=True) -> dict
     estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=None,
@@ -47,9 +48,10 @@ def _calibrated(out: dict, kind: str, enabled: bool, dev) -> dict:
 
 
 def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, grad_ckpt=True, lora_rank=16,
-                   gpu=None, qat_scheme="int4-weight-only", calibration=True) -> dict:
+                   gpu=None, qat_scheme="int4-weight-only", calibration=True, loss="reference") -> dict:
     """Peak GPU memory and speed of one training step of the reference recipe (``calibration``:
-    correct the headline figures by measured runs where a fit matches; see docs/calibration.md)."""
+    correct the headline figures by measured runs where a fit matches; see docs/calibration.md;
+    ``loss="chunked"``: the engine's chunked cross-entropy instead of the recipe's full logits)."""
     seq_len = _memory.positive_int("seq_len", seq_len)
     batch_size = _memory.positive_int("batch_size", batch_size)
     lora_rank = _memory.positive_int("lora_rank", lora_rank)
@@ -61,14 +63,15 @@ def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, g
         raise InputError(f"training estimates need a GPU id ({', '.join(_memory.hardware.gpu_ids())}) or a CPU "
                          f"entry; {dev.id} is a {dev.kind} serving target", field="gpu")
     m = _memory.train_memory(arch, method, precision, seq_len, batch_size, grad_ckpt, lora_rank, dev,
-                             qat_scheme=qat_scheme)
+                             qat_scheme=qat_scheme, loss=loss)
     s = _latency.train_speed(arch, method, precision, seq_len, batch_size, grad_ckpt, lora_rank, dev)
     d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "train")
     return _calibrated({
         "kind": "train",
         "inputs": {"model": arch.name, "method": method, "precision": precision, "seq_len": seq_len,
                    "batch_size": batch_size, "grad_ckpt": grad_ckpt, "lora_rank": lora_rank, "gpu": dev.id,
-                   **({"qat_scheme": qat_scheme} if method == "qat" else {})},
+                   **({"qat_scheme": qat_scheme} if method == "qat" else {}),
+                   **({"loss": loss} if loss != "reference" else {})},
         "model": arch.to_dict(),
         "gpu": dev.id,
         "peak_allocated_bytes": m["peak_allocated_bytes"], "low": m["low"], "high": m["high"],

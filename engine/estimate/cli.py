@@ -22,6 +22,7 @@ TRAIN_ARGS = {
     "lora_rank": ("--lora-rank", int, 16),
     "gpu": ("--gpu", str, None),
     "calibration": ("--calibration", bool, True),
+    "loss": ("--loss", str, "reference"),
 }
 INFER_ARGS = {
     "model": ("--model", str, None),
@@ -63,6 +64,7 @@ REQUIRED = {"train": ("model", "method"), "infer": ("model",), "accuracy": ("fam
 CHOICES = {
     ("train", "method"): ("full", "lora", "qlora", "qat"),
     ("train", "precision"): ("bf16", "fp32-amp"),
+    ("train", "loss"): ("reference", "chunked"),
     ("accuracy", "finetune"): ("none", "lora", "qlora", "qat"),
 }
 KINDS = {"train": TRAIN_ARGS, "infer": INFER_ARGS, "accuracy": ACCURACY_ARGS,

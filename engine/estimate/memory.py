@@ -27,6 +27,14 @@ METHODS = ("full", "lora", "qlora", "qat")
 PRECISIONS = ("bf16", "fp32-amp")
 QAT_SCHEMES = ("int4-weight-only", "int8-dyn-act-int4-weight")
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")     # block modelled exactly (CPU-checked)
+LOSS_MODES = ("reference", "chunked")
+CHUNK_LOGITS_BYTES = 128 * 2 ** 20    # the engine's chunked loss: one chunk's fp32 logits at most this
+
+
+def loss_chunk_tokens(vocab: int, tokens: int) -> int:
+    """Tokens per chunk of the engine's chunked loss (engine/runs/stages/loss.py uses this):
+    one chunk's fp32 logits <= CHUNK_LOGITS_BYTES, at least 16 tokens, at most all of them."""
+    return max(1, min(tokens, max(16, CHUNK_LOGITS_BYTES // (4 * vocab))))
 
 
 def rt() -> dict:
@@ -382,12 +390,18 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
                  batch_size: int = 4, grad_ckpt: bool = True, lora_rank: int = 16,
                  dev: hardware.Device | None = None, *, attn_kernel: str | None = None,
                  qat_scheme: str = "int4-weight-only", round_to: int = F.CUDA_BLOCK,
-                 include_workspace: bool = True) -> dict:
+                 include_workspace: bool = True, loss: str = "reference",
+                 loss_chunk: int | None = None) -> dict:
     """Peak memory of one steady-state training step (step >= 2: optimizer states exist).
 
+    ``loss``: "reference" (DESIGN.md's recipe: model(**batch).loss, B x T x V fp32 buffers) or
+    "chunked" (the engine's chunked linear cross-entropy, engine/runs/stages/loss.py) with
+    ``loss_chunk`` tokens per chunk (None: ``loss_chunk_tokens``, as the engine picks).
     Returns peak_allocated_bytes, the breakdown at the peak phase (summing exactly to it),
     every phase's total, the terms with formulas and intervals, and notes.
     """
+    if loss not in LOSS_MODES:
+        raise InputError(f"loss must be one of {', '.join(LOSS_MODES)}, got {loss!r}", field="loss")
     dev = dev or device(None)
     rc = recipe(method, precision, qat_scheme)
     T, B = seq_len, batch_size
@@ -472,16 +486,34 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
         cache_t = Term("autocast_weight_cache", autocast_cache,
                        "bf16 copies of every trainable linear + lm_head weight, cached by autocast for the forward",
                        _unc("counted"))
-    phases["forward_end"] = persistent + [act_term] + ([cache_t] if autocast_cache and grad_ckpt else []) + [
-        Term("logits_and_loss", loss_fwd,
-             f"B*T*V = {BTV:,} x ({head_bytes} logits + {'4 fp32 upcast + ' if head_bytes == 2 else ''}4 log_softmax)",
-             _unc("loss"))]
-    phases["loss_backward"] = persistent + [act_term, Term(
-        "logits_and_loss", loss_bwd, f"B*T*V = {BTV:,} x 12 (log_softmax out + grad nll + grad log_softmax, fp32)",
-        _unc("loss"))]
-    phases["head_backward"] = persistent + [act_term, Term(
-        "logits_and_loss", BTV * head_bytes + BT * h * head_bytes, "grad of logits + grad of the last hidden state",
-        _unc("loss"))] + ([Term("gradients", head_grad_w, "lm_head gradient", _unc("counted"))] if head_grad_w else [])
+    if loss == "chunked":
+        # engine/runs/stages/loss.py: the gradient of the hidden states (and of the head weight,
+        # when it trains) is made chunk by chunk in the forward; one chunk's logits, their fp32
+        # copy (softmax and its gradient computed in place) and the gradient cast back are the
+        # largest loss buffers. Backward scales the stored gradient (a second B*T*h copy).
+        C = min(BT, loss_chunk) if loss_chunk else loss_chunk_tokens(V, BT)
+        chunk_b = (head_bytes + 4 if head_bytes == 2 else 4) * C * V
+        gh = BT * h * R
+        head_g = [Term("gradients", head_grad_w, "lm_head gradient (made in the loss forward)", _unc("counted"))] \
+            if head_grad_w else []
+        phases["forward_end"] = persistent + [act_term] + ([cache_t] if autocast_cache and grad_ckpt else []) + [
+            Term("logits_and_loss", gh + chunk_b,
+                 f"chunked loss: grad of hidden B*T*h*{R} = {gh:,} + one chunk of C={C} tokens x V={V:,} x "
+                 f"({str(head_bytes) + ' logits + 4 fp32' if head_bytes == 2 else '4 fp32 logits'}) = {chunk_b:,}",
+                 _unc("loss"))] + head_g
+        phases["loss_backward"] = persistent + [act_term, Term(
+            "logits_and_loss", 2 * gh, f"stored grad of hidden x grad_output: 2 x B*T*h*{R}", _unc("loss"))] + head_g
+    else:
+        phases["forward_end"] = persistent + [act_term] + ([cache_t] if autocast_cache and grad_ckpt else []) + [
+            Term("logits_and_loss", loss_fwd,
+                 f"B*T*V = {BTV:,} x ({head_bytes} logits + {'4 fp32 upcast + ' if head_bytes == 2 else ''}4 log_softmax)",
+                 _unc("loss"))]
+        phases["loss_backward"] = persistent + [act_term, Term(
+            "logits_and_loss", loss_bwd, f"B*T*V = {BTV:,} x 12 (log_softmax out + grad nll + grad log_softmax, fp32)",
+            _unc("loss"))]
+        phases["head_backward"] = persistent + [act_term, Term(
+            "logits_and_loss", BTV * head_bytes + BT * h * head_bytes, "grad of logits + grad of the last hidden state",
+            _unc("loss"))] + ([Term("gradients", head_grad_w, "lm_head gradient", _unc("counted"))] if head_grad_w else [])
     top = [act_term]
     if grad_ckpt:
         top.append(Term("recomputed_layer", recompute, f"one layer recomputed: {per_layer_tok:,.0f} B/token x BT",
@@ -532,9 +564,14 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
         notes.append("peft keeps LoRA adapters in fp32 (autocast_adapter_dtype=True) and casts each adapted "
                      "linear's bf16 input to fp32, saving one fp32 copy per adapted linear; bf16 adapters would "
                      f"save {BT * _fp32_copies_saving(arch, lay):,.0f} B of activations")
-    chunk_saving = loss_bwd - 4 * BT * min(V, 8192) * 3
-    notes.append(f"chunked cross-entropy (e.g. Liger / cut-cross-entropy) would avoid the B*T*V fp32 buffers: "
-                 f"saves about {max(0, chunk_saving):,.0f} B at the loss")
+    if loss == "reference":
+        C = loss_chunk_tokens(V, BT)
+        chunk_peak = max((head_bytes + 4 if head_bytes == 2 else 4) * C * V + BT * h * R, 2 * BT * h * R)
+        notes.append(f"the engine's chunked loss (train.loss: chunked, estimate --loss chunked) never holds the "
+                     f"B*T*V fp32 buffers: its loss term is {chunk_peak:,.0f} B instead of {loss_bwd:,.0f} B")
+    else:
+        notes.append(f"chunked loss: chunks of {C} tokens (fp32 logits of a chunk <= "
+                     f"{CHUNK_LOGITS_BYTES // 2 ** 20} MiB); the reference recipe's loss holds {loss_bwd:,.0f} B")
     if approx:
         notes.append(f"{arch.model_type} block modelled from the llama-like block"
                      f"{' with top-' + str(arch.experts_per_token) + ' experts per token' if arch.num_experts else ''}; "

@@ -45,6 +45,10 @@ class TrainParams(_Strict):
     precision: Literal["bf16", "fp32-amp", "fp32"] = "bf16"
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = 1.0
+    # chunked: linear cross-entropy over chunks of tokens, no B x T x V logits (stages/loss.py);
+    # reference: model(**batch).loss as DESIGN.md's recipe. Same loss and gradients.
+    loss: Literal["chunked", "reference"] = "chunked"
+    loss_chunk_tokens: int | None = Field(None, gt=0)   # None: one chunk's fp32 logits <= 128 MiB
 
 
 class QuantParams(_Strict):

@@ -13,12 +13,14 @@ weights and optimizer states (``precision: bf16``) or fp32 weights under bf16 au
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
 
 from engine.errors import InputError
 from engine.runs.stages import common
+from engine.runs.stages.loss import make_loss
 
 EMIT_EVERY_S = 0.5          # step events: every step, but at most two a second (plus the last)
 
@@ -32,9 +34,13 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 1, max_grad_norm: float = 1.0,
         params=None, on_step=None, should_stop=None, weight_decay: float = 0.0, autocast_dtype=None,
-        device: str = "cpu", mem_fn=None) -> dict:
-    """Train ``model`` for ``steps`` optimizer steps; returns losses, tokens/s and whether it stopped."""
+        device: str = "cpu", mem_fn=None, loss_fn=None) -> dict:
+    """Train ``model`` for ``steps`` optimizer steps; returns losses, tokens/s and whether it stopped.
+
+    ``loss_fn(model, batch)``: the loss (stages/loss.py); default the model's own (reference)."""
     import torch
+    from engine.runs.stages.loss import reference_loss
+    loss_fn = loss_fn or reference_loss
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
         raise InputError("nothing to train: the model has no trainable parameters", field="train")
@@ -54,8 +60,7 @@ def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 
             batch = next(batch_iter)
             with (torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=autocast_dtype)
                   if autocast_dtype is not None else _null()):
-                out = model(**batch)
-            loss = out.loss / accum
+                loss = loss_fn(model, batch) / accum
             loss.backward()
             step_loss += loss.item()
             m = batch.get("attention_mask")
@@ -287,16 +292,23 @@ def train(ctx) -> dict:
             ctx.emit("step", **s)
 
     it = common.batches(pairs, tp.batch_size, ctx.spec.seed, tok.pad_token_id, ctx.device)
+    first = next(it)
+    with (torch.autocast(device_type="cuda" if ctx.device == "cuda" else "cpu", dtype=autocast)
+          if autocast is not None else _null()):
+        loss_fn, loss_mode, loss_why = make_loss(model, tp.loss, tp.loss_chunk_tokens, first, log=ctx.log,
+                                                 warn=ctx.warn)
+    it = itertools.chain([first], it)
     hist = fit(model, it, steps=steps, lr=tp.learning_rate, warmup=tp.warmup_steps, accum=tp.grad_accum,
                max_grad_norm=tp.max_grad_norm, on_step=on_step, should_stop=ctx.should_stop,
-               autocast_dtype=autocast, device=ctx.device, mem_fn=lambda: common.mem_now(ctx.device))
+               autocast_dtype=autocast, device=ctx.device, mem_fn=lambda: common.mem_now(ctx.device), loss_fn=loss_fn)
     model.eval()
     if hist["stopped"]:
         ctx.warn(f"stopped after {hist['steps']} of {steps} steps; saving what was trained")
     out = _save(ctx, method, model, tok)
     k = max(1, min(5, len(hist["losses"]) // 4))
     res = {"method": method, "steps": hist["steps"], "total_steps": steps, "stopped": hist["stopped"],
-           "trainable_params": n_train, "params": n_all, "tokens": hist["tokens"],
+           "trainable_params": n_train, "params": n_all, "tokens": hist["tokens"], "loss_mode": loss_mode,
+           **({"loss_fallback": loss_why} if loss_why else {}),
            "tokens_per_s": hist["tokens_per_s"], "train_s": hist["wall_s"],
            "loss_first": _mean(hist["losses"][:k]), "loss_last": _mean(hist["losses"][-k:]),
            "losses": [round(x, 4) for x in hist["losses"]], **out}
