@@ -282,15 +282,15 @@ def matrix_rows(rs: list[dict]) -> list[list]:
         out.append([r["rank"], r["strategy"], r["family"],
                     "yes" if r["feasible"] else "no: " + ", ".join(r["blocked_by"]),
                     _num(r["score"], "{:.3f}"), _stage_mem(r), _num(r["ms_per_token"], "{:.1f}"), ret,
-                    r["acc_source"] or r.get("acc_error") or "—",
+                    r["acc_from"], r["acc_source"] or r.get("acc_error") or "—", r["calibration"],
                     _dur(r["train_time_s"]) if r["train_time_s"] else "—",
                     _usd(r["train_usd"]) if r["train_usd"] else "—", _usd(r["serve_usd_mtok"])])
     return out
 
 
 MATRIX_HEADERS = ["#", "strategy", "family", "feasible", "score", "memory per stage (of the limit)",
-                  "ms/token", "retention [interval]", "accuracy evidence", "train time", "one-off cost",
-                  "serve $/1M tok"]
+                  "ms/token", "retention [interval]", "accuracy from", "accuracy evidence",
+                  "memory/speed calibration", "train time", "one-off cost", "serve $/1M tok"]
 
 
 def _matrix_section(d: dict) -> list:
@@ -491,7 +491,7 @@ h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;border-bottom:2px solid #e5e7
 h3{font-size:15px;margin:18px 0 6px}
 table{border-collapse:collapse;margin:8px 0 14px;font-size:12.5px}th,td{border:1px solid #e5e7eb;padding:4px 7px;
 text-align:left;vertical-align:top}th{background:#f3f4f6}table.kv td:first-child{font-weight:600;white-space:nowrap}
-table.matrix td:nth-child(9){font-size:11px;color:#6b7280;min-width:260px;max-width:520px}
+table.matrix td:nth-child(10){font-size:11px;color:#6b7280;min-width:260px;max-width:520px}
 table.matrix tr.reco td{background:#e0e7ff;font-weight:600}table.matrix tr.infeasible td{color:#9ca3af}
 pre{background:#f9fafb;border:1px solid #e5e7eb;padding:10px;overflow-x:auto;font-size:12px}
 .meta,.muted{color:#6b7280}.verdict{font-size:16px;font-weight:600}nav a{margin-right:12px}

@@ -247,10 +247,10 @@ def record_run(store, run_id: str, name: str | None = None) -> None:
     if name:
         d["name"] = name
     store.create_run(run_id, d, "cpu")
+    machine = worker.machine_info("cpu")            # this machine, as the worker records it (no torch for cpu)
     store.update_run(run_id, versions={"python": "3.11.7", "torch": "2.13.0+cpu", "transformers": "5.23.0",
-                                       "gptqmodel": "7.6.0"},
-                     machine={"host": "vm", "cpu": "AMD EPYC", "cpu_count": 2, "device": "cpu"},
-                     estimate=worker.planner_estimate(spec, strategies.get(spec.strategy), None))
+                                       "gptqmodel": "7.6.0"}, machine=machine,
+                     estimate=worker.planner_estimate(spec, strategies.get(spec.strategy), machine["device_preset"]))
     assert store.set_running(run_id, os.getpid())
     assert store.finish(run_id, "finished", result=RESULT)
 
@@ -367,15 +367,20 @@ def test_runs_section_shows_the_measurements(built):
 
 
 def test_measured_vs_estimated(built):
+    from engine import calibration
     d, html, md = built
     part = md.split("## Measured vs estimated")[1].split("## Assumptions")[0]
-    pairs, note = report.measured_pairs(report.select_runs(d["scenario"])[0][0])
-    if pairs is None:
-        assert note and note in part
-    else:
-        rows = md_table(part, "stage")
-        assert len(rows) == len(pairs) and pairs
-        assert {r[1] for r in rows} == {p.get("label") or p.get("term") for p in pairs}
+    pairs = calibration.pairs(d["runs"][0])
+    rows = md_table(part, "stage")
+    assert pairs and len(rows) == len(pairs)
+    for r, p in zip(rows, pairs):                                  # every pair, with its verdict and why
+        assert r[:2] == [p["stage"], p["label"]] and r[5] == ("yes" if p["comparable"] else "no")
+        assert r[6] == p["why"].replace("|", "\\|")
+        if p["error"] is not None:
+            assert r[4] == f"{100 * p['error']:+.1f}%"
+    # the advisor used the run's evaluation as measured accuracy: the matrix says so, naming the run
+    reco_row = next(r for r in md_table(md, "#") if r[1] == "lora-merge-gptq-4bit")
+    assert reco_row[8].startswith(f"measured (run {RUN_ID}")
 
 
 def test_run_selection(store):
