@@ -970,7 +970,12 @@ def _what_would_change(sc: Scenario, rules: list[dict], res: dict) -> dict:
 
 def _run_cli(args) -> int:
     from engine.cli import emit
-    out = recommend(args.scenario, what_if=not args.no_what_if)
+    scenario = args.scenario
+    if args.measured:
+        m = args.measured.strip()
+        m = m.lower() if m.lower() in ("store", "none") else [x.strip() for x in m.split(",") if x.strip()]
+        scenario = parse_scenario({**_scenario(args.scenario).to_dict(), "measured": m})
+    out = recommend(scenario, what_if=not args.no_what_if)
     if args.json:
         emit(out)
     else:
@@ -997,5 +1002,8 @@ def register_cli(sub) -> None:
     p.add_argument("--scenario", required=True,
                    help="scenario YAML/JSON file, or a preset id of presets/scenarios/")
     p.add_argument("--no-what-if", action="store_true", help="skip 'what would change the answer' (faster)")
+    p.add_argument("--measured", default=None,
+                   help="measured accuracy evidence: store (finished runs of the run store, the default), none, "
+                        "or run ids separated by commas; overrides the scenario's measured field")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run_cli)

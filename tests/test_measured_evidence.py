@@ -310,3 +310,19 @@ def test_a_measurement_worse_than_the_goal_blocks_and_names_the_run():
     acc = e["estimates"]["accuracy"]
     assert acc["measured"]["metric"] == "accuracy" and acc["retention"] == pytest.approx(0.75 / 0.9, abs=1e-4)
     assert e["blocked_by"] == ["accuracy"] and NF4 in e["blocked"][0]["text"]
+
+
+def test_cli_measured_flag(temp_store, monkeypatch, capsys, tmp_path):
+    import json
+    import yaml
+    from engine.cli import main
+    monkeypatch.delenv("TUNEQUANT_MEASURED")
+    f = tmp_path / "demo.yaml"
+    f.write_text(yaml.safe_dump(DEMO))
+    assert main(["recommend", "--scenario", str(f), "--no-what-if", "--json", "--measured", NF4]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["run_id"] for r in out["measured_runs"]] == [NF4] and out["scenario"]["measured"] == [NF4]
+    assert main(["recommend", "--scenario", str(f), "--no-what-if", "--json", "--measured", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["measured_runs"] == []
+    assert main(["recommend", "--scenario", str(f), "--no-what-if", "--json"]) == 0       # default: the store
+    assert {r["run_id"] for r in json.loads(capsys.readouterr().out)["measured_runs"]} == {NF4, GPTQ, QLORA}
