@@ -438,3 +438,31 @@ def test_cli(store, tmp_path):
                 ["--scenario", str(f), "--runs", "r-nope"]):
         rc, out, err = run(*bad, "--json")
         assert rc == 2 and "error" in json.loads(out), (bad, out, err)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "presets/scenarios").glob("*.yaml")))
+def test_every_preset_scenario_reports(store, preset):
+    md = report.build(preset, runs="none", fmt="md")
+    res = advisor.recommend(preset)
+    assert [r[1] for r in md_table(md, "#")] == [e["strategy"] for e in res["ranked"]]
+    assert f"python -m engine recommend --scenario {preset} --json" in md
+    assert all(f"\n## {t}\n" in md for _, t in report.SECTIONS)
+
+
+def test_size_and_family_scenario_has_no_runs_by_model(store):
+    scn = {**SCENARIO, "model": {"params_b": 13, "family": "llama-2"}}
+    md = report.build(scn, fmt="md")
+    assert "the scenario names no model id" in md and RUN_ID not in md.split("## Runs")[1]
+
+
+def test_dashboard_writes_the_report(store):
+    from ui import report as ui_report
+    path, msg = ui_report.write(SCENARIO, "Markdown (tables)", "every finished run")
+    assert path.endswith("tunequant-report-JSON-extraction-on-the-demo-model.md") and "Report ready" in msg
+    text = Path(path).read_text()
+    def body(doc):                                                  # the document without its "Generated <time>" line
+        return [ln for ln in doc.splitlines() if not ln.startswith("Generated ")]
+    assert body(text) == body(report.build(SCENARIO, "all", "md"))
+    assert RUN_ID in text
+    none, err = ui_report.write(None, "HTML (charts, opens offline)")
+    assert none is None and "no scenario yet" in err
