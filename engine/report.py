@@ -219,7 +219,7 @@ def _scenario_section(d: dict) -> list:
     model = s.get("model")
     model_txt = (f"{model} ({m.get('name', model)}, {float(m.get('total_params') or 0) / 1e9:.2f}B parameters, "
                  f"family {m.get('family')})") if m else str(model)
-    body = [["name", s.get("name") or "—"], ["description", s.get("description") or "—"], ["model", model_txt],
+    body = [[k, s[k]] for k in ("name", "description") if s.get(k)] + [["model", model_txt],
             ["task", s.get("task")], ["labelled examples", f"{int(s.get('examples') or 0):,}"],
             ["sequence length", s.get("seq_len")], ["epochs", s.get("epochs")],
             ["training hardware", f"{g.get('count', 1)} × {g.get('gpu')}"],
