@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # estimates in tests are the formulas' own figures; calibration tests point this at their own files
 os.environ.setdefault("TUNEQUANT_CALIBRATION", "off")
+# the advisor reads no developer run store in tests; tests of measured evidence give their own runs
+os.environ.setdefault("TUNEQUANT_MEASURED", "off")
 
 
 def pytest_collection_modifyitems(config, items):
