@@ -43,7 +43,8 @@ def app(tmp_path_factory):
     api.use_store(None)
     port = _free_port()
     env = {**os.environ, "TUNEQUANT_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False",
-           "TUNEQUANT_PUBLIC_DEMO": "0", "PYTHONUNBUFFERED": "1"}
+           "TUNEQUANT_PUBLIC_DEMO": "0", "PYTHONUNBUFFERED": "1",
+           "TUNEQUANT_MEASURED": "store"}             # the app reads this test's own store
     env.pop("SPACE_ID", None)
     env.pop("TUNEQUANT_DB", None)
     log = open(home / "app.log", "w")

@@ -261,6 +261,7 @@ def store(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     mp = pytest.MonkeyPatch()
     mp.setenv("TUNEQUANT_HOME", str(home))
+    mp.setenv("TUNEQUANT_MEASURED", "store")        # this test's own store (conftest turns it off elsewhere)
     ex = api.use_store(home / "runs.sqlite")
     record_run(ex.store, RUN_ID)
     yield home

@@ -33,52 +33,11 @@ def recommend(scenario: dict) -> tuple[dict | None, float, str]:
 _reason_text = charts.reason_text
 
 
-def row(entry: dict, rank: int) -> dict:
-    """One ranked advisor entry as the flat figures of a matrix row (None where not estimated):
-    engine.charts.row's figures, plus where the accuracy comes from (a measured run or the
-    published evidence) and whether the memory/speed estimates are calibrated."""
-    out = charts.row(entry, rank)
-    est = entry.get("estimates") or {}
-    out.update(accuracy_basis(est.get("accuracy") or {}))
-    out["calibration"] = calibration_text(est.get("stages") or [])
-    return out
-
-
-def accuracy_basis(acc: dict) -> dict:
-    """measured (the run id, its dataset and rows), estimated (published rows and measured runs
-    counted), or by definition (the 16-bit model is its own reference)."""
-    ev = acc.get("evidence") if isinstance(acc.get("evidence"), dict) else {}
-    m = acc.get("measured") or {}
-    runs = list(ev.get("measured_runs") or [])
-    if m.get("run_id"):
-        return {"acc_kind": "measured", "acc_run": m["run_id"], "acc_runs": runs,
-                "acc_published": ev.get("published"),
-                "acc_from": f"measured (run {m['run_id']}, {m.get('dataset')}, {m.get('rows')} rows)"}
-    if acc.get("interval") == "exact":
-        return {"acc_kind": "definition", "acc_run": None, "acc_runs": [], "acc_published": 0,
-                "acc_from": "by definition (16-bit reference)"}
-    n = ev.get("published")
-    txt = "estimated" + (f" ({n} published" if n is not None else "") + (
-        f", {len(runs)} measured run(s) of the same method" if runs else "") + (")" if n is not None else "")
-    return {"acc_kind": "estimated" if acc.get("retention") is not None else None, "acc_run": None,
-            "acc_runs": runs, "acc_published": n, "acc_from": txt if acc.get("retention") is not None else "—"}
-
-
-def calibration_text(stages: list[dict]) -> str:
-    """'calibrated from N runs' / 'not calibrated' per stage estimate that carries the planner's
-    ``calibration`` key (memory and speed); '—' when none does."""
-    seen = []
-    for st in stages:
-        c = st.get("calibration")
-        if not isinstance(c, dict):
-            continue
-        txt = f"calibrated from {c.get('runs', 0)} runs" if c.get("applied") else "not calibrated"
-        seen.append((st.get("stage"), txt))
-    if not seen:
-        return "—"
-    if len({t for _, t in seen}) == 1:
-        return seen[0][1]
-    return "; ".join(f"{stage}: {t}" for stage, t in seen)
+# one place for the row figures, where the accuracy comes from and the calibration status: the
+# report draws the same rows (engine.charts)
+row = charts.row
+accuracy_basis = charts.accuracy_basis
+calibration_text = charts.calibration_text
 
 
 def rows(result: dict | None) -> list[dict]:
