@@ -16,6 +16,7 @@ FAMILIES = ("ptq-only", "finetune-then-quantize", "quantize-then-finetune", "joi
             "finetune-only", "no-change")
 STAGES = ("train", "merge", "quantize", "convert", "evaluate")
 TRAIN_METHODS = ("full", "lora", "qlora", "qat")
+MATURITY = ("established", "research")
 # deploy formats whose weights are not quantized (16-bit) or not ours to serve (hosted)
 UNQUANTIZED = ("bf16", "fp16", "hosted")
 
@@ -72,6 +73,7 @@ def traits(s: dict) -> dict:
         "gpu_only": bool(req.get("gpu_only")),
         "fp8": bool(req.get("fp8")),
         "merge": "merge" in stages,
+        "maturity": s.get("maturity", "established"),
     }
 
 
@@ -106,6 +108,8 @@ def check_catalog(entries: list[dict] | None = None) -> list[dict]:
             raise choices(f"train_estimate of {sid}", s.get("train_estimate"), TRAIN_METHODS)
         if s["stages"][-1]["stage"] != "evaluate":
             raise InputError(f"strategy {sid}: the last stage must be evaluate", field="stages")
+        if s.get("maturity", "established") not in MATURITY:
+            raise choices(f"maturity of {sid}", s.get("maturity"), MATURITY)
         if "w_bits" not in s["accuracy"] or "method" not in s["accuracy"]:
             raise InputError(f"strategy {sid}: accuracy needs method and w_bits", field="accuracy")
     return entries

@@ -71,3 +71,13 @@ def test_check_catalog_rejects_malformed_entries(mutate, words):
     mutate(cat)
     with pytest.raises(InputError, match=words):
         S.check_catalog(cat)
+
+
+def test_maturity_is_a_trait_and_checked():
+    from engine import strategies
+    t = strategies.all_traits()
+    assert {sid for sid, tr in t.items() if tr["maturity"] == "research"} == {"qa-lora", "qa-lora-3bit", "qat-lora"}
+    assert all(strategies.get(sid).get("maturity_note") for sid in ("qa-lora", "qa-lora-3bit", "qat-lora"))
+    bad = [{**strategies.get("qlora"), "maturity": "beta"}]
+    with pytest.raises(InputError, match="maturity of qlora"):
+        strategies.check_catalog(bad)
