@@ -380,6 +380,21 @@ def lora_targets(arch: ModelArch) -> tuple[str, ...]:
     return LORA_TARGETS
 
 
+def lora_modules(arch: ModelArch, targets=LORA_TARGETS) -> list[str]:
+    """peft ``target_modules`` for LoRA targets given by their llama names (q_proj ... down_proj):
+    the module names this architecture uses for them (ModelArch.linears: phi3 qkv_proj/gate_up_proj,
+    opt out_proj/fc1/fc2, bloom query_key_value/dense/dense_h_to_4h/dense_4h_to_h), restricted
+    to what peft adapts (MoE experts only where peft wraps them). The train stage adapts these
+    modules and the estimate counts the same ones."""
+    allowed = lora_targets(arch)
+    out: list[str] = []
+    for lin in arch.linears:
+        leaf = lin.name.rsplit(".", 1)[-1]
+        if lin.lora_target in targets and lin.lora_target in allowed and leaf not in out:
+            out.append(leaf)
+    return out
+
+
 def trainable_params(arch: ModelArch, rc: Recipe, rank: int) -> int:
     if rc.adapters:
         return arch.lora_params(rank, lora_targets(arch))

@@ -92,13 +92,48 @@ class _null:
 
 
 # ---- models for each method ---------------------------------------------------------------------
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "query_key_value": ("q_proj", "k_proj", "v_proj"),
+         "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def lora_modules(model, wanted: list[str]) -> tuple[list[str], list[str]]:
+    """(peft target_modules, wanted names not in this model). Names among the llama seven
+    (q_proj ... down_proj) map to this architecture's own modules through the table the
+    planner counts with (engine.estimate.memory.lora_modules over ModelArch.linears); any
+    other name is taken as a module name as given."""
+    from engine import models
+    from engine.estimate import memory
+    cfg = getattr(model, "config", None)
+    try:
+        arch = models.arch_from_config(cfg.to_dict())
+    except Exception:                                   # noqa: BLE001 - a config the planner cannot read
+        arch = None
+    canonical = [t for t in wanted if t in models.LORA_TARGETS]
+    names = [t for t in wanted if t not in models.LORA_TARGETS]
+    if arch is not None and canonical:
+        names = memory.lora_modules(arch, canonical) + names
+    else:
+        names = canonical + names
+    wrapped = arch is not None and arch.model_type in memory.PEFT_PARAM_WRAPPED   # peft maps expert params itself
+    leaf = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    found = [n for n in names if n in leaf or (wrapped and n in ("gate_proj", "up_proj", "down_proj"))]
+    if not found:
+        common.present_targets(model, names)             # raises, naming the model's modules
+    covered = set(found) | {lin.lora_target for lin in (arch.linears if arch else ())
+                            if lin.name.rsplit(".", 1)[-1] in found}
+    for n in found:                                     # fused projections stand for several targets
+        covered |= set(FUSED.get(n, ()))
+    return found, [t for t in wanted if t not in covered and t not in found]
+
+
 def lora_config(ctx, model, **extra):
     from peft import LoraConfig
     tp = ctx.spec.train
-    targets = common.present_targets(model, tp.lora_targets)
-    missing = [t for t in tp.lora_targets if t not in targets]
+    targets, missing = lora_modules(model, tp.lora_targets)
     if missing:
         ctx.log(f"LoRA targets not in this model, skipped: {', '.join(missing)}")
+    if sorted(targets) != sorted(t for t in tp.lora_targets if t in targets):
+        ctx.log(f"LoRA on {', '.join(targets)} (this model's names for {', '.join(tp.lora_targets)})")
     return LoraConfig(r=tp.lora_rank, lora_alpha=tp.lora_alpha or 2 * tp.lora_rank, lora_dropout=tp.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM", **extra)
 
