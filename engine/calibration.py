@@ -162,6 +162,18 @@ def pairs(run: dict, events: list[dict] | None = None) -> list[dict]:
                     "error": (measured / estimated - 1) if ok else None, "comparable": ok, "why": why,
                     "device": device, "estimate_device": (e or {}).get("gpu"), "versions": vkey})
 
+    machine = run.get("machine") or {}
+    load, cores = _num(machine.get("load_avg_1m")), _num(machine.get("cpu_count"))
+    busy = (run.get("device") != "cuda" and load is not None and bool(cores)
+            and load > settings()["cpu_busy_load_per_core"] * cores)
+
+    def speed(ok: bool, why: str) -> tuple[bool, str]:
+        """A CPU run on oversubscribed cores measured the other jobs too."""
+        if ok and busy:
+            return False, (f"not comparable: the CPU was oversubscribed when the run started (load average "
+                           f"{load:g} on {cores:g} cores), so its speed measures other jobs too")
+        return ok, why
+
     def same_device(e) -> tuple[bool, str]:
         ed = (e or {}).get("gpu")
         if device is None:
@@ -186,9 +198,8 @@ def pairs(run: dict, events: list[dict] | None = None) -> list[dict]:
         if tps is None and events:
             steps = [e["payload"] if isinstance(e.get("payload"), dict) else e for e in events if e.get("type") == "step"]
             tps = next((p.get("tokens_per_s") for p in reversed(steps) if p.get("tokens_per_s") is not None), None)
-        add("train.tokens_per_s", "train", tr, tps, same,
-            why + ("; measured: real (non-padding) tokens over the train stage, the estimate fills seq_len"
-                   if same else ""))
+        add("train.tokens_per_s", "train", tr, tps, *speed(same, why + (
+            "; measured: real (non-padding) tokens over the train stage, the estimate fills seq_len" if same else "")))
     # inference: the evaluation of the deployed model ('after')
     inf = est.get("infer") or {}
     if "infer" in est and not inf.get("error"):
@@ -211,9 +222,10 @@ def pairs(run: dict, events: list[dict] | None = None) -> list[dict]:
         if same and pt is not None and inputs.get("prompt_len") not in (None, pt):
             shape_ok, shape_why = False, f"not comparable: measured with {pt} prompt tokens, estimated for {inputs['prompt_len']}"
         pre = after.get("prefill_ms")
-        add("infer.prefill_s", "evaluate", inf, pre / 1000 if _num(pre) is not None else None, shape_ok, shape_why)
+        add("infer.prefill_s", "evaluate", inf, pre / 1000 if _num(pre) is not None else None,
+            *speed(shape_ok, shape_why))
         dec = after.get("decode_tokens_per_s", metrics.get("after.decode_tokens_per_s", metrics.get("decode_tokens_per_s")))
-        add("infer.decode_tokens_per_s", "evaluate", inf, dec, shape_ok, shape_why)
+        add("infer.decode_tokens_per_s", "evaluate", inf, dec, *speed(shape_ok, shape_why))
     # accuracy: measured after/before on the run's own evaluation data
     acc = est.get("accuracy") or {}
     if "accuracy" in est and not acc.get("error"):
@@ -234,6 +246,14 @@ def fitted_terms() -> list[str]:
     return list(settings()["terms"])
 
 
+def variant_of(kind: str, inputs: dict | None) -> str | None:
+    """What splits a term further (presets/calibration.yaml variant_keys): the training method,
+    the weights format. Speed errors differ by kernel path, so each gets its own factor."""
+    key = (settings().get("variant_keys") or {}).get(kind)
+    v = (inputs or {}).get(key) if key else None
+    return str(v) if v is not None else None
+
+
 def _record(run: dict, p: dict, source: str) -> dict:
     m = run.get("machine") or {}
     kind = p["term"].split(".", 1)[0]
@@ -243,7 +263,8 @@ def _record(run: dict, p: dict, source: str) -> dict:
             "library_versions": {k: versions.get(k) for k in ("python", *settings()["version_packages"], "torchao",
                                                               "gptqmodel") if k in versions},
             "machine": {k: m.get(k) for k in ("host", "cpu", "cpu_count", "gpu", "gpu_preset", "device") if k in m},
-            "inputs": est.get("inputs"), "strategy": run.get("strategy"), "model": run.get("model"),
+            "inputs": est.get("inputs"), "variant": variant_of(kind, est.get("inputs")),
+            "strategy": run.get("strategy"), "model": run.get("model"),
             "stage": p["stage"], "estimated": p["estimated"], "measured": p["measured"],
             "created": run.get("created"), "source": source}
 
@@ -335,6 +356,7 @@ def _factor(logs: list[float]) -> tuple[float, float]:
 def fit(records: list[dict], min_runs: int | None = None) -> dict:
     """Correction factors per (device, versions key, term) and per (device, any versions, term).
 
+    Each also per variant (the training method / weights format of the estimate's inputs).
     factor = exp(n/(n + prior_runs) x mean ln(measured/estimated)); ``spread`` is the geometric
     standard deviation of measured/estimated (1.0 from a single run); ``gmean`` the unshrunk
     geometric mean. Applied from ``min_runs`` runs on (presets/calibration.yaml)."""
@@ -347,13 +369,15 @@ def fit(records: list[dict], min_runs: int | None = None) -> dict:
         if not (_num(r.get("estimated")) and _num(r.get("measured"))) or r["estimated"] <= 0 or r["measured"] <= 0:
             continue
         for v in (r.get("versions") or "-", "*"):
-            groups.setdefault((r["device"], v, r["term"]), []).append(r)
+            groups.setdefault((r["device"], v, r["term"], "*"), []).append(r)
+            if r.get("variant"):
+                groups.setdefault((r["device"], v, r["term"], str(r["variant"])), []).append(r)
     factors = []
-    for (dev, v, term), rs in sorted(groups.items()):
+    for (dev, v, term, variant), rs in sorted(groups.items()):
         logs = [math.log(r["measured"] / r["estimated"]) for r in rs]
         f, spread = _factor(logs)
         run_ids = sorted({str(r["run_id"]) for r in rs})
-        factors.append({"device": dev, "versions": v, "term": term, "factor": f,
+        factors.append({"device": dev, "versions": v, "term": term, "variant": variant, "factor": f,
                         "gmean": math.exp(sum(logs) / len(logs)), "spread": spread, "runs": len(run_ids),
                         "records": len(rs), "run_ids": run_ids, "applies": len(run_ids) >= min_runs})
     devices: dict[str, set] = {}
@@ -370,20 +394,26 @@ def fit(records: list[dict], min_runs: int | None = None) -> dict:
 def _index(fitted: dict) -> dict:
     idx = fitted.get("_index")
     if idx is None:
-        idx = {(f["device"], f["versions"], f["term"]): f for f in fitted.get("factors") or []}
+        idx = {(f["device"], f["versions"], f["term"], f.get("variant", "*")): f for f in fitted.get("factors") or []}
         fitted["_index"] = idx
     return idx
 
 
-def lookup(fitted: dict, device: str | None, versions: str, term: str) -> tuple[dict | None, str]:
-    """(factor entry, how it matched): the exact versions key first, else the device with any versions."""
+MATCHES = (("exact", False, False), ("any-versions", True, False), ("exact", False, True), ("any-versions", True, True))
+
+
+def lookup(fitted: dict, device: str | None, versions: str, term: str,
+           variant: str | None = None) -> tuple[dict | None, str]:
+    """(factor entry, "exact" | "any-versions"), the first with enough runs of: this variant
+    (method or weights format) at the exact versions key, at any versions; then every variant
+    of the term (entry["variant"] == "*") at the exact versions, at any versions."""
     idx = _index(fitted)
-    exact = idx.get((device, versions, term))
-    if exact and exact["applies"]:
-        return exact, "exact"
-    anyv = idx.get((device, "*", term))
-    if anyv and anyv["applies"]:
-        return anyv, "any-versions"
+    for how, any_versions, all_variants in MATCHES:
+        if not variant and not all_variants:
+            continue
+        f = idx.get((device, "*" if any_versions else versions, term, "*" if all_variants else str(variant)))
+        if f and f["applies"]:
+            return f, how
     return None, ""
 
 
@@ -392,10 +422,16 @@ def _err(est: float, meas: float, factor: float = 1.0) -> float:
     return abs(meas / (est * factor) - 1)
 
 
+def _fold(est: float, meas: float, factor: float = 1.0) -> float:
+    """How many times off, either way: exp|ln(measured / estimate)| (2.0 = half or double)."""
+    return math.exp(abs(math.log(meas / (est * factor))))
+
+
 def evaluate(records: list[dict]) -> list[dict]:
     """Per (device, term): median |measured/estimated - 1| of the formula, after calibration
     in-sample (fitted on every record), and held back (each run's records corrected by a fit
-    on the other runs only: what a new run would see)."""
+    on the other runs only: what a new run would see). ``*_x``: the median factor off either
+    way (exp|ln ratio|), which a 30x overestimate does not cap at 100% as |error| does."""
     full = fit(records)
     by: dict[tuple, list[dict]] = {}
     for r in records:
@@ -408,18 +444,20 @@ def evaluate(records: list[dict]) -> list[dict]:
         held[rid] = fit(rest)
     rows = []
     for (dev, term), rs in sorted(by.items()):
-        before, ins, out, n_in, n_out = [], [], [], 0, 0
+        errs = {k: [] for k in ("before", "in_sample", "held_back", "before_x", "in_sample_x", "held_back_x")}
+        n_in = n_out = 0
         for r in rs:
-            before.append(_err(r["estimated"], r["measured"]))
-            f, _ = lookup(full, dev, r.get("versions") or "-", term)
-            ins.append(_err(r["estimated"], r["measured"], f["factor"] if f else 1.0))
-            n_in += bool(f)
-            g, _ = lookup(held[str(r["run_id"])], dev, r.get("versions") or "-", term)
-            out.append(_err(r["estimated"], r["measured"], g["factor"] if g else 1.0))
-            n_out += bool(g)
+            e, m, v = r["estimated"], r["measured"], r.get("variant")
+            f, _ = lookup(full, dev, r.get("versions") or "-", term, v)
+            g, _ = lookup(held[str(r["run_id"])], dev, r.get("versions") or "-", term, v)
+            for name, fac in (("before", 1.0), ("in_sample", f["factor"] if f else 1.0),
+                              ("held_back", g["factor"] if g else 1.0)):
+                errs[name].append(_err(e, m, fac))
+                errs[name + "_x"].append(_fold(e, m, fac))
+            n_in, n_out = n_in + bool(f), n_out + bool(g)
         rows.append({"device": dev, "term": term, "records": len(rs), "runs": len({str(r["run_id"]) for r in rs}),
-                     "before": statistics.median(before), "in_sample": statistics.median(ins),
-                     "held_back": statistics.median(out), "corrected_in_sample": n_in, "corrected_held_back": n_out})
+                     **{k: statistics.median(v) for k, v in errs.items()},
+                     "corrected_in_sample": n_in, "corrected_held_back": n_out})
     return rows
 
 
@@ -470,7 +508,7 @@ def apply(est: dict, kind: str, enabled: bool = True, device_bytes=None) -> dict
                 k, key = term.split(".", 1)
                 if k != kind or _num(est.get(key)) is None:
                     continue
-                f, how = lookup(fitted, dev, vkey, term)
+                f, how = lookup(fitted, dev, vkey, term, variant_of(kind, est.get("inputs")))
                 if f is None:
                     continue
                 factor = f["factor"]
@@ -481,7 +519,8 @@ def apply(est: dict, kind: str, enabled: bool = True, device_bytes=None) -> dict
                     if _num(est.get(s)) is not None:
                         est[s] = est[s] / factor
                 info["terms"][key] = {"factor": factor, "raw": est[key] / factor, "runs": f["runs"],
-                                      "spread": f["spread"], "versions": f["versions"], "match": how,
+                                      "spread": f["spread"], "versions": f["versions"],
+                                      "variant": f.get("variant", "*"), "match": how,
                                       "run_ids": f["run_ids"][:20]}
                 if key in ("weights_bytes", "peak_allocated_bytes"):
                     est[key] = int(round(est[key]))
@@ -492,7 +531,7 @@ def apply(est: dict, kind: str, enabled: bool = True, device_bytes=None) -> dict
                 run_ids.update(f["run_ids"])
             if matched:
                 info["applied"], info["runs"] = True, len(run_ids)
-                where = ("the installed library versions" if how_set == {"exact"} else
+                where = ("the installed library versions" if not any("any-versions" in h for h in how_set) else
                          "other library versions too (no exact match for " + vkey + ")")
                 info["note"] = (f"calibrated from {len(run_ids)} measured run(s) on {dev} with {where}: "
                                 + ", ".join(f"{t.split('.', 1)[1]} x{info['terms'][t.split('.', 1)[1]]['factor']:.3g}"
@@ -509,11 +548,14 @@ def apply(est: dict, kind: str, enabled: bool = True, device_bytes=None) -> dict
 
 
 # ---- sharing: export / import ------------------------------------------------------------------------
-def export(path, store_or_path=None) -> dict:
-    """Write every record (the store's comparable pairs + imported ones) as a JSON file."""
-    recs = records_from_store(store_or_path)
+def export(path, store_or_path=None, about: dict | None = None, records: list[dict] | None = None) -> dict:
+    """Write every record (the store's comparable pairs + imported ones; or ``records``) as a
+    JSON file (``about``: free fields saying how the measurements were made)."""
+    recs = records_from_store(store_or_path) if records is None else records
+    machines = {json.dumps(r.get("machine") or {}, sort_keys=True) for r in recs}
     doc = {"schema": SCHEMA, "kind": "tunequant-calibration-records",
-           "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "records": recs}
+           "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(about or {}),
+           "machines": [json.loads(m) for m in sorted(machines)], "records": recs}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
@@ -563,7 +605,8 @@ def records_from_bench(doc: dict, source: str = "bench") -> list[dict]:
                 out.append({"run_id": f"bench:{gpu}:{doc.get('started')}:{label}", "term": f"{kind}.{key}",
                             "device": gpu, "versions": vkey, "library_versions": v,
                             "machine": {"gpu": doc.get("device_name"), "gpu_preset": gpu, "device": "cuda"},
-                            "inputs": {**shape, "gpu": gpu}, "strategy": None, "model": r.get("model"),
+                            "inputs": {**shape, "gpu": gpu}, "variant": r.get("method" if kind == "train" else "weights"),
+                            "strategy": None, "model": r.get("model"),
                             "stage": kind, "estimated": e, "measured": m, "created": doc.get("started"),
                             "source": source})
     return out
@@ -591,9 +634,10 @@ def read_records(path) -> list[dict]:
                      field="import")
 
 
-def import_(path) -> dict:
+def import_(path, store_or_path=None, refit: bool = True) -> dict:
     """Merge a file's records into $TUNEQUANT_HOME/calibration_records.jsonl (dedupe by run id
-    and term; what is there stays) and refit. Returns what was added."""
+    and term; what is there stays) and refit (the store's records + every imported one) into
+    the fitted JSON. Returns what was added."""
     new = read_records(path)
     have = imported_records()
     merged = _merge(have, new)
@@ -603,24 +647,35 @@ def import_(path) -> dict:
     with open(rp, "a", encoding="utf-8") as f:
         for r in merged[len(have):]:
             f.write(json.dumps(r, default=str) + "\n")
-    return {"file": str(path), "read": len(new), "added": added, "duplicates": len(new) - added,
-            "records_path": str(rp)}
+    out = {"file": str(path), "read": len(new), "added": added, "duplicates": len(new) - added,
+           "records_path": str(rp)}
+    if refit:
+        out["fitted"] = write_fit(records_from_store(store_or_path))[0]
+    return out
 
 
-def calibrate(store_or_path=None, import_file=None, export_file=None, out=None) -> dict:
-    """Import (optional), refit from the store + imported records, write the fitted JSON,
-    evaluate, export (optional): what `python -m engine calibrate` does."""
-    imported = import_(import_file) if import_file else None
-    recs = records_from_store(store_or_path)
+def write_fit(recs: list[dict], out=None) -> tuple[str, dict]:
+    """Fit + evaluate ``recs`` and write the fitted JSON (default: fitted_path(), or
+    $TUNEQUANT_HOME/calibration.json while calibration is off)."""
     fitted = fit(recs)
     fitted["evaluation"] = evaluate(recs)
     path = Path(out) if out else (fitted_path() or _home() / "calibration.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({k: v for k, v in fitted.items() if k != "_index"}, indent=1, default=str) + "\n",
                     encoding="utf-8")
-    res = {"path": str(path), "store": str(_db_path(store_or_path)), "records": len(recs), "runs": fitted["runs"],
+    return str(path), fitted
+
+
+def calibrate(store_or_path=None, import_file=None, export_file=None, out=None) -> dict:
+    """Import (optional), refit from the store + imported records, write the fitted JSON,
+    evaluate, export (optional): what `python -m engine calibrate` does."""
+    imported = import_(import_file, refit=False) if import_file else None
+    recs = records_from_store(store_or_path)
+    path, fitted = write_fit(recs, out)
+    res = {"path": path, "store": str(_db_path(store_or_path)), "records": len(recs), "runs": fitted["runs"],
            "devices": fitted["devices"], "evaluation": fitted["evaluation"],
-           "factors": [{k: f[k] for k in ("device", "versions", "term", "factor", "gmean", "spread", "runs", "applies")}
+           "factors": [{k: f[k] for k in ("device", "versions", "term", "variant", "factor", "gmean", "spread", "runs",
+                                          "applies")}
                        for f in fitted["factors"]],
            "active": fitted_path() is not None}
     if imported:
@@ -646,17 +701,20 @@ def table(res: dict) -> str:
         lines.append(f"imported {i['added']} new record(s) of {i['read']} from {i['file']}")
     lines.append("")
     lines.append("median |measured/estimated - 1|   (held back: each run corrected by a fit on the other runs)")
-    hdr = f"{'device':<18} {'term':<28} {'runs':>4} {'before':>9} {'in-sample':>10} {'held back':>10}"
+    lines.append("and the median factor off either way, exp|ln(measured/estimated)| (x1.00 = exact)")
+    hdr = (f"{'device':<18} {'term':<28} {'runs':>4} {'before':>9} {'in-sample':>10} {'held back':>10}"
+           f" {'before':>8} {'in-sample':>10} {'held back':>10}")
     lines += [hdr, "-" * len(hdr)]
     for r in res["evaluation"]:
         lines.append(f"{r['device']:<18} {r['term']:<28} {r['runs']:>4} {_pct(r['before']):>9} "
-                     f"{_pct(r['in_sample']):>10} {_pct(r['held_back']):>10}")
+                     f"{_pct(r['in_sample']):>10} {_pct(r['held_back']):>10} x{r['before_x']:>7.2f} "
+                     f"x{r['in_sample_x']:>9.2f} x{r['held_back_x']:>9.2f}")
     lines.append("")
-    lines.append("factors applied (device, term, versions: factor x, spread, runs)")
+    lines.append("factors at the exact versions (device, term, variant: factor, spread, runs)")
     for f in res["factors"]:
         if f["applies"] and f["versions"] != "*":
-            lines.append(f"  {f['device']:<18} {f['term']:<28} x{f['factor']:.3g} (spread x{f['spread']:.2g}, "
-                         f"{f['runs']} runs; {f['versions']})")
+            lines.append(f"  {f['device']:<18} {f['term']:<28} {f['variant']:<14} x{f['factor']:.3g} "
+                         f"(spread x{f['spread']:.2g}, {f['runs']} runs; {f['versions']})")
     if res.get("exported"):
         lines.append(f"exported {res['exported']['records']} record(s) to {res['exported']['path']}")
     return "\n".join(lines)

@@ -70,7 +70,9 @@ def machine_info(device: str) -> dict:
     import psutil
     info = {"host": platform.node(), "os": platform.platform(), "cpu": _cpu_name(),
             "cpu_count": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
-            "device": device, "cwd": os.getcwd(), "device_preset": CPU_PRESET if device != "cuda" else None}
+            "device": device, "cwd": os.getcwd(), "device_preset": CPU_PRESET if device != "cuda" else None,
+            # other jobs on the cores: a CPU run's speed then measures them too (engine/calibration.py)
+            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     if device == "cuda":
         import torch
         props = torch.cuda.get_device_properties(0)
