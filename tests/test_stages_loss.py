@@ -224,3 +224,45 @@ def test_estimate_chunked_loss_term_by_hand():
     assert "logits" not in f["peak_phase"]
     with pytest.raises(Exception, match="loss must be one of"):
         M.train_memory(a, "lora", loss="fused")
+
+
+# ---- on CUDA (bench/gpu_session.sh tests) ---------------------------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_bf16_chunked_loss_matches_and_saves_the_predicted_memory():
+    """bf16 on CUDA: the same loss and gradients within bf16 rounding, and max_memory_allocated
+    drops by what the estimate's loss term predicts (32k vocabulary, 4 x 512 tokens)."""
+    peft = pytest.importorskip("peft")
+    cfg = tiny_cfg(vocab=32000, hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64)
+
+    def build():
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()
+        return peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (4, 512), generator=g).cuda()
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    peaks, losses = {}, {}
+    for name, fn in (("reference", L.reference_loss), ("chunked", lambda m, x: L.chunked_loss(m, x))):
+        model = build()
+        model.train()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = fn(model, b)
+        loss.backward()
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+        losses[name] = loss.item()
+        del model, loss
+    assert losses["chunked"] == pytest.approx(losses["reference"], rel=1e-2)
+    BT, V = 4 * 512, 32000
+    C = M.loss_chunk_tokens(V, BT)                       # 1048 tokens: 128 MiB of fp32 logits
+    assert peaks["reference"] > 12 * BT * V                # the reference's fp32 loss buffers
+    # chunked: one chunk's bf16 logits + fp32 copy (6 C V) instead of 12 B T V
+    assert peaks["reference"] - peaks["chunked"] > 12 * BT * V - 6 * C * V - 64 * 2 ** 20
