@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def micro_home(tmp_path_factory):
+    """TUNEQUANT_HOME for one test module, shared by the session's modules (the micro demo model
+    is built once, under the session's base temp dir); the variable is restored after the module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEQUANT_HOME", str(tmp_path_factory.getbasetemp() / "tq-home"))
+        from engine.runs import demo
+        demo.ensure_model("micro-llama")
+        yield

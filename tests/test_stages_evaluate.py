@@ -12,16 +12,8 @@ from engine.runs.stages.evaluate import first_json_object, perplexity
 EVAL = {"max_examples": 5, "prompt_len": 24, "new_tokens": 6}
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNEQUANT_HOME", str(tmp_path_factory.getbasetemp() / "tq-home"))
-        from engine.runs import demo
-        demo.ensure_model("micro-llama")
-        yield
 
-
-def test_perplexity_by_hand(home):
+def test_perplexity_by_hand(micro_home):
     import torch
     from transformers import AutoModelForCausalLM
     from engine.runs import demo
@@ -55,7 +47,7 @@ def test_json_extraction_helpers():
     assert first_json_object("no braces") is None
 
 
-def test_structured_task_after_lora(home, tmp_path):
+def test_structured_task_after_lora(micro_home, tmp_path):
     out = run_inline({"model": "demo:micro-llama", "strategy": "lora", "device": "cpu",
                       "dataset": {"demo": "json-extraction", "max_examples": 60},
                       "train": {"steps": 8, "batch_size": 4, "seq_len": 96, "learning_rate": 1e-2, "lora_rank": 8},
@@ -77,7 +69,7 @@ def test_structured_task_after_lora(home, tmp_path):
     assert [e["name"] for e in evals] == ["before", "after"]
 
 
-def test_baseline_evaluates_once(home, tmp_path):
+def test_baseline_evaluates_once(micro_home, tmp_path):
     out = run_inline({"model": "demo:micro-llama", "strategy": "bf16-baseline", "device": "cpu",
                       "dataset": {"demo": "tickets", "max_examples": 40},
                       "evaluate": {**EVAL, "latency": False}}, tmp_path)

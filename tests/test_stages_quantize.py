@@ -14,14 +14,6 @@ TRAIN = {"steps": 6, "batch_size": 4, "seq_len": 64, "learning_rate": 5e-3, "lor
 EVAL = {"max_examples": 4, "prompt_len": 16, "new_tokens": 4}
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNEQUANT_HOME", str(tmp_path_factory.getbasetemp() / "tq-home"))
-        from engine.runs import demo
-        demo.ensure_model("micro-llama")
-        yield
-
 
 def run_quantize(tmp_path, method, **extra):
     """One quantize stage on the 16-bit micro model; returns (result, state, events)."""
@@ -55,7 +47,7 @@ def close_to_16bit(state, qdir, min_cos):
 
 
 @pytest.mark.parametrize("method,cls", [("nf4", "Linear4bit"), ("fp4", "Linear4bit"), ("int8", "Linear8bitLt")])
-def test_bitsandbytes_roundtrip(home, tmp_path, method, cls):
+def test_bitsandbytes_roundtrip(micro_home, tmp_path, method, cls):
     res, state, events = run_quantize(tmp_path, method)
     assert res["quant"]["library"] == "bitsandbytes" and state["quant"]["method"] == method
     m = close_to_16bit(state, res["model_dir"], 0.98)
@@ -77,7 +69,7 @@ def test_bitsandbytes_roundtrip(home, tmp_path, method, cls):
     assert any(t == "artifact" and p["kind"] == "quantized-model" for t, p in events)
 
 
-def test_gptq_4bit_roundtrip(home, tmp_path):
+def test_gptq_4bit_roundtrip(micro_home, tmp_path):
     import json
     res, state, _ = run_quantize(tmp_path, "gptq", bits=4, group_size=64, calibration_samples=16)
     cfg = json.loads((tmp_path / "quantized-gptq-4bit" / "config.json").read_text())["quantization_config"]
@@ -90,7 +82,7 @@ def test_gptq_4bit_roundtrip(home, tmp_path):
     assert res["size_on_disk_bytes"] < 0.6 * res["source_size_on_disk_bytes"]
 
 
-def test_torchao_methods(home, tmp_path):
+def test_torchao_methods(micro_home, tmp_path):
     for method, tname in (("torchao-int8", "Int8Tensor"), ("dynamic-int8", "Int8Tensor"),
                           ("torchao-int4", "IntxUnpackedToInt8Tensor")):
         res, state, events = run_quantize(tmp_path / method, method, group_size=64)
@@ -102,7 +94,7 @@ def test_torchao_methods(home, tmp_path):
             assert "IntxWeightOnlyConfig(int4, group 64)" in res["quant"]["config"]
 
 
-def test_lora_merge_then_gptq(home, tmp_path):
+def test_lora_merge_then_gptq(micro_home, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
     out = run_inline({"model": "demo:micro-llama", "strategy": "lora-merge-gptq-4bit", "train": TRAIN,
@@ -139,7 +131,7 @@ def test_refusals_name_the_problem():
     assert settings({"method": "gptq"})["group_size"] == 128
 
 
-def test_merge_needs_adapters(home, tmp_path):
+def test_merge_needs_adapters(micro_home, tmp_path):
     rs = RunSpec.parse({"model": "demo:micro-llama", "strategy": "lora-merge-nf4", "device": "cpu",
                         "dataset": {"demo": "tickets"}})
     ctx = StageContext(run_id="t", spec=rs, strategy=strategies.get("lora-merge-nf4"), stage={"stage": "merge"},
@@ -152,7 +144,7 @@ def test_merge_needs_adapters(home, tmp_path):
 @pytest.mark.parametrize("strategy", ["ptq-awq-4bit", "ptq-gptq-3bit", "ptq-gptq-2bit", "ptq-gptq-8bit",
                                       "gptq-qlora", "qa-lora", "qat-int4-weight", "qat-lora", "ptq-fp4",
                                       "lora-merge-nf4", "ptq-torchao-int8", "ptq-dynamic-int8"])
-def test_every_cpu_strategy_end_to_end(home, tmp_path, strategy):
+def test_every_cpu_strategy_end_to_end(micro_home, tmp_path, strategy):
     out = run_inline({"model": "demo:micro-llama", "strategy": strategy, "train": TRAIN,
                       "quantize": {"calibration_samples": 16}, "evaluate": EVAL,
                       "dataset": {"demo": "tickets", "max_examples": 40}, "device": "cpu"}, tmp_path)

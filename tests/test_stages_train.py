@@ -16,15 +16,6 @@ EVAL = {"max_examples": 6, "prompt_len": 16, "new_tokens": 4}
 PPL_ONLY = {"task_accuracy": False, "latency": False}          # keeps the other tests fast
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """A TUNEQUANT_HOME shared by the session (the micro model is built once) for this module."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNEQUANT_HOME", str(tmp_path_factory.getbasetemp() / "tq-home"))
-        from engine.runs import demo
-        demo.ensure_model("micro-llama")
-        yield
-
 
 def spec(strategy, **kw):
     base = {"model": "demo:micro-llama", "strategy": strategy, "dataset": {"demo": "tickets", "max_examples": 60},
@@ -46,7 +37,7 @@ def test_lr_schedule_by_hand():
     assert lr_at(0, 4, 0.1, 0) == pytest.approx(0.1) and lr_at(3, 4, 0.1, 0) == pytest.approx(0.025)
 
 
-def test_lora_trains_saves_and_evaluates(home, tmp_path):
+def test_lora_trains_saves_and_evaluates(micro_home, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     out = run_inline(spec("lora"), tmp_path)
@@ -80,7 +71,7 @@ def test_lora_trains_saves_and_evaluates(home, tmp_path):
     assert {"before.perplexity", "after.perplexity", "train.loss_last", "compare.perplexity_ratio"} <= names
 
 
-def test_qlora_on_nf4_base(home, tmp_path):
+def test_qlora_on_nf4_base(micro_home, tmp_path):
     out = run_inline(spec("qlora", train={"grad_ckpt": False}, evaluate={**PPL_ONLY, "before_and_after": False}),
                      tmp_path)
     q, tr = out["stages"]["quantize#0"], out["stages"]["train#1"]
@@ -92,7 +83,7 @@ def test_qlora_on_nf4_base(home, tmp_path):
     assert "nf4" in after["model"] and "adapter" in after["model"] and math.isfinite(after["perplexity"])
 
 
-def test_full_finetune_then_int8(home, tmp_path):
+def test_full_finetune_then_int8(micro_home, tmp_path):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
     out = run_inline(spec("full-then-int8", train={"steps": 6, "learning_rate": 2e-3}, evaluate=PPL_ONLY), tmp_path)
@@ -104,7 +95,7 @@ def test_full_finetune_then_int8(home, tmp_path):
     assert out["stages"]["evaluate#2"]["after"]["perplexity"] < out["stages"]["evaluate#2"]["before"]["perplexity"]
 
 
-def test_qat_prepare_train_convert(home, tmp_path):
+def test_qat_prepare_train_convert(micro_home, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
     out = run_inline(spec("qat-int8", train={"steps": 6, "learning_rate": 2e-3}, evaluate=PPL_ONLY), tmp_path)
@@ -120,7 +111,7 @@ def test_qat_prepare_train_convert(home, tmp_path):
     assert ev["after"]["perplexity"] < ev["before"]["perplexity"]
 
 
-def test_stop_saves_what_was_trained(home, tmp_path):
+def test_stop_saves_what_was_trained(micro_home, tmp_path):
     rs = RunSpec.parse(spec("lora", train={"steps": 50}))
     strat = strategies.get("lora")
     calls = {"n": 0}
@@ -139,7 +130,7 @@ def test_stop_saves_what_was_trained(home, tmp_path):
     assert any(t == "warning" and "stopped after 3 of 50" in p["message"] for t, p in events)
 
 
-def test_encoding_masks_prompt_and_keeps_answer(home):
+def test_encoding_masks_prompt_and_keeps_answer(micro_home):
     from engine.runs import demo
     from engine.runs.data import Example
     tok = common.load_tokenizer(str(demo.model_dir("micro-llama")))
