@@ -345,12 +345,15 @@ def imported_records() -> list[dict]:
 
 
 # ---- the fit ------------------------------------------------------------------------------------
-def _factor(logs: list[float]) -> tuple[float, float]:
-    """(shrunk factor, spread) from ln(measured/estimated) of n runs."""
+def _factor(logs: list[float]) -> tuple[float, float, bool]:
+    """(shrunk factor, spread, consistent) from ln(measured/estimated) of n runs. Consistent:
+    the runs agree on a direction, |mean| >= z x sample sd / sqrt(n) (presets: min_significance_z)."""
     n, k = len(logs), float(settings()["prior_runs"])
     mean = sum(logs) / n
     spread = math.exp(statistics.pstdev(logs)) if n >= 2 else 1.0
-    return math.exp(n / (n + k) * mean), spread
+    sd = statistics.stdev(logs) if n >= 2 else float("inf")
+    consistent = abs(mean) * math.sqrt(n) >= float(settings()["min_significance_z"]) * sd
+    return math.exp(n / (n + k) * mean), spread, consistent
 
 
 def fit(records: list[dict], min_runs: int | None = None) -> dict:
@@ -359,7 +362,8 @@ def fit(records: list[dict], min_runs: int | None = None) -> dict:
     Each also per variant (the training method / weights format of the estimate's inputs).
     factor = exp(n/(n + prior_runs) x mean ln(measured/estimated)); ``spread`` is the geometric
     standard deviation of measured/estimated (1.0 from a single run); ``gmean`` the unshrunk
-    geometric mean. Applied from ``min_runs`` runs on (presets/calibration.yaml)."""
+    geometric mean. Applied from ``min_runs`` runs on, when the runs agree on the direction
+    (``consistent``; presets/calibration.yaml)."""
     cfg = settings()
     min_runs = int(cfg["min_runs"] if min_runs is None else min_runs)
     groups: dict[tuple, list[dict]] = {}
@@ -375,11 +379,12 @@ def fit(records: list[dict], min_runs: int | None = None) -> dict:
     factors = []
     for (dev, v, term, variant), rs in sorted(groups.items()):
         logs = [math.log(r["measured"] / r["estimated"]) for r in rs]
-        f, spread = _factor(logs)
+        f, spread, consistent = _factor(logs)
         run_ids = sorted({str(r["run_id"]) for r in rs})
         factors.append({"device": dev, "versions": v, "term": term, "variant": variant, "factor": f,
                         "gmean": math.exp(sum(logs) / len(logs)), "spread": spread, "runs": len(run_ids),
-                        "records": len(rs), "run_ids": run_ids, "applies": len(run_ids) >= min_runs})
+                        "records": len(rs), "run_ids": run_ids, "consistent": consistent,
+                        "applies": len(run_ids) >= min_runs and consistent})
     devices: dict[str, set] = {}
     for r in records:
         if r.get("device"):
@@ -539,8 +544,9 @@ def apply(est: dict, kind: str, enabled: bool = True, device_bytes=None) -> dict
             else:
                 n = (fitted.get("devices") or {}).get(dev, 0)
                 info["note"] = (f"not calibrated: no measured runs for {dev}" if not n else
-                                f"not calibrated: {n} measured run(s) on {dev}, fewer than "
-                                f"{fitted.get('settings', {}).get('min_runs')} per term for {kind}")
+                                f"not calibrated: {n} measured run(s) on {dev}, but no term of this {kind} "
+                                f"estimate has {fitted.get('settings', {}).get('min_runs')}+ runs agreeing on a "
+                                f"correction (they scatter around the formula's figures)")
     est["calibration"] = info
     if info["applied"]:
         est.setdefault("notes", []).append(info["note"])
