@@ -491,7 +491,8 @@ def load_fitted(path: Path | None = None) -> dict | None:
 
 
 def apply(est: dict, kind: str, enabled: bool = True, device_bytes=None) -> dict:
-    """Add the ``calibration`` key to an estimate (and correct its headline figures in place).
+    """Add the ``calibration`` key to an estimate (and correct its headline figures in place:
+    value x factor; the interval's low / spread and high x spread, the runs' scatter).
 
     ``device_bytes(peak, low, high)`` recomputes what the device must hold when a peak changes."""
     dev = est.get("gpu")
@@ -516,10 +517,12 @@ def apply(est: dict, kind: str, enabled: bool = True, device_bytes=None) -> dict
                 f, how = lookup(fitted, dev, vkey, term, variant_of(kind, est.get("inputs")))
                 if f is None:
                     continue
-                factor = f["factor"]
+                factor, spread = f["factor"], f["spread"]
                 for s in spec.get("scales", []):
-                    if _num(est.get(s)) is not None:
-                        est[s] = est[s] * factor
+                    if _num(est.get(s)) is not None:     # the interval widens by the runs' spread
+                        widen = 1 / spread if s == "low" or s.endswith("_low") else \
+                            spread if s == "high" or s.endswith("_high") else 1.0
+                        est[s] = est[s] * factor * widen
                 for s in spec.get("inverse", []):
                     if _num(est.get(s)) is not None:
                         est[s] = est[s] / factor

@@ -314,7 +314,12 @@ def test_cli_calibrate_json_and_bad_import(home, capsys, tmp_path):
     # the fitted file is what estimates now use
     inf = E.estimate_infer("demo:tiny-llama", weights="nf4", prompt_len=64, new_tokens=32, gpu=CPU)
     assert inf["calibration"]["applied"] and inf["calibration"]["terms"]["decode_tokens_per_s"]["variant"] == "nf4"
-    assert inf["calibration"]["terms"]["decode_tokens_per_s"]["factor"] < 0.1
+    t = inf["calibration"]["terms"]["decode_tokens_per_s"]
+    assert t["factor"] < 0.1 and t["spread"] > 1.5
+    raw = E.estimate_infer("demo:tiny-llama", weights="nf4", prompt_len=64, new_tokens=32, gpu=CPU, calibration=False)
+    assert inf["decode_tokens_per_s"] == pytest.approx(raw["decode_tokens_per_s"] * t["factor"])
+    assert inf["decode_tokens_per_s_low"] == pytest.approx(raw["decode_tokens_per_s_low"] * t["factor"] / t["spread"])
+    assert inf["decode_tokens_per_s_high"] == pytest.approx(raw["decode_tokens_per_s_high"] * t["factor"] * t["spread"])
     assert "scatter" in E.estimate_train("demo:tiny-llama", "lora", gpu=CPU)["calibration"]["note"]
     # the human table
     assert main(["calibrate"]) == 0
