@@ -25,15 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.estimate import cli as estimate_cli
     from engine import advisor
     from engine.runs import cli as runs_cli
-    from engine import report
+    from engine import calibration, report
 
-    p = _Parser(prog="python -m engine", description="tunequant engine: estimate, recommend, run")
+    p = _Parser(prog="python -m engine", description="tunequant engine: estimate, recommend, run, report, calibrate")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     estimate_cli.register(sub)
     advisor.register_cli(sub)
     runs_cli.register(sub)
     report.register_cli(sub)
-    __import__("engine.calibration", fromlist=["register_cli"]).register_cli(sub)   # python -m engine calibrate
+    calibration.register_cli(sub)
     return p
 
 
