@@ -67,7 +67,11 @@ def train_grid(model_id: str, tiny: bool, quick: bool) -> list[dict]:
         cases = [(m, c) for m in ("lora", "qlora", "full") for c in (True, False)]
         if quick:
             cases = [("lora", False), ("qlora", True), ("full", True)]
-        return [dict(method=m, grad_ckpt=c, seq_len=32, batch_size=2) for m, c in cases]
+        out = [dict(method=m, grad_ckpt=c, seq_len=32, batch_size=2) for m, c in cases]
+        if not quick:                            # the engine's chunked loss (chunks of 16 of the 64 tokens)
+            out += [dict(method=m, grad_ckpt=True, seq_len=32, batch_size=2, loss="chunked", loss_chunk=16)
+                    for m in ("lora", "qlora")]
+        return out
     big = model_id == "llama-3.1-8b"
     out = []
     for m in ("lora", "qlora", "full"):
