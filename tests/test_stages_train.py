@@ -159,3 +159,21 @@ def test_fit_needs_trainable_parameters():
         p.requires_grad_(False)
     with pytest.raises(InputError, match="no trainable parameters"):
         fit(m, iter([]), steps=1, lr=1e-3)
+
+
+def test_chunked_and_reference_loss_train_the_same(micro_home, tmp_path, monkeypatch):
+    """Through the stage: the default chunked loss and the recipe's loss give the same loss curve;
+    where the chunked loss cannot apply the stage warns and trains with the reference."""
+    from engine.runs.stages import loss as L
+    kw = dict(train={"steps": 3, "grad_ckpt": False}, evaluate={**PPL_ONLY, "before_and_after": False})
+    a = run_inline(spec("lora", **kw), tmp_path / "a")["stages"]["train#0"]
+    b = run_inline(spec("lora", train={**kw["train"], "loss": "reference"}, evaluate=kw["evaluate"]),
+                   tmp_path / "b")["stages"]["train#0"]
+    assert a["loss_mode"] == "chunked" and b["loss_mode"] == "reference"
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-4)
+    monkeypatch.setattr(L, "why_not_chunked", lambda model: "the model modifies its logits (test)")
+    out = run_inline(spec("lora", **kw), tmp_path / "c")
+    c = out["stages"]["train#0"]
+    assert c["loss_mode"] == "reference" and c["loss_fallback"] == "the model modifies its logits (test)"
+    assert any(e["type"] == "warning" and "chunked loss not used" in e["message"] for e in out["events"])
+    assert c["losses"] == pytest.approx(b["losses"], rel=1e-4)
