@@ -201,6 +201,23 @@ def test_peak_memory_drops_by_the_predicted_logits_term(method):
     assert pred["reference"] == pytest.approx(meas["reference"], rel=0.05)
 
 
+@pytest.mark.parametrize("dtype,head_bytes", [("float32", 4), ("bfloat16", 2)])
+def test_the_loss_holds_one_chunk_as_the_estimate_says(dtype, head_bytes):
+    """The loss forward's own peak (live-storage tracker): grad of the hidden states + one chunk of
+    (2 + 4) C*V bytes for a bf16 head (logits + fp32 copy, softmax in place), 4 C*V for an fp32 one."""
+    bench = _bench()
+    dt = getattr(torch, dtype)
+    N, h, V, C = 256, 64, 4096, 16
+    hid = torch.randn(N, h, dtype=dt, requires_grad=True)
+    W = torch.randn(V, h, dtype=dt)
+    y = torch.randint(0, V, (N,))
+    with bench.LiveStorage() as live:
+        L.linear_cross_entropy(hid, W, None, y, C)
+    want = (head_bytes + 4 if head_bytes == 2 else 4) * C * V + N * h * head_bytes
+    assert live.peak == pytest.approx(want, rel=0.02)
+    assert live.peak < 0.1 * 12 * N * V                   # the reference's B*T*V buffers
+
+
 def test_estimate_chunked_loss_term_by_hand():
     """llama-3.2-1b LoRA, B=4, T=512, checkpointing: chunk = 128 MiB / (4 V) tokens."""
     a = models.resolve("llama-3.2-1b")

@@ -53,15 +53,16 @@ def _linear_ce_forward(hidden, weight, bias, labels, chunk: int, need_w: bool, n
             h = hidden[i:i + chunk].to(cdt)
             y = labels[i:i + chunk]
             logits = torch.nn.functional.linear(h, w, b)
-            lf = logits.float()                      # a new fp32 tensor, or the same one if fp32 already
+            # fp32 log-softmax of the upcast logits (transformers' loss: logits.float(), cross_entropy),
+            # in place: one fp32 C x V buffer (log_softmax(dtype=fp32) would add a second)
+            logp = logits.float()                    # a new tensor, or the same one if fp32 already
             del logits
+            logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
             valid = y != IGNORE
             yc = y.clamp(min=0)
-            lse = torch.logsumexp(lf, dim=-1)
-            tgt = lf.gather(1, yc[:, None])[:, 0]
-            loss += ((lse - tgt) * valid).sum()
+            loss -= (logp.gather(1, yc[:, None])[:, 0] * valid).sum()
             # softmax - onehot, masked, / n_valid: the gradient of the mean loss w.r.t. the logits
-            g = lf.sub_(lse[:, None]).exp_()         # in place: one fp32 C x V buffer
+            g = logp.exp_()                          # in place: one fp32 C x V buffer
             g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0
             g.mul_((valid.to(torch.float32) / denom)[:, None])
             g = g.to(cdt)
@@ -74,7 +75,7 @@ def _linear_ce_forward(hidden, weight, bias, labels, chunk: int, need_w: bool, n
                     grad_w += (g.t() @ h).to(grad_w.dtype)
             if need_b:
                 grad_b += g.sum(0).to(grad_b.dtype)
-            del g, lf
+            del g, logp
     return loss / denom, grad_h, grad_w, grad_b
 
 
