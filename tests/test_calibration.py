@@ -217,6 +217,12 @@ def test_planner_estimates_cpu_runs_for_the_cpu_entry():
                           "train": {"steps": 5, "batch_size": 8, "seq_len": 128}, "device": "cpu"})
     est = planner_estimate(spec, strategies.get("qlora"), CPU_PRESET)
     assert est["train"]["gpu"] == CPU and est["infer"]["gpu"] == CPU and est["train"]["tokens_per_s"] > 0
+    # the run trains with the engine's chunked loss (the default): the estimate models that loss
+    assert est["train"]["inputs"]["loss"] == "chunked"
+    ref = planner_estimate(RunSpec.parse({**spec.model_dump(), "train": {**spec.train.model_dump(), "loss": "reference"}}),
+                           strategies.get("qlora"), CPU_PRESET)
+    assert ref["train"]["inputs"]["loss"] == "reference"
+    assert ref["train"]["peak_allocated_bytes"] > est["train"]["peak_allocated_bytes"]   # B x T x V fp32 logits
 
 
 # ---- the recorded CPU measurements -----------------------------------------------------------------------

@@ -116,7 +116,8 @@ def planner_estimate(spec: RunSpec, strategy: dict, gpu: str | None) -> dict:
         requests["train"] = ("estimate_train", dict(
             model=model, method=strategy["train"],
             precision=tp.precision if tp.precision in ("bf16", "fp32-amp") else "fp32-amp",
-            seq_len=tp.seq_len, batch_size=tp.batch_size, grad_ckpt=tp.grad_ckpt, lora_rank=tp.lora_rank, gpu=gpu))
+            seq_len=tp.seq_len, batch_size=tp.batch_size, grad_ckpt=tp.grad_ckpt, lora_rank=tp.lora_rank, gpu=gpu,
+            loss=tp.loss))   # the engine's loss (chunked by default): the estimate covers what runs
     if strategy.get("deploy") and strategy["deploy"] != "hosted":
         requests["infer"] = ("estimate_infer", dict(model=model, weights=strategy["deploy"], batch_size=1,
                                                     prompt_len=evs.prompt_len, new_tokens=evs.new_tokens, gpu=gpu))
