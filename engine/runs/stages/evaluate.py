@@ -162,6 +162,8 @@ def task_accuracy(model, tok, ds, examples, should_stop) -> dict:
 def latency(model, tok, examples, prompt_len: int, new_tokens: int) -> dict:
     """Prefill and greedy decode speed at batch 1 on a prompt of real held-out tokens."""
     import torch
+    from transformers import StoppingCriteriaList
+    _Stamps = _stamps_class()
     dev = _dev(model)
     ids: list[int] = tok("", add_special_tokens=True)["input_ids"]
     for ex in examples * (1 + prompt_len // 8):
@@ -185,17 +187,39 @@ def latency(model, tok, examples, prompt_len: int, new_tokens: int) -> dict:
             sync()
             times.append(time.perf_counter() - t0)
         prefill = statistics.median(times)
+        stamps = _Stamps(sync)                       # a time stamp after each generated token
         sync()
         t0 = time.perf_counter()
         out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id)
+                             do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id,
+                             stopping_criteria=StoppingCriteriaList([stamps]))
         sync()
         gen = time.perf_counter() - t0
     made = out.shape[1] - x.shape[1]
-    decode_s = gen - prefill
+    # decode: from the first generated token (after the prefill) to the last, timed inside this one
+    # generate call; subtracting separately timed prefills goes negative on a loaded CPU
+    decode_s = stamps.t[-1] - stamps.t[0] if len(stamps.t) > 1 else 0.0
     return {"prompt_tokens": int(x.shape[1]), "new_tokens": int(made), "prefill_ms": round(prefill * 1e3, 3),
             "generate_s": round(gen, 4),
-            "decode_tokens_per_s": round((made - 1) / decode_s, 2) if made > 1 and decode_s > 0 else None}
+            "decode_tokens_per_s": round((len(stamps.t) - 1) / decode_s, 2) if decode_s > 0 else None}
+
+
+def _stamps_class():
+    from transformers import StoppingCriteria
+
+    class Stamps(StoppingCriteria):
+        """Never stops generation; records when each token is done (generate calls it once per step)."""
+
+        def __init__(self, sync):
+            self.sync, self.t = sync, []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+            self.sync()
+            self.t.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return Stamps
 
 
 def measure(ctx, which: dict, tok, ds, examples) -> dict:
