@@ -12,6 +12,7 @@ printed run says why), 2 for a bad config (``{"error"}`` naming the field). Ctrl
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -51,10 +52,18 @@ def _follow(api, run_id: str, quiet: bool) -> dict:
 def _cmd_run(args) -> int:
     from engine.cli import emit
     from engine.runs import api
-    run_id = api.launch(args.config, stages=args.stages)
+    # a Ctrl-C while the worker is being spawned must still stop the run: hold it until the id is known
+    held = []
+    prev = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        run_id = api.launch(args.config, stages=args.stages)
+    finally:
+        signal.signal(signal.SIGINT, prev)
     if not args.json:
         sys.stderr.write(f"run {run_id} (worker log: {api.get_run(run_id)['workdir']}/worker.log)\n")
     try:
+        if held:
+            raise KeyboardInterrupt
         run = _follow(api, run_id, quiet=args.json)
     except KeyboardInterrupt:
         sys.stderr.write(f"\nstopping run {run_id} ...\n")
