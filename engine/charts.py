@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 
-GB = 1e9     # memory is shown in decimal GB, the unit GPU names and the advisor's reasons use
+from engine.fmt import GB  # noqa: F401  (charts.GB: decimal GB, as the advisor's reasons)
 FONT = {"family": "Inter, ui-sans-serif, system-ui, sans-serif", "size": 12, "color": "#1f2937"}
 AXIS = {"gridcolor": "#e5e7eb", "zeroline": False, "linecolor": "#9ca3af", "showline": True, "automargin": True}
 FAMILY_COLORS = {"ptq-only": "#2563eb", "finetune-then-quantize": "#d97706", "quantize-then-finetune": "#059669",

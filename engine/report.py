@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from engine import charts
+from engine.fmt import GB, duration, num, usd
 from engine.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,6 @@ SECTIONS = (("scenario", "The scenario"), ("recommendation", "Recommendation and
             ("measured", "Measured vs estimated"), ("assumptions", "Assumptions"),
             ("change", "What would change the answer"), ("reproduce", "How to reproduce"))
 MAX_RUNS = 20          # newest finished runs shown when picked by model or "all"
-GB = charts.GB
 
 
 # ---- blocks: what a section holds (rendered by html() and markdown()) -----------------------------------
@@ -74,33 +74,8 @@ def _gb(n, digits: int = 1) -> str:
     return "—" if n is None else f"{float(n) / GB:.{digits}f} GB"
 
 
-def _num(x, fmt: str = "{:.3g}") -> str:
-    if x is None:
-        return "—"
-    try:
-        return fmt.format(float(x))
-    except (TypeError, ValueError):
-        return str(x)
-
-
-def _usd(x) -> str:
-    if x is None:
-        return "—"
-    x = float(x)
-    return f"${x:,.0f}" if x >= 100 else (f"${x:,.2f}" if x >= 1 else f"${x:.3f}")
-
-
 def _dur(s) -> str:
-    if s is None:
-        return "—"
-    s = float(s)
-    if s < 90:
-        return f"{s:.1f} s"
-    if s < 5400:
-        return f"{s / 60:.1f} min"
-    if s < 172800:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} days"
+    return duration(s, digits=1)
 
 
 def _when(ts) -> str:
@@ -239,7 +214,7 @@ def _recommendation_section(d: dict) -> list:
         return [text("No strategy is feasible on this hardware with these goals.", "verdict"),
                 text(w.get("summary") or "")]
     out = [text(f"Recommended: {entry.get('name')} ({reco}, {entry.get('family')}), score "
-                f"{_num(entry.get('score'), '{:.3f}')}.", "verdict"), text(entry.get("summary") or "", "muted")]
+                f"{num(entry.get('score'), '{:.3f}')}.", "verdict"), text(entry.get("summary") or "", "muted")]
     reasons = entry.get("reasons") or []
     rules = sorted((r for r in reasons if r.get("kind") == "rule"), key=lambda r: -abs(r.get("delta") or 0))
     if rules:
@@ -278,13 +253,13 @@ def matrix_rows(rs: list[dict]) -> list[list]:
     out = []
     for r in rs:
         ret = "—" if r["retention"] is None else (
-            f"{r['retention']:.3f} [{_num(r['ret_low'], '{:.3f}')}, {_num(r['ret_high'], '{:.3f}')}]")
+            f"{r['retention']:.3f} [{num(r['ret_low'], '{:.3f}')}, {num(r['ret_high'], '{:.3f}')}]")
         out.append([r["rank"], r["strategy"], r["family"],
                     "yes" if r["feasible"] else "no: " + ", ".join(r["blocked_by"]),
-                    _num(r["score"], "{:.3f}"), _stage_mem(r), _num(r["ms_per_token"], "{:.1f}"), ret,
+                    num(r["score"], "{:.3f}"), _stage_mem(r), num(r["ms_per_token"], "{:.1f}"), ret,
                     r["acc_from"], r["acc_source"] or r.get("acc_error") or "—", r["calibration"],
                     _dur(r["train_time_s"]) if r["train_time_s"] else "—",
-                    _usd(r["train_usd"]) if r["train_usd"] else "—", _usd(r["serve_usd_mtok"])])
+                    usd(r["train_usd"]) if r["train_usd"] else "—", usd(r["serve_usd_mtok"])])
     return out
 
 
@@ -328,12 +303,12 @@ def fig_tables(fig: dict) -> list:
                 lo = y - e["arrayminus"][i] if e.get("arrayminus") else y
                 hi = y + e["array"][i] if e.get("array") else y
                 feas = "yes" if (t.get("marker") or {}).get("symbol", ["circle"])[i] == "circle" else "no"
-                body.append([s, t.get("name"), feas, _num(t["x"][i], "{:.2f}"), f"{y:.3f} [{lo:.3f}, {hi:.3f}]"])
+                body.append([s, t.get("name"), feas, num(t["x"][i], "{:.2f}"), f"{y:.3f} [{lo:.3f}, {hi:.3f}]"])
         out.append(table(["strategy", "family", "feasible", xt, "retention [interval]"], body))
     for t in data:
         if t.get("type") == "scatter" and t.get("mode") == "lines":
             out.append(text(f"{t.get('name')}: " + " → ".join(
-                f"({_num(x, '{:.2f}')}, {y:.3f})" for x, y in zip(t["x"], t["y"]))))
+                f"({num(x, '{:.2f}')}, {y:.3f})" for x, y in zip(t["x"], t["y"]))))
     bars = [t for t in data if t.get("type") == "bar"]
     if bars and bars[0].get("orientation") == "h":
         labels = bars[0]["y"]
@@ -344,7 +319,7 @@ def fig_tables(fig: dict) -> list:
         titles = [a.get("text") for a in layout.get("annotations") or []]
         for j, t in enumerate(bars):
             out.append(table(["strategy", titles[j] if j < len(titles) else t.get("name", "value")],
-                             [[x, _num(y, "{:,.3f}")] for x, y in zip(t["x"], t["y"])]))
+                             [[x, num(y, "{:,.3f}")] for x, y in zip(t["x"], t["y"])]))
     limits = [a.get("text") for a in layout.get("annotations") or [] if a.get("xref") == "x"]
     if limits:
         out.append(text("Dashed line: " + "; ".join(limits)))

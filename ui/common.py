@@ -159,47 +159,4 @@ def unexpected_md(e: BaseException, what: str) -> str:
 
 # ---- formatting -----------------------------------------------------------------------------
 
-GB = 1e9     # memory is shown in decimal GB, the unit GPU names and the advisor's reasons use
-
-
-def gb(n, digits: int = 1) -> str:
-    """Bytes as GB text ('—' when unknown)."""
-    if n is None:
-        return "—"
-    try:
-        return f"{float(n) / GB:.{digits}f} GB"
-    except (TypeError, ValueError):
-        return "—"
-
-
-def num(x, fmt: str = "{:.3g}", none: str = "—") -> str:
-    if x is None:
-        return none
-    try:
-        return fmt.format(float(x))
-    except (TypeError, ValueError):
-        return str(x)
-
-
-def usd(x) -> str:
-    if x is None:
-        return "—"
-    x = float(x)
-    if x >= 100:
-        return f"${x:,.0f}"
-    if x >= 1:
-        return f"${x:,.2f}"
-    return f"${x:.3f}"
-
-
-def duration(seconds) -> str:
-    if seconds is None:
-        return "—"
-    s = float(seconds)
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.1f} min"
-    if s < 172800:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} days"
+from engine.fmt import GB, duration, gb, num, usd   # noqa: F401  (one place; re-exported for ui/)
