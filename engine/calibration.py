@@ -72,6 +72,12 @@ def fitted_path() -> Path | None:
     return Path(env).expanduser().resolve() if env else _home() / "calibration.json"
 
 
+def fit_file() -> Path:
+    """Where ``calibrate``/``import_`` write the fitted JSON: fitted_path(), or
+    $TUNEQUANT_HOME/calibration.json while calibration is off for estimates."""
+    return fitted_path() or _home() / "calibration.json"
+
+
 # ---- versions -----------------------------------------------------------------------------------
 def versions_key(versions: dict | None) -> str:
     """'torch 2.13 · transformers 5.23 · ...' at major.minor of the packages of the settings."""

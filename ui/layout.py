@@ -1,4 +1,4 @@
-"""The dashboard: five tabs (wizard, decision matrix, trade-offs, runs, compare) and their wiring.
+"""The dashboard: six tabs (wizard, decision matrix, trade-offs, runs, compare, calibration) and their wiring.
 
 ``build_app()`` returns the ``gr.Blocks``; ``app.py`` launches it with ``LAUNCH_KW`` (theme
 and CSS go to ``launch()`` in Gradio 6). Handlers are the pure functions of the screen
@@ -13,7 +13,7 @@ import gradio as gr
 
 from engine import strategies
 from engine.errors import InputError
-from ui import compare, matrix, report, runs, tradeoffs, wizard
+from ui import calibration, compare, matrix, report, runs, tradeoffs, wizard
 from ui.common import MAX_UPLOAD, error_md, ok_md, public_demo, unexpected_md
 from ui.plotting import empty
 from ui.theme import CSS, THEME
@@ -268,6 +268,31 @@ def _compare_tab():
     return c
 
 
+# ---- screen 6: calibration ---------------------------------------------------------------------------
+
+def _calibration_tab():
+    c = {}
+    c["status"] = gr.HTML(elem_id="cal_status")
+    with gr.Row(equal_height=True):
+        c["refit"] = gr.Button("Refit from the run store", variant="primary", elem_id="cal_refit", scale=1,
+                               min_width=200)
+        c["export"] = gr.DownloadButton("Export records (JSON)", visible=False, elem_id="cal_export", scale=1,
+                                        min_width=200)
+        c["import"] = gr.File(label="Import records: a calibration export or a bench/measurements/*.json file "
+                              "(merged, then refitted)", file_types=[".json"], elem_id="cal_import", scale=2,
+                              height=90)
+    c["msg"] = gr.HTML(elem_id="cal_msg")
+    c["errors"] = gr.Dataframe(headers=calibration.ERROR_COLUMNS, interactive=False, wrap=True, elem_id="cal_errors",
+                               label="Error per term: median |measured/estimated − 1| and × off, before / after "
+                                     "(in-sample, held back)")
+    c["factors"] = gr.Dataframe(headers=calibration.FACTOR_COLUMNS, interactive=False, wrap=True, max_height=420,
+                                elem_id="cal_factors", label="Fitted factors (applied first; versions/variant "
+                                                             "'*': any)")
+    c["counts"] = gr.Dataframe(headers=calibration.COUNT_COLUMNS, interactive=False, wrap=True, elem_id="cal_counts",
+                               label="Comparable records per device and term")
+    return c
+
+
 # ---- wiring -----------------------------------------------------------------------------------------
 
 def build_app() -> gr.Blocks:
@@ -284,6 +309,8 @@ def build_app() -> gr.Blocks:
                 R = _runs_tab()
             with gr.Tab("5 · Compare", id="compare", elem_id="tab-compare"):
                 C = _compare_tab()
+            with gr.Tab("6 · Calibration", id="calibration", elem_id="tab-calibration") as cal_tab:
+                K = _calibration_tab()
         result = gr.State(None)       # the advisor's answer for the current scenario
         scenario = gr.State(None)
 
@@ -444,6 +471,27 @@ def build_app() -> gr.Blocks:
         cmp_outputs = [C["msg"], C["table"], C["vs_est"], C["chart_quality"], C["chart_cost"], C["csv"], C["json"]]
         C["pick"].change(lambda ids: compare.render(ids), C["pick"], cmp_outputs)
         C["refresh"].click(lambda cur: gr.update(choices=compare.run_choices(), value=cur), C["pick"], C["pick"])
+
+        # -- calibration: shown when the tab opens; refit, import (upload), export (always the current records)
+        cal_outputs = [K["status"], K["errors"], K["factors"], K["counts"], K["export"]]
+
+        def cal_screen(view: dict) -> list:
+            exp = view["export"]
+            button = (gr.DownloadButton(f"Export {view['records']} records (JSON)", value=exp, visible=True) if exp
+                      else gr.DownloadButton(visible=False))
+            return [view["status"], view["errors"], view["factors"], view["counts"], button]
+        cal_tab.select(lambda: cal_screen(calibration.render()) + [""], None, cal_outputs + [K["msg"]])
+
+        def cal_refit():
+            view, msg = calibration.refit()
+            return cal_screen(view) + [msg]
+        K["refit"].click(cal_refit, None, cal_outputs + [K["msg"]], concurrency_limit=1, concurrency_id="calibrate")
+
+        def cal_import(path):
+            view, msg = calibration.import_upload(path)
+            return cal_screen(view) + [msg]
+        K["import"].upload(cal_import, K["import"], cal_outputs + [K["msg"]], concurrency_limit=1,
+                           concurrency_id="calibrate")
 
         # -- page load: run history, and re-attach when the URL names a run (?run=ID)
         def on_load(request: gr.Request):
