@@ -226,6 +226,12 @@ def arch_from_config(cfg: dict, name: str = "", source: str = "", family: str = 
                             Linear(f"{pre}.up_proj", h, moe_inter, count=experts, active=topk, lora_target="up_proj"),
                             Linear(f"{pre}.down_proj", moe_inter, h, count=experts, active=topk, lora_target="down_proj")]
                 extra += 0  # router counted in norm_params below (kept 16-bit, tiny)
+                shared = _get(cfg, "shared_expert_intermediate_size", default=0) if mt == "qwen2_moe" else 0
+                if shared:       # Qwen2-MoE: one always-on shared expert (plain nn.Linear) and its sigmoid gate
+                    linears += [Linear("mlp.shared_expert.gate_proj", h, shared, lora_target="gate_proj"),
+                                Linear("mlp.shared_expert.up_proj", h, shared, lora_target="up_proj"),
+                                Linear("mlp.shared_expert.down_proj", shared, h, lora_target="down_proj"),
+                                Linear("mlp.shared_expert_gate", h, 1)]
             else:
                 linears += [Linear("mlp.gate_proj", h, inter, lora_target="gate_proj"),
                             Linear("mlp.up_proj", h, inter, lora_target="up_proj"),

@@ -370,7 +370,7 @@ def layer_working(arch: ModelArch, rc: Recipe, grad_ckpt: bool) -> float:
 
 # MoE types whose fused expert parameters peft (0.21) maps target_modules gate/up/down onto
 # (ParamWrapper); on the others (mixtral) LoRA reaches the attention projections only
-PEFT_PARAM_WRAPPED = ("qwen3_moe", "qwen2_moe")
+PEFT_PARAM_WRAPPED = ("qwen3_moe",)     # qwen2_moe: peft reaches the shared expert's nn.Linear only
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -395,9 +395,21 @@ def lora_modules(arch: ModelArch, targets=LORA_TARGETS) -> list[str]:
     return out
 
 
+def lora_param_count(arch: ModelArch, rank: int, targets=None) -> int:
+    """LoRA parameters peft creates for this architecture (targets: lora_targets(arch)).
+    Where peft wraps fused MoE experts (ParamWrapper), the fused gate_up_proj [E, 2I, h] gets
+    rank 2r over E experts, 2r·E·(h + 2I), where two separate gate/up adapters would be
+    2r·E·(h + I): checked against peft 0.21 on tiny random-init models."""
+    targets = lora_targets(arch) if targets is None else targets
+    n = arch.lora_params(rank, targets)
+    if arch.num_experts and arch.model_type in PEFT_PARAM_WRAPPED and {"gate_proj", "up_proj"} <= set(targets):
+        n += arch.num_layers * 2 * rank * arch.num_experts * arch.moe_intermediate_size
+    return n
+
+
 def trainable_params(arch: ModelArch, rc: Recipe, rank: int) -> int:
     if rc.adapters:
-        return arch.lora_params(rank, lora_targets(arch))
+        return lora_param_count(arch, rank)
     return arch.total_params
 
 
