@@ -72,14 +72,16 @@ def test_offline_hub_id_says_what_works(monkeypatch):
 
 
 @pytest.mark.parametrize("pid", ["llama-3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b", "gemma-2-2b", "phi-3-mini",
-                                 "opt-125m", "bloom-560m", "mixtral-8x7b", "qwen3-30b-a3b", "gemma-3-1b"])
+                                 "opt-125m", "bloom-560m", "mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b",
+                                 "gemma-3-1b"])
 def test_counts_match_transformers_modules(pid):
     """Shrink the preset (2 layers, small width) and compare with what transformers builds."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     cfg = dict(models.presets()[pid]["config"])
     shrink = {"num_hidden_layers": 2, "n_layer": 2, "vocab_size": 512}
-    for k in ("hidden_size", "intermediate_size", "ffn_dim", "moe_intermediate_size", "word_embed_proj_dim"):
+    for k in ("hidden_size", "intermediate_size", "ffn_dim", "moe_intermediate_size", "word_embed_proj_dim",
+              "shared_expert_intermediate_size"):
         if k in cfg:
             cfg[k] = max(cfg[k] // 16, 32)
     if "head_dim" in cfg:
