@@ -200,12 +200,16 @@ def pairs(run: dict, events: list[dict] | None = None) -> list[dict]:
         else:
             mem_ok, mem_why = False, RSS_WHY
         add("train.peak_allocated_bytes", "train", tr, st.get("peak_mem_bytes"), mem_ok, mem_why)
-        tps = (st.get("result") or {}).get("tokens_per_s") or metrics.get("train.tokens_per_s")
+        res = st.get("result") or {}
+        pps = res.get("positions_per_s")         # padded B x T per second: the estimate's tokens/s
+        tps = pps or res.get("tokens_per_s") or metrics.get("train.tokens_per_s")
         if tps is None and events:
             steps = [e["payload"] if isinstance(e.get("payload"), dict) else e for e in events if e.get("type") == "step"]
             tps = next((p.get("tokens_per_s") for p in reversed(steps) if p.get("tokens_per_s") is not None), None)
         add("train.tokens_per_s", "train", tr, tps, *speed(same, why + (
-            "; measured: real (non-padding) tokens over the train stage, the estimate fills seq_len" if same else "")))
+            "" if not same else f"; measured: padded positions (B x {res.get('mean_batch_len')} tokens) per second, "
+            f"the estimate's positions at seq_len {tr.get('inputs', {}).get('seq_len')}" if pps else
+            "; measured: real (non-padding) tokens over the train stage, the estimate fills seq_len")))
     # inference: the evaluation of the deployed model ('after')
     inf = est.get("infer") or {}
     if "infer" in est and not inf.get("error"):

@@ -53,6 +53,9 @@ def test_lora_trains_saves_and_evaluates(micro_home, tmp_path):
     assert st[0]["step"] == 1 and st[-1]["step"] == 8 and st[-1]["total"] == 8
     assert all(s["tokens_per_s"] > 0 and s["mem_bytes"] > 0 and s["lr"] > 0 for s in st)
     assert st[-1]["eta_s"] == 0
+    # padded positions per second (what the planner's tokens/s counts) >= real tokens per second
+    assert tr["positions_per_s"] >= tr["tokens_per_s"] > 0
+    assert 0 < tr["mean_batch_len"] <= RunSpec.parse(spec("lora")).train.seq_len
     # the adapter loads back on the base
     base = AutoModelForCausalLM.from_pretrained(out["state"]["base_dir"])
     model = PeftModel.from_pretrained(base, tr["adapter_dir"])

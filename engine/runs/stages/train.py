@@ -45,7 +45,7 @@ def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 
     if not params:
         raise InputError("nothing to train: the model has no trainable parameters", field="train")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    losses, tokens, t0 = [], 0, time.perf_counter()
+    losses, tokens, positions, t0 = [], 0, 0, time.perf_counter()
     stopped = False
     done = 0
     for step in range(steps):
@@ -65,6 +65,7 @@ def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 
             step_loss += loss.item()
             m = batch.get("attention_mask")
             step_tokens += int(m.sum()) if m is not None else batch["input_ids"].numel()
+            positions += batch["input_ids"].numel()     # padded B x T: what the compute (and the estimate) sees
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
@@ -80,7 +81,8 @@ def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 
     wall = time.perf_counter() - t0
     del opt
     return {"steps": done, "total": steps, "losses": losses, "tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 1) if wall > 0 and done else None, "stopped": stopped}
+            "tokens_per_s": round(tokens / wall, 1) if wall > 0 and done else None, "stopped": stopped,
+            "positions": positions, "positions_per_s": round(positions / wall, 1) if wall > 0 and done else None}
 
 
 class _null:
@@ -345,6 +347,8 @@ def train(ctx) -> dict:
            "trainable_params": n_train, "params": n_all, "tokens": hist["tokens"], "loss_mode": loss_mode,
            **({"loss_fallback": loss_why} if loss_why else {}),
            "tokens_per_s": hist["tokens_per_s"], "train_s": hist["wall_s"],
+           "positions_per_s": hist["positions_per_s"],
+           "mean_batch_len": round(hist["positions"] / max(1, hist["steps"] * tp.grad_accum * tp.batch_size), 1),
            "loss_first": _mean(hist["losses"][:k]), "loss_last": _mean(hist["losses"][-k:]),
            "losses": [round(x, 4) for x in hist["losses"]], **out}
     for name in ("loss_first", "loss_last"):
