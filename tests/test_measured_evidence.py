@@ -326,3 +326,36 @@ def test_cli_measured_flag(temp_store, monkeypatch, capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["measured_runs"] == []
     assert main(["recommend", "--scenario", str(f), "--no-what-if", "--json"]) == 0       # default: the store
     assert {r["run_id"] for r in json.loads(capsys.readouterr().out)["measured_runs"]} == {NF4, GPTQ, QLORA}
+
+
+def test_estimate_accuracy_cli_takes_runs_from_the_store(tmp_path):
+    """`estimate accuracy --runs ID,ID|store`: the store's runs as measured evidence next to the published."""
+    import json
+    import os
+    store_runs = api.use_store(tmp_path / "runs.sqlite", tmp_path / "runs")
+    try:
+        for r in RUNS:
+            store_runs.store.create_run(r["id"], {**r["spec"], "name": r["name"]}, "cpu")
+            store_runs.store.update_run(r["id"], estimate=r["estimate"])
+            store_runs.store.set_running(r["id"], 0)
+            store_runs.store.finish(r["id"], "finished", result=r["result"])
+    finally:
+        api.use_store(None)
+    env = {**os.environ, "TUNEQUANT_HOME": str(tmp_path)}
+    base = [sys.executable, "-m", "engine", "estimate", "accuracy", "--family", "llama-1", "--params-b", "0.0034",
+            "--method", "nf4", "--w-bits", "4", "--json"]
+
+    def est(*extra):
+        p = subprocess.run(base + list(extra), cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+        return p.returncode, json.loads(p.stdout)
+
+    rc, prior = est()
+    assert rc == 0 and prior["evidence"]["measured"] == 0
+    rc, one = est("--runs", NF4)
+    assert rc == 0 and one["evidence"]["measured"] >= 1 and NF4 in one["evidence"]["measured_runs"]
+    assert one["evidence"]["published"] == prior["evidence"]["published"]          # both kinds listed
+    rc, every = est("--runs", "store")
+    assert rc == 0 and NF4 in every["evidence"]["measured_runs"]
+    assert QLORA not in every["evidence"]["measured_runs"]      # fine-tuned: its before/after is not quantization alone
+    rc, bad = est("--runs", "r-nope")
+    assert rc == 2 and bad["field"] == "runs" and "runs list" in bad["error"]

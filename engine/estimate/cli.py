@@ -58,6 +58,7 @@ ACCURACY_ARGS = {
     "group_size": ("--group-size", int, None),
     "per_channel": ("--per-channel", bool, False),
     "finetune": ("--finetune", str, "none"),
+    "runs": ("--runs", str, None),      # measured evidence: run ids (comma-separated) or "store" (every finished run)
 }
 REQUIRED = {"train": ("model", "method"), "infer": ("model",), "accuracy": ("family", "params_b", "method", "w_bits"),
             "quantize": ("model", "method"), "merge": ("model",)}
@@ -71,8 +72,32 @@ KINDS = {"train": TRAIN_ARGS, "infer": INFER_ARGS, "accuracy": ACCURACY_ARGS,
          "quantize": QUANTIZE_ARGS, "merge": MERGE_ARGS}
 
 
+def measured_rows(runs: str) -> list[dict]:
+    """--runs: finished runs of the run store ($TUNEQUANT_HOME) as measured accuracy rows
+    (engine.estimate.accuracy.measured_from_runs); "store" takes every finished run."""
+    from engine.estimate.accuracy import measured_from_runs
+    from engine.runs import api                    # sqlite only: imports no torch
+    if runs.strip().lower() == "store":
+        chosen = [api.get_run(r["id"]) for r in api.list_runs(status="finished")]
+    else:
+        ids = [i.strip() for i in runs.split(",") if i.strip()]
+        known = {r["id"] for r in api.list_runs()}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise InputError(f"unknown run id(s) {', '.join(missing)} in the run store "
+                             f"({api.executor().store.path}); `python -m engine runs list` shows them, or use --runs store",
+                             field="runs")
+        chosen = [api.get_run(i) for i in ids]
+    return measured_from_runs(chosen)
+
+
 def _call(kind: str, kwargs: dict) -> dict:
     from engine import estimate
+    if kind == "accuracy":
+        kwargs = dict(kwargs)
+        runs = kwargs.pop("runs", None)
+        if runs:
+            kwargs["measured"] = measured_rows(runs)
     fn = {"train": estimate.estimate_train, "infer": estimate.estimate_infer,
           "accuracy": estimate.estimate_accuracy, "quantize": estimate.estimate_quantize,
           "merge": estimate.estimate_merge}[kind]
