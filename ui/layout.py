@@ -487,10 +487,10 @@ def build_app() -> gr.Blocks:
             return cal_screen(view) + [msg]
         K["refit"].click(cal_refit, None, cal_outputs + [K["msg"]], concurrency_limit=1, concurrency_id="calibrate")
 
-        def cal_import(path):
+        def cal_import(path):                      # the upload empties again, ready for the next file
             view, msg = calibration.import_upload(path)
-            return cal_screen(view) + [msg]
-        K["import"].upload(cal_import, K["import"], cal_outputs + [K["msg"]], concurrency_limit=1,
+            return cal_screen(view) + [msg, None]
+        K["import"].upload(cal_import, K["import"], cal_outputs + [K["msg"], K["import"]], concurrency_limit=1,
                            concurrency_id="calibrate")
 
         # -- page load: run history, and re-attach when the URL names a run (?run=ID)
