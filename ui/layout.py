@@ -280,7 +280,7 @@ def _calibration_tab():
                                         min_width=200)
         c["import"] = gr.File(label="Import records: a calibration export or a bench/measurements/*.json file "
                               "(merged, then refitted)", file_types=[".json"], elem_id="cal_import", scale=2,
-                              height=90)
+                              height=130)
     c["msg"] = gr.HTML(elem_id="cal_msg")
     c["errors"] = gr.Dataframe(headers=calibration.ERROR_COLUMNS, interactive=False, wrap=True, elem_id="cal_errors",
                                label="Error per term: median |measured/estimated − 1| and × off, before / after "
