@@ -263,7 +263,8 @@ def _stage_train(s, sc, arch, ctx) -> dict:
     method = s.get("train_estimate", s["train"])
     tdev, count = ctx["train_device"], sc.hardware.count
     kw = dict(model=arch, method=method, precision=w["precision"], seq_len=sc.seq_len,
-              batch_size=w["batch_size"], grad_ckpt=w["grad_ckpt"], lora_rank=w["lora_rank"], gpu=tdev.id)
+              batch_size=w["batch_size"], grad_ckpt=w["grad_ckpt"], lora_rank=w["lora_rank"], gpu=tdev.id,
+              loss=w.get("loss", "reference"))
     est = _estimate("estimate_train", **kw)
     src = _cli("train", arch.name, kw)
     out = {"stage": "train", "method": method, "source": src, "device": tdev.id, "count": count,
@@ -273,6 +274,15 @@ def _stage_train(s, sc, arch, ctx) -> dict:
     if "error" in est:
         return {**out, "error": est["error"], "fits": False}
     per = _shard(est, count, arch)
+    if kw["loss"] != "reference":         # the engine beats DESIGN.md's recipe: say by how much
+        ref = _estimate("estimate_train", **{**kw, "loss": "reference"})
+        if "error" not in ref:
+            ref_dev = _shard(ref, count, arch)["device_bytes"]
+            out["reference_device_bytes"] = ref_dev
+            if ref_dev > per["device_bytes"]:
+                said = (f"with the engine's chunked loss; the reference recipe (full fp32 logits) needs "
+                        f"{_gb(ref_dev)}" + ("" if ref_dev <= tdev.memory_bytes else ", which does not fit"))
+                out["note"] = f"{out['note'].rstrip('.')}; {said}" if out.get("note") else said
     tokens = sc.examples * sc.seq_len * sc.epochs
     eff = ctx["settings"]["multi_gpu"]["scaling_efficiency"] if count > 1 else 1.0
     tps = est.get("tokens_per_s") or 0.0

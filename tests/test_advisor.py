@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine import advisor
+from engine import estimate as engine_estimate
 from engine.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -387,3 +388,18 @@ def test_docs_list_every_rule_and_preset():
         assert f"`{r['id']}`" in doc, r["id"]
     for sid in PRESET_FAMILIES:
         assert f"presets/scenarios/{sid}.yaml" in doc, sid
+
+
+def test_training_memory_is_the_engines_and_says_what_the_reference_recipe_needs():
+    """The engine trains with the chunked loss (docs/stages.md): feasibility is judged on that, and
+    the reason gives DESIGN.md's reference recipe too where it needs more (here it would not fit)."""
+    out = rec(scenario(model="llama-3.1-8b", seq_len=2048, examples=5000, hardware={"gpu": "rtx-4090-24gb"},
+                       deploy={"target": "consumer-gpu", "gpu": "rtx-4090-24gb"}))
+    e = row(out, "qlora")
+    st = next(s for s in e["estimates"]["stages"] if s["stage"] == "train")
+    assert st["request"]["loss"] == "chunked" and "--loss chunked" in st["source"]
+    ref = engine_estimate.estimate_train(**{**{k: v for k, v in st["request"].items()}, "model": "llama-3.1-8b",
+                                            "loss": "reference", "calibration": False})
+    assert st["reference_device_bytes"] == ref["device_bytes"] > st["device_bytes"]
+    assert e["feasible"] and st["device_bytes"] <= st["limit_bytes"] < st["reference_device_bytes"]
+    assert any("the reference recipe (full fp32 logits) needs" in w and "does not fit" in w for w in e["why"])
