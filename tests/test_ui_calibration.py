@@ -137,14 +137,15 @@ def test_a_store_run_counts_next_to_the_imported_ones(home):
 ])
 def test_bad_upload_is_refused_inline_and_changes_nothing(home, tmp_path, name, content, expect):
     seed(home)
-    before = {p: p.read_bytes() for p in (home / "calibration.json", home / "calibration_records.jsonl")}
+    files = (home / "calibration.json", home / "calibration_records.jsonl")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
     bad = tmp_path / "upload" / name
     bad.parent.mkdir()
     bad.write_text(content)
     view, msg = U.import_upload(str(bad))
     assert 'class="tq-error"' in msg and expect in msg and "nothing was imported" in msg, msg
     assert str(bad.parent) not in msg                    # the file's name, not the server's temp path
-    assert {p: p.read_bytes() for p in before} == before
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before     # not even rewritten
     assert view["records"] == N_RECORDS
 
 

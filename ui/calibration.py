@@ -183,15 +183,15 @@ def import_upload(path) -> tuple[dict, str]:
             raise InputError(f"import: {name} must be a .json file: a calibration export (Export here, or "
                              f"`python -m engine calibrate --export FILE`) or a bench/measurements/*.json file",
                              field="import")
+        if not cal.read_records(src):              # checked before anything is written
+            raise InputError(f"import: {name} holds no records to calibrate with (a bench file contributes CUDA "
+                             f"runs only)", field="import")
         res = cal.import_(src)
     except InputError as e:
         msg = str(e).replace(str(src), name).replace("--import:", "import:")
         return render(), error_md(msg + " — nothing was imported.")
     except Exception as e:
         return render(), unexpected_md(e, "importing the calibration records")
-    if not res["read"]:
-        return render(), error_md(f"import: {name} holds no records to calibrate with (a bench file contributes "
-                                  f"CUDA runs only) — nothing was imported.")
     return render(), ok_md(f"Imported {res['added']} new record(s) of {res['read']} from {html.escape(name)} "
                            f"({res['duplicates']} already there); refitted into "
                            f"<code>{html.escape(str(res.get('fitted')))}</code>.")
