@@ -149,6 +149,13 @@ def test_bad_upload_is_refused_inline_and_changes_nothing(home, tmp_path, name, 
     assert view["records"] == N_RECORDS
 
 
+def test_an_unreadable_records_file_is_said_not_raised(home):
+    (home / "calibration_records.jsonl").write_text("{not json\n")
+    view = U.render()
+    assert 'class="tq-error"' in view["status"] and "calibration_records.jsonl" in view["status"]
+    assert view["records"] == 0 and view["export"] is None
+
+
 def test_screen_builds_in_the_app():
     import app
     demo = app.build()

@@ -144,9 +144,16 @@ def export_file(records: list[dict] | None = None) -> str | None:
 # ---- the screen's state and actions --------------------------------------------------------------------
 
 def render() -> dict:
-    """Everything the screen shows: status, the three tables, the export file."""
-    records = cal.records_from_store()
-    fit = fitted()
+    """Everything the screen shows: status, the three tables, the export file. A records file or
+    run store that cannot be read is said in the status line (no traceback on the page)."""
+    try:
+        records = cal.records_from_store()
+        fit = fitted()
+    except Exception as e:
+        import pandas as pd
+        counts, factors, errors = (pd.DataFrame(columns=c) for c in (COUNT_COLUMNS, FACTOR_COLUMNS, ERROR_COLUMNS))
+        return {"status": unexpected_md(e, f"reading the calibration records ({cal.records_path()}, the run store)"),
+                "counts": counts, "factors": factors, "errors": errors, "export": None, "records": 0}
     counts, factors, errors = tables(fit, records)
     return {"status": status_html(fit, records), "counts": counts, "factors": factors, "errors": errors,
             "export": export_file(records), "records": len(records)}
