@@ -25,6 +25,7 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNEQUANT_HOME", str(h))
     monkeypatch.delenv("TUNEQUANT_DB", raising=False)
     monkeypatch.setenv("TUNEQUANT_CALIBRATION", "off")          # the file is written to the home all the same
+    monkeypatch.setenv("TUNEQUANT_PUBLIC_DEMO", "0")
     return h
 
 
@@ -147,6 +148,13 @@ def test_bad_upload_is_refused_inline_and_changes_nothing(home, tmp_path, name, 
     assert str(bad.parent) not in msg                    # the file's name, not the server's temp path
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before     # not even rewritten
     assert view["records"] == N_RECORDS
+
+
+def test_public_demo_refuses_imports(home, monkeypatch):
+    monkeypatch.setenv("TUNEQUANT_PUBLIC_DEMO", "1")
+    view, msg = U.import_upload(str(RECORDED))
+    assert "off in the public demo" in msg and "nothing was imported" in msg
+    assert not (home / "calibration_records.jsonl").exists() and view["records"] == 0
 
 
 def test_an_unreadable_records_file_is_said_not_raised(home):

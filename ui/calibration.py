@@ -24,7 +24,7 @@ from pathlib import Path
 
 from engine import calibration as cal
 from engine.errors import InputError
-from ui.common import error_md, ok_md, unexpected_md
+from ui.common import error_md, ok_md, public_demo, unexpected_md
 
 MAX_IMPORT_BYTES = 20_000_000         # a records file is ~1 kB per record
 COUNT_COLUMNS = ["device", "term", "records", "runs", "from the run store", "imported", "in the fit"]
@@ -174,11 +174,16 @@ def refit() -> tuple[dict, str]:
 
 def import_upload(path) -> tuple[dict, str]:
     """Merge an uploaded records file (a calibration export or a bench/measurements file) and refit.
-    A bad file: an inline message naming the problem; nothing is written."""
+    A bad file: an inline message naming the problem; nothing is written. Off in the public demo
+    (a visitor's records would change every visitor's estimates)."""
     if not path:
         return render(), ""
     src = Path(path)
     name = src.name
+    if public_demo():
+        return render(), error_md("import: off in the public demo (TUNEQUANT_PUBLIC_DEMO): imported records would "
+                                  "change every visitor's estimates. Import them on your own instance, or with "
+                                  "`python -m engine calibrate --import FILE` — nothing was imported.")
     try:
         if not src.is_file():
             raise InputError(f"import: the upload {name!r} is gone; upload it again", field="import")
