@@ -153,3 +153,12 @@ def test_recompute_keeps_the_chosen_chart_view():
     assert out["mem"]["layout"]["title"]["text"].startswith("Pipeline peak memory")
     labels = {y for t in out["breakdown"]["data"] for y in t["y"]}
     assert labels and all(lbl.split(" · ")[0] in ("qlora", "full-finetune") for lbl in labels)
+
+
+def test_matrix_table_has_one_width_per_column():
+    """Gradio lays widths out by position: a column added without a width shifts every later one."""
+    from ui import layout
+    app = layout.build_app()
+    df = next(c for c in app.blocks.values() if getattr(c, "elem_id", None) == "matrix_table")
+    assert len(df.column_widths) == len(matrix.COLUMNS)
+    assert sum(float(w.rstrip("%")) for w in df.column_widths) == 100

@@ -146,8 +146,9 @@ def _matrix_tab():
     c["report_msg"] = gr.HTML(elem_id="report_msg")
     c["table"] = gr.Dataframe(headers=matrix.COLUMNS, interactive=False, wrap=True, max_height=620,
                               label="Decision matrix (click a row for its details)", elem_id="matrix_table",
-                              column_widths=["3%", "9%", "8%", "4%", "13%", "8%", "5%", "8%", "4%", "7%", "4%",
-                                             "4%", "4%", "4%", "15%"])
+                              # one width per matrix.COLUMNS entry (17), summing to 100%
+                              column_widths=["2%", "8%", "6%", "3%", "10%", "6%", "5%", "7%", "4%", "7%", "7%",
+                                             "4%", "4%", "4%", "4%", "14%", "5%"])
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             c["change"] = gr.HTML(elem_id="matrix_change")
