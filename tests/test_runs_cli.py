@@ -39,6 +39,22 @@ def config(tmp_path, file="cfg", **spec):
     return path
 
 
+def wait_running(home, bg, within_s: float = 120) -> str:
+    """The id of the run the background `engine run` started, once its worker is running (a loaded
+    2-core machine starts workers slowly); if the CLI ended first, its output says why."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        runs = json.loads(cli(home, "runs", "list", "--status", "running", "--json").stdout)["runs"]
+        if runs:
+            return runs[0]["id"]
+        if bg.poll() is not None:
+            out, err = bg.communicate()
+            pytest.fail(f"`engine run` ended (exit {bg.returncode}) before its run was running:\n{out}\n{err}")
+        time.sleep(0.2)
+    listed = cli(home, "runs", "list", "--json").stdout
+    pytest.fail(f"no run was running after {within_s:.0f} s; the store holds: {listed}")
+
+
 def test_run_json_prints_the_finished_run(tmp_path, home):
     out = cli(home, "run", "--config", str(config(tmp_path)), "--json", "--stages", HOOK)
     assert out.returncode == 0, out.stderr
@@ -75,18 +91,13 @@ def test_run_streams_progress_lines_to_stderr(tmp_path, home):
 
 def test_runs_stop_stops_a_cli_run(tmp_path, home):
     env = dict(os.environ, TUNEQUANT_HOME=str(home))
+    env.pop("TUNEQUANT_DB", None)                        # the same store `runs list` reads
     bg = subprocess.Popen([sys.executable, "-m", "engine", "run", "--config",
                            str(config(tmp_path, file="slow", name="slow", train={"steps": 500})),
                            "--json", "--stages", HOOK], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        run_id = None
-        while time.monotonic() < deadline and run_id is None:
-            runs = json.loads(cli(home, "runs", "list", "--status", "running", "--json").stdout)["runs"]
-            run_id = runs[0]["id"] if runs else None
-            time.sleep(0.2)
-        assert run_id, "the run never started"
+        run_id = wait_running(home, bg)
         stopped = cli(home, "runs", "stop", run_id, "--json")
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert json.loads(stopped.stdout)["status"] == "stopped"
@@ -101,16 +112,12 @@ def test_runs_stop_stops_a_cli_run(tmp_path, home):
 
 def test_ctrl_c_during_run_stops_the_run(tmp_path, home):
     env = dict(os.environ, TUNEQUANT_HOME=str(home))
+    env.pop("TUNEQUANT_DB", None)                        # the same store `runs list` reads
     bg = subprocess.Popen([sys.executable, "-m", "engine", "run", "--config",
                            str(config(tmp_path, name="slow", train={"steps": 500})), "--stages", HOOK],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120                # a loaded 2-core machine starts workers slowly
-        runs = []
-        while not runs and time.monotonic() < deadline:
-            runs = json.loads(cli(home, "runs", "list", "--status", "running", "--json").stdout)["runs"]
-            time.sleep(0.2)
-        assert runs, "the run never started"
+        wait_running(home, bg)
         time.sleep(0.3)
         bg.send_signal(signal.SIGINT)
         out, err = bg.communicate(timeout=30)
