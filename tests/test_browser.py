@@ -11,64 +11,30 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parent.parent
+from browser_app import CHROMIUM, ROOT, serve_app
+
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium (dev.sh installs it)")]
 SHOTS = os.environ.get("TUNEQUANT_SCREENSHOTS")
 MODEL = "demo:micro-llama"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    port = _free_port()
-    env = {**os.environ, "TUNEQUANT_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False",
-           "TUNEQUANT_PUBLIC_DEMO": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("SPACE_ID", None)
-    env.pop("TUNEQUANT_STAGES", None)
-    log = open(home / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.close()
-                raise RuntimeError("app did not start:\n" + (home / "app.log").read_text()[-3000:])
-            time.sleep(0.5)
-    yield {"url": url, "home": home, "proc": proc}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with serve_app(tmp_path_factory.mktemp("home")) as a:
+        yield a
     # leave no worker behind: stop any run still active (the app process owned them)
-    env_runs = {**env}
     subprocess.run([sys.executable, "-c", "from engine.runs import api\n"
                     "for r in api.list_runs():\n"
                     "    if r['status'] in ('queued','running'): api.stop(r['id'], grace_s=2, term_s=2)"],
-                   cwd=ROOT, env=env_runs, timeout=60)
+                   cwd=ROOT, env=a["env"], timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -7,31 +7,19 @@ With TUNEQUANT_SCREENSHOTS=<dir>, the opened report is saved as <dir>/report.png
 from __future__ import annotations
 
 import os
-import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from browser_app import CHROMIUM, ROOT, serve_app
+
 from test_report import RUN_ID, record_run
 
-CHROMIUM = "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium (dev.sh installs it)")]
 SHOTS = os.environ.get("TUNEQUANT_SCREENSHOTS")
 SECTIONS = ("The scenario", "Recommendation and why", "Decision matrix", "Trade-off charts", "Runs",
             "Measured vs estimated", "Assumptions", "What would change the answer", "How to reproduce")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,33 +29,8 @@ def app(tmp_path_factory):
     ex = api.use_store(home / "runs.sqlite")
     record_run(ex.store, RUN_ID)
     api.use_store(None)
-    port = _free_port()
-    env = {**os.environ, "TUNEQUANT_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False",
-           "TUNEQUANT_PUBLIC_DEMO": "0", "PYTHONUNBUFFERED": "1",
-           "TUNEQUANT_MEASURED": "store"}             # the app reads this test's own store
-    env.pop("SPACE_ID", None)
-    env.pop("TUNEQUANT_DB", None)
-    log = open(home / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.close()
-                raise RuntimeError("app did not start:\n" + (home / "app.log").read_text()[-3000:])
-            time.sleep(0.5)
-    yield {"url": url, "home": home}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with serve_app(home, {"TUNEQUANT_MEASURED": "store"}) as a:     # the app reads this test's own store
+        yield a
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,56 @@
+"""The dashboard as a real process for the browser tests: app.py on a free localhost port with its
+own TUNEQUANT_HOME, waited for until it answers, terminated (then killed) afterwards."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+# what the developer's shell may set that must not leak into the app under test
+DROPPED = ("SPACE_ID", "TUNEQUANT_DB", "TUNEQUANT_STAGES", "TUNEQUANT_CALIBRATION")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(home: Path, env: dict | None = None, start_s: float = 120):
+    """Yields {"url", "home", "proc", "env"}; `env` adds to (or overrides) the app's environment."""
+    e = {**os.environ, "TUNEQUANT_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False",
+         "TUNEQUANT_PUBLIC_DEMO": "0", "PYTHONUNBUFFERED": "1"}
+    for k in DROPPED:
+        e.pop(k, None)
+    e.update(env or {})
+    port = free_port()
+    log = open(home / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=e, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + start_s
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("app did not start:\n" + (home / "app.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield {"url": url, "home": home, "proc": proc, "env": e}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
