@@ -54,3 +54,27 @@ def serve_app(home: Path, env: dict | None = None, start_s: float = 120):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def launch_chromium(playwright):
+    """Debian's chromium, headless and off the network (no `playwright install`)."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+
+
+def open_page(browser, url: str, errors: list, **kw):
+    """A 1500x1000 page on `url` that appends the page's uncaught errors to `errors`."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1000}, **kw)
+    page.set_default_timeout(30_000)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    return page
+
+
+def pick(page, elem_id: str, value: str) -> None:
+    """Choose a value in a Gradio dropdown by typing it and clicking the option."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(value)
+    page.get_by_role("option", name=value, exact=True).first.click()
+    page.wait_for_timeout(300)

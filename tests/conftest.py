@@ -11,8 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # estimates in tests are the formulas' own figures; calibration tests point this at their own files
 os.environ.setdefault("TUNEQUANT_CALIBRATION", "off")
-# the advisor reads no developer run store in tests; tests of measured evidence give their own runs
-os.environ.setdefault("TUNEQUANT_MEASURED", "off")
+# the advisor reads no developer run store in tests (even when the shell says otherwise); tests of
+# measured evidence give their own runs or set it for their own store
+os.environ["TUNEQUANT_MEASURED"] = "off"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,15 +15,6 @@ from engine.errors import InputError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def no_measured_runs():
-    """These tests rank on the priors: the developer's run store is not read (measured runs have
-    their own tests in test_measured_evidence.py)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNEQUANT_MEASURED", "off")
-        yield
-
-
 # ---- the condition language and the rules as data ---------------------------------------------
 
 def test_condition_language():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_app import CHROMIUM, ROOT, serve_app
+from browser_app import CHROMIUM, ROOT, launch_chromium, open_page, pick, serve_app
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium (dev.sh installs it)")]
@@ -41,14 +41,9 @@ def app(tmp_path_factory):
 def page(app):
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--headless", "--no-sandbox", "--disable-gpu",
-                                          "--disable-background-networking"])
-        pg = browser.new_page(viewport={"width": 1500, "height": 1000})
-        pg.set_default_timeout(30_000)
+        browser = launch_chromium(p)
         errors = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.goto(app["url"])
+        pg = open_page(browser, app["url"], errors)
         pg.wait_for_selector("#tab-wizard, #example", state="attached")
         pg.errors = errors
         yield pg
@@ -68,15 +63,6 @@ def shot(page, name: str) -> None:
 
 def tab(page, label: str) -> None:
     page.get_by_role("tab", name=label).click()
-    page.wait_for_timeout(300)
-
-
-def pick(page, elem_id: str, value: str) -> None:
-    """Choose a value in a Gradio dropdown by typing it and clicking the option."""
-    box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.fill(value)
-    page.get_by_role("option", name=value, exact=True).first.click()
     page.wait_for_timeout(300)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_app import CHROMIUM, ROOT, serve_app
+from browser_app import CHROMIUM, ROOT, launch_chromium, open_page, serve_app
 
 RECORDED = ROOT / "bench" / "measurements" / "calibration-cpu-2026-11-23.json"
 pytestmark = [pytest.mark.browser,
@@ -39,13 +39,9 @@ def upload(page, path: Path) -> None:
 def test_import_refit_and_export_in_the_browser(app, tmp_path):
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu",
-                                                                    "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
-        page.set_default_timeout(30_000)
+        browser = launch_chromium(p)
         errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(app["url"])
+        page = open_page(browser, app["url"], errors, accept_downloads=True)
         page.wait_for_selector("#example", state="attached")
         # the page's load events have run (the scenario's summary is drawn): the page is live
         page.wait_for_function("() => { const e = document.querySelector('#summary'); "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_app import CHROMIUM, ROOT, serve_app
+from browser_app import CHROMIUM, launch_chromium, open_page, pick, serve_app
 
 from test_report import RUN_ID, record_run
 
@@ -37,18 +37,9 @@ def app(tmp_path_factory):
 def browser():
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu",
-                                                              "--disable-background-networking"])
+        b = launch_chromium(p)
         yield b
         b.close()
-
-
-def pick(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.fill(value)
-    page.get_by_role("option", name=value, exact=True).first.click()
-    page.wait_for_timeout(300)
 
 
 def download(page, fmt_label: str, runs_label: str, dest: Path) -> Path:
@@ -69,11 +60,8 @@ def download(page, fmt_label: str, runs_label: str, dest: Path) -> Path:
 
 def test_download_and_open_the_report_offline(app, browser, tmp_path):
     from engine import advisor
-    page = browser.new_page(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
-    page.set_default_timeout(30_000)
     errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(app["url"])
+    page = open_page(browser, app["url"], errors, accept_downloads=True)
     page.wait_for_selector("#example", state="attached")
     pick(page, "example", "ticket-routing")
     page.get_by_role("tab", name="2 · Decision matrix").click()

@@ -9,15 +9,6 @@ from engine.advisor import recommend
 from ui import layout, matrix, wizard
 
 
-@pytest.fixture(autouse=True, scope="module")
-def no_measured_runs():
-    """These tests rank on the priors: the developer's run store is not read (measured runs have
-    their own tests in test_measured_evidence.py)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNEQUANT_MEASURED", "off")
-        yield
-
-
 @pytest.fixture(scope="module")
 def result():
     return recommend(wizard.scenario_from_form(wizard.DEFAULT_FORM))
