@@ -110,7 +110,7 @@ def reference_model(hf_cfg, ckpt: str, method: str, args, dev: str, dtype):
     if method in ("lora", "qlora"):
         arch = models.arch_from_config(hf_cfg.to_dict())
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                           target_modules=memory.lora_modules(arch),
+                                                           target_modules=models.lora_modules(arch),
                                                            task_type="CAUSAL_LM"))
     model.config.use_cache = False
     model.train()

@@ -13,23 +13,20 @@ A team shares measurements with ``export(path)`` / ``import_(path)`` (JSON recor
 bench's output, bench/estimates_vs_measured.py, imports too). ``python -m engine calibrate``
 refits, writes ``$TUNEQUANT_HOME/calibration.json`` and prints the table (docs/calibration.md).
 
-Pure Python (json, sqlite3, math): never imports torch or the ML libraries.
+Pure Python (json, math); reads no database: the caller hands it the runs: never imports torch or the ML libraries.
 """
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import json
 import math
-import os
-import re
-import sqlite3
 import statistics
 import time
 from pathlib import Path
 
 from engine.errors import InputError
-from engine.presets import load_yaml
+from engine.estimate.correction import (_index, _num, fitted_path, installed_versions_key, load_fitted,  # noqa: F401
+                                        lookup, settings, variant_of, versions_key)
+from engine.workspace import home
 
 SCHEMA = 1
 # term -> (label, unit); the estimate kind and key are the two halves of the name
@@ -48,58 +45,16 @@ RSS_WHY = ("not comparable: a CPU run measures the process's peak RSS (Python, t
            "the data), not the tensor bytes torch.cuda.max_memory_allocated counts on a GPU")
 
 
-@functools.lru_cache(maxsize=1)
-def settings() -> dict:
-    return load_yaml("calibration.yaml")
-
-
-def _home() -> Path:
-    # the same rule as engine.runs.store.home() (not imported: estimates must stay light)
-    return Path(os.environ.get("TUNEQUANT_HOME") or "workspace").expanduser().resolve()
-
 
 def records_path() -> Path:
     """Imported records (a team's shared measurements), one JSON object per line."""
-    return _home() / "calibration_records.jsonl"
-
-
-def fitted_path() -> Path | None:
-    """The fitted calibration estimates use: $TUNEQUANT_CALIBRATION (a path, or ``off``:
-    None), else $TUNEQUANT_HOME/calibration.json."""
-    env = os.environ.get("TUNEQUANT_CALIBRATION")
-    if env is not None and env.strip().lower() in ("off", "0", "false", "none", ""):
-        return None
-    return Path(env).expanduser().resolve() if env else _home() / "calibration.json"
+    return home() / "calibration_records.jsonl"
 
 
 def fit_file() -> Path:
     """Where ``calibrate``/``import_`` write the fitted JSON: fitted_path(), or
     $TUNEQUANT_HOME/calibration.json while calibration is off for estimates."""
-    return fitted_path() or _home() / "calibration.json"
-
-
-# ---- versions -----------------------------------------------------------------------------------
-def versions_key(versions: dict | None) -> str:
-    """'torch 2.13 · transformers 5.23 · ...' at major.minor of the packages of the settings."""
-    versions = versions or {}
-    parts = []
-    for name in settings()["version_packages"]:
-        v = versions.get(name)
-        m = re.match(r"^(\d+)\.(\d+)", str(v)) if v else None
-        parts.append(f"{name} {m.group(1)}.{m.group(2)}" if m else f"{name} -")
-    return " · ".join(parts)
-
-
-@functools.lru_cache(maxsize=1)
-def installed_versions_key() -> str:
-    """The versions key of this environment (package metadata only; nothing is imported)."""
-    out = {}
-    for name in settings()["version_packages"]:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return versions_key(out)
+    return fitted_path() or home() / "calibration.json"
 
 
 # ---- pairs: measured next to estimated ------------------------------------------------------------
@@ -118,10 +73,6 @@ def _raw(est: dict, key: str):
     if cal.get("applied") and key in (cal.get("terms") or {}):
         return cal["terms"][key].get("raw")
     return est.get(key)
-
-
-def _num(v):
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _tunes(strategy_id) -> bool | None:
@@ -256,14 +207,6 @@ def fitted_terms() -> list[str]:
     return list(settings()["terms"])
 
 
-def variant_of(kind: str, inputs: dict | None) -> str | None:
-    """What splits a term further (presets/calibration.yaml variant_keys): the training method,
-    the weights format. Speed errors differ by kernel path, so each gets its own factor."""
-    key = (settings().get("variant_keys") or {}).get(kind)
-    v = (inputs or {}).get(key) if key else None
-    return str(v) if v is not None else None
-
-
 def _record(run: dict, p: dict, source: str) -> dict:
     m = run.get("machine") or {}
     kind = p["term"].split(".", 1)[0]
@@ -293,40 +236,11 @@ def records_from_runs(runs: list[dict], source: str = "run-store") -> list[dict]
     return out
 
 
-def _db_path(store_or_path=None) -> Path:
-    if store_or_path is None:
-        return Path(os.environ.get("TUNEQUANT_DB") or _home() / "runs.sqlite").expanduser().resolve()
-    return Path(getattr(store_or_path, "path", store_or_path)).expanduser().resolve()
-
-
-def finished_runs(store_or_path=None) -> list[dict]:
-    """Finished runs of a run store (a RunStore, a path, or None: the default store), read-only."""
-    path = _db_path(store_or_path)
-    if not path.exists():
-        return []
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = con.execute("SELECT id, name, strategy, model, device, status, created, spec, estimate, versions, "
-                           "machine, result FROM runs WHERE status = 'finished' ORDER BY created").fetchall()
-    finally:
-        con.close()
-    out = []
-    for r in rows:
-        run = dict(zip(("id", "name", "strategy", "model", "device", "status", "created"), r[:7]))
-        for k, v in zip(("spec", "estimate", "versions", "machine", "result"), r[7:]):
-            try:
-                run[k] = json.loads(v) if v else None
-            except (TypeError, ValueError):
-                run[k] = None
-        out.append(run)
-    return out
-
-
-def records_from_store(store_or_path=None) -> list[dict]:
-    """Comparable records of the store's finished runs, plus the imported ones (store first;
-    an imported record with the same run id and term as a store record is dropped)."""
-    own = records_from_runs(finished_runs(store_or_path))
-    return _merge(own, imported_records())
+def all_records(runs=()) -> list[dict]:
+    """Comparable records of finished runs (the caller reads them through the run store's API,
+    ``engine.runs.store.finished_runs``) plus the imported ones (runs first; an imported record
+    with the same run id and term as a run's is dropped)."""
+    return _merge(records_from_runs(list(runs or [])), imported_records())
 
 
 def _key(r: dict) -> tuple:
@@ -406,32 +320,6 @@ def fit(records: list[dict], min_runs: int | None = None) -> dict:
             "devices": {d: len(s) for d, s in sorted(devices.items())}, "factors": factors}
 
 
-def _index(fitted: dict) -> dict:
-    idx = fitted.get("_index")
-    if idx is None:
-        idx = {(f["device"], f["versions"], f["term"], f.get("variant", "*")): f for f in fitted.get("factors") or []}
-        fitted["_index"] = idx
-    return idx
-
-
-MATCHES = (("exact", False, False), ("any-versions", True, False), ("exact", False, True), ("any-versions", True, True))
-
-
-def lookup(fitted: dict, device: str | None, versions: str, term: str,
-           variant: str | None = None) -> tuple[dict | None, str]:
-    """(factor entry, "exact" | "any-versions"), the first with enough runs of: this variant
-    (method or weights format) at the exact versions key, at any versions; then every variant
-    of the term (entry["variant"] == "*") at the exact versions, at any versions."""
-    idx = _index(fitted)
-    for how, any_versions, all_variants in MATCHES:
-        if not variant and not all_variants:
-            continue
-        f = idx.get((device, "*" if any_versions else versions, term, "*" if all_variants else str(variant)))
-        if f and f["applies"]:
-            return f, how
-    return None, ""
-
-
 # ---- evaluation: the error before and after -------------------------------------------------------
 def _err(est: float, meas: float, factor: float = 1.0) -> float:
     return abs(meas / (est * factor) - 1)
@@ -476,101 +364,11 @@ def evaluate(records: list[dict]) -> list[dict]:
     return rows
 
 
-# ---- applying a fit to an estimate ------------------------------------------------------------------
-_LOADED: dict = {}
-
-
-def load_fitted(path: Path | None = None) -> dict | None:
-    """The fitted calibration (cached by path and mtime); None when there is none."""
-    path = fitted_path() if path is None else Path(path)
-    if path is None:
-        return None
-    try:
-        mtime = path.stat().st_mtime_ns
-    except OSError:
-        return None
-    hit = _LOADED.get(str(path))
-    if hit and hit[0] == mtime:
-        return hit[1]
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    _LOADED[str(path)] = (mtime, data)
-    return data
-
-
-def apply(est: dict, kind: str, enabled: bool = True, device_bytes=None) -> dict:
-    """Add the ``calibration`` key to an estimate (and correct its headline figures in place:
-    value x factor; the interval's low / spread and high x spread, the runs' scatter).
-
-    ``device_bytes(peak, low, high)`` recomputes what the device must hold when a peak changes."""
-    dev = est.get("gpu")
-    info = {"applied": False, "runs": 0, "device": dev, "note": "", "terms": {}}
-    path = fitted_path()
-    if not enabled:
-        info["note"] = "not calibrated: calibration=False (--no-calibration); the formula's figures"
-    elif path is None:
-        info["note"] = "not calibrated: TUNEQUANT_CALIBRATION=off; the formula's figures"
-    else:
-        fitted = load_fitted(path)
-        if fitted is None:
-            info["note"] = (f"not calibrated: no fitted calibration at {path} (run `python -m engine calibrate` "
-                            f"after measured runs)")
-        else:
-            vkey = installed_versions_key()
-            matched, how_set, run_ids = [], set(), set()
-            for term, spec in settings()["terms"].items():
-                k, key = term.split(".", 1)
-                if k != kind or _num(est.get(key)) is None:
-                    continue
-                f, how = lookup(fitted, dev, vkey, term, variant_of(kind, est.get("inputs")))
-                if f is None:
-                    continue
-                factor, spread = f["factor"], f["spread"]
-                for s in spec.get("scales", []):
-                    if _num(est.get(s)) is not None:     # the interval widens by the runs' spread
-                        widen = 1 / spread if s == "low" or s.endswith("_low") else \
-                            spread if s == "high" or s.endswith("_high") else 1.0
-                        est[s] = est[s] * factor * widen
-                for s in spec.get("inverse", []):
-                    if _num(est.get(s)) is not None:
-                        est[s] = est[s] / factor
-                info["terms"][key] = {"factor": factor, "raw": est[key] / factor, "runs": f["runs"],
-                                      "spread": f["spread"], "versions": f["versions"],
-                                      "variant": f.get("variant", "*"), "match": how,
-                                      "run_ids": f["run_ids"][:20]}
-                if key in ("weights_bytes", "peak_allocated_bytes"):
-                    est[key] = int(round(est[key]))
-                if spec.get("device_bytes") and device_bytes is not None:
-                    est.update(device_bytes(est["peak_allocated_bytes"], int(est["low"]), int(est["high"])))
-                matched.append(term)
-                how_set.add(how)
-                run_ids.update(f["run_ids"])
-            if matched:
-                info["applied"], info["runs"] = True, len(run_ids)
-                where = ("the installed library versions" if not any("any-versions" in h for h in how_set) else
-                         "other library versions too (no exact match for " + vkey + ")")
-                info["note"] = (f"calibrated from {len(run_ids)} measured run(s) on {dev} with {where}: "
-                                + ", ".join(f"{t.split('.', 1)[1]} x{info['terms'][t.split('.', 1)[1]]['factor']:.3g}"
-                                            for t in matched) + f" ({path.name}, fitted {fitted.get('fitted_at')})")
-            else:
-                n = (fitted.get("devices") or {}).get(dev, 0)
-                info["note"] = (f"not calibrated: no measured runs for {dev}" if not n else
-                                f"not calibrated: {n} measured run(s) on {dev}, but no term of this {kind} "
-                                f"estimate has {fitted.get('settings', {}).get('min_runs')}+ runs agreeing on a "
-                                f"correction (they scatter around the formula's figures)")
-    est["calibration"] = info
-    if info["applied"]:
-        est.setdefault("notes", []).append(info["note"])
-    return est
-
-
 # ---- sharing: export / import ------------------------------------------------------------------------
-def export(path, store_or_path=None, about: dict | None = None, records: list[dict] | None = None) -> dict:
-    """Write every record (the store's comparable pairs + imported ones; or ``records``) as a
+def export(path, runs=(), about: dict | None = None, records: list[dict] | None = None) -> dict:
+    """Write every record (the comparable pairs of ``runs`` + imported ones; or ``records``) as a
     JSON file (``about``: free fields saying how the measurements were made)."""
-    recs = records_from_store(store_or_path) if records is None else records
+    recs = all_records(runs) if records is None else records
     machines = {json.dumps(r.get("machine") or {}, sort_keys=True) for r in recs}
     doc = {"schema": SCHEMA, "kind": "tunequant-calibration-records",
            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(about or {}),
@@ -653,10 +451,10 @@ def read_records(path) -> list[dict]:
                      field="import")
 
 
-def import_(path, store_or_path=None, refit: bool = True) -> dict:
+def import_(path, runs=(), refit: bool = True) -> dict:
     """Merge a file's records into $TUNEQUANT_HOME/calibration_records.jsonl (dedupe by run id
-    and term; what is there stays) and refit (the store's records + every imported one) into
-    the fitted JSON. Returns what was added."""
+    and term; what is there stays) and refit (the records of ``runs``, the run store's finished
+    runs, + every imported one) into the fitted JSON. Returns what was added."""
     new = read_records(path)
     have = imported_records()
     merged = _merge(have, new)
@@ -669,7 +467,7 @@ def import_(path, store_or_path=None, refit: bool = True) -> dict:
     out = {"file": str(path), "read": len(new), "added": added, "duplicates": len(new) - added,
            "records_path": str(rp)}
     if refit:
-        out["fitted"] = write_fit(records_from_store(store_or_path))[0]
+        out["fitted"] = write_fit(all_records(runs))[0]
     return out
 
 
@@ -678,21 +476,22 @@ def write_fit(recs: list[dict], out=None) -> tuple[str, dict]:
     $TUNEQUANT_HOME/calibration.json while calibration is off)."""
     fitted = fit(recs)
     fitted["evaluation"] = evaluate(recs)
-    path = Path(out) if out else (fitted_path() or _home() / "calibration.json")
+    path = Path(out) if out else (fitted_path() or home() / "calibration.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({k: v for k, v in fitted.items() if k != "_index"}, indent=1, default=str) + "\n",
                     encoding="utf-8")
     return str(path), fitted
 
 
-def calibrate(store_or_path=None, import_file=None, export_file=None, out=None) -> dict:
-    """Import (optional), refit from the store + imported records, write the fitted JSON,
-    evaluate, export (optional): what `python -m engine calibrate` does."""
+def calibrate(runs=(), import_file=None, export_file=None, out=None, store=None) -> dict:
+    """Import (optional), refit from ``runs`` (the run store's finished runs, read by the caller)
+    + the imported records, write the fitted JSON, evaluate, export (optional): what
+    `python -m engine calibrate` does. ``store``: where the runs came from (said in the result)."""
     imported = import_(import_file, refit=False) if import_file else None
-    recs = records_from_store(store_or_path)
+    recs = all_records(runs)
     path, fitted = write_fit(recs, out)
-    res = {"path": path, "store": str(_db_path(store_or_path)), "records": len(recs), "runs": fitted["runs"],
-           "devices": fitted["devices"], "evaluation": fitted["evaluation"],
+    res = {"path": path, "store": None if store is None else str(store), "records": len(recs),
+           "runs": fitted["runs"], "devices": fitted["devices"], "evaluation": fitted["evaluation"],
            "factors": [{k: f[k] for k in ("device", "versions", "term", "variant", "factor", "gmean", "spread", "runs",
                                           "applies")}
                        for f in fitted["factors"]],
@@ -700,60 +499,5 @@ def calibrate(store_or_path=None, import_file=None, export_file=None, out=None) 
     if imported:
         res["imported"] = imported
     if export_file:
-        res["exported"] = export(export_file, store_or_path)
+        res["exported"] = export(export_file, runs)
     return res
-
-
-# ---- the command line ---------------------------------------------------------------------------------
-def _pct(x) -> str:
-    return "-" if x is None else f"{x * 100:.1f}%"
-
-
-def table(res: dict) -> str:
-    lines = [f"calibration: {res['records']} record(s) from {res['runs']} run(s) -> {res['path']}"]
-    if not res.get("active"):
-        lines.append("  (TUNEQUANT_CALIBRATION=off: estimates of this process do not use it)")
-    for dev, n in res["devices"].items():
-        lines.append(f"  {dev}: {n} run(s)")
-    if res.get("imported"):
-        i = res["imported"]
-        lines.append(f"imported {i['added']} new record(s) of {i['read']} from {i['file']}")
-    lines.append("")
-    lines.append("median |measured/estimated - 1|   (held back: each run corrected by a fit on the other runs)")
-    lines.append("and the median factor off either way, exp|ln(measured/estimated)| (x1.00 = exact)")
-    hdr = (f"{'device':<18} {'term':<28} {'runs':>4} {'before':>9} {'in-sample':>10} {'held back':>10}"
-           f" {'before':>8} {'in-sample':>10} {'held back':>10}")
-    lines += [hdr, "-" * len(hdr)]
-    for r in res["evaluation"]:
-        lines.append(f"{r['device']:<18} {r['term']:<28} {r['runs']:>4} {_pct(r['before']):>9} "
-                     f"{_pct(r['in_sample']):>10} {_pct(r['held_back']):>10} x{r['before_x']:>7.2f} "
-                     f"x{r['in_sample_x']:>9.2f} x{r['held_back_x']:>9.2f}")
-    lines.append("")
-    lines.append("factors at the exact versions (device, term, variant: factor, spread, runs)")
-    for f in res["factors"]:
-        if f["applies"] and f["versions"] != "*":
-            lines.append(f"  {f['device']:<18} {f['term']:<28} {f['variant']:<14} x{f['factor']:.3g} "
-                         f"(spread x{f['spread']:.2g}, {f['runs']} runs; {f['versions']})")
-    if res.get("exported"):
-        lines.append(f"exported {res['exported']['records']} record(s) to {res['exported']['path']}")
-    return "\n".join(lines)
-
-
-def _run_cli(args) -> int:
-    res = calibrate(args.store, getattr(args, "import_file", None), args.export)
-    if args.json:
-        from engine.cli import emit
-        emit(res)
-    else:
-        print(table(res))
-    return 0
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("calibrate", help="refit the estimates' correction factors from measured runs")
-    p.add_argument("--store", default=None, help="run store (default $TUNEQUANT_DB or $TUNEQUANT_HOME/runs.sqlite)")
-    p.add_argument("--import", dest="import_file", default=None,
-                   help="merge records from a calibration export or a bench/measurements/*.json file")
-    p.add_argument("--export", default=None, help="write every record (store + imported) to this JSON file")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_run_cli)

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from engine import demo_presets
 from engine.errors import InputError
 from engine.presets import load_dir
 
@@ -134,6 +135,48 @@ class ModelArch:
             "total_params": self.total_params, "active_params": self.active_params,
             "source": self.source, "approximate": self.approximate, "notes": list(self.notes),
         }
+
+
+# ---- LoRA on this architecture (what peft adapts; the train stage and the estimates share it) --
+
+# MoE types whose fused expert parameters peft (0.21) maps target_modules gate/up/down onto
+# (ParamWrapper); on the others (mixtral) LoRA reaches the attention projections only
+PEFT_PARAM_WRAPPED = ("qwen3_moe",)     # qwen2_moe: peft reaches the shared expert's nn.Linear only
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def lora_targets(arch: ModelArch) -> tuple[str, ...]:
+    """The LoRA targets (llama names) peft can adapt on this architecture."""
+    if arch.num_experts and arch.model_type not in PEFT_PARAM_WRAPPED:
+        return ATTENTION_TARGETS
+    return LORA_TARGETS
+
+
+def lora_modules(arch: ModelArch, targets=LORA_TARGETS) -> list[str]:
+    """peft ``target_modules`` for LoRA targets given by their llama names (q_proj ... down_proj):
+    the module names this architecture uses for them (ModelArch.linears: phi3 qkv_proj/gate_up_proj,
+    opt out_proj/fc1/fc2, bloom query_key_value/dense/dense_h_to_4h/dense_4h_to_h), restricted
+    to what peft adapts (MoE experts only where peft wraps them). The train stage adapts these
+    modules and the estimate counts the same ones."""
+    allowed = lora_targets(arch)
+    out: list[str] = []
+    for lin in arch.linears:
+        leaf = lin.name.rsplit(".", 1)[-1]
+        if lin.lora_target in targets and lin.lora_target in allowed and leaf not in out:
+            out.append(leaf)
+    return out
+
+
+def lora_param_count(arch: ModelArch, rank: int, targets=None) -> int:
+    """LoRA parameters peft creates for this architecture (targets: lora_targets(arch)).
+    Where peft wraps fused MoE experts (ParamWrapper), the fused gate_up_proj [E, 2I, h] gets
+    rank 2r over E experts, 2r·E·(h + 2I), where two separate gate/up adapters would be
+    2r·E·(h + I): checked against peft 0.21 on tiny random-init models."""
+    targets = lora_targets(arch) if targets is None else targets
+    n = arch.lora_params(rank, targets)
+    if arch.num_experts and arch.model_type in PEFT_PARAM_WRAPPED and {"gate_proj", "up_proj"} <= set(targets):
+        n += arch.num_layers * 2 * rank * arch.num_experts * arch.moe_intermediate_size
+    return n
 
 
 # ---- parsing config.json ------------------------------------------------------------------
@@ -320,9 +363,8 @@ def resolve(ref) -> ModelArch:
                          "a config.json path or a hub id", field="model")
     ref = ref.strip()
     if ref.startswith("demo:"):                  # the project's own offline demo models (presets/demo/models.yaml)
-        from engine.runs import demo
-        name = demo.model_name(ref)
-        return arch_from_config(demo.hf_config(name), name=ref, source=f"demo:{name}")
+        name = demo_presets.model_name(ref)
+        return arch_from_config(demo_presets.hf_config(name), name=ref, source=f"demo:{name}")
     ps = presets()
     if ref.lower() in ps:
         return _from_preset(ref.lower())

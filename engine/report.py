@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html as _html
-import importlib
 import importlib.util
 import json
 import platform
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from engine import charts
+from engine import calibration, charts
 from engine.fmt import GB, duration, num, usd
 from engine.errors import InputError
 
@@ -39,7 +38,6 @@ SECTIONS = (("scenario", "The scenario"), ("recommendation", "Recommendation and
             ("matrix", "Decision matrix"), ("charts", "Trade-off charts"), ("runs", "Runs"),
             ("measured", "Measured vs estimated"), ("assumptions", "Assumptions"),
             ("change", "What would change the answer"), ("reproduce", "How to reproduce"))
-MAX_RUNS = 20          # newest finished runs shown when picked by model or "all"
 
 
 # ---- blocks: what a section holds (rendered by html() and markdown()) -----------------------------------
@@ -115,74 +113,25 @@ def _versions() -> dict:
     return out
 
 
-def select_runs(scenario: dict, runs=None) -> tuple[list[dict], str]:
-    """(finished runs to show, how they were picked). ``runs``: None/"model" (the scenario's model),
-    "all", "none", or run ids (a list or "ID,ID"); an unknown id is an InputError."""
-    from engine.runs import api
-    if isinstance(runs, str) and runs.strip().lower() in ("", "model"):
-        runs = None
-    if isinstance(runs, str) and runs.strip().lower() == "none":
-        return [], "no runs asked for (--runs none)"
-    if isinstance(runs, str) and runs.strip().lower() == "all":
-        found = api.list_runs(status="finished")
-        return found[:MAX_RUNS], (f"every finished run in the store ({len(found)}"
-                                  + (f"; the newest {MAX_RUNS} shown)" if len(found) > MAX_RUNS else ")"))
-    if runs is None:
-        model = scenario.get("model")
-        if not isinstance(model, str):
-            return [], "the scenario names no model id (size and family only), so no run matches it; pass run ids"
-        found = [r for r in api.list_runs(status="finished") if r.get("model") == model]
-        return found[:MAX_RUNS], (f"the finished runs of {model} ({len(found)}"
-                                  + (f"; the newest {MAX_RUNS} shown)" if len(found) > MAX_RUNS else ")"))
-    ids = [x.strip() for x in (runs.split(",") if isinstance(runs, str) else runs) if str(x).strip()]
-    out = []
-    for rid in ids:
-        try:
-            out.append(api.get_run(rid))
-        except InputError as e:
-            raise InputError(f"runs: {e}; pass ids from `python -m engine runs list`, or model, all or none",
-                             field="runs") from None
-        except KeyError:
-            raise InputError(f"runs: no run {rid!r} in the store; pass ids from `python -m engine runs list`, "
-                             f"or model, all or none", field="runs") from None
-    return out, "the runs asked for: " + ", ".join(ids)
+def measured_pairs(run: dict) -> tuple[list[dict], str]:
+    """(measured-vs-estimated pairs of a run, a note)."""
+    return calibration.pairs(run), ""
 
 
-def measured_pairs(run: dict) -> tuple[list[dict] | None, str]:
-    """(measured-vs-estimated pairs of a run, a note); None while engine.calibration is not in the build."""
-    try:
-        mod = importlib.import_module("engine.calibration")
-    except ModuleNotFoundError as e:
-        if e.name in ("engine.calibration",):
-            return None, "engine.calibration is not in this build: no measured-vs-estimated pairs"
-        raise
-    fn = getattr(mod, "pairs", None)
-    if fn is None:
-        return None, "engine.calibration has no pairs() in this build"
-    return fn(run), ""
-
-
-def collect(scenario, runs=None) -> dict:
-    """Everything the report shows: the advisor's answer, its rows and charts, the runs and their pairs."""
-    from engine import advisor
-    res = advisor.recommend(scenario)
-    rs = charts.rows(res)
-    scn = res["scenario"]
+def collect(result: dict, runs=(), runs_how: str = "", runs_arg: str = "model", source: str | None = None) -> dict:
+    """Everything the report shows: the advisor's answer (``result``, engine.advisor.recommend),
+    its rows and charts, the runs (finished run records, picked by the caller: ``runs_how`` says
+    how, ``runs_arg`` is the --runs that reproduces the pick) and their pairs."""
+    rs = charts.rows(result)
+    scn = result["scenario"]
     figs = charts.scenario_charts(rs, scn)
     pipeline = charts.scenario_charts(rs, scn, charts.MEMORY_VIEWS[1])["memory"]
-    chosen, how = select_runs(scn, runs)
+    chosen = list(runs or [])
     pairs = {r["id"]: measured_pairs(r) for r in chosen}
-    source = None
-    if isinstance(scenario, (str, Path)):
-        source = str(scenario)
-    if runs is None or (isinstance(runs, str) and runs.strip().lower() in ("", "model", "all", "none")):
-        runs_arg = (runs or "model").strip().lower()
-    else:
-        runs_arg = ",".join(r["id"] for r in chosen)
-    return {"result": res, "rows": rs, "scenario": scn, "source": source, "runs_arg": runs_arg,
+    return {"result": result, "rows": rs, "scenario": scn, "source": source, "runs_arg": runs_arg,
             "figures": {"memory": figs["memory"], "pipeline": pipeline, "latency": figs["latency"],
                         "breakdown": figs["breakdown"], "cost": figs["cost"]},
-            "runs": chosen, "runs_how": how, "pairs": pairs, "versions": _versions(),
+            "runs": chosen, "runs_how": runs_how, "pairs": pairs, "versions": _versions(),
             "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -568,51 +517,20 @@ def markdown(d: dict) -> str:
     return "\n".join(out)
 
 
-def build(scenario, runs=None, fmt: str = "html") -> str:
-    """The report of a scenario (a dict, a Scenario, or a path / preset id of a YAML file) as HTML or
-    Markdown. ``runs``: None (the scenario model's finished runs), "all", "none", or run ids."""
+def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise InputError(f"format: unknown {fmt!r}; use one of {', '.join(FORMATS)}", field="format")
-    d = collect(scenario, runs)
+
+
+def render(d: dict, fmt: str = "html") -> str:
+    """The collected report (``collect``) as HTML or Markdown."""
+    check_format(fmt)
     return html(d) if fmt == "html" else markdown(d)
 
 
-# ---- CLI --------------------------------------------------------------------------------------------
-
-def _run_cli(args) -> int:
-    from engine.cli import emit
-    fmt = args.format
-    if args.out and args.out != "-" and fmt is None:
-        fmt = "md" if args.out.endswith(".md") else "html"
-    fmt = fmt or "html"
-    runs = None if args.runs in (None, "model") else args.runs
-    doc = build(args.scenario, runs, fmt)
-    stem = Path(str(args.scenario)).stem if not isinstance(args.scenario, dict) else "scenario"
-    out = args.out or f"report-{stem}.{fmt}"
-    if out == "-":
-        if args.json:
-            raise InputError("out: '-' (stdout) cannot be combined with --json; name a file", field="out")
-        print(doc)
-        return 0
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc, encoding="utf-8")
-    info = {"path": str(path.resolve()), "format": fmt, "bytes": path.stat().st_size,
-            "sections": [t for _, t in SECTIONS]}
-    if args.json:
-        emit(info)
-    else:
-        print(f"wrote {info['path']} ({info['bytes']:,} bytes, {fmt})")
-    return 0
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("report", help="write the report of a scenario (HTML with charts, or Markdown)")
-    p.add_argument("--scenario", required=True, help="scenario YAML/JSON file, or a preset id of presets/scenarios/")
-    p.add_argument("--runs", default=None,
-                   help="runs to include: model (default: the finished runs of the scenario's model), all, none, "
-                        "or run ids ID,ID")
-    p.add_argument("--format", choices=FORMATS, default=None, help="html (default; charts inline, opens offline) or md")
-    p.add_argument("--out", default=None, help="file to write (default report-<scenario>.<format>; '-' prints it)")
-    p.add_argument("--json", action="store_true", help='print {"path", "format", "bytes", "sections"}')
-    p.set_defaults(func=_run_cli)
+def build(result: dict, runs=(), runs_how: str = "", runs_arg: str = "model", source: str | None = None,
+          fmt: str = "html") -> str:
+    """The report of the advisor's answer for a scenario (``result``) and the runs shown, as HTML
+    or Markdown (engine.runs.evidence.report picks the runs from the store)."""
+    check_format(fmt)
+    return render(collect(result, runs, runs_how, runs_arg, source), fmt)

@@ -12,6 +12,7 @@ import pytest
 from engine import calibration as C
 from engine import estimate as E
 from engine import strategies
+from engine.runs.store import finished_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDED = [ROOT / "bench" / "measurements" / "calibration-cpu-2026-11-23.json"]
@@ -259,9 +260,9 @@ def test_export_import_round_trip_into_a_fresh_home(tmp_path, monkeypatch):
     out = C.export(tmp_path / "shared.json")
     assert out["records"] == len(original)
     monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path / "b"))
-    assert C.records_from_store() == []
+    assert C.all_records(finished_runs()) == []
     C.import_(tmp_path / "shared.json")
-    back = C.records_from_store()
+    back = C.all_records(finished_runs())
     key = lambda r: (r["run_id"], r["term"])
     assert sorted(map(key, back)) == sorted(map(key, original))
     assert {key(r): (r["estimated"], r["measured"], r["device"], r["versions"]) for r in back} == \
@@ -269,7 +270,7 @@ def test_export_import_round_trip_into_a_fresh_home(tmp_path, monkeypatch):
 
 
 def test_records_from_a_run_store(tmp_path, monkeypatch):
-    from engine.runs.store import RunStore
+    from engine.runs.store import RunStore, finished_runs
     run, _, _ = _cpu_qlora_run()
     store = RunStore(tmp_path / "runs.sqlite", tmp_path / "runs")
     store.create_run("r-1", {"model": "demo:tiny-llama", "strategy": "qlora"}, "cpu")
@@ -277,9 +278,9 @@ def test_records_from_a_run_store(tmp_path, monkeypatch):
     store.finish("r-1", "finished", None, result=run["result"])
     store.create_run("r-2", {"model": "demo:tiny-llama", "strategy": "qlora"}, "cpu")   # queued: not a record
     monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path / "home"))
-    recs = C.records_from_store(tmp_path / "runs.sqlite")
+    recs = C.all_records(finished_runs(tmp_path / "runs.sqlite"))
     assert {r["run_id"] for r in recs} == {"r-1"} and len(recs) == 4
-    assert C.records_from_store(store) == recs
+    assert C.all_records(finished_runs(store)) == recs
 
 
 def test_bench_output_imports_as_records():

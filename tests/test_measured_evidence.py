@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from engine import advisor
+from engine import advisor, charts
 from engine.errors import InputError
-from engine.estimate.accuracy import estimate_accuracy, measured_accuracy, measured_from_runs
-from engine.runs import api
+from engine.advisor.measured import measured_from_runs
+from engine.estimate.accuracy import estimate_accuracy, measured_accuracy
+from engine.runs import api, evidence
 from ui import matrix
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,20 +213,21 @@ def temp_store(tmp_path):
 
 def test_scenario_measured_field_and_the_store(temp_store, monkeypatch):
     monkeypatch.delenv("TUNEQUANT_MEASURED")
-    found = advisor.measured_runs(DEMO)                             # default: the run store
+    found = advisor.measured_runs(DEMO, evidence.measured_runs(DEMO))   # default: the run store
     assert {r["id"] for r in found} == {NF4, GPTQ, QLORA}
-    out = advisor.recommend(DEMO, what_if=False)
+    out = evidence.recommend(DEMO, what_if=False)
     assert entry(out, "ptq-nf4")["estimates"]["accuracy"]["measured"]["run_id"] == NF4
-    assert [r["id"] for r in advisor.measured_runs({**DEMO, "measured": [GPTQ]})] == [GPTQ]
-    assert advisor.measured_runs({**DEMO, "measured": "none"}) == []
+    assert [r["id"] for r in evidence.measured_runs({**DEMO, "measured": [GPTQ]})] == [GPTQ]
+    assert evidence.measured_runs({**DEMO, "measured": "none"}) == []
     with pytest.raises(InputError) as e:
-        advisor.measured_runs({**DEMO, "measured": ["r-nope"]})
+        evidence.measured_runs({**DEMO, "measured": ["r-nope"]})
     assert e.value.field == "measured"
     with pytest.raises(InputError, match="allowed: store, none"):
-        advisor.recommend({**DEMO, "measured": "everything"})
+        evidence.recommend({**DEMO, "measured": "everything"})
     monkeypatch.setenv("TUNEQUANT_MEASURED", "off")                 # tests and sandboxes switch the store off
-    assert advisor.measured_runs(DEMO) == []
-    assert advisor.measured_runs(DEMO, runs=[NF4])[0]["id"] == NF4  # explicit ids still read
+    assert evidence.measured_runs(DEMO) == []
+    assert evidence.measured_runs({**DEMO, "measured": [NF4]})[0]["id"] == NF4  # explicit ids still read
+    assert advisor.recommend(DEMO, what_if=False)["measured_runs"] == []        # the advisor reads no store
 
 
 def test_measured_path_imports_no_heavy_library():
@@ -242,12 +244,12 @@ def test_measured_path_imports_no_heavy_library():
 
 def test_matrix_shows_measured_and_estimated():
     out = advisor.recommend(DEMO, what_if=False, runs=runs(NF4))
-    rs = {r["strategy"]: r for r in matrix.rows(out)}
+    rs = {r["strategy"]: r for r in charts.rows(out)}
     assert rs["ptq-nf4"]["acc_kind"] == "measured" and rs["ptq-nf4"]["acc_run"] == NF4
     assert rs["ptq-nf4"]["acc_from"].startswith(f"measured (run {NF4}")
     pub = entry(out, "ptq-awq-4bit")["estimates"]["accuracy"]["evidence"]["published"]
     assert rs["ptq-awq-4bit"]["acc_kind"] == "estimated" and rs["ptq-awq-4bit"]["acc_from"] == f"estimated ({pub} published)"
-    df = matrix.table(matrix.rows(out)).data
+    df = matrix.table(charts.rows(out)).data
     cell = df.loc[df["strategy"] == "ptq-nf4", "accuracy from"].item()
     assert cell.startswith("measured") and NF4 in cell
     d = matrix.detail_html(out, "ptq-nf4")
@@ -257,17 +259,17 @@ def test_matrix_shows_measured_and_estimated():
 
 def test_matrix_shows_the_calibration_status():
     cal = lambda applied, n: {"applied": applied, "runs": n, "note": "", "terms": {}}   # noqa: E731
-    assert matrix.calibration_text([]) == "—"
-    assert matrix.calibration_text([{"stage": "serve", "calibration": cal(False, 0)}]) == "not calibrated"
-    assert matrix.calibration_text([{"stage": "train", "calibration": cal(True, 3)},
+    assert charts.calibration_text([]) == "—"
+    assert charts.calibration_text([{"stage": "serve", "calibration": cal(False, 0)}]) == "not calibrated"
+    assert charts.calibration_text([{"stage": "train", "calibration": cal(True, 3)},
                                     {"stage": "serve", "calibration": cal(True, 3)}]) == "calibrated from 3 runs"
-    assert matrix.calibration_text([{"stage": "train", "calibration": cal(True, 3)},
+    assert charts.calibration_text([{"stage": "train", "calibration": cal(True, 3)},
                                     {"stage": "serve", "calibration": cal(False, 0)}]) == \
         "train: calibrated from 3 runs; serve: not calibrated"
     out = advisor.recommend(DEMO, what_if=False, runs=[])
-    for e, r in zip(out["ranked"], matrix.rows(out)):
+    for e, r in zip(out["ranked"], charts.rows(out)):
         stages = [s for s in e["estimates"]["stages"] if s.get("calibration")]
-        assert r["calibration"] == matrix.calibration_text(e["estimates"]["stages"])
+        assert r["calibration"] == charts.calibration_text(e["estimates"]["stages"])
         assert (r["calibration"] == "—") == (not stages)
 
 
@@ -288,7 +290,7 @@ def test_a_real_run_becomes_measured_evidence(tmp_path, monkeypatch):
         ev = run["result"]["eval"]
         assert rows[0]["ratio"] == pytest.approx(ev["after"]["perplexity"] / ev["before"]["perplexity"], rel=1e-5)
         monkeypatch.delenv("TUNEQUANT_MEASURED")
-        out = advisor.recommend(DEMO, what_if=False)
+        out = evidence.recommend(DEMO, what_if=False)
         acc = entry(out, "ptq-nf4")["estimates"]["accuracy"]
         assert acc["measured"]["run_id"] == rid and math.isfinite(acc["retention"])
         assert any(rid in w for w in entry(out, "ptq-nf4")["why"])

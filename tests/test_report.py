@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from engine import advisor, charts, report
+from engine.runs import evidence
 from engine.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,7 +272,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(store):
-    d = report.collect(SCENARIO)
+    d = evidence.report_data(SCENARIO)
     return d, report.html(d), report.markdown(d)
 
 
@@ -300,7 +301,7 @@ def test_every_section_in_both_formats(built):
 
 def test_matrix_rows_are_the_advisors(built):
     d, html, md = built
-    res = advisor.recommend(SCENARIO)
+    res = evidence.recommend(SCENARIO)             # the advisor with the store's measured run, as the report
     rows = md_table(md, "#")
     assert [r[1] for r in rows] == [e["strategy"] for e in res["ranked"]]
     assert [r[3] == "yes" for r in rows] == [e["feasible"] for e in res["ranked"]]
@@ -315,11 +316,12 @@ def test_matrix_rows_are_the_advisors(built):
     reco = res["recommended"]
     assert f"<tr class='reco'><td>1</td><td>{reco}</td>" in html
     assert f"Recommended: " in md and f"({reco}, " in md
-    # the report's rows are the dashboard's rows (one flattening of the advisor's answer)
+    # the report's rows are the dashboard's rows (one flattening of the advisor's answer, engine.charts.rows)
     from ui import matrix
-    ui_rows = matrix.rows(res)
-    for a, b in zip(charts.rows(res), ui_rows):
+    ui_rows = charts.rows(res)
+    for a, b in zip(d["rows"], ui_rows):
         assert {k: b.get(k) for k in a} == a
+    assert list(matrix.table(ui_rows).data["strategy"]) == [r["strategy"] for r in d["rows"]]
 
 
 def test_recommendation_names_rules_and_sources(built):
@@ -386,14 +388,14 @@ def test_measured_vs_estimated(built):
 
 def test_run_selection(store):
     scn = advisor.recommend(SCENARIO, what_if=False)["scenario"]
-    assert report.select_runs(scn, "none")[0] == []
-    assert [r["id"] for r in report.select_runs(scn, "all")[0]] == [RUN_ID]
-    assert [r["id"] for r in report.select_runs(scn, RUN_ID)[0]] == [RUN_ID]
-    assert report.select_runs({**scn, "model": "qwen2.5-7b"})[0] == []
+    assert evidence.select_runs(scn, "none")[0] == []
+    assert [r["id"] for r in evidence.select_runs(scn, "all")[0]] == [RUN_ID]
+    assert [r["id"] for r in evidence.select_runs(scn, RUN_ID)[0]] == [RUN_ID]
+    assert evidence.select_runs({**scn, "model": "qwen2.5-7b"})[0] == []
     with pytest.raises(InputError, match="r-nope"):
-        report.select_runs(scn, "r-nope")
+        evidence.select_runs(scn, "r-nope")
     with pytest.raises(InputError, match="format"):
-        report.build(SCENARIO, "none", fmt="pdf")
+        evidence.report(SCENARIO, "none", fmt="pdf")
 
 
 HOSTILE = "<script>alert('x')</script> | <img src=x onerror=alert(1)>"
@@ -403,11 +405,11 @@ def test_hostile_text_is_escaped(store):
     from engine.runs import api
     record_run(api.executor().store, "r-hostile", name=HOSTILE)
     scn = {**SCENARIO, "name": HOSTILE, "description": "</table></section><b>bold</b>"}
-    html = report.build(scn, runs="r-hostile", fmt="html")
+    html = evidence.report(scn, runs="r-hostile", fmt="html")
     assert "<script>alert" not in html and "<img src=x" not in html and "<b>bold</b>" not in html
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html
     assert html.count("<section") == html.count("</section>") == len(report.SECTIONS)
-    md = report.build(scn, runs="r-hostile", fmt="md")
+    md = evidence.report(scn, runs="r-hostile", fmt="md")
     prose = re.sub(r"\n(`{3,})[a-z]*\n.*?\n\1\n", "\n", md, flags=re.S)   # code blocks show text as text
     assert "<script>" not in prose and "<img" not in prose and "&lt;script>" in prose
     assert "name: <script>alert('x')</script>" in md                # the YAML, verbatim inside its code block
@@ -443,8 +445,8 @@ def test_cli(store, tmp_path):
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "presets/scenarios").glob("*.yaml")))
 def test_every_preset_scenario_reports(store, preset):
-    md = report.build(preset, runs="none", fmt="md")
-    res = advisor.recommend(preset)
+    md = evidence.report(preset, runs="none", fmt="md")
+    res = evidence.recommend(preset)
     assert [r[1] for r in md_table(md, "#")] == [e["strategy"] for e in res["ranked"]]
     assert f"python -m engine recommend --scenario {preset} --json" in md
     assert all(f"\n## {t}\n" in md for _, t in report.SECTIONS)
@@ -452,7 +454,7 @@ def test_every_preset_scenario_reports(store, preset):
 
 def test_size_and_family_scenario_has_no_runs_by_model(store):
     scn = {**SCENARIO, "model": {"params_b": 13, "family": "llama-2"}}
-    md = report.build(scn, fmt="md")
+    md = evidence.report(scn, fmt="md")
     assert "the scenario names no model id" in md and RUN_ID not in md.split("## Runs")[1]
 
 
@@ -463,7 +465,7 @@ def test_dashboard_writes_the_report(store):
     text = Path(path).read_text()
     def body(doc):                                                  # the document without its "Generated <time>" line
         return [ln for ln in doc.splitlines() if not ln.startswith("Generated ")]
-    assert body(text) == body(report.build(SCENARIO, "all", "md"))
+    assert body(text) == body(evidence.report(SCENARIO, "all", "md"))
     assert RUN_ID in text
     none, err = ui_report.write(None, "HTML (charts, opens offline)")
     assert none is None and "no scenario yet" in err

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.runs import events as api_events
+from engine.runs.api import events as api_events
 from engine.runs.events import check, line, summary
 from engine.runs.faults import classify, exit_reason, suggestions
 from engine.runs.store import RunStore
@@ -110,7 +110,7 @@ def test_event_check_and_lines():
                  {"seq": 3, "ts": 2, "type": "error", "stage": "train", "kind": "oom-gpu", "message": "x"}])
     assert s["by_type"] == {"step": 1, "log": 1, "error": 1} and s["last_seq"] == 3
     assert s["last_step"]["step"] == 3 and s["log_tail"] == ["m"] and s["errors"][0]["kind"] == "oom-gpu"
-    assert callable(api_events)          # engine.runs.events is the API function; the module is engine.runs.events
+    assert callable(api_events)          # engine.runs.api.events is the API function; the module is engine.runs.events
 
 
 def test_fault_classification_uses_the_real_exception_types():
@@ -146,7 +146,7 @@ def test_oom_suggestions_cover_batch_checkpointing_and_4bit():
 
 
 def test_importing_the_runs_api_does_not_import_torch():
-    code = ("import sys, engine.runs, engine.runs.cli, engine.runs.worker, engine.runs.context;"
+    code = ("import sys, engine.runs.api, engine.cli.runs, engine.runs.worker, engine.runs.context;"
             "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'torchao', 'gptqmodel')"
             " if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

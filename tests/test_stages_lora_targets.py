@@ -8,7 +8,6 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from engine import models  # noqa: E402
-from engine.estimate import memory as M  # noqa: E402
 from engine.runs.stages.loss import chunked_loss  # noqa: E402
 from engine.runs.stages.train import lora_modules  # noqa: E402
 
@@ -48,7 +47,7 @@ def test_all_seven_map_to_the_models_own_modules_and_the_planners_count(mt, want
     pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=names))
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     arch = models.arch_from_config(model.config.to_dict())
-    assert trainable == M.lora_param_count(arch, 4)                         # what the estimate counts
+    assert trainable == models.lora_param_count(arch, 4)                         # what the estimate counts
     # and it trains: one step of the chunked loss moves the adapters
     ids = torch.randint(3, 128, (2, 12))
     loss = chunked_loss(pm, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})

@@ -48,7 +48,7 @@ def test_empty_home_says_there_is_no_fit(home):
 def test_tables_hold_calibrates_numbers(home):
     seed(home)
     view, msg = U.refit()
-    res = C.calibrate()                                  # what `python -m engine calibrate --json` prints
+    res = C.calibrate(U.store_runs())                    # what `python -m engine calibrate --json` prints
     assert f"{res['records']} record(s) from {res['runs']} run(s)" in msg and res["records"] == N_RECORDS
     fit = U.fitted()
     # factors: every one, same figures
@@ -114,7 +114,7 @@ def test_a_store_run_counts_next_to_the_imported_ones(home):
         record_run(ex.store, RUN_ID)
     finally:
         api.use_store(None)
-    own = C.records_from_runs(C.finished_runs())
+    own = C.records_from_runs(U.store_runs())
     assert own, "the recorded CPU run has comparable records"
     view = U.render()
     assert view["records"] == N_RECORDS + len(own)

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from engine import strategies
+from engine import charts, strategies
 from engine.advisor import recommend
 from ui import layout, matrix, wizard
 
@@ -15,7 +15,7 @@ def result():
 
 
 def test_every_strategy_is_a_row_in_rank_order(result):
-    rs = matrix.rows(result)
+    rs = charts.rows(result)
     assert sorted(r["strategy"] for r in rs) == sorted(strategies.ids())
     assert [r["rank"] for r in rs] == list(range(1, len(rs) + 1))
     feas = [r["feasible"] for r in rs]
@@ -23,7 +23,7 @@ def test_every_strategy_is_a_row_in_rank_order(result):
 
 
 def test_row_carries_the_advisors_figures_exactly(result):
-    for entry, r in zip(result["ranked"], matrix.rows(result)):
+    for entry, r in zip(result["ranked"], charts.rows(result)):
         est = entry["estimates"]
         assert r["strategy"] == entry["strategy"] and r["score"] == entry["score"]
         assert r["feasible"] == entry["feasible"] and r["rules"] == entry.get("rules", [])
@@ -41,8 +41,8 @@ def test_row_carries_the_advisors_figures_exactly(result):
 
 
 def test_rows_say_where_accuracy_and_memory_figures_come_from(result):
-    df = matrix.table(matrix.rows(result)).data
-    for entry, r, cell in zip(result["ranked"], matrix.rows(result), df["accuracy from"]):
+    df = matrix.table(charts.rows(result)).data
+    for entry, r, cell in zip(result["ranked"], charts.rows(result), df["accuracy from"]):
         acc = entry["estimates"]["accuracy"]
         assert r["acc_run"] is None                                          # no runs in these tests
         if acc.get("interval") == "exact":                                   # 16-bit: its own reference
@@ -56,7 +56,7 @@ def test_rows_say_where_accuracy_and_memory_figures_come_from(result):
 
 
 def test_table_highlights_the_recommendation(result):
-    rs = matrix.rows(result)
+    rs = charts.rows(result)
     styler = matrix.table(rs)
     df = styler.data
     assert list(df.columns) == matrix.COLUMNS and len(df) == len(rs)
@@ -72,7 +72,7 @@ def test_table_highlights_the_recommendation(result):
 
 
 def test_summary_change_and_detail_views(result):
-    rs = matrix.rows(result)
+    rs = charts.rows(result)
     reco = matrix.recommended(result)
     summary = matrix.summary_html(result, rs)
     if reco:
@@ -134,12 +134,11 @@ def test_every_example_scenario_gets_a_matrix():
         out = recompute(wizard.load_example(name))
         res = out["result"]
         assert res is not None, (name, out["summary"])
-        assert len(matrix.rows(res)) == len(strategies.ids())
+        assert len(charts.rows(res)) == len(strategies.ids())
 
 
 def test_recompute_keeps_the_chosen_chart_view():
-    from ui import tradeoffs
-    out = dict(zip(layout.PLAN_KEYS, layout._recompute(dict(wizard.DEFAULT_FORM), tradeoffs.MEMORY_VIEWS[1],
+    out = dict(zip(layout.PLAN_KEYS, layout._recompute(dict(wizard.DEFAULT_FORM), charts.MEMORY_VIEWS[1],
                                                         ["qlora", "full-finetune"])))
     assert out["mem"]["layout"]["title"]["text"].startswith("Pipeline peak memory")
     labels = {y for t in out["breakdown"]["data"] for y in t["y"]}

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from ui import tradeoffs
+from engine import charts as tradeoffs   # the trade-off screen draws engine.charts' figures
+from engine.charts import Fig
 from ui.common import GB
-from ui.plotting import Fig
 
 
 def row(sid, family, feasible, serve_gib, ret, low, high, ms=None, rank=1, stages=None, train_usd=None,

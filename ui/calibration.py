@@ -3,8 +3,9 @@
 Everything comes from ``engine.calibration`` (docs/calibration.md), the same functions as
 ``python -m engine calibrate``:
 
-* records: the comparable measured-vs-estimated pairs of the run store's finished runs plus the
-  imported ones (``records_from_store``), counted per device and term;
+* records: the comparable measured-vs-estimated pairs of the run store's finished runs (read
+  through ``engine.runs.store.finished_runs``) plus the imported ones (``all_records``), counted
+  per device and term;
 * the fitted file the estimates read (``fit_file``, written by ``calibrate``): its factors per
   (device, versions key, term, variant) with runs, spread and whether they apply, and its error
   table per term: median |measured/estimated - 1| before, in-sample and held back;
@@ -12,7 +13,8 @@ Everything comes from ``engine.calibration`` (docs/calibration.md), the same fun
   and Import (``import_``: a colleague's export or a GPU bench file, merged and refitted; a bad
   file is refused with a message and changes nothing).
 
-Pure Python: engine.calibration reads JSON and SQLite only, so the app still starts without torch.
+Pure Python: engine.calibration reads JSON only and the run store is SQLite, so the app still starts
+without torch.
 """
 from __future__ import annotations
 
@@ -35,6 +37,13 @@ ERROR_COLUMNS = ["device", "term", "runs", "before", "in-sample", "held back", "
 
 # ---- the numbers ------------------------------------------------------------------------------------
 
+def store_runs() -> list[dict]:
+    """The finished runs of the run store ($TUNEQUANT_DB or $TUNEQUANT_HOME/runs.sqlite), through the
+    store's read API (sqlite, read-only; a missing store has none)."""
+    from engine.runs import store
+    return store.finished_runs()
+
+
 def fitted() -> dict | None:
     """The fitted calibration the estimates read (None before the first fit)."""
     return cal.load_fitted(cal.fit_file())
@@ -43,8 +52,9 @@ def fitted() -> dict | None:
 def count_rows(records: list[dict] | None = None, fit: dict | None = None) -> list[dict]:
     """Records per (device, term): how many, from how many runs, own vs imported, and how many the
     fitted file was made from (a difference means new runs since the fit: refit)."""
-    own = {(str(r["run_id"]), r["term"]) for r in cal.records_from_runs(cal.finished_runs())}
-    records = cal.records_from_store() if records is None else records
+    runs = store_runs()
+    own = {(str(r["run_id"]), r["term"]) for r in cal.records_from_runs(runs)}
+    records = cal.all_records(runs) if records is None else records
     in_fit = {(e["device"], e["term"]): e["records"] for e in (fit or {}).get("evaluation") or []}
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -131,7 +141,7 @@ def export_file(records: list[dict] | None = None) -> str | None:
     """Every record (run store + imported) as a calibration export (schema 1, what
     ``calibrate --export`` writes), in a folder named by the records' hash: the same records
     give the same file, so refreshing the screen leaves no litter. None when there are none."""
-    records = cal.records_from_store() if records is None else records
+    records = cal.all_records(store_runs()) if records is None else records
     if not records:
         return None
     digest = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -147,7 +157,7 @@ def render() -> dict:
     """Everything the screen shows: status, the three tables, the export file. A records file or
     run store that cannot be read is said in the status line (no traceback on the page)."""
     try:
-        records = cal.records_from_store()
+        records = cal.all_records(store_runs())
         fit = fitted()
     except Exception as e:
         import pandas as pd
@@ -162,7 +172,8 @@ def render() -> dict:
 def refit() -> tuple[dict, str]:
     """Refit from the run store + imported records (``calibrate()``); (screen, message)."""
     try:
-        res = cal.calibrate()
+        from engine.runs import store
+        res = cal.calibrate(store_runs(), store=store.default_db_path())
     except InputError as e:
         return render(), error_md(e)
     except Exception as e:
@@ -198,7 +209,7 @@ def import_upload(path) -> tuple[dict, str]:
         if not cal.read_records(src):              # checked before anything is written
             raise InputError(f"import: {name} holds no records to calibrate with (a bench file contributes CUDA "
                              f"runs only)", field="import")
-        res = cal.import_(src)
+        res = cal.import_(src, store_runs())
     except InputError as e:
         msg = str(e).replace(str(src), name).replace("--import:", "import:")
         return render(), error_md(msg + " — nothing was imported.")

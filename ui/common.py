@@ -6,7 +6,6 @@ Python and ``engine.runs.api`` starts a worker process for the heavy work.
 from __future__ import annotations
 
 import html
-import importlib
 import os
 import re
 import shutil
@@ -14,6 +13,7 @@ import hashlib
 from pathlib import Path
 
 from engine.errors import InputError
+from engine.workspace import home
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,13 +28,10 @@ MAX_UPLOAD = "50mb"
 def workspace() -> Path:
     """The folder the app may read models/datasets from and write uploads/runs to.
 
-    ``$TUNEQUANT_HOME`` (default ``./workspace``): the run store's own definition when the
-    run engine is installed, so uploads, runs and the database share one folder.
+    ``$TUNEQUANT_HOME`` (default ``./workspace``, engine.workspace.home): uploads, runs and the
+    database share one folder.
     """
-    home = engine_fn("engine.runs.store", "home")
-    if home is not None:
-        return Path(home()).resolve()
-    return Path(os.environ.get("TUNEQUANT_HOME") or "workspace").expanduser().resolve()
+    return home()
 
 
 def public_demo() -> bool:
@@ -110,30 +107,6 @@ def redact(text: str) -> str:
         return text
     text = _TOKEN_RE.sub(lambda m: m.group(0)[:3] + "***", text)
     return _BEARER_RE.sub(lambda m: m.group(1) + "***", text)
-
-
-# ---- the engine's public API, as it lands ----------------------------------------------------
-
-def engine_fn(module: str, name: str):
-    """``module.name`` of the engine, or None while that part is not there yet.
-
-    Only a missing module or attribute counts as "not there"; an error inside an engine
-    module propagates (it is a bug to see, not a state to hide).
-    """
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            return None
-        raise
-    return getattr(mod, name, None)
-
-
-NOT_AVAILABLE = "not available yet: this part of the engine ({what}) is not installed in this build"
-
-
-def not_available(what: str) -> str:
-    return NOT_AVAILABLE.format(what=what)
 
 
 # ---- messages -----------------------------------------------------------------------------

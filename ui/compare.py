@@ -14,22 +14,16 @@ from pathlib import Path
 
 from engine import hardware
 from engine.errors import InputError
-from ui.common import GB, duration, engine_fn, error_md, not_available, ok_md
+from engine.runs import api
+from ui.common import GB, duration, error_md, ok_md
 
 FINAL_OK = ("finished",)
 STAGE_COLORS = ("#2563eb", "#059669", "#d97706", "#7c3aed", "#dc2626")
 
 
-def _api(name):
-    return engine_fn("engine.runs.api", name)
-
-
 def run_choices() -> list[tuple[str, str]]:
     """Runs to pick, finished ones first (newest first within each group)."""
-    fn = _api("list_runs")
-    if fn is None:
-        return []
-    rs = fn()
+    rs = api.list_runs()
     rs.sort(key=lambda r: (r.get("status") != "finished", -(r.get("created") or 0)))
     return [(f"{r['id']} · {r['status']} · {r['strategy']} · {r.get('name') or r['model']}", r["id"]) for r in rs]
 
@@ -78,9 +72,7 @@ def run_cost(run: dict, wall_s: float | None) -> tuple[float | None, str]:
 
 def collect(run_ids: list[str]) -> tuple[list[dict], list[str]]:
     """(runs with their measurements, problems) for the chosen ids."""
-    get_run, events = _api("get_run"), _api("events")
-    if get_run is None or events is None:
-        return [], [not_available("engine.runs.api")]
+    get_run, events = api.get_run, api.events
     out, problems = [], []
     for rid in run_ids or []:
         try:
@@ -236,7 +228,7 @@ def run_label(run: dict) -> str:
 
 def charts(items: list[dict]):
     """(quality figure, memory/time figure) for the chosen runs; every bar is a measurement."""
-    from ui.plotting import side_by_side
+    from engine.charts import side_by_side
     ids = [run_label(it["run"]) for it in items]
     q = side_by_side("Quality (measured)", "cmp-quality", ("perplexity (lower is better)", "task metrics"), 380,
                      barmode="group", margin={"l": 55, "r": 20, "t": 60, "b": 40}, legend={"y": -0.25})

@@ -11,11 +11,11 @@ import time
 
 import gradio as gr
 
-from engine import strategies
+from engine import charts, strategies
 from engine.errors import InputError
-from ui import calibration, compare, matrix, report, runs, tradeoffs, wizard
+from engine.runs import api
+from ui import calibration, compare, matrix, report, runs, wizard
 from ui.common import MAX_UPLOAD, error_md, ok_md, public_demo, unexpected_md
-from ui.plotting import empty
 from ui.theme import CSS, THEME
 
 LAUNCH_KW = {"theme": THEME, "css": CSS, "max_file_size": MAX_UPLOAD}
@@ -165,7 +165,7 @@ def _matrix_tab():
 
 def _tradeoffs_tab():
     c = {}
-    c["mem_view"] = gr.Radio(list(tradeoffs.MEMORY_VIEWS), value=tradeoffs.MEMORY_VIEWS[0], label="Memory axis",
+    c["mem_view"] = gr.Radio(list(charts.MEMORY_VIEWS), value=charts.MEMORY_VIEWS[0], label="Memory axis",
                              elem_id="mem_view")
     with gr.Row():
         c["mem"] = gr.Plot(label="Memory vs accuracy", show_label=False, elem_id="plot_mem")
@@ -379,7 +379,7 @@ def build_app() -> gr.Blocks:
         M["pick"].change(lambda sid, res: matrix.detail_html(res, sid), [M["pick"], result], M["detail"])
 
         def table_select(res, evt: gr.SelectData):
-            rs = matrix.rows(res)
+            rs = charts.rows(res)
             i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
             return rs[i]["strategy"] if rs and i is not None and 0 <= i < len(rs) else gr.update()
         M["table"].select(table_select, result, M["pick"])
@@ -391,13 +391,20 @@ def build_app() -> gr.Blocks:
             return [vals.get(k, gr.update()) for k in runs.LAUNCH_FIELDS] + [gr.Tabs(selected="runs")]
         M["run_this"].click(run_this, [M["pick"], scenario], launch_fields + [tabs])
 
-        # -- the report of the current scenario: build, then download; a changed scenario hides the stale one
-        def build_report(scn, fmt, which_runs):
+        # -- the report of the current scenario: build, then download; a changed scenario hides the stale one.
+        # Built from the form as it stands at the click, not from the last recompute's scenario: an example
+        # fills the fields in several change events, and a report clicked while the last recompute is still
+        # in flight would otherwise be of an earlier state of the form (its download shown after the hide)
+        def build_report(fmt, which_runs, *vals):
+            try:
+                scn = wizard.scenario_from_form(dict(zip(wizard.FIELDS, vals)))
+            except InputError as e:
+                return gr.DownloadButton(visible=False), error_md(e)
             path, msg = report.write(scn, fmt, which_runs)
             if path is None:
                 return gr.DownloadButton(visible=False), msg
             return gr.DownloadButton(f"Download {path.rsplit('/', 1)[-1]}", value=path, visible=True), msg
-        M["report_build"].click(build_report, [scenario, M["report_fmt"], M["report_runs"]],
+        M["report_build"].click(build_report, [M["report_fmt"], M["report_runs"]] + form_inputs,
                                 [M["report_download"], M["report_msg"]],
                                 concurrency_limit=2)
         gr.on([scenario.change, M["report_fmt"].change, M["report_runs"].change],
@@ -406,7 +413,7 @@ def build_app() -> gr.Blocks:
 
         # -- trade-off controls
         def charts_only(res, scn, view, shown):
-            return _charts(matrix.rows(res), scn, view, shown)
+            return _charts(charts.rows(res), scn, view, shown)
         gr.on([T["mem_view"].change, T["shown"].change], charts_only, [result, scenario, T["mem_view"], T["shown"]],
               [T["mem"], T["lat"], T["breakdown"], T["cost"]], trigger_mode="always_last", show_progress="hidden")
 
@@ -508,7 +515,7 @@ def build_app() -> gr.Blocks:
 
 # ---- handler bodies (kept out of build_app so tests can call them) -------------------------------------
 
-def _recompute(form: dict, mem_view: str = tradeoffs.MEMORY_VIEWS[0], shown=None) -> list:
+def _recompute(form: dict, mem_view: str = charts.MEMORY_VIEWS[0], shown=None) -> list:
     """Wizard form -> scenario -> advisor -> every plan output, in PLAN_KEYS order."""
     t0 = time.perf_counter()
     msgs = {g: "" for g in wizard.GROUPS}
@@ -531,7 +538,7 @@ def _recompute(form: dict, mem_view: str = tradeoffs.MEMORY_VIEWS[0], shown=None
         return _plan_error(msgs, unexpected_md(e, "the advisor"), scn)
     if res is None:
         return _plan_error(msgs, note, scn)
-    rs = matrix.rows(res)
+    rs = charts.rows(res)
     mem, lat, breakdown, cost = _charts(rs, scn, mem_view, shown)
     reco = matrix.recommended(res)
     out = {"scenario": scn, "result": res, "scenario_yaml": wizard.scenario_yaml(scn),
@@ -550,7 +557,7 @@ def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:
     """Every plan output when the scenario cannot be used: the message by its field and above
     the matrix; no stale matrix or chart stays on screen."""
     import pandas as pd
-    fig = empty("", "fix the scenario to see the charts")
+    fig = charts.empty("", "fix the scenario to see the charts")
     out = {"scenario": scn, "result": None, "scenario_yaml": wizard.scenario_yaml(scn) if scn else "",
            "summary": err, "model_msg": msgs["model"], "data_msg": msgs["data"], "hw_msg": msgs["hardware"],
            "goals_msg": msgs["goals"], "banner": err, "table": pd.DataFrame(columns=matrix.COLUMNS), "change": "",
@@ -559,8 +566,8 @@ def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:
 
 
 def _charts(rs: list[dict], scn: dict | None, view: str, shown) -> list:
-    figs = tradeoffs.scenario_charts(rs, scn, view, shown)
-    return [figs[k] for k in tradeoffs.CHARTS]
+    figs = charts.scenario_charts(rs, scn, view, shown)
+    return [figs[k] for k in charts.CHARTS]
 
 
 def _poll(view: dict):
@@ -576,7 +583,7 @@ def _live(view_or_pair, run=None, force: bool = False) -> list:
     view = view_or_pair
     if run is None and view.get("run_id"):
         try:
-            run = runs.api("get_run")(view["run_id"]) if runs.api("get_run") else None
+            run = api.get_run(view["run_id"])
         except InputError:
             run = None
     active = bool(view.get("run_id")) and (view.get("status") in runs.ACTIVE or view.get("status") is None)

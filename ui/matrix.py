@@ -1,7 +1,8 @@
 """Screen 2, the decision matrix: every strategy as a row, ranked by the advisor.
 
-``recommend(scenario)`` calls ``engine.advisor.recommend``; ``row()`` is the one place that
-reads the advisor's entry and flattens it into the figures the matrix and the charts show;
+``recommend(scenario)`` calls ``engine.runs.evidence.recommend`` (the advisor with the user's
+measured runs); ``engine.charts.row`` is the one place that reads the advisor's entry and
+flattens it into the figures the matrix, the charts and the report show;
 ``table`` and the HTML helpers render them. Every number keeps its source (the planner
 command with its inputs, the published evidence, or the rule) for the hover and detail views.
 """
@@ -11,7 +12,7 @@ import html
 import time
 
 from engine import charts, strategies
-from ui.common import duration, engine_fn, error_md, gb, not_available, num, usd
+from ui.common import duration, error_md, gb, num, usd
 
 COLUMNS = ["#", "strategy", "family", "feasible", "why not", "train mem / GPU", "calibrate mem",
            "serve mem / device", "ms/token", "retention [interval]", "accuracy from", "train time", "one-off cost",
@@ -20,31 +21,13 @@ COLUMNS = ["#", "strategy", "family", "feasible", "why not", "train mem / GPU", 
 
 def recommend(scenario: dict) -> tuple[dict | None, float, str]:
     """(advisor result or None, server milliseconds, inline message). InputError propagates."""
-    fn = engine_fn("engine.advisor", "recommend")
-    if fn is None:
-        return None, 0.0, error_md(not_available("engine.advisor.recommend"))
+    from engine.runs import evidence
     t0 = time.perf_counter()
-    res = fn(scenario)
+    res = evidence.recommend(scenario)
     return res, (time.perf_counter() - t0) * 1000, ""
 
 
 # ---- the advisor's entry -> the figures shown ------------------------------------------------
-
-_reason_text = charts.reason_text
-
-
-# one place for the row figures, where the accuracy comes from and the calibration status: the
-# report draws the same rows (engine.charts)
-row = charts.row
-accuracy_basis = charts.accuracy_basis
-calibration_text = charts.calibration_text
-
-
-def rows(result: dict | None) -> list[dict]:
-    if not result:
-        return []
-    return [row(e, i + 1) for i, e in enumerate(result.get("ranked") or [])]
-
 
 def table(rs: list[dict]):
     """The matrix as a pandas Styler: recommended row highlighted, infeasible rows greyed."""
@@ -172,9 +155,9 @@ def change_html(result: dict | None) -> str:
         return f"<div class='tq-change'><b>What would change the answer</b>{_ul([str(w)])}</div>"
     items = [html.escape(str(w.get("summary") or ""))]
     for alt in w.get("alternatives") or []:
-        items.append(html.escape(_reason_text(alt)))
+        items.append(html.escape(charts.reason_text(alt)))
     if w.get("runner_up"):
-        items.append(html.escape(_reason_text(w["runner_up"])))
+        items.append(html.escape(charts.reason_text(w["runner_up"])))
     if w.get("tightest"):
         t = w["tightest"]
         items.append(f"tightest limit of the recommendation: {html.escape(str(t.get('constraint')))} "
@@ -206,7 +189,7 @@ def detail_html(result: dict | None, strategy_id: str | None) -> str:
     entry = next((e for e in result.get("ranked") or [] if e.get("strategy") == strategy_id), None)
     if entry is None:
         return error_md(f"{strategy_id} is not in this matrix")
-    rs = rows(result)
+    rs = charts.rows(result)
     r = next(x for x in rs if x["strategy"] == strategy_id)
     cat = strategies.get(strategy_id)
     stages = " → ".join(s["stage"] + (f" ({s['method']})" if s.get("method") else "") for s in cat["stages"])

@@ -1,9 +1,9 @@
 """The report download (decision matrix screen): the current scenario's report, HTML or Markdown.
 
-``write(scenario, fmt)`` builds it with ``engine.report.build`` (the same report as ``python -m
-engine report``: the matrix, the dashboard's charts, the runs of the scenario's model, measured vs
-estimated) and writes it to a temp folder Gradio may serve; the page then offers it for download.
-The engine's report module is imported on first use, so the app starts no slower.
+``write(scenario, fmt)`` builds it with ``engine.runs.evidence.report`` (the same report as
+``python -m engine report``: the matrix, the dashboard's charts, the runs of the scenario's model,
+measured vs estimated) and writes it to a temp folder Gradio may serve; the page then offers it
+for download. The engine's report module is imported on first use, so the app starts no slower.
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ def write(scenario: dict | None, fmt_label: str, runs_label: str | None = None) 
         return None, error_md("no scenario yet: fill the wizard (or pick an example) first")
     fmt = FORMATS.get(fmt_label, fmt_label)
     try:
-        from engine import report
+        from engine.runs import evidence
         t0 = time.perf_counter()
-        doc = report.build(scenario, runs=RUNS.get(runs_label, runs_label), fmt=fmt)
+        doc = evidence.report(scenario, runs=RUNS.get(runs_label, runs_label), fmt=fmt)
     except InputError as e:
         return None, error_md(e)
     except Exception as e:

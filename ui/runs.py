@@ -20,7 +20,9 @@ from engine import strategies
 from engine.errors import InputError
 from engine.presets import PRESETS_DIR
 from engine.spec.run import RunSpec
-from ui.common import confine, duration, engine_fn, error_md, gb, not_available, ok_md, public_demo, redact
+from engine import demo_presets
+from engine.runs import api
+from ui.common import confine, duration, error_md, gb, ok_md, public_demo, redact
 
 ACTIVE = ("queued", "running")
 LOG_TAIL = 200            # log lines kept in the view
@@ -32,18 +34,12 @@ LAUNCH_FIELDS = ("run_preset", "name", "strategy", "model", "data_demo", "data_p
                  "calibration_samples", "eval_examples")
 
 
-def api(name: str):
-    """A function of engine.runs.api (None while the run engine is not installed)."""
-    return engine_fn("engine.runs.api", name)
-
-
 # ---- run presets and the launch form ----------------------------------------------------------
 
 def demo_choices() -> tuple[list[str], list[str]]:
     """(demo model refs, demo dataset ids) the project builds itself (engine.runs.demo)."""
-    models_fn, data_fn = engine_fn("engine.runs.demo", "models"), engine_fn("engine.runs.demo", "datasets")
-    models = [f"demo:{m}" for m in (models_fn() if models_fn else {})]
-    data = list(data_fn() if data_fn else {})
+    models = [f"{demo_presets.PREFIX}{m}" for m in demo_presets.models()]
+    data = list(demo_presets.datasets())
     return models, data
 
 
@@ -178,8 +174,7 @@ def check_allowed(spec: dict) -> None:
     if not str(spec.get("model", "")).startswith("demo:"):
         raise InputError("public demo: only the project's demo models run here (a demo-* preset); "
                          "run the app yourself for other models", field="model")
-    list_runs = api("list_runs")
-    if list_runs and any(r.get("status") in ACTIVE for r in list_runs()):
+    if any(r.get("status") in ACTIVE for r in api.list_runs()):
         raise InputError("public demo: one run at a time; wait for the current run or stop it", field="launch")
 
 
@@ -199,13 +194,10 @@ def spec_preview(form: dict) -> tuple[str, str]:
 
 def launch(form: dict) -> tuple[str | None, str]:
     """Start the run the form describes: (run id or None, inline message)."""
-    fn = api("launch")
-    if fn is None:
-        return None, error_md(not_available("engine.runs.api"))
     try:
         spec = spec_from_form(form)
         check_allowed(spec)
-        run_id = fn(spec)
+        run_id = api.launch(spec)
     except InputError as e:
         return None, error_md(e)
     except Exception as e:  # the engine refused for another reason: say it inline
@@ -215,13 +207,10 @@ def launch(form: dict) -> tuple[str | None, str]:
 
 
 def stop(run_id: str | None) -> str:
-    fn = api("stop")
     if not run_id:
         return error_md("no run selected")
-    if fn is None:
-        return error_md(not_available("engine.runs.api"))
     try:
-        fn(run_id)
+        api.stop(run_id)
     except InputError as e:
         return error_md(e)
     except Exception as e:
@@ -302,13 +291,12 @@ def attach(run_id: str | None) -> dict:
 def poll_view(view: dict) -> tuple[dict, dict | None]:
     """New events for the view's run: (updated view, the run record or None)."""
     run_id = view.get("run_id")
-    ev_fn, get_fn = api("events"), api("get_run")
-    if not run_id or ev_fn is None or get_fn is None:
+    if not run_id:
         return view, None
-    run = get_fn(run_id)
+    run = api.get_run(run_id)
     if run is None:
         return {**view, "status": "unknown"}, None
-    view = apply_events(view, ev_fn(run_id, after_seq=view.get("seq", 0)))
+    view = apply_events(view, api.events(run_id, after_seq=view.get("seq", 0)))
     if view.get("status") != run.get("status"):
         view = {**view, "status": run.get("status"), "reason": run.get("reason") or view.get("reason"),
                 "version": view.get("version", 0) + 1}
@@ -376,7 +364,7 @@ def stages_html(view: dict, run: dict) -> str:
 
 def loss_figure(view: dict):
     """Loss per step (one trace per training stage); uirevision keeps zoom while steps arrive."""
-    from ui.plotting import figure, note
+    from engine.charts import figure, note
     fig = figure("Training loss (measured)", f"loss-{view.get('run_id')}", 320,
                  xaxis={"title": {"text": "step"}}, yaxis={"title": {"text": "loss"}},
                  margin={"l": 55, "r": 20, "t": 45, "b": 40}, legend={"y": -0.3})
@@ -427,11 +415,8 @@ def _fmt(v) -> str:
 
 def history_rows(limit: int = 200) -> list[dict]:
     """Every run, newest first: id, name, strategy, model, device, status, reason, created, duration."""
-    fn = api("list_runs")
-    if fn is None:
-        return []
     out = []
-    for r in fn()[:limit]:
+    for r in api.list_runs()[:limit]:
         started, ended = r.get("started"), r.get("ended")
         dur = (ended or time.time()) - started if started else None
         out.append({"run": r.get("id"), "name": r.get("name") or "", "strategy": r.get("strategy"),

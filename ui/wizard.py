@@ -15,8 +15,9 @@ import yaml
 from engine import hardware, models
 from engine.errors import InputError
 from engine.presets import PRESETS_DIR
-from ui.common import (MAX_CONFIG_BYTES, MAX_DATASET_BYTES, confine, engine_fn, error_md, gb,
-                       not_available, ok_md, save_upload, unexpected_md, workspace)
+from engine.spec.scenario import PRIORITIES, SYMPTOMS, TARGET_KINDS, TARGETS, TASKS  # noqa: F401  (one place)
+from ui.common import (MAX_CONFIG_BYTES, MAX_DATASET_BYTES, confine, error_md, gb, ok_md, save_upload,
+                       unexpected_md, workspace)
 
 BITS = ("any", "2", "3", "4", "8", "16")
 SRC_PRESET, SRC_HUB, SRC_UPLOAD, SRC_SIZE = ("Preset", "Hub id or local path", "Upload config.json",
@@ -24,20 +25,6 @@ SRC_PRESET, SRC_HUB, SRC_UPLOAD, SRC_SIZE = ("Preset", "Hub id or local path", "
 MODEL_SOURCES = (SRC_PRESET, SRC_HUB, SRC_UPLOAD, SRC_SIZE)
 
 
-def _scenario_const(name: str, default):
-    """Allowed values from the advisor's Scenario (engine/spec/scenario.py): one place for them."""
-    v = engine_fn("engine.spec.scenario", name)
-    return v if v is not None else default
-
-
-TASKS = _scenario_const("TASKS", ("classification", "retrieval", "generation", "structured-output", "chat"))
-TARGETS = _scenario_const("TARGETS", ("gpu-server", "consumer-gpu", "edge", "phone", "hosted-api"))
-PRIORITIES = _scenario_const("PRIORITIES", ("accuracy", "balanced", "cost"))
-SYMPTOMS = _scenario_const("SYMPTOMS", ("too-slow", "too-big", "wrong-domain", "wrong-tone"))
-# which device kinds (engine.hardware.Device.kind) can serve each deployment target
-TARGET_KINDS = _scenario_const("TARGET_KINDS", {"gpu-server": ("gpu",), "consumer-gpu": ("gpu",),
-                                                "edge": ("edge", "laptop", "cpu"), "phone": ("phone",),
-                                                "hosted-api": ()})
 
 # the form, in the order the Gradio inputs are wired
 FIELDS = ("source", "preset", "hub_id", "config_file", "params_b", "family",
@@ -320,12 +307,9 @@ def dataset_check(path) -> tuple[str, object, int | None, str | None]:
         saved = save_upload(path, "datasets", MAX_DATASET_BYTES, (".jsonl", ".json", ".csv"), "dataset")
     except InputError as e:
         return error_md(e), None, None, None
-    validate = engine_fn("engine.runs.data", "validate_dataset")
-    if validate is None:
-        return (error_md(f"dataset saved as {saved.name}; validation is {not_available('engine.runs.data')}"),
-                None, None, str(saved))
+    from engine.runs.data import validate_dataset      # pure Python (json/csv); no torch
     try:
-        rep = validate(str(saved))
+        rep = validate_dataset(str(saved))
     except InputError as e:
         return error_md(e), None, None, None
     except Exception as e:  # a bug in validation must not take the wizard down

@@ -16,7 +16,7 @@ Public API (what the CLI, the advisor and the UI call):
 ``model`` is anything engine.models.resolve accepts; ``gpu`` is a device id of
 presets/hardware (None: the reference GPU, h100-80gb; training also takes the CPU entry
 cpu-x86-pytorch, what CPU runs are estimated for). Train and infer estimates carry a
-``calibration`` key (engine/calibration.py): applied or not, from how many measured runs. Every result carries its inputs, the
+``calibration`` key (engine/estimate/correction.py, fitted by engine/calibration.py): applied or not, from how many measured runs. Every result carries its inputs, the
 formula and interval of each number (``terms``), ``low``/``high`` and ``notes``. Memory follows
 the reference recipe of DESIGN.md (engine/estimate/memory.py); speed is in
 engine/estimate/latency.py; weight formats in engine/estimate/formats.py.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from engine import models as _models
 from engine.errors import InputError
+from engine.estimate import correction as _correction
 from engine.estimate import formats as _formats
 from engine.estimate import latency as _latency
 from engine.estimate import memory as _memory
@@ -41,9 +42,9 @@ def _gpu_only(dev, what: str):
 
 
 def _calibrated(out: dict, kind: str, enabled: bool, dev) -> dict:
-    """The ``calibration`` key: headline figures corrected by measured runs (engine/calibration.py)."""
-    from engine import calibration
-    return calibration.apply(out, kind, enabled=enabled,
+    """The ``calibration`` key: headline figures corrected by measured runs (the fitted factors of
+    engine/calibration.py, applied by engine/estimate/correction.py)."""
+    return _correction.apply(out, kind, enabled=enabled,
                              device_bytes=lambda p, lo, hi: _memory.device_bytes(p, lo, hi, dev, kind))
 
 

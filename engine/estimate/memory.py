@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from engine import hardware
 from engine.errors import InputError
 from engine.estimate import formats as F
-from engine.models import LORA_TARGETS, ModelArch
+from engine.models import PEFT_PARAM_WRAPPED, ModelArch, lora_param_count, lora_targets
 from engine.presets import load_yaml
 
 GIB = 1024 ** 3
@@ -367,45 +367,6 @@ def layer_working(arch: ModelArch, rc: Recipe, grad_ckpt: bool) -> float:
 
 
 # ---- training -----------------------------------------------------------------------------
-
-# MoE types whose fused expert parameters peft (0.21) maps target_modules gate/up/down onto
-# (ParamWrapper); on the others (mixtral) LoRA reaches the attention projections only
-PEFT_PARAM_WRAPPED = ("qwen3_moe",)     # qwen2_moe: peft reaches the shared expert's nn.Linear only
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def lora_targets(arch: ModelArch) -> tuple[str, ...]:
-    if arch.num_experts and arch.model_type not in PEFT_PARAM_WRAPPED:
-        return ATTENTION_TARGETS
-    return LORA_TARGETS
-
-
-def lora_modules(arch: ModelArch, targets=LORA_TARGETS) -> list[str]:
-    """peft ``target_modules`` for LoRA targets given by their llama names (q_proj ... down_proj):
-    the module names this architecture uses for them (ModelArch.linears: phi3 qkv_proj/gate_up_proj,
-    opt out_proj/fc1/fc2, bloom query_key_value/dense/dense_h_to_4h/dense_4h_to_h), restricted
-    to what peft adapts (MoE experts only where peft wraps them). The train stage adapts these
-    modules and the estimate counts the same ones."""
-    allowed = lora_targets(arch)
-    out: list[str] = []
-    for lin in arch.linears:
-        leaf = lin.name.rsplit(".", 1)[-1]
-        if lin.lora_target in targets and lin.lora_target in allowed and leaf not in out:
-            out.append(leaf)
-    return out
-
-
-def lora_param_count(arch: ModelArch, rank: int, targets=None) -> int:
-    """LoRA parameters peft creates for this architecture (targets: lora_targets(arch)).
-    Where peft wraps fused MoE experts (ParamWrapper), the fused gate_up_proj [E, 2I, h] gets
-    rank 2r over E experts, 2r·E·(h + 2I), where two separate gate/up adapters would be
-    2r·E·(h + I): checked against peft 0.21 on tiny random-init models."""
-    targets = lora_targets(arch) if targets is None else targets
-    n = arch.lora_params(rank, targets)
-    if arch.num_experts and arch.model_type in PEFT_PARAM_WRAPPED and {"gate_proj", "up_proj"} <= set(targets):
-        n += arch.num_layers * 2 * rank * arch.num_experts * arch.moe_intermediate_size
-    return n
-
 
 def trainable_params(arch: ModelArch, rc: Recipe, rank: int) -> int:
     if rc.adapters:

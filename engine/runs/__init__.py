@@ -1,7 +1,7 @@
 """Runs: the store (SQLite), the executor (one worker process per run), the worker, the stages.
 
-The public API (imports no torch; see engine/runs/api.py and docs/runs.md):
-    launch, list_runs, get_run, events, stop, wait, recover, log_tail, summary
+Importing this package loads nothing: import the module you need. The public API (imports no
+torch; docs/runs.md) is ``engine.runs.api``: launch, list_runs, get_run, events, stop, wait,
+recover, log_tail, summary, use_store; ``engine.runs.evidence`` hands the store's finished runs
+to the layers below (the advisor's measured evidence, the report, calibration).
 """
-from engine.runs.api import (events, get_run, launch, list_runs, log_tail, recover, stop, summary,  # noqa: F401
-                             use_store, wait)

@@ -10,6 +10,7 @@
     recover() -> list[str]                                    runs marked interrupted (done on first use)
     log_tail(run_id, lines=50) -> list[str]                   the end of the worker's stdout/stderr
     summary(run_id) -> dict                                   the run plus an events summary (``runs show``)
+    store_path() -> Path                                      the store file read (opens nothing)
 
 One Executor per process, on the store at ``$TUNEQUANT_DB`` / ``$TUNEQUANT_HOME/runs.sqlite``;
 ``use_store(path)`` points the API at another file (tests, a second workspace).
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from engine.runs.events import summary as _events_summary
 from engine.runs.executor import Executor
-from engine.runs.store import RunStore
+from engine.runs.store import RunStore, default_db_path
 
 _executor: Executor | None = None
 _lock = threading.Lock()
@@ -43,6 +44,13 @@ def use_store(path: str | Path | None = None, runs_dir: str | Path | None = None
     with _lock:
         _executor = Executor(RunStore(path, runs_dir))
         return _executor
+
+
+def store_path() -> Path:
+    """The store file this API reads: the one ``use_store`` pointed at, else the default
+    (``$TUNEQUANT_DB`` / ``$TUNEQUANT_HOME/runs.sqlite``). Opens nothing."""
+    ex = _executor
+    return ex.store.path if ex is not None else default_db_path()
 
 
 def launch(spec, stages: str | None = None) -> str:

@@ -42,50 +42,18 @@ import sysconfig
 import time
 from pathlib import Path
 
+from engine.demo_presets import PREFIX, datasets, hf_config, is_demo, model_name, models  # noqa: F401
 from engine.errors import InputError
-from engine.presets import load_yaml
+from engine.workspace import home
 
-PREFIX = "demo:"
 BUILD_VERSION = 1          # bump when the build procedure changes (rebuilds every cached model)
 SPECIALS = ("<|endoftext|>", "<|pad|>")
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
              "turtledemo", "ensurepip", "idlelib", "tkinter", "pydoc_data"}   # pydoc_data: the held-out docs
 
 
-# ---- registry ------------------------------------------------------------------------------
-def models() -> dict:
-    return load_yaml("demo/models.yaml")
-
-
-def datasets() -> dict:
-    return load_yaml("demo/datasets.yaml")
-
-
-def is_demo(ref) -> bool:
-    return isinstance(ref, str) and ref.strip().lower().startswith(PREFIX)
-
-
-def model_name(ref: str) -> str:
-    """``demo:tiny-llama`` (or ``tiny-llama``) -> ``tiny-llama``; InputError listing the known."""
-    name = ref.strip().lower()
-    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
-    if name not in models():
-        raise InputError(f"unknown demo model {ref!r}; known: {', '.join(PREFIX + n for n in models())}",
-                         field="model")
-    return name
-
-
-def hf_config(name: str) -> dict:
-    """The full config.json of a demo model, from its preset alone (no build, no torch)."""
-    p = models()[model_name(name)]
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": p["tokenizer"]["vocab_size"],
-            "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1, "hidden_act": "silu",
-            "initializer_range": 0.02, "attention_bias": False, "mlp_bias": False, **p["config"]}
-
-
 def cache_dir() -> Path:
     """``$TUNEQUANT_HOME/cache`` (TUNEQUANT_HOME defaults to ./workspace)."""
-    from engine.runs.store import home
     return home() / "cache"
 
 
@@ -310,13 +278,12 @@ def build(name: str, out: Path, log=None, should_stop=None) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.runs.stages import common
-    from engine.runs.stages.train import fit
+    from engine.runs.stages.loop import fit, seed_everything
     log = log or (lambda msg: None)
     p = models()[model_name(name)]
     t0 = time.perf_counter()
     pre = p["pretrain"]
-    common.seed_everything(pre["seed"])
+    seed_everything(pre["seed"])
     c = p["corpus"]
     docs = corpus(c["max_chars"])
     gen = []

@@ -62,10 +62,10 @@ def exit_reason(returncode: int | None) -> str:
 def planner_model(model: str):
     """The model as the planner can resolve it: the project's demo models (``demo:NAME``) by
     their config.json dict (no build needed), anything else as given."""
+    from engine import demo_presets
     try:
-        from engine.runs import demo
-        if demo.is_demo(model):
-            return {**demo.hf_config(demo.model_name(model)), "_name_or_path": model}
+        if demo_presets.is_demo(model):
+            return {**demo_presets.hf_config(demo_presets.model_name(model)), "_name_or_path": model}
     except Exception:
         pass
     return model

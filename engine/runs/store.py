@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from engine.workspace import home  # noqa: F401  (store.home: where the store and the runs live)
+
 STATUSES = ("queued", "running", "finished", "failed", "stopped", "interrupted")
 ACTIVE = ("queued", "running")
 FINAL = ("finished", "failed", "stopped", "interrupted")
@@ -67,13 +69,31 @@ CREATE TRIGGER IF NOT EXISTS runs_no_delete BEFORE DELETE ON runs
 """
 
 
-def home() -> Path:
-    """The workspace folder (``$TUNEQUANT_HOME``, default ./workspace), absolute."""
-    return Path(os.environ.get("TUNEQUANT_HOME") or "workspace").expanduser().resolve()
-
-
 def default_db_path() -> Path:
     return Path(os.environ.get("TUNEQUANT_DB") or home() / "runs.sqlite").expanduser().resolve()
+
+
+def db_path(store=None) -> Path:
+    """The file of a store given as a RunStore, a path, or None (the default store)."""
+    if store is None:
+        return default_db_path()
+    return Path(getattr(store, "path", store)).expanduser().resolve()
+
+
+def finished_runs(store=None) -> list[dict]:
+    """Every finished run of a store (a RunStore, a path, or None: the default), oldest first,
+    read-only: a store file that does not exist has none and is not created. What calibration
+    and the advisor's measured evidence read (the run store's public read path)."""
+    path = db_path(store)
+    if not path.is_file():
+        return []
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    con.row_factory = sqlite3.Row
+    try:
+        rows = con.execute("SELECT * FROM runs WHERE status = 'finished' ORDER BY created, id").fetchall()
+    finally:
+        con.close()
+    return [RunStore._row(r) for r in rows]
 
 
 def _dumps(obj) -> str:

@@ -31,11 +31,10 @@ def _device(spec) -> str:
 
 def _arch(spec):
     """The model's architecture, without loading weights (InputError for an unknown model)."""
-    from engine import models
-    from engine.runs import demo
-    if demo.is_demo(spec.model):
-        name = demo.model_name(spec.model)
-        return models.arch_from_config(demo.hf_config(name), name=name, source=f"demo:{name}")
+    from engine import demo_presets, models
+    if demo_presets.is_demo(spec.model):
+        name = demo_presets.model_name(spec.model)
+        return models.arch_from_config(demo_presets.hf_config(name), name=name, source=f"demo:{name}")
     return models.resolve(spec.model)
 
 

@@ -118,14 +118,6 @@ def device_map(ctx):
     return {"": 0} if ctx.device == "cuda" else "cpu"
 
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    import torch
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def saved_dtype(model_dir: str):
     """The dtype the checkpoint's config says (bf16 for most hub models), default bf16."""
     import json

@@ -1,7 +1,7 @@
 """The train stage: full fine-tune, LoRA, QLoRA (NF4 or a GPTQ base; QA-LoRA group-aligned
 adapters where peft allows), and QAT (torchao fake quantization, optionally with LoRA).
 
-One plain training loop for all of them (``fit``): torch AdamW, loss from ``labels``,
+One plain training loop for all of them (``fit``, engine/runs/stages/loop.py): torch AdamW, loss from ``labels``,
 gradient accumulation, gradient clipping, linear warmup then linear decay, and a step event
 with loss, learning rate, tokens/s, memory and ETA.
 
@@ -13,6 +13,7 @@ weights and optimizer states (``precision: bf16``) or fp32 weights under bf16 au
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -20,77 +21,10 @@ from pathlib import Path
 
 from engine.errors import InputError
 from engine.runs.stages import common
+from engine.runs.stages.loop import fit, lr_at, seed_everything  # noqa: F401  (lr_at: the schedule fit follows)
 from engine.runs.stages.loss import make_loss
 
 EMIT_EVERY_S = 0.5          # step events: every step, but at most two a second (plus the last)
-
-
-def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then linear decay towards 0 at ``total`` (step counts from 0)."""
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * max(0.0, (total - step) / max(1, total - warmup))
-
-
-def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 1, max_grad_norm: float = 1.0,
-        params=None, on_step=None, should_stop=None, weight_decay: float = 0.0, autocast_dtype=None,
-        device: str = "cpu", mem_fn=None, loss_fn=None) -> dict:
-    """Train ``model`` for ``steps`` optimizer steps; returns losses, tokens/s and whether it stopped.
-
-    ``loss_fn(model, batch)``: the loss (stages/loss.py); default the model's own (reference)."""
-    import torch
-    from engine.runs.stages.loss import reference_loss
-    loss_fn = loss_fn or reference_loss
-    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    if not params:
-        raise InputError("nothing to train: the model has no trainable parameters", field="train")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    losses, tokens, positions, t0 = [], 0, 0, time.perf_counter()
-    stopped = False
-    done = 0
-    for step in range(steps):
-        if should_stop is not None and should_stop():
-            stopped = True
-            break
-        cur_lr = lr_at(step, steps, lr, warmup)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
-        step_loss, step_tokens = 0.0, 0
-        for _ in range(accum):
-            batch = next(batch_iter)
-            with (torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=autocast_dtype)
-                  if autocast_dtype is not None else _null()):
-                loss = loss_fn(model, batch) / accum
-            loss.backward()
-            step_loss += loss.item()
-            m = batch.get("attention_mask")
-            step_tokens += int(m.sum()) if m is not None else batch["input_ids"].numel()
-            positions += batch["input_ids"].numel()     # padded B x T: what the compute (and the estimate) sees
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
-        losses.append(step_loss)
-        tokens += step_tokens
-        if on_step is not None:
-            el = time.perf_counter() - t0
-            on_step({"step": done, "total": steps, "loss": step_loss, "lr": cur_lr,
-                     "tokens_per_s": tokens / el if el > 0 else None,
-                     "eta_s": el / done * (steps - done), "mem_bytes": mem_fn() if mem_fn else None})
-    wall = time.perf_counter() - t0
-    del opt
-    return {"steps": done, "total": steps, "losses": losses, "tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 1) if wall > 0 and done else None, "stopped": stopped,
-            "positions": positions, "positions_per_s": round(positions / wall, 1) if wall > 0 and done else None}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ---- models for each method ---------------------------------------------------------------------
@@ -101,10 +35,9 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "query_key_value": ("q_proj
 def lora_modules(model, wanted: list[str]) -> tuple[list[str], list[str]]:
     """(peft target_modules, wanted names not in this model). Names among the llama seven
     (q_proj ... down_proj) map to this architecture's own modules through the table the
-    planner counts with (engine.estimate.memory.lora_modules over ModelArch.linears); any
+    planner counts with (engine.models.lora_modules over ModelArch.linears); any
     other name is taken as a module name as given."""
     from engine import models
-    from engine.estimate import memory
     cfg = getattr(model, "config", None)
     try:
         arch = models.arch_from_config(cfg.to_dict())
@@ -113,10 +46,10 @@ def lora_modules(model, wanted: list[str]) -> tuple[list[str], list[str]]:
     canonical = [t for t in wanted if t in models.LORA_TARGETS]
     names = [t for t in wanted if t not in models.LORA_TARGETS]
     if arch is not None and canonical:
-        names = memory.lora_modules(arch, canonical) + names
+        names = models.lora_modules(arch, canonical) + names
     else:
         names = canonical + names
-    wrapped = arch is not None and arch.model_type in memory.PEFT_PARAM_WRAPPED   # peft maps expert params itself
+    wrapped = arch is not None and arch.model_type in models.PEFT_PARAM_WRAPPED   # peft maps expert params itself
     leaf = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     found = [n for n in names if n in leaf or (wrapped and n in ("gate_proj", "up_proj", "down_proj"))]
     if not found:
@@ -296,7 +229,7 @@ def train(ctx) -> dict:
     tp = ctx.spec.train
     ds = common.dataset(ctx)
     common.base_model(ctx)
-    common.seed_everything(ctx.spec.seed)
+    seed_everything(ctx.spec.seed)
     common.quiet_libraries()
     tok = common.load_tokenizer(ctx.state["tokenizer_dir"])
     autocast = None
@@ -331,7 +264,7 @@ def train(ctx) -> dict:
     it = common.batches(pairs, tp.batch_size, ctx.spec.seed, tok.pad_token_id, ctx.device)
     first = next(it)
     with (torch.autocast(device_type="cuda" if ctx.device == "cuda" else "cpu", dtype=autocast)
-          if autocast is not None else _null()):
+          if autocast is not None else contextlib.nullcontext()):
         loss_fn, loss_mode, loss_why = make_loss(model, tp.loss, tp.loss_chunk_tokens, first, log=ctx.log,
                                                  warn=ctx.warn)
     it = itertools.chain([first], it)

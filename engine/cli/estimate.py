@@ -1,4 +1,4 @@
-"""``python -m engine estimate {train,infer,accuracy,batch}``: the flags of DESIGN.md's contracts.
+"""``python -m engine estimate {train,infer,accuracy,quantize,merge,batch}``: the flags of DESIGN.md's contracts.
 
 The flags map one to one onto keyword arguments of ``engine.estimate.estimate_train``,
 ``estimate_infer`` and ``estimate_accuracy``; ``batch`` takes the same names in snake_case as
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
+from engine.cli.output import emit
 from engine.errors import InputError
 
 # JSON key -> (flag, type, default); one table drives both argparse and batch validation
@@ -74,8 +75,8 @@ KINDS = {"train": TRAIN_ARGS, "infer": INFER_ARGS, "accuracy": ACCURACY_ARGS,
 
 def measured_rows(runs: str) -> list[dict]:
     """--runs: finished runs of the run store ($TUNEQUANT_HOME) as measured accuracy rows
-    (engine.estimate.accuracy.measured_from_runs); "store" takes every finished run."""
-    from engine.estimate.accuracy import measured_from_runs
+    (engine.advisor.measured.measured_from_runs); "store" takes every finished run."""
+    from engine.advisor.measured import measured_from_runs
     from engine.runs import api                    # sqlite only: imports no torch
     if runs.strip().lower() == "store":
         chosen = [api.get_run(r["id"]) for r in api.list_runs(status="finished")]
@@ -164,7 +165,6 @@ def _add_flags(p, kind: str) -> None:
 
 def _run_one(kind):
     def run(args):
-        from engine.cli import emit
         raw = {k: getattr(args, k) for k in KINDS[kind]}
         emit(_call(kind, _coerce(kind, raw)), as_json=args.json)
         return 0
@@ -173,7 +173,6 @@ def _run_one(kind):
 
 def _run_batch(args) -> int:
     """One JSON request per stdin line -> one JSON answer per line, in order; errors stay local."""
-    from engine.cli import emit
     for line in sys.stdin:
         if not line.strip():
             continue

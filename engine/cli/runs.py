@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 
+from engine.cli.output import emit
 from engine.runs.events import line as event_line
 
 ROW_KEYS = ("id", "name", "strategy", "model", "device", "status", "reason", "created", "started", "ended")
@@ -50,7 +51,6 @@ def _follow(api, run_id: str, quiet: bool) -> dict:
 
 
 def _cmd_run(args) -> int:
-    from engine.cli import emit
     from engine.runs import api
     # a Ctrl-C while the worker is being spawned must still stop the run: hold it until the id is known
     held = []
@@ -75,7 +75,6 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    from engine.cli import emit
     from engine.runs import api
     runs = api.list_runs(status=args.status, limit=args.limit)
     emit({"runs": [{k: r.get(k) for k in ROW_KEYS} for r in runs]}, as_json=args.json)
@@ -83,14 +82,12 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_show(args) -> int:
-    from engine.cli import emit
     from engine.runs import api
     emit(api.summary(args.run_id), as_json=args.json)
     return 0
 
 
 def _cmd_stop(args) -> int:
-    from engine.cli import emit
     from engine.runs import api
     t0 = time.monotonic()
     run = api.stop(args.run_id, wait=True, grace_s=args.grace)

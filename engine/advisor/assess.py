@@ -1,0 +1,430 @@
+"""One strategy assessed for one scenario: the planner's estimate of every stage (train, quantize,
+merge, serve), accuracy (the prior, or the user's own measurement), cost, and the hard
+constraints that hold or block (memory, latency, accuracy, bits, data, format, deploy)."""
+from __future__ import annotations
+
+import functools
+import json
+
+from engine import estimate, strategies
+from engine.advisor.rules import settings
+from engine.estimate import correction, cost
+from engine.errors import InputError
+from engine.fmt import GB
+from engine.spec.scenario import Scenario
+
+# ---- planner calls (cached: estimates are pure functions of their inputs) ---------------------
+
+PLANNER = {"estimate_train": estimate.estimate_train, "estimate_infer": estimate.estimate_infer,
+           "estimate_quantize": estimate.estimate_quantize, "estimate_merge": estimate.estimate_merge,
+           "estimate_accuracy": estimate.estimate_accuracy, "train_cost": cost.train_cost,
+           "calibration_cost": cost.calibration_cost, "serving_cost": cost.serving_cost}
+
+
+@functools.lru_cache(maxsize=8192)
+def _call(fn: str, kwargs: tuple, calibration_state: tuple):
+    """One planner request; an InputError is a result too (the planner refused: say why).
+    ``calibration_state`` (the fitted file in force and its mtime) is part of the key: a refit
+    or TUNEQUANT_CALIBRATION changing must not leave figures of the old fit in the cache."""
+    kw = dict(kwargs)
+    if isinstance(kw.get("measured"), str):          # measured rows travel as JSON text (hashable)
+        kw["measured"] = json.loads(kw["measured"])
+    try:
+        return json.dumps(PLANNER[fn](**kw), default=str)
+    except InputError as e:
+        return json.dumps({"error": str(e)})
+
+
+def _estimate(fn: str, **kw) -> dict:
+    """A planner result the caller owns: decoded afresh from the cached JSON text, so no caller
+    can change what the cache holds (and faster than a deep copy)."""
+    return json.loads(_call(fn, tuple(sorted(kw.items(), key=lambda kv: kv[0])), correction.state()))
+
+
+def _cli(kind: str, model_name: str, kw: dict) -> str:
+    """The CLI request equivalent to a planner call: where a number comes from."""
+    flags = []
+    for k, v in kw.items():
+        if k == "model" or v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        flags.append(flag if v is True else f"--no-{flag[2:]}" if v is False else f"{flag} {v}")
+    return f"estimate {kind} --model {model_name} " + " ".join(flags)
+
+
+# ---- one strategy ---------------------------------------------------------------------------
+
+def _gb(b) -> str:
+    return "?" if b is None else f"{b / GB:.1f} GB"
+
+
+def _fits_text(st: dict) -> str:
+    """'12.8 GB [11.8, 15.3] of 25.4 GB (51%)', and a warning when the interval's high end does not fit."""
+    lo, hi = st.get("device_low"), st.get("device_high")
+    txt = (f"{_gb(st['device_bytes'])}" + (f" [{lo / GB:.1f}, {hi / GB:.1f}]" if lo and hi else "")
+           + f" of {_gb(st['limit_bytes'])} ({100 * st['device_bytes'] / st['limit_bytes']:.0f}%)")
+    if hi and hi > st["limit_bytes"]:
+        txt += "; the high end of the interval does not fit"
+    return txt
+
+
+def _shard(est: dict, count: int, arch) -> dict:
+    """Per-GPU memory of a training step on ``count`` GPUs under FSDP full sharding.
+
+    The planner's breakdown names each part; model states (settings multi_gpu.sharded_parts)
+    are divided by the GPU count, every other part (activations, logits and loss, the layer
+    being recomputed, workspaces) stays whole on each GPU, and FSDP's
+    gathered layers (16-bit weights of ``gathered_layers`` blocks) are added."""
+    peak, device = est["peak_allocated_bytes"], est["device_bytes"]
+    lo, hi = est.get("device_low", device), est.get("device_high", device)
+    if count == 1:
+        return {"peak_allocated_bytes": peak, "device_bytes": device, "device_low": lo, "device_high": hi,
+                "breakdown": est.get("breakdown", {}), "sharding": "single GPU"}
+    mg = settings()["multi_gpu"]
+    parts = {name: (b / count if name in mg["sharded_parts"] else b)
+             for name, b in (est.get("breakdown") or {}).items()}
+    gathered = mg["gathered_layers"] * arch.linear_params_per_layer * 2
+    parts["fsdp_gathered_layers"] = gathered
+    per_peak = sum(parts.values())
+    per_device = per_peak + (device - peak)
+    scale = per_device / device          # the planner's interval, scaled with the sharded total
+    return {"peak_allocated_bytes": per_peak, "device_bytes": per_device, "device_low": lo * scale,
+            "device_high": hi * scale, "breakdown": parts,
+            "sharding": f"{mg['scheme']} over {count} GPUs: model states / {count}, activations per GPU, "
+                        f"+{_gb(gathered)} for {mg['gathered_layers']} gathered 16-bit layers"}
+
+
+def _stage_train(s, sc, arch, ctx) -> dict:
+    w = ctx["settings"]["workload"]["train"]
+    method = s.get("train_estimate", s["train"])
+    tdev, count = ctx["train_device"], sc.hardware.count
+    kw = dict(model=arch, method=method, precision=w["precision"], seq_len=sc.seq_len,
+              batch_size=w["batch_size"], grad_ckpt=w["grad_ckpt"], lora_rank=w["lora_rank"], gpu=tdev.id,
+              loss=w.get("loss", "reference"))
+    est = _estimate("estimate_train", **kw)
+    src = _cli("train", arch.name, kw)
+    out = {"stage": "train", "method": method, "source": src, "device": tdev.id, "count": count,
+           "request": {k: v for k, v in kw.items() if k != "model"}}
+    if s.get("estimate_note"):
+        out["note"] = s["estimate_note"]
+    if "error" in est:
+        return {**out, "error": est["error"], "fits": False}
+    per = _shard(est, count, arch)
+    if kw["loss"] != "reference":         # the engine beats DESIGN.md's recipe: say by how much
+        ref = _estimate("estimate_train", **{**kw, "loss": "reference"})
+        if "error" not in ref:
+            ref_dev = _shard(ref, count, arch)["device_bytes"]
+            out["reference_device_bytes"] = ref_dev
+            if ref_dev > per["device_bytes"]:
+                said = (f"with the engine's chunked loss; the reference recipe (full fp32 logits) needs "
+                        f"{_gb(ref_dev)}" + ("" if ref_dev <= tdev.memory_bytes else ", which does not fit"))
+                out["note"] = f"{out['note'].rstrip('.')}; {said}" if out.get("note") else said
+    tokens = sc.examples * sc.seq_len * sc.epochs
+    eff = ctx["settings"]["multi_gpu"]["scaling_efficiency"] if count > 1 else 1.0
+    tps = est.get("tokens_per_s") or 0.0
+    total_tps = tps * count * eff
+    if est.get("calibration") is not None:
+        out["calibration"] = est["calibration"]
+    out.update(per, limit_bytes=tdev.memory_bytes, fits=per["device_bytes"] <= tdev.memory_bytes,
+               tokens=tokens, tokens_per_s=total_tps, time_s=tokens / total_tps if total_tps else None,
+               low_bytes=est.get("low"), high_bytes=est.get("high"))
+    if tokens and tps:
+        c = _estimate("train_cost", tokens=tokens, tokens_per_s=total_tps, gpu=tdev.id, gpu_count=count)
+        out["cost"] = c
+    return out
+
+
+def _stage_quantize(st, s, sc, arch, ctx) -> dict | None:
+    """GPTQ/AWQ calibration runs layer by layer on one training GPU; bitsandbytes and torchao
+    quantize while loading or in place (their memory is the served model's, checked at serve)."""
+    if st.get("method") not in ("gptq", "awq"):
+        return None
+    tdev = ctx["train_device"]
+    kw = dict(model=arch, method=st["method"], bits=st.get("bits", 4), group_size=st.get("group_size", 128),
+              calibration_samples=st.get("calibration_samples", 128),
+              seq_len=ctx["settings"]["workload"]["calibration"]["seq_len"], gpu=tdev.id)
+    est = _estimate("estimate_quantize", **kw)
+    out = {"stage": "quantize", "method": st["method"], "bits": kw["bits"], "device": tdev.id,
+           "source": _cli("quantize", arch.name, kw)}
+    if "error" in est:
+        return {**out, "error": est["error"], "fits": None}
+    out.update(peak_allocated_bytes=est.get("peak_allocated_bytes"), device_bytes=est.get("device_bytes"),
+               device_low=est.get("device_low"), device_high=est.get("device_high"),
+               breakdown=est.get("breakdown", {}), time_s=est.get("time_s"), limit_bytes=tdev.memory_bytes,
+               fits=est.get("device_bytes", 0) <= tdev.memory_bytes)
+    if est.get("time_s"):
+        out["cost"] = _estimate("calibration_cost", seconds=est["time_s"], gpu=tdev.id)
+    return out
+
+
+def _stage_merge(s, sc, arch, ctx) -> dict:
+    tdev = ctx["train_device"]
+    est = _estimate("estimate_merge", model=arch, base="bf16")
+    out = {"stage": "merge", "device": tdev.id, "source": f"estimate merge --model {arch.name} --base bf16"}
+    if "error" in est:
+        return {**out, "error": est["error"], "fits": None}
+    fits = est.get("device_bytes", 0) <= tdev.memory_bytes
+    out.update(peak_allocated_bytes=est.get("peak_allocated_bytes"), device_bytes=est.get("device_bytes"),
+               breakdown=est.get("breakdown", {}), limit_bytes=tdev.memory_bytes, fits=fits, time_s=est.get("time_s"))
+    if not fits:
+        out["note"] = "does not fit the GPU: merge on the CPU instead (needs the 16-bit model in RAM); not blocking"
+    return out
+
+
+def _stage_serve(s, sc, arch, ctx) -> dict:
+    sdev = ctx["serve_device"]
+    w = ctx["settings"]["workload"]["serve"]
+    kw = dict(model=arch, weights=s["deploy"], batch_size=w["batch_size"], prompt_len=w["prompt_len"],
+              new_tokens=w["new_tokens"], gpu=sdev.id)
+    est = _estimate("estimate_infer", **kw)
+    out = {"stage": "serve", "weights": s["deploy"], "device": sdev.id,
+           "source": _cli("infer", arch.name, kw)}
+    if "error" in est:
+        return {**out, "error": est["error"], "fits": False}
+    tps = est.get("decode_tokens_per_s")
+    slow, fast = est.get("decode_tokens_per_s_low"), est.get("decode_tokens_per_s_high")
+    if est.get("calibration") is not None:
+        out["calibration"] = est["calibration"]
+    out.update(weights_bytes=est.get("weights_bytes"), peak_allocated_bytes=est.get("peak_allocated_bytes"),
+               device_bytes=est.get("device_bytes"), device_low=est.get("device_low"),
+               device_high=est.get("device_high"), breakdown=est.get("breakdown", {}),
+               limit_bytes=sdev.memory_bytes, fits=est.get("device_bytes", 0) <= sdev.memory_bytes,
+               prefill_s=est.get("prefill_s"), decode_tokens_per_s=tps,
+               decode_ms_per_token=1000.0 / tps if tps else None,
+               decode_ms_per_token_low=1000.0 / fast if fast else None,
+               decode_ms_per_token_high=1000.0 / slow if slow else None)
+    if tps and sdev.price_per_hour:
+        out["cost"] = _estimate("serving_cost", decode_tokens_per_s_per_sequence=tps,
+                                batch_size=w["batch_size"], gpu=sdev.id,
+                                max_latency_ms_per_token=sc.goals.max_latency_ms_per_token)
+    return out
+
+
+def _accuracy(s, sc, arch, ctx=None) -> dict:
+    """The accuracy prior of a strategy (the accuracy model, pulled by measured runs of other
+    strategies of the same method on this model), replaced by the newest run of this very
+    strategy on this model when there is one (``measured``; the prior stays under ``prior``)."""
+    from engine.estimate.accuracy import measured_accuracy    # the accuracy model loads on first use
+    a = s["accuracy"]
+    kw = dict(family=arch.family, params_b=round(arch.total_params / 1e9, 3), method=a["method"],
+              w_bits=float(a["w_bits"]), a_bits=float(a.get("a_bits", 16)), group_size=a.get("group_size"),
+              per_channel=bool(a.get("per_channel", False)), finetune=a.get("finetune", "none"))
+    src = (f"estimate accuracy --family {kw['family']} --params-b {kw['params_b']} --method {kw['method']} "
+           f"--w-bits {kw['w_bits']:g} --a-bits {kw['a_bits']:g}"
+           + (f" --group-size {kw['group_size']}" if kw["group_size"] else "")
+           + (" --per-channel" if kw["per_channel"] else "") + f" --finetune {kw['finetune']}")
+    m = (ctx or {}).get("measured") or {}
+    own = (m.get("by_strategy") or {}).get(s["id"])
+    pull = [r for sid, e in (m.get("by_strategy") or {}).items() if sid != s["id"] for r in e["rows"]
+            if r["comparable"] and r["method"] == a["method"] and a["method"] != "none"]
+    if pull and not own:
+        est = _estimate("estimate_accuracy", **kw, measured=json.dumps(pull, sort_keys=True))
+        ids = est.get("evidence", {}).get("measured_runs") or []
+        if ids:
+            src += f" (+ {len(ids)} measured run(s) of other {a['method']} strategies: {', '.join(ids)})"
+    else:
+        est = _estimate("estimate_accuracy", **kw)
+    est = {**est, "source": src}
+    if not own or est.get("retention") is None:
+        return est
+    meas = measured_accuracy(own["rows"])          # at the run's own model size
+    if meas is None:
+        return est
+    meas["runs"] = own["runs"]
+    prior = {k: est.get(k) for k in ("retention", "low", "high", "ppl_ratio", "ppl_low", "ppl_high", "source",
+                                     "interval")}
+    ev = dict(est.get("evidence") or {})
+    ev["measured_runs"] = sorted(set(ev.get("measured_runs") or []) | {meas["run_id"]})
+    ev["measured"] = len(ev["measured_runs"])
+    ev["count"] = (ev.get("published") or 0) + ev["measured"]
+    ppl = meas.get("ppl_ratio")
+    return {**est, "retention": meas["retention"], "low": meas["low"], "high": meas["high"],
+            "ppl_ratio": ppl if ppl is not None else est.get("ppl_ratio"),
+            "ppl_low": ppl if ppl is not None else est.get("ppl_low"),
+            "ppl_high": ppl if ppl is not None else est.get("ppl_high"),
+            "interval": "central 80% of the measurement", "measured": meas, "prior": prior, "evidence": ev,
+            "source": f"measured: run {meas['run_id']} ({meas['basis']}); prior: {src}"}
+
+
+def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
+    """Estimates and hard constraints of one strategy (the score comes later: it is relative)."""
+    arch, t = ctx["arch"], strategies.traits(s)
+    g, sdev = sc.goals, ctx["serve_device"]
+    stages, blocked, reasons = [], [], []
+
+    def block(constraint, text, **extra):
+        blocked.append({"constraint": constraint, "text": text, **extra})
+        reasons.append({"kind": "constraint", "ok": False, "constraint": constraint, "text": text, **extra})
+
+    def ok(constraint, text, **extra):
+        reasons.append({"kind": "estimate", "ok": True, "constraint": constraint, "text": text, **extra})
+
+    # data: training needs labelled examples
+    if t["train"] != "none" and sc.examples == 0:
+        block("data", "no labelled examples to train on (examples: 0)", value=0, limit=1)
+
+    # stages in pipeline order
+    for st in s["stages"]:
+        if st["stage"] == "train":
+            est = _stage_train(s, sc, arch, ctx)
+        elif st["stage"] == "quantize":
+            est = _stage_quantize(st, s, sc, arch, ctx)
+        elif st["stage"] == "merge":
+            est = _stage_merge(s, sc, arch, ctx)
+        else:
+            est = None
+        if est is None:
+            continue
+        stages.append(est)
+        where = f"{est['stage']} on {sc.hardware.count}x {est['device']}" if est["stage"] == "train" \
+            else f"{est['stage']} on {est['device']}"
+        if est.get("error"):
+            if est["stage"] == "train":
+                block("memory", f"{where}: not estimated ({est['error']})", stage=est["stage"])
+            else:
+                reasons.append({"kind": "estimate", "ok": None, "constraint": "memory", "stage": est["stage"],
+                                "text": f"{where}: not estimated ({est['error']})"})
+        elif est["fits"] is False and est["stage"] != "merge":
+            block("memory", f"{where}: needs {_gb(est['device_bytes'])} per GPU > {_gb(est['limit_bytes'])} "
+                            f"({est['source']})", stage=est["stage"], value=est["device_bytes"],
+                  limit=est["limit_bytes"])
+        else:
+            ok("memory", f"{where}: {_fits_text(est)}" + (f"; {est['note']}" if est.get("note") else ""),
+               stage=est["stage"], value=est["device_bytes"], limit=est["limit_bytes"])
+
+    # time and money (informative: the cost part of the score uses them)
+    tr = next((x for x in stages if x["stage"] == "train" and x.get("time_s")), None)
+    if tr:
+        usd = (tr.get("cost") or {}).get("usd")
+        reasons.append({"kind": "estimate", "ok": True, "constraint": "cost",
+                        "text": f"training: {tr['tokens']:,.0f} tokens at {tr['tokens_per_s']:,.0f} tokens/s = "
+                                f"{tr['time_s'] / 3600:.1f} h on {sc.hardware.count}x {tr['device']}"
+                                + (f", {usd:,.2f} USD" if usd is not None else "")})
+
+    # calibration data
+    if t["calibration"]:
+        need = ctx["settings"]["data"]["calibration_samples"]
+        if sc.examples < need:
+            reasons.append({"kind": "estimate", "ok": True, "constraint": "data",
+                            "text": f"calibration: {sc.examples} task examples < {need}: calibrates on generic "
+                                    f"text (C4/WikiText); task quality may suffer a little more"})
+
+    # serving: where it runs, whether the runtime has the format, memory, latency
+    serve = None
+    if s["deploy"] == "hosted":
+        if sc.deploy.target != "hosted-api":
+            block("deploy", f"serves through a provider; the scenario deploys to {sc.deploy.target} "
+                            f"(set deploy.target: hosted-api to consider it)")
+    elif sc.deploy.target == "hosted-api":
+        if t["quantized"]:
+            block("deploy", "a hosted API serves (and quantizes) the model itself: your own quantized "
+                            f"{s['deploy']} weights cannot be deployed there")
+    else:
+        support = ctx["settings"]["serving"][sdev.kind]
+        if support["formats"] != "all" and s["deploy"] not in support["formats"]:
+            block("format", f"{sdev.name} ({sdev.kind}) cannot run {s['deploy']} weights: {support['runtime']}")
+        if t["fp8"] and not sdev.has_fp8:
+            block("format", f"FP8 needs FP8 tensor cores (Ada, Hopper, Blackwell); {sdev.id} has none")
+        if t["gpu_only"] and sdev.kind not in ("gpu", "edge"):
+            block("format", f"{s['deploy']} kernels need a CUDA GPU; {sdev.id} is a {sdev.kind}")
+        serve = _stage_serve(s, sc, arch, ctx)
+        stages.append(serve)
+        if serve.get("error"):
+            block("memory", f"serve on {sdev.id}: not estimated ({serve['error']})", stage="serve")
+        elif not serve["fits"]:
+            block("memory", f"serve on {sdev.id}: needs {_gb(serve['device_bytes'])} > {_gb(serve['limit_bytes'])} "
+                            f"({serve['source']})", stage="serve", value=serve["device_bytes"],
+                  limit=serve["limit_bytes"])
+        else:
+            ok("memory", f"serve on {sdev.id}: {_fits_text(serve)}", stage="serve",
+               value=serve["device_bytes"], limit=serve["limit_bytes"])
+        ms, goal = serve.get("decode_ms_per_token"), g.max_latency_ms_per_token
+        if ms is not None:
+            lo, hi = serve.get("decode_ms_per_token_low"), serve.get("decode_ms_per_token_high")
+            txt = f"decode {ms:.1f} ms/token" + (f" [{lo:.1f}, {hi:.1f}]" if lo and hi else "") + f" on {sdev.id}"
+            if goal is None:
+                ok("latency", f"{txt} (no latency goal)", value=ms)
+            elif ms > goal:
+                block("latency", f"{txt} > goal {goal:g} ms ({serve['source']})", value=ms, limit=goal)
+            else:
+                ok("latency", f"{txt} <= goal {goal:g} ms"
+                   + ("; the slow end of the interval misses it" if hi and hi > goal else ""), value=ms, limit=goal)
+        usd_m = (serve.get("cost") or {}).get("usd_per_million_tokens")
+        if usd_m is not None:
+            reasons.append({"kind": "estimate", "ok": True, "constraint": "cost",
+                            "text": f"serving: {usd_m:,.2f} USD per million tokens on {sdev.id} "
+                                    f"(batch {serve['cost'].get('batch_size')})"})
+
+    # bits goal
+    if g.target_weight_bits is not None and t["w_bits"] != g.target_weight_bits:
+        block("bits", f"serves {t['w_bits']:g}-bit weights; the goal is {g.target_weight_bits}-bit weights "
+                      f"(target_weight_bits)", value=t["w_bits"], limit=g.target_weight_bits)
+
+    # accuracy goal
+    acc = _accuracy(s, sc, arch, ctx)
+    r = acc.get("retention")
+    meas = acc.get("measured")
+    if meas:
+        p = acc["prior"]
+        reasons.append({"kind": "measured", "ok": True, "constraint": "accuracy", "run_id": meas["run_id"],
+                        "dataset": meas["dataset"],
+                        "text": f"measured on your data: run {meas['run_id']}: retention {r:.3f} "
+                                f"[{acc['low']:.3f}, {acc['high']:.3f}] from {meas['basis']}; replaces the prior "
+                                f"{p['retention']:.3f} "
+                                f"[{p['low']:.3f}, {p['high']:.3f}]"
+                                + (f" ({len(meas['runs'])} runs of {s['id']}; the newest counts)"
+                                   if len(meas["runs"]) > 1 else "")
+                                + (f"; against the {meas['reference']}" if not meas["comparable"] else "")})
+    if r is None:
+        reasons.append({"kind": "estimate", "ok": None, "constraint": "accuracy",
+                        "text": f"accuracy not estimated ({acc.get('error', 'no retention')})"})
+    else:
+        lo, hi = acc.get("low", r), acc.get("high", r)
+        txt = f"retention {r:.3f} [{lo:.3f}, {hi:.3f}]" + (f" measured (run {meas['run_id']})" if meas else "")
+        if g.min_accuracy_retention is not None:
+            if r < g.min_accuracy_retention:
+                block("accuracy", f"{txt} < goal {g.min_accuracy_retention:g} ({acc['source']})",
+                      value=r, limit=g.min_accuracy_retention)
+            elif lo < g.min_accuracy_retention:
+                ok("accuracy", f"{txt} meets goal {g.min_accuracy_retention:g}, but the interval reaches below it",
+                   value=r, limit=g.min_accuracy_retention)
+            else:
+                ok("accuracy", f"{txt} >= goal {g.min_accuracy_retention:g}", value=r, limit=g.min_accuracy_retention)
+        else:
+            ok("accuracy", f"{txt} (no accuracy goal)", value=r)
+
+    train = next((x for x in stages if x["stage"] == "train"), None)
+    return {
+        "strategy": s["id"], "name": s["name"], "family": s["family"], "scheme": t["scheme"],
+        "summary": s.get("summary", ""), "traits": t,
+        "feasible": not blocked, "blocked_by": sorted({b["constraint"] for b in blocked}), "blocked": blocked,
+        "reasons": reasons,
+        "estimates": {
+            "stages": stages,
+            "accuracy": acc,
+            "train_device_bytes": train.get("device_bytes") if train else None,
+            "serve_device_bytes": serve.get("device_bytes") if serve else None,
+            "latency_ms_per_token": serve.get("decode_ms_per_token") if serve else None,
+            "train_time_s": train.get("time_s") if train else None,
+            "cost": _cost_summary(stages),
+        },
+    }
+
+
+def _cost_summary(stages) -> dict:
+    usd, hours, serve = 0.0, 0.0, None
+    priced = True
+    for st in stages:
+        c = st.get("cost")
+        if not c or "error" in c:
+            continue
+        if st["stage"] == "serve":
+            serve = c.get("usd_per_million_tokens")
+        else:
+            if c.get("usd") is None:
+                priced = False
+            usd += c.get("usd") or 0.0
+            hours += c.get("gpu_hours") or 0.0
+    return {"train_usd": usd if priced else None, "train_gpu_hours": hours,
+            "serve_usd_per_million_tokens": serve}
+

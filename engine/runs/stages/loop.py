@@ -1,0 +1,77 @@
+"""The training loop every trainer shares: the train stage (full, LoRA, QLoRA, QAT) and the demo
+model's pretraining (engine/runs/demo.py). Plain torch: AdamW, gradient accumulation, clipping,
+linear warmup then linear decay; no stage context, so the demo builder can use it too."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+from engine.errors import InputError
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then linear decay towards 0 at ``total`` (step counts from 0)."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 1, max_grad_norm: float = 1.0,
+        params=None, on_step=None, should_stop=None, weight_decay: float = 0.0, autocast_dtype=None,
+        device: str = "cpu", mem_fn=None, loss_fn=None) -> dict:
+    """Train ``model`` for ``steps`` optimizer steps; returns losses, tokens/s and whether it stopped.
+
+    ``loss_fn(model, batch)``: the loss (stages/loss.py); default the model's own (reference)."""
+    import torch
+    from engine.runs.stages.loss import reference_loss
+    loss_fn = loss_fn or reference_loss
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    if not params:
+        raise InputError("nothing to train: the model has no trainable parameters", field="train")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses, tokens, positions, t0 = [], 0, 0, time.perf_counter()
+    stopped = False
+    done = 0
+    for step in range(steps):
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+        cur_lr = lr_at(step, steps, lr, warmup)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        step_loss, step_tokens = 0.0, 0
+        for _ in range(accum):
+            batch = next(batch_iter)
+            with (torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=autocast_dtype)
+                  if autocast_dtype is not None else contextlib.nullcontext()):
+                loss = loss_fn(model, batch) / accum
+            loss.backward()
+            step_loss += loss.item()
+            m = batch.get("attention_mask")
+            step_tokens += int(m.sum()) if m is not None else batch["input_ids"].numel()
+            positions += batch["input_ids"].numel()     # padded B x T: what the compute (and the estimate) sees
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        losses.append(step_loss)
+        tokens += step_tokens
+        if on_step is not None:
+            el = time.perf_counter() - t0
+            on_step({"step": done, "total": steps, "loss": step_loss, "lr": cur_lr,
+                     "tokens_per_s": tokens / el if el > 0 else None,
+                     "eta_s": el / done * (steps - done), "mem_bytes": mem_fn() if mem_fn else None})
+    wall = time.perf_counter() - t0
+    del opt
+    return {"steps": done, "total": steps, "losses": losses, "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1) if wall > 0 and done else None, "stopped": stopped,
+            "positions": positions, "positions_per_s": round(positions / wall, 1) if wall > 0 and done else None}
