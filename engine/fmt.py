@@ -1,17 +1,41 @@
-"""How numbers read in the product: one place for the dashboard (ui/) and the report (engine.report)."""
+"""How numbers read in the product, and the byte units: one place for the engine, the dashboard
+(ui/) and the report (engine.report).
+
+GB (1e9) is what memory is shown in: the unit GPU names, the advisor's reasons and the tables use.
+GIB (2**30) is what CUDA's context sizes and the OOM suggestions speak in (torch reports GiB).
+"""
 from __future__ import annotations
 
-GB = 1e9     # memory is shown in decimal GB, the unit GPU names and the advisor's reasons use
+GB = 1e9            # decimal gigabyte
+GIB = 1024 ** 3     # binary gibibyte
 
 
-def gb(n, digits: int = 1) -> str:
-    """Bytes as GB text ('—' when unknown)."""
+def gb(n, digits: int = 1, none: str = "—") -> str:
+    """Bytes as GB text (``none`` when unknown)."""
     if n is None:
-        return "—"
+        return none
     try:
         return f"{float(n) / GB:.{digits}f} GB"
     except (TypeError, ValueError):
-        return "—"
+        return none
+
+
+def gib(n, digits: int = 1, none: str = "?") -> str:
+    """Bytes as GiB text (``none`` when unknown)."""
+    if n is None:
+        return none
+    return f"{float(n) / GIB:.{digits}f} GiB"
+
+
+def iec(n) -> str:
+    """Bytes in the largest binary unit that keeps the number below 1024: '512 B', '3.00 GiB'."""
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
 
 
 def num(x, fmt: str = "{:.3g}", none: str = "—") -> str:

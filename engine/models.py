@@ -22,9 +22,8 @@ from pathlib import Path
 from engine import demo_presets
 from engine.errors import InputError
 from engine.presets import load_dir
+from engine.vocab import ATTENTION_TARGETS, LORA_TARGETS, MODEL_FAMILIES as FAMILIES
 
-FAMILIES = ("llama-1", "llama-2", "llama-3", "mistral", "mixtral", "qwen2", "qwen3",
-            "gemma", "phi", "opt", "bloom")
 
 # model_type of config.json -> family, where the type alone tells it
 _FAMILY_OF_TYPE = {
@@ -33,7 +32,6 @@ _FAMILY_OF_TYPE = {
     "gemma3": "gemma", "gemma3_text": "gemma", "phi3": "phi", "phi": "phi", "opt": "opt",
     "bloom": "bloom",
 }
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,6 @@ class ModelArch:
 # MoE types whose fused expert parameters peft (0.21) maps target_modules gate/up/down onto
 # (ParamWrapper); on the others (mixtral) LoRA reaches the attention projections only
 PEFT_PARAM_WRAPPED = ("qwen3_moe",)     # qwen2_moe: peft reaches the shared expert's nn.Linear only
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def lora_targets(arch: ModelArch) -> tuple[str, ...]:

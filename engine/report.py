@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from engine import calibration, charts
-from engine.fmt import GB, duration, num, usd
+from engine.fmt import GB, duration, gb as _gb, num, usd
 from engine.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,10 +67,6 @@ def figure(key: str, fig: dict) -> tuple:
 
 
 # ---- formatting -----------------------------------------------------------------------------------------
-
-def _gb(n, digits: int = 1) -> str:
-    return "—" if n is None else f"{float(n) / GB:.{digits}f} GB"
-
 
 def _dur(s) -> str:
     return duration(s, digits=1)

@@ -2,28 +2,46 @@
 
 Each entry is a pipeline of ``stages`` (what a run executes, read by engine/runs) and the
 requests the planner answers for it: ``train`` (estimate train --method), ``deploy`` (estimate
-infer --weights) and ``accuracy`` (estimate accuracy). ``traits(s)`` flattens an entry into the
-facts the advisor's rules match on (family, training method, deployed bits, scheme ...).
+infer --weights) and ``accuracy`` (estimate accuracy; for a strategy whose weights come from a
+quantize stage alone it follows from the method registry, ``accuracy_request``). ``traits(s)``
+flattens an entry into the facts the advisor's rules match on (family, training method, deployed
+bits, scheme, needs calibration, GPU-only ...); what a quantization method or a weights format
+implies is read from their registries (engine/quant.py, engine/estimate/formats.py), never
+repeated here.
 """
 from __future__ import annotations
 
 import functools
 
+from engine import quant
 from engine.errors import InputError, choices
+from engine.estimate import formats
 from engine.presets import load_yaml
+from engine.vocab import STAGES, STRATEGY_FAMILIES as FAMILIES, TRAIN_METHODS
 
-FAMILIES = ("ptq-only", "finetune-then-quantize", "quantize-then-finetune", "joint-qat",
-            "finetune-only", "no-change")
-STAGES = ("train", "merge", "quantize", "convert", "evaluate")
-TRAIN_METHODS = ("full", "lora", "qlora", "qat")
 MATURITY = ("established", "research")
-# deploy formats whose weights are not quantized (16-bit) or not ours to serve (hosted)
-UNQUANTIZED = ("bf16", "fp16", "hosted")
+HOSTED = "hosted"          # deploy: a provider serves the model (no weights on your hardware)
+
+
+_REGISTERED: list[dict] = []
 
 
 def catalog() -> list[dict]:
-    """Every strategy, in catalog order."""
-    return list(load_yaml("strategies.yaml"))
+    """Every strategy, in catalog order (presets/strategies.yaml, then the ones ``register`` added)."""
+    return list(load_yaml("strategies.yaml")) + _REGISTERED
+
+
+def register(entry: dict) -> dict:
+    """Add a strategy at run time (an entry shaped as in strategies.yaml, checked); returns it."""
+    check_catalog(catalog() + [entry])
+    _REGISTERED.append(entry)
+    all_traits.cache_clear()
+    return entry
+
+
+def unregister(strategy_id: str) -> None:
+    _REGISTERED[:] = [s for s in _REGISTERED if s["id"] != strategy_id]
+    all_traits.cache_clear()
 
 
 def ids() -> list[str]:
@@ -45,33 +63,52 @@ def by_family() -> dict[str, list[str]]:
     return out
 
 
+def quantize_methods(s: dict) -> list:
+    """The registry entries (engine/quant.py) of the strategy's quantize stages, in pipeline order."""
+    return [quant.get(st.get("method")) for st in s["stages"] if st["stage"] == "quantize"]
+
+
+def accuracy_request(s: dict) -> dict:
+    """The accuracy model's request for the served weights: the entry's ``accuracy`` when it has
+    one, else what the method registry says for its (last) quantize stage, else 16-bit."""
+    if s.get("accuracy"):
+        return dict(s["accuracy"])
+    st = [st for st in s["stages"] if st["stage"] == "quantize"]
+    if st:
+        return quant.get(st[-1].get("method")).accuracy_request(st[-1])
+    return {"method": "none", "w_bits": 16}
+
+
 def scheme(s: dict) -> str:
     """Mixed-precision scheme of the served model: W4A16, W8A8, FP8, W16A16 ..."""
-    acc = s.get("accuracy", {})
+    acc = accuracy_request(s)
     w, a = acc.get("w_bits", 16), acc.get("a_bits", 16)
-    if acc.get("method") == "fp8":
+    if s["deploy"] != HOSTED and formats.get(s["deploy"]).tensor_cores == "fp8":
         return "FP8"
     return f"W{w:g}A{a:g}"
 
 
 def traits(s: dict) -> dict:
-    """The facts about a strategy that rules match on (see presets/rules/rules.yaml)."""
-    acc = s.get("accuracy", {})
-    req = s.get("requires", {}) or {}
+    """The facts about a strategy that rules match on (see presets/rules/rules.yaml). Needs
+    calibration and GPU-only come from the method registry (its quantize stages), quantized and
+    FP8 from the format registry (its deployed format)."""
+    acc = accuracy_request(s)
+    methods = quantize_methods(s)
+    fmt = None if s["deploy"] == HOSTED else formats.get(s["deploy"])
     stages = [st["stage"] for st in s["stages"]]
     return {
         "id": s["id"],
         "family": s["family"],
         "train": s.get("train", "none"),
         "lora": s.get("train") in ("lora", "qlora") or any(st.get("lora") for st in s["stages"]),
-        "quantized": s["deploy"] not in UNQUANTIZED,
+        "quantized": bool(fmt and fmt.quantized),
         "w_bits": acc.get("w_bits", 16),
         "a_bits": acc.get("a_bits", 16),
         "scheme": scheme(s),
         "deploy": s["deploy"],
-        "calibration": bool(req.get("calibration")),
-        "gpu_only": bool(req.get("gpu_only")),
-        "fp8": bool(req.get("fp8")),
+        "calibration": any(m.calibration for m in methods),
+        "gpu_only": any(m.gpu_only for m in methods),
+        "fp8": bool(fmt and fmt.requires_fp8),
         "merge": "merge" in stages,
         "maturity": s.get("maturity", "established"),
     }
@@ -91,7 +128,7 @@ def check_catalog(entries: list[dict] | None = None) -> list[dict]:
         if not sid or sid in seen:
             raise InputError(f"strategy id {sid!r} is missing or repeated", field="id")
         seen.add(sid)
-        for key in ("family", "name", "stages", "deploy", "accuracy", "summary"):
+        for key in ("family", "name", "stages", "deploy", "summary"):
             if key not in s:
                 raise InputError(f"strategy {sid}: {key} is required", field=key)
         if s["family"] not in FAMILIES:
@@ -110,6 +147,21 @@ def check_catalog(entries: list[dict] | None = None) -> list[dict]:
             raise InputError(f"strategy {sid}: the last stage must be evaluate", field="stages")
         if s.get("maturity", "established") not in MATURITY:
             raise choices(f"maturity of {sid}", s.get("maturity"), MATURITY)
-        if "w_bits" not in s["accuracy"] or "method" not in s["accuracy"]:
+        for st in s["stages"]:
+            if st["stage"] == "quantize":
+                quant.get(st.get("method"))                      # an unknown method lists the known
+        if s["deploy"] != HOSTED:
+            formats.get(s["deploy"])
+        ms = quantize_methods(s)
+        if s["family"] == "ptq-only" and ms:
+            st = [x for x in s["stages"] if x["stage"] == "quantize"][-1]
+            made = ms[-1].format_for(quant.settings(st)["bits"])
+            if made != s["deploy"]:
+                raise InputError(f"strategy {sid}: its quantize stage ({ms[-1].id}) produces {made}, but it deploys "
+                                 f"{s['deploy']}", field="deploy")
+        if s.get("accuracy") and ("w_bits" not in s["accuracy"] or "method" not in s["accuracy"]):
             raise InputError(f"strategy {sid}: accuracy needs method and w_bits", field="accuracy")
+        if not s.get("accuracy") and s["family"] != "ptq-only":
+            raise InputError(f"strategy {sid}: accuracy is required (only a PTQ strategy's follows from its "
+                             f"quantize method)", field="accuracy")
     return entries

@@ -20,7 +20,7 @@ def test_catalog_has_every_strategy_of_the_design_table():
     quant = {(st.get("method"), st.get("bits")) for s in S.catalog() for st in s["stages"] if st["stage"] == "quantize"}
     # PTQ only: INT8, NF4/FP4, GPTQ 2/3/4/8, AWQ 4, torchao int8/int4, dynamic, FP8
     for m in [("int8", None), ("nf4", None), ("fp4", None), ("gptq", 2), ("gptq", 3), ("gptq", 4), ("gptq", 8),
-              ("awq", 4), ("torchao-int8", None), ("torchao-int4", None), ("dynamic-int8", None), ("fp8", None)]:
+              ("awq", 4), ("torchao-int8", None), ("torchao-int4", None), ("w8a8", None), ("fp8", None)]:
         assert m in quant, m
     assert by_id["full-then-gptq-4bit"]["train"] == "full"
     assert [st["stage"] for st in by_id["lora-merge-gptq-4bit"]["stages"]] == ["train", "merge", "quantize", "evaluate"]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import functools
 import json
 
-from engine import estimate, strategies
+from engine import estimate, quant, strategies
 from engine.advisor.rules import settings
-from engine.estimate import correction, cost
+from engine.estimate import correction, cost, formats
 from engine.errors import InputError
-from engine.fmt import GB
+from engine.fmt import GB, gb
 from engine.spec.scenario import Scenario
 
 # ---- planner calls (cached: estimates are pure functions of their inputs) ---------------------
@@ -54,15 +54,11 @@ def _cli(kind: str, model_name: str, kw: dict) -> str:
 
 # ---- one strategy ---------------------------------------------------------------------------
 
-def _gb(b) -> str:
-    return "?" if b is None else f"{b / GB:.1f} GB"
-
-
 def _fits_text(st: dict) -> str:
     """'12.8 GB [11.8, 15.3] of 25.4 GB (51%)', and a warning when the interval's high end does not fit."""
     lo, hi = st.get("device_low"), st.get("device_high")
-    txt = (f"{_gb(st['device_bytes'])}" + (f" [{lo / GB:.1f}, {hi / GB:.1f}]" if lo and hi else "")
-           + f" of {_gb(st['limit_bytes'])} ({100 * st['device_bytes'] / st['limit_bytes']:.0f}%)")
+    txt = (f"{gb(st['device_bytes'])}" + (f" [{lo / GB:.1f}, {hi / GB:.1f}]" if lo and hi else "")
+           + f" of {gb(st['limit_bytes'])} ({100 * st['device_bytes'] / st['limit_bytes']:.0f}%)")
     if hi and hi > st["limit_bytes"]:
         txt += "; the high end of the interval does not fit"
     return txt
@@ -91,7 +87,7 @@ def _shard(est: dict, count: int, arch) -> dict:
     return {"peak_allocated_bytes": per_peak, "device_bytes": per_device, "device_low": lo * scale,
             "device_high": hi * scale, "breakdown": parts,
             "sharding": f"{mg['scheme']} over {count} GPUs: model states / {count}, activations per GPU, "
-                        f"+{_gb(gathered)} for {mg['gathered_layers']} gathered 16-bit layers"}
+                        f"+{gb(gathered)} for {mg['gathered_layers']} gathered 16-bit layers"}
 
 
 def _stage_train(s, sc, arch, ctx) -> dict:
@@ -117,7 +113,7 @@ def _stage_train(s, sc, arch, ctx) -> dict:
             out["reference_device_bytes"] = ref_dev
             if ref_dev > per["device_bytes"]:
                 said = (f"with the engine's chunked loss; the reference recipe (full fp32 logits) needs "
-                        f"{_gb(ref_dev)}" + ("" if ref_dev <= tdev.memory_bytes else ", which does not fit"))
+                        f"{gb(ref_dev)}" + ("" if ref_dev <= tdev.memory_bytes else ", which does not fit"))
                 out["note"] = f"{out['note'].rstrip('.')}; {said}" if out.get("note") else said
     tokens = sc.examples * sc.seq_len * sc.epochs
     eff = ctx["settings"]["multi_gpu"]["scaling_efficiency"] if count > 1 else 1.0
@@ -135,9 +131,10 @@ def _stage_train(s, sc, arch, ctx) -> dict:
 
 
 def _stage_quantize(st, s, sc, arch, ctx) -> dict | None:
-    """GPTQ/AWQ calibration runs layer by layer on one training GPU; bitsandbytes and torchao
-    quantize while loading or in place (their memory is the served model's, checked at serve)."""
-    if st.get("method") not in ("gptq", "awq"):
+    """A method that calibrates (GPTQ/AWQ: the registry's ``calibration``) runs layer by layer on one
+    training GPU; the data-free ones (bitsandbytes, torchao) quantize while loading or in place
+    (their memory is the served model's, checked at serve)."""
+    if not quant.get(st.get("method")).calibration:
         return None
     tdev = ctx["train_device"]
     kw = dict(model=arch, method=st["method"], bits=st.get("bits", 4), group_size=st.get("group_size", 128),
@@ -205,7 +202,7 @@ def _accuracy(s, sc, arch, ctx=None) -> dict:
     strategies of the same method on this model), replaced by the newest run of this very
     strategy on this model when there is one (``measured``; the prior stays under ``prior``)."""
     from engine.estimate.accuracy import measured_accuracy    # the accuracy model loads on first use
-    a = s["accuracy"]
+    a = strategies.accuracy_request(s)
     kw = dict(family=arch.family, params_b=round(arch.total_params / 1e9, 3), method=a["method"],
               w_bits=float(a["w_bits"]), a_bits=float(a.get("a_bits", 16)), group_size=a.get("group_size"),
               per_channel=bool(a.get("per_channel", False)), finetune=a.get("finetune", "none"))
@@ -285,7 +282,7 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
                 reasons.append({"kind": "estimate", "ok": None, "constraint": "memory", "stage": est["stage"],
                                 "text": f"{where}: not estimated ({est['error']})"})
         elif est["fits"] is False and est["stage"] != "merge":
-            block("memory", f"{where}: needs {_gb(est['device_bytes'])} per GPU > {_gb(est['limit_bytes'])} "
+            block("memory", f"{where}: needs {gb(est['device_bytes'])} per GPU > {gb(est['limit_bytes'])} "
                             f"({est['source']})", stage=est["stage"], value=est["device_bytes"],
                   limit=est["limit_bytes"])
         else:
@@ -321,7 +318,7 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
                             f"{s['deploy']} weights cannot be deployed there")
     else:
         support = ctx["settings"]["serving"][sdev.kind]
-        if support["formats"] != "all" and s["deploy"] not in support["formats"]:
+        if sdev.kind not in formats.get(s["deploy"]).serve_on:
             block("format", f"{sdev.name} ({sdev.kind}) cannot run {s['deploy']} weights: {support['runtime']}")
         if t["fp8"] and not sdev.has_fp8:
             block("format", f"FP8 needs FP8 tensor cores (Ada, Hopper, Blackwell); {sdev.id} has none")
@@ -332,7 +329,7 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
         if serve.get("error"):
             block("memory", f"serve on {sdev.id}: not estimated ({serve['error']})", stage="serve")
         elif not serve["fits"]:
-            block("memory", f"serve on {sdev.id}: needs {_gb(serve['device_bytes'])} > {_gb(serve['limit_bytes'])} "
+            block("memory", f"serve on {sdev.id}: needs {gb(serve['device_bytes'])} > {gb(serve['limit_bytes'])} "
                             f"({serve['source']})", stage="serve", value=serve["device_bytes"],
                   limit=serve["limit_bytes"])
         else:

@@ -87,7 +87,7 @@ def measured_from_runs(runs, model=None, strategy=None) -> list[dict]:
         except InputError:
             continue                           # a strategy no longer in the catalog
         trained = strategies.traits(s)["train"] != "none"
-        acc = s.get("accuracy") or {}
+        acc = strategies.accuracy_request(s)
         arch = _run_arch(run)
         cfg = {"method": acc.get("method", "none"), "w_bits": float(acc.get("w_bits", 16)),
                "a_bits": float(acc.get("a_bits", 16)), "finetune": acc.get("finetune", "none")}

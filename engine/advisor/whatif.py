@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from engine import hardware
-from engine.advisor.assess import _estimate, _gb, _shard
+from engine.advisor.assess import _estimate, _shard
+from engine.fmt import gb
 from engine.advisor.rank import _rank
 from engine.advisor.rules import settings
 from engine.errors import InputError
@@ -31,7 +32,7 @@ def _change_for(row: dict, sc: Scenario, res: dict) -> tuple[dict, list[str]] | 
             if d is not None:
                 if d.memory_bytes > devs[change.get("hardware.gpu", sc.hardware.gpu)].memory_bytes:
                     change["hardware.gpu"] = d.id
-                    text.append(f"a training GPU with >= {_gb(per_gpu)} ({d.id})")
+                    text.append(f"a training GPU with >= {gb(per_gpu)} ({d.id})")
                 continue
             n = _gpus_needed(row, sc) if stage == "train" else None
             if n is None:
@@ -44,7 +45,7 @@ def _change_for(row: dict, sc: Scenario, res: dict) -> tuple[dict, list[str]] | 
             if d is None:
                 return None
             change["deploy.gpu"] = d.id
-            text.append(f"a serving device with >= {_gb(b['value'])} ({d.id})")
+            text.append(f"a serving device with >= {gb(b['value'])} ({d.id})")
         elif c == "latency":
             goal = math.ceil(b["value"])
             change["goals.max_latency_ms_per_token"] = goal

@@ -11,6 +11,7 @@ import sys
 
 from engine.cli.output import emit
 from engine.errors import InputError
+from engine.vocab import DEFAULT_QAT_SCHEME, FINETUNES, LOSS_MODES, PRECISIONS, QAT_SCHEMES, TRAIN_METHODS
 
 # JSON key -> (flag, type, default); one table drives both argparse and batch validation
 TRAIN_ARGS = {
@@ -24,6 +25,7 @@ TRAIN_ARGS = {
     "gpu": ("--gpu", str, None),
     "calibration": ("--calibration", bool, True),
     "loss": ("--loss", str, "reference"),
+    "qat_scheme": ("--qat-scheme", str, DEFAULT_QAT_SCHEME),     # method qat: what is fake-quantized
 }
 INFER_ARGS = {
     "model": ("--model", str, None),
@@ -64,10 +66,11 @@ ACCURACY_ARGS = {
 REQUIRED = {"train": ("model", "method"), "infer": ("model",), "accuracy": ("family", "params_b", "method", "w_bits"),
             "quantize": ("model", "method"), "merge": ("model",)}
 CHOICES = {
-    ("train", "method"): ("full", "lora", "qlora", "qat"),
-    ("train", "precision"): ("bf16", "fp32-amp"),
-    ("train", "loss"): ("reference", "chunked"),
-    ("accuracy", "finetune"): ("none", "lora", "qlora", "qat"),
+    ("train", "method"): TRAIN_METHODS,
+    ("train", "precision"): PRECISIONS,
+    ("train", "loss"): LOSS_MODES,
+    ("train", "qat_scheme"): tuple(QAT_SCHEMES),
+    ("accuracy", "finetune"): FINETUNES,
 }
 KINDS = {"train": TRAIN_ARGS, "infer": INFER_ARGS, "accuracy": ACCURACY_ARGS,
          "quantize": QUANTIZE_ARGS, "merge": MERGE_ARGS}

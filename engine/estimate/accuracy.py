@@ -36,10 +36,10 @@ from dataclasses import dataclass, field, replace
 
 from engine.errors import InputError
 from engine.presets import PRESETS_DIR, load_yaml
+from engine.vocab import FINETUNES, MODEL_FAMILIES
 
 SPEC_FILE = "evidence/accuracy_model.yaml"
 CSV_FILE = "evidence/published_quant_results.csv"
-FINETUNES = ("none", "lora", "qlora", "qat")
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,8 +54,7 @@ def methods() -> dict[str, dict]:
 
 
 def _families() -> tuple[str, ...]:
-    from engine.models import FAMILIES      # plain data module; imports no torch
-    return FAMILIES
+    return MODEL_FAMILIES
 
 
 # ---------------------------------------------------------------------------------------
@@ -68,7 +67,7 @@ class Row:
 
     idx: int                 # 0-based row of the CSV (header not counted); -1 for measured rows
     model: str
-    family: str              # one of engine.models.FAMILIES, or "other"
+    family: str              # one of engine.vocab.MODEL_FAMILIES, or "other"
     params_b: float
     method: str              # method id (accuracy_model.yaml)
     w_bits: float

@@ -1,8 +1,11 @@
-"""Weight formats: the bytes a model occupies in GPU memory, module by module.
+"""Weight formats: the registry (presets/quant/formats.yaml, one entry per format) and the bytes a
+model occupies in GPU memory, module by module.
 
-``weights_breakdown(arch, fmt)`` counts every tensor a loaded model holds: the block linears in
-the format's layout (presets/estimate/formats.yaml: packed data, scales, zeros, g_idx,
-quant-state constants), and what stays 16-bit (embeddings, lm_head, norms, biases, MoE routers,
+``get(id)`` is a format's entry: its layout, the library that runs it, its speed constants (the
+Hugging Face path, engine/estimate/latency.py), the device kinds that serve it and the runtimes that
+load it. ``register(entry)`` adds one at run time. ``weights_breakdown(arch, fmt)`` counts every
+tensor a loaded model holds: the block linears in the format's layout (packed data, scales, zeros,
+g_idx, quant-state constants), and what stays 16-bit (embeddings, lm_head, norms, biases, MoE routers,
 and fused MoE experts that a library does not quantize). Counted from ``ModelArch.linears``,
 never as params x bits. Pure Python.
 
@@ -41,7 +44,11 @@ class WeightFormat:
     storage_bits: int | None = None     # intx: bits one value occupies in memory
     quantizes_fused_experts: bool = True
     requires_fp8: bool = False
+    tensor_cores: str | None = None     # int8 | fp8: weights and activations both quantized, matmuls on those units
     evidence: str = ""
+    speed: dict = field(default_factory=dict, compare=False)      # decode_bw_efficiency, layer_overhead_s, prefill_efficiency
+    serve_on: tuple[str, ...] = ()                                # device kinds whose serving stack runs it
+    runtimes: tuple[str, ...] = ()                                # runtimes that load the checkpoint
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -64,25 +71,48 @@ class WeightFormat:
         return replace(self, group_size=group_size)
 
 
-def _load() -> dict[str, WeightFormat]:
-    out = {}
-    for f in load_yaml("estimate/formats.yaml"):
-        known = {k: f[k] for k in WeightFormat.__dataclass_fields__ if k in f and k != "raw"}
-        out[f["id"]] = WeightFormat(**known, raw=f)
-    return out
+KINDS = ("dense", "bnb-int8", "bnb-4bit", "gptq", "awq", "int8-channel", "int4-group", "intx-group", "fp8-row")
+SPEED_KEYS = ("decode_bw_efficiency", "layer_overhead_s", "prefill_efficiency")
 
 
-def formats() -> dict[str, WeightFormat]:
-    return _load_cached()
+def _format(f: dict) -> WeightFormat:
+    fid = f.get("id")
+    for key in ("name", "kind", "library", "speed", "serve_on"):
+        if key not in f:
+            raise InputError(f"weights format {fid!r}: {key} is required (presets/quant/formats.yaml)", field=key)
+    if f["kind"] not in KINDS:
+        raise choices(f"kind of format {fid}", f["kind"], KINDS)
+    missing = [k for k in SPEED_KEYS if k not in (f.get("speed") or {})]
+    if missing:
+        raise InputError(f"weights format {fid!r}: speed needs {', '.join(missing)}", field="speed")
+    known = {k: (tuple(f[k]) if k in ("serve_on", "runtimes") else f[k])
+             for k in WeightFormat.__dataclass_fields__ if k in f and k != "raw"}
+    return WeightFormat(**known, raw=f)
 
 
 _CACHE: dict[str, WeightFormat] = {}
 
 
-def _load_cached() -> dict[str, WeightFormat]:
+def formats() -> dict[str, WeightFormat]:
+    """Every weights format by id: presets/quant/formats.yaml, then the ones ``register`` added."""
     if not _CACHE:
-        _CACHE.update(_load())
+        _CACHE.update({f["id"]: _format(f) for f in load_yaml("quant/formats.yaml")})
     return _CACHE
+
+
+def register(entry: dict) -> WeightFormat:
+    """Add a weights format at run time (an entry shaped as in formats.yaml); returns it."""
+    fmt = _format(entry)
+    if fmt.id in formats():
+        raise InputError(f"weights format {fmt.id!r} already exists", field="formats")
+    _CACHE[fmt.id] = fmt
+    return fmt
+
+
+def unregister(format_id: str) -> None:
+    """Drop a format ``register`` added (the registry's own stay)."""
+    if format_id not in {f["id"] for f in load_yaml("quant/formats.yaml")}:
+        _CACHE.pop(format_id, None)
 
 
 def ids() -> list[str]:

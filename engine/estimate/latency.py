@@ -13,7 +13,7 @@ their format plus the KV cache of every sequence; batch B shares the weight read
 """
 from __future__ import annotations
 
-from engine import hardware
+from engine import hardware, quant
 from engine.estimate import formats as F
 from engine.models import ModelArch
 from engine.presets import load_yaml
@@ -96,9 +96,9 @@ def infer_speed(arch: ModelArch, fmt, batch_size: int, prompt_len: int, new_toke
     blocks, head = matmul_params(arch)
     bw = dev.bandwidth_gbs * 1e9
     peak = dev.matmul_tflops * 1e12
-    if fmt.id == "w8a8" and dev.int8_tops:
+    if fmt.tensor_cores == "int8" and dev.int8_tops:          # the format's matmuls run in int8 / fp8
         peak = dev.int8_tops * 1e12
-    if fmt.id == "fp8" and dev.fp8_tflops:
+    if fmt.tensor_cores == "fp8" and dev.fp8_tflops:
         peak = dev.fp8_tflops * 1e12
     wread = F.bytes_read_per_token(arch, fmt)
     kv_tok = arch.kv_cache_bytes_per_token(2)
@@ -115,7 +115,7 @@ def infer_speed(arch: ModelArch, fmt, batch_size: int, prompt_len: int, new_toke
                         "bytes_per_step": step_bytes,
                         "formula": "prefill max(FLOPs/peak, weights/bandwidth); decode (weights + KV read)/bandwidth"}}
     if dev.kind == "gpu":
-        fs = s["formats"].get(fmt.id, s["formats"]["bf16"])
+        fs = fmt.speed or F.get("bf16").speed
         eff_bw, ovh, pf_eff, mfu_p = fs["decode_bw_efficiency"], fs["layer_overhead_s"], fs["prefill_efficiency"], s["prefill_mfu"]
         step_ovh = s["step_overhead_s"]
         note = f"HF generate, {fmt.id} kernels: {eff_bw:.0%} of bandwidth, {ovh * 1e3:.2f} ms host time per layer per step"
@@ -138,19 +138,22 @@ def infer_speed(arch: ModelArch, fmt, batch_size: int, prompt_len: int, new_toke
 
 
 def quantize_time(arch: ModelArch, method: str, calibration_samples: int, seq_len: int, dev: hardware.Device) -> dict:
+    """Time of a quantize stage: calibration forwards and the per-linear solve (GPTQ) or scale search
+    (AWQ) for methods that calibrate (engine/quant.py), else loading the 16-bit checkpoint."""
     st = sp()["stages"]
     total_bytes = F.weights_bytes(arch, "bf16", 1)
-    if method in ("gptq", "awq"):
+    cal = quant.get(method).calibration
+    if cal:
         blocks, _ = matmul_params(arch)
         tokens = calibration_samples * seq_len
         fwd = 2 * 2 * blocks * tokens / (dev.matmul_tflops * 1e12 * 0.3)          # capture + replay forwards
-        quant = sum(l.count * (l.in_features ** 3 / 3 + 2 * l.out_features * l.in_features ** 2)
+        solve = sum(l.count * (l.in_features ** 3 / 3 + 2 * l.out_features * l.in_features ** 2)
                     for l in arch.linears) * arch.num_layers / (dev.matmul_tflops * 1e12 * st["gptq_quant_flops_efficiency"])
-        if method == "awq":
-            quant = st["awq_grid"] * 2 * blocks * min(tokens, 64 * 512) / (dev.matmul_tflops * 1e12 * 0.3)
+        if cal == "scale-search":
+            solve = st["awq_grid"] * 2 * blocks * min(tokens, 64 * 512) / (dev.matmul_tflops * 1e12 * 0.3)
         load = total_bytes / (st["bnb_load_gbps"] * 1e9)
-        s = fwd + quant + load
-        formula = f"calibration forwards {fwd:.0f} s + per-linear solve {quant:.0f} s + loading {load:.0f} s"
+        s = fwd + solve + load
+        formula = f"calibration forwards {fwd:.0f} s + per-linear solve {solve:.0f} s + loading {load:.0f} s"
     else:
         s = total_bytes / (st["bnb_load_gbps"] * 1e9)
         formula = "quantized while loading: bound by reading the 16-bit checkpoint"

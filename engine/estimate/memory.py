@@ -15,19 +15,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from engine import hardware
+from engine import hardware, quant
 from engine.errors import InputError
 from engine.estimate import formats as F
 from engine.models import PEFT_PARAM_WRAPPED, ModelArch, lora_param_count, lora_targets
+from engine.fmt import GIB
 from engine.presets import load_yaml
+from engine.vocab import DEFAULT_QAT_SCHEME, LOSS_MODES, PRECISIONS, QAT_SCHEMES, TRAIN_METHODS
 
-GIB = 1024 ** 3
 REFERENCE_GPU = "h100-80gb"
-METHODS = ("full", "lora", "qlora", "qat")
-PRECISIONS = ("bf16", "fp32-amp")
-QAT_SCHEMES = ("int4-weight-only", "int8-dyn-act-int4-weight")
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")     # block modelled exactly (CPU-checked)
-LOSS_MODES = ("reference", "chunked")
 CHUNK_LOGITS_BYTES = 128 * 2 ** 20    # the engine's chunked loss: one chunk's fp32 logits at most this
 
 
@@ -124,9 +121,9 @@ class Recipe:
         return self.base_trainable
 
 
-def recipe(method: str, precision: str = "bf16", qat_scheme: str = "int4-weight-only") -> Recipe:
-    if method not in METHODS:
-        raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}", field="method")
+def recipe(method: str, precision: str = "bf16", qat_scheme: str = DEFAULT_QAT_SCHEME) -> Recipe:
+    if method not in TRAIN_METHODS:
+        raise InputError(f"method must be one of {', '.join(TRAIN_METHODS)}, got {method!r}", field="method")
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", field="precision")
     if qat_scheme not in QAT_SCHEMES:
@@ -144,7 +141,7 @@ def recipe(method: str, precision: str = "bf16", qat_scheme: str = "int4-weight-
     dense = 4 if amp else 2
     return Recipe(method, precision, dense=dense, residual=dense, autocast=amp, adapters=method == "lora",
                   base_trainable=method in ("full", "qat"), base_4bit=False,
-                  qat_act=method == "qat" and qat_scheme == "int8-dyn-act-int4-weight")
+                  qat_act=method == "qat" and QAT_SCHEMES[qat_scheme]["act_bits"] < 16)
 
 
 # ---- attention kernel choice -------------------------------------------------------------
@@ -377,7 +374,7 @@ def trainable_params(arch: ModelArch, rc: Recipe, rank: int) -> int:
 def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len: int = 512,
                  batch_size: int = 4, grad_ckpt: bool = True, lora_rank: int = 16,
                  dev: hardware.Device | None = None, *, attn_kernel: str | None = None,
-                 qat_scheme: str = "int4-weight-only", round_to: int = F.CUDA_BLOCK,
+                 qat_scheme: str = DEFAULT_QAT_SCHEME, round_to: int = F.CUDA_BLOCK,
                  include_workspace: bool = True, loss: str = "reference",
                  loss_chunk: int | None = None) -> dict:
     """Peak memory of one steady-state training step (step >= 2: optimizer states exist).
@@ -679,24 +676,23 @@ def infer_memory(arch: ModelArch, fmt, batch_size: int = 1, prompt_len: int = 51
 
 # ---- quantization and merge stages -------------------------------------------------------
 
-QUANT_METHODS = ("gptq", "awq", "nf4", "fp4", "int8", "torchao-int8", "torchao-int4", "dynamic-int8", "fp8")
-
-
 def quantize_memory(arch: ModelArch, method: str, bits: int = 4, group_size: int = 128,
                     calibration_samples: int = 128, seq_len: int = 2048,
                     dev: hardware.Device | None = None) -> dict:
-    """GPU memory of a quantize stage.
+    """GPU memory of a quantize stage (``method``: an id of the method registry, engine/quant.py).
 
-    gptq / awq (gptqmodel, layer by layer): one decoder layer on the GPU in 16-bit, the
-    calibration inputs and outputs of that layer for all samples (16-bit), the forward
-    transients of one calibration sample, and while one linear is quantized its Hessian and
-    inverse (fp32 [in, in]) and fp32 working copies of its weight. The rest of the model waits
-    on the CPU. bitsandbytes / torchao quantize while loading: the quantized model plus the
-    largest 16-bit tensor in flight.
+    Methods that calibrate (gptq: ``calibration: hessian``, awq: ``scale-search``; gptqmodel,
+    layer by layer): one decoder layer on the GPU in 16-bit, the calibration inputs and outputs
+    of that layer for all samples (16-bit), the forward transients of one calibration sample, and
+    while one linear is quantized its Hessian and inverse (fp32 [in, in]) and fp32 working copies
+    of its weight, or AWQ's scaled weight copies. The rest of the model waits on the CPU. The
+    data-free methods (bitsandbytes, torchao) quantize while loading: the quantized model plus
+    the largest 16-bit tensor in flight.
     """
     dev = dev or device(None)
-    if method not in QUANT_METHODS:
-        raise InputError(f"quantize method must be one of {', '.join(QUANT_METHODS)}, got {method!r}", field="method")
+    if str(method or "").strip().lower() not in {*quant.ids(), *(a for m in quant.methods().values() for a in m.aliases)}:
+        raise InputError(f"quantize method must be one of {', '.join(quant.ids())}, got {method!r}", field="method")
+    m = quant.get(method)
     bits = positive_int("bits", bits)
     n = positive_int("calibration_samples", calibration_samples)
     T = positive_int("seq_len", seq_len)
@@ -704,14 +700,12 @@ def quantize_memory(arch: ModelArch, method: str, bits: int = 4, group_size: int
     h = arch.hidden_size
     terms: list[Term] = []
     notes: list[str] = []
-    if method in ("gptq", "awq"):
-        fmt_id = f"gptq-{bits}bit" if method == "gptq" else "awq-4bit"
-        if fmt_id not in F.ids():
-            raise InputError(f"{method} supports bits {', '.join(i.split('-')[1][:-3] for i in F.ids() if i.startswith(method))}, got {bits}",
-                             field="bits")
-        fmt = F.get(fmt_id).with_group_size(group_size)
+    if m.calibration:
+        if bits not in m.bits:
+            raise InputError(f"{m.id} supports bits {', '.join(map(str, m.bits))}, got {bits}", field="bits")
+        fmt = F.get(m.format_for(bits)).with_group_size(group_size)
         F.check_group_size(arch, fmt)
-        c = rt()["calibration"][method]
+        c = rt()["calibration"][m.calibration]
         layer16 = 2 * (arch.linear_params_per_layer + arch.norm_params_per_layer)
         calib = 2 * (2 * n * T * h)                                   # layer inputs + outputs, 16-bit
         ntok = c["batch_size"] * T
@@ -719,7 +713,7 @@ def quantize_memory(arch: ModelArch, method: str, bits: int = 4, group_size: int
         fwd = ntok * (3 * 2 * I + 4 * 4 * h) + c["batch_size"] * arch.num_heads * T * 4 * 0
         biggest_in = max(l.in_features for l in arch.linears)
         biggest = max(l.in_features * l.out_features for l in arch.linears)
-        if method == "gptq":
+        if m.calibration == "hessian":
             per_lin = c["hessian_copies"] * c["hessian_bytes_per_elem"] * biggest_in ** 2 \
                 + c["weight_work_copies"] * 4 * biggest
             hess_all = sum(4 * l.in_features ** 2 * l.count for l in arch.linears
@@ -744,8 +738,7 @@ def quantize_memory(arch: ModelArch, method: str, bits: int = 4, group_size: int
                  Term("cublas_workspace", ws, "cuBLAS workspace", _unc("workspace"))]
         notes.append("gptqmodel keeps the model on the CPU and moves one layer at a time; calibration inputs stay on the GPU")
     else:
-        fmt_id = {"nf4": "nf4", "fp4": "fp4", "int8": "int8", "torchao-int8": "torchao-int8",
-                  "torchao-int4": "torchao-int4", "dynamic-int8": "w8a8", "fp8": "fp8"}[method]
+        fmt_id = m.format_for()
         wq = F.weights_bytes(arch, fmt_id)
         biggest = max(max(l.in_features * l.out_features for l in arch.linears), arch.embed_params)
         terms = [Term("quantized_weights", wq, f"{fmt_id} weights", _unc("counted")),

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import time
 
+from engine.fmt import iec
+
 TYPES = ("queued", "started", "stage_started", "step", "eval", "log", "artifact", "metric",
          "warning", "error", "stage_finished", "finished")
 STAGE_TYPES = ("step", "eval", "log", "artifact", "metric", "warning")   # what a stage may emit
@@ -35,16 +37,6 @@ def check(type: str, payload: dict, allowed=TYPES) -> dict:
     if bad:
         raise ValueError(f"event payload may not use the keys {', '.join(bad)}")
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
-
-
-def fmt_bytes(n) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
 
 
 def fmt_duration(s) -> str:
@@ -70,7 +62,7 @@ def line(ev: dict) -> str:
         if ev.get("tokens_per_s") is not None:
             parts.append(f"{ev['tokens_per_s']:.0f} tok/s")
         if ev.get("mem_bytes") is not None:
-            parts.append(f"mem {fmt_bytes(ev['mem_bytes'])}")
+            parts.append(f"mem {iec(ev['mem_bytes'])}")
         if ev.get("eta_s") is not None:
             parts.append(f"eta {fmt_duration(ev['eta_s'])}")
         text = "  ".join(parts)
@@ -78,7 +70,7 @@ def line(ev: dict) -> str:
         text = f"stage {ev.get('index', 0) + 1}/{ev.get('total', '?')}: {ev.get('stage')}"
     elif t == "stage_finished":
         text = (f"stage {ev.get('stage')} done in {fmt_duration(ev.get('duration_s'))}, "
-                f"peak memory {fmt_bytes(ev.get('peak_mem_bytes'))} ({ev.get('mem_source')})")
+                f"peak memory {iec(ev.get('peak_mem_bytes'))} ({ev.get('mem_source')})")
     elif t == "eval":
         metrics = ev.get("metrics") or {}
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k} {v}"

@@ -159,7 +159,7 @@ class Executor:
             device = "cuda"
         else:
             device = "cuda" if gpu_slots() else "cpu"
-        if device == "cpu" and (strategy.get("requires") or {}).get("gpu_only"):
+        if device == "cpu" and strategies.traits(strategy)["gpu_only"]:
             raise InputError(f"strategy {strategy['id']} needs a GPU (its library has no CPU path) and this run "
                              f"would run on the CPU (device: {spec.device}); pick another strategy or a GPU machine",
                              field="device")

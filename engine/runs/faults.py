@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import signal
 
+from engine.fmt import gib
+
 GPU_OOM_TEXT = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "HIP out of memory", "MPS backend out of memory")
 CPU_OOM_TEXT = ("DefaultCPUAllocator: can't allocate memory", "std::bad_alloc")
 
@@ -116,8 +118,7 @@ def _combined_fit(base: dict, tp, capacity_bytes: int) -> str | None:
         if need is None:
             return None
         if need <= capacity_bytes:
-            return (f"together: {', '.join(said.values())}: estimated {need / 2**30:.1f} GiB, "
-                    f"fits in {capacity_bytes / 2**30:.1f} GiB")
+            return (f"together: {', '.join(said.values())}: estimated {gib(need)}, fits in {gib(capacity_bytes)}")
     return None
 
 
@@ -151,15 +152,14 @@ def suggestions(spec, strategy: dict, stage: str, gpu: str | None = None,
         for text, kw in variants:
             need = _need(_train_estimate(**kw))
             if need is not None and capacity_bytes and need <= capacity_bytes:
-                fits.append(f"{text}: estimated {need / 2**30:.1f} GiB, fits in {capacity_bytes / 2**30:.1f} GiB")
+                fits.append(f"{text}: estimated {gib(need)}, fits in {gib(capacity_bytes)}")
         if not fits and capacity_bytes:
             combined = _combined_fit(base, tp, capacity_bytes)
             if combined:
                 fits.append(combined)
         need_now = _need(_train_estimate(**base))
         if need_now is not None and capacity_bytes:
-            note = (f"(the planner estimated this run at {need_now / 2**30:.1f} GiB; "
-                    f"the GPU has {capacity_bytes / 2**30:.1f} GiB)")
+            note = (f"(the planner estimated this run at {gib(need_now)}; the GPU has {gib(capacity_bytes)})")
         generic = [f"a smaller train.batch_size (now {tp.batch_size}) with a larger train.grad_accum",
                    "train.grad_ckpt: true" if not tp.grad_ckpt else None,
                    "4-bit: the qlora strategy (NF4 base + LoRA)" if method in ("full", "lora") else None,

@@ -121,7 +121,7 @@ def planner_estimate(spec: RunSpec, strategy: dict, gpu: str | None) -> dict:
     if strategy.get("deploy") and strategy["deploy"] != "hosted":
         requests["infer"] = ("estimate_infer", dict(model=model, weights=strategy["deploy"], batch_size=1,
                                                     prompt_len=evs.prompt_len, new_tokens=evs.new_tokens, gpu=gpu))
-    acc = dict(strategy.get("accuracy") or {})
+    acc = strategies.accuracy_request(strategy)
     if acc.get("method") not in (None, "none"):
         try:
             from engine import models

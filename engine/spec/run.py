@@ -13,8 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import InputError
-
-LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from engine.vocab import DEFAULT_RUN_LOSS, LORA_TARGETS, LOSS_MODES, RUN_PRECISIONS
 
 
 class _Strict(BaseModel):
@@ -41,13 +40,13 @@ class TrainParams(_Strict):
     lora_rank: int = Field(16, gt=0)
     lora_alpha: float | None = None            # default 2 * rank (the reference recipe)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS_ALL))
-    precision: Literal["bf16", "fp32-amp", "fp32"] = "bf16"
+    lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    precision: Literal[RUN_PRECISIONS] = "bf16"
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = 1.0
     # chunked: linear cross-entropy over chunks of tokens, no B x T x V logits (stages/loss.py);
     # reference: model(**batch).loss as DESIGN.md's recipe. Same loss and gradients.
-    loss: Literal["chunked", "reference"] = "chunked"
+    loss: Literal[LOSS_MODES] = DEFAULT_RUN_LOSS
     loss_chunk_tokens: int | None = Field(None, gt=0)   # None: one chunk's fp32 logits <= 128 MiB
 
 

@@ -16,10 +16,10 @@ from engine.runs.stages.convert import convert
 from engine.runs.stages.evaluate import evaluate
 from engine.runs.stages.merge import merge
 from engine.runs.stages.quantize import quantize
-from engine.runs.stages.train import QAT_SCHEMES, train
+from engine.runs.stages.train import train
+from engine.vocab import QAT_SCHEMES, TRAIN_METHODS
 
 STAGES = {"train": train, "merge": merge, "quantize": quantize, "convert": convert, "evaluate": evaluate}
-TRAIN_METHODS = ("full", "lora", "qlora", "qat")
 
 
 def _device(spec) -> str:

@@ -25,8 +25,8 @@ reference on one sequence and falls back if they disagree.
 from __future__ import annotations
 
 from engine.estimate.memory import loss_chunk_tokens as auto_chunk   # pure Python: the estimate models this
+from engine.vocab import LOSS_MODES                                    # one list for the estimate and the stage
 
-LOSS_MODES = ("chunked", "reference")
 IGNORE = -100
 # config attributes that change the logits after the head: the chunked path would be wrong
 LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")

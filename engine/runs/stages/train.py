@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from engine.errors import InputError
+from engine.vocab import DEFAULT_QAT_SCHEME, QAT_SCHEMES, TRAIN_METHODS
 from engine.runs.stages import common
 from engine.runs.stages.loop import fit, lr_at, seed_everything  # noqa: F401  (lr_at: the schedule fit follows)
 from engine.runs.stages.loss import make_loss
@@ -106,6 +107,17 @@ def nf4_config(ctx, method: str = "nf4", double_quant: bool = True):
                               bnb_4bit_compute_dtype=common.compute_dtype(ctx))
 
 
+def _gptq_weights(q: dict) -> bool:
+    """Whether a quantized base holds GPTQ-layout weights (what peft's QA-LoRA pools groups of)."""
+    from engine import quant
+    from engine.estimate import formats
+    try:
+        m = quant.get(q.get("method"))
+    except Exception:                                   # noqa: BLE001 - a base the registry does not know
+        return False
+    return formats.get(m.format_for(q.get("bits"))).kind == "gptq"
+
+
 def _qlora_model(ctx):
     from peft import get_peft_model, prepare_model_for_kbit_training
     quant = ctx.state.get("quant")
@@ -123,7 +135,7 @@ def _qlora_model(ctx):
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     extra = {}
     if ctx.stage.get("group_aligned"):
-        if base["quant"].get("method") == "gptq" and base["quant"].get("group_size", -1) > 0:
+        if _gptq_weights(base["quant"]) and base["quant"].get("group_size", -1) > 0:
             extra = {"use_qalora": True, "qalora_group_size": base["quant"]["group_size"]}
             ctx.log(f"QA-LoRA: adapter inputs pooled per quantization group of {base['quant']['group_size']} "
                     "(peft use_qalora)")
@@ -138,8 +150,7 @@ def _qlora_model(ctx):
     return model
 
 
-# ---- QAT ---------------------------------------------------------------------------------------------
-QAT_SCHEMES = ("int8-dyn-act-int4-weight", "int4-weight-only")
+# ---- QAT (the schemes: engine.vocab.QAT_SCHEMES) ----------------------------------------------------
 
 
 def torchao_config(scheme: str, group_size: int, device: str, bits: int = 4):
@@ -200,7 +211,8 @@ def check_group(model, group_size: int, what: str) -> None:
 def _qat_model(ctx):
     from peft import get_peft_model
     st = ctx.stage
-    scheme, gs = st.get("scheme", "int8-dyn-act-int4-weight"), int(st.get("group_size", 32))
+    scheme = st.get("scheme", DEFAULT_QAT_SCHEME)
+    gs = int(st.get("group_size") or QAT_SCHEMES.get(scheme, {}).get("group_size", 32))
     path = common.current_model(ctx)
     if ctx.state.get("quant"):
         raise InputError("QAT trains a 16-bit model with fake quantization; the model at this stage is already "
@@ -244,7 +256,7 @@ def train(ctx) -> dict:
     elif method == "qat":
         model = _qat_model(ctx)
     else:
-        raise InputError(f"unknown training method {method!r}; known: full, lora, qlora, qat", field="strategy")
+        raise InputError(f"unknown training method {method!r}; known: {', '.join(TRAIN_METHODS)}", field="strategy")
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
