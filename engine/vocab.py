@@ -31,6 +31,10 @@ DEFAULT_QAT_SCHEME = "int4-weight-only"
 LOSS_MODES = ("reference", "chunked")
 DEFAULT_RUN_LOSS = "chunked"        # what a run uses unless its config says otherwise
 
+# the optimizer of a training step: torch AdamW (the recipe), bitsandbytes AdamW8bit (blockwise 8-bit
+# states), PagedAdamW8bit / PagedAdamW (states in unified memory that page to the host under pressure)
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw")
+
 # LoRA targets by their llama names; each architecture maps them onto its own modules
 # (engine.models.lora_modules: phi3 qkv_proj/gate_up_proj, opt fc1/fc2, bloom query_key_value ...)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -121,7 +121,7 @@ RULE_CASES = [
      lambda t: t["family"] == "ptq-only", True),
     ("task-generative-sensitive", scenario(task="generation", examples=20000, symptoms=["too-expensive"]),
      lambda t: t["traits"]["train"] != "none" and t["traits"]["quantized"] and t["traits"]["w_bits"] >= 4, False),
-    ("hw-cluster-full-finetune", scenario(examples=50000, hardware={"gpu": "h100-80gb", "count": 8}),
+    ("hw-cluster-full-finetune", scenario(examples=100000, hardware={"gpu": "h100-80gb", "count": 8}),
      lambda t: t["family"] == "finetune-then-quantize" and t["traits"]["train"] == "full", True),
     ("hw-single-consumer-qlora",
      scenario(examples=20000, hardware={"gpu": "rtx-4090-24gb"}, deploy={"target": "consumer-gpu"}),
@@ -231,7 +231,9 @@ def test_multi_gpu_training_shards_model_states():
                + sum(v for k, v in est["breakdown"].items() if k not in shard)
                + 2 * resolve("llama-2-13b").linear_params_per_layer * 2)      # two gathered bf16 layers
     assert st["peak_allocated_bytes"] == pytest.approx(per_gpu)
-    assert st["device_bytes"] == pytest.approx(per_gpu + est["device_bytes"] - est["peak_allocated_bytes"])
+    # each GPU holds its own CUDA context and its allocator's slack on its own (sharded) peak
+    frac = est["allocator_slack_bytes"] / est["peak_allocated_bytes"]
+    assert st["device_bytes"] == pytest.approx(per_gpu * (1 + frac) + est["cuda_context_bytes"])
     assert st["fits"] and row(eight, "full-finetune")["feasible"]
     assert st["tokens_per_s"] == pytest.approx(est["tokens_per_s"] * 8 * 0.9)
     assert "FSDP" in st["sharding"] and any("FSDP" in a for a in eight["assumptions"])
@@ -384,7 +386,7 @@ def test_docs_list_every_rule_and_preset():
 def test_training_memory_is_the_engines_and_says_what_the_reference_recipe_needs():
     """The engine trains with the chunked loss (docs/stages.md): feasibility is judged on that, and
     the reason gives DESIGN.md's reference recipe too where it needs more (here it would not fit)."""
-    out = rec(scenario(model="llama-3.1-8b", seq_len=2048, examples=5000, hardware={"gpu": "rtx-4090-24gb"},
+    out = rec(scenario(model="llama-3.1-8b", seq_len=1536, examples=5000, hardware={"gpu": "rtx-4090-24gb"},
                        deploy={"target": "consumer-gpu", "gpu": "rtx-4090-24gb"}))
     e = row(out, "qlora")
     st = next(s for s in e["estimates"]["stages"] if s["stage"] == "train")

@@ -240,9 +240,18 @@ def test_full_bf16_peaks_at_the_optimizer_step():
 
 def test_device_bytes_add_context_and_slack_and_decide_fit():
     r = estimate.estimate_train("llama-3.1-8b", "qlora", gpu="rtx-4090-24gb")
-    ctx = int(0.45 * GIB)                                            # ada context, presets/estimate/runtime.yaml
+    # ada context + what a training process loads (presets/estimate/runtime.yaml, measured on the H100)
+    ctx = int((0.45 + 0.52) * GIB)
     assert r["cuda_context_bytes"] == ctx
-    assert r["device_bytes"] == round(r["peak_allocated_bytes"] * 1.06 + ctx)
+    # allocator slack as measured on the H100: 3 % of what is allocated once (weights, adapters,
+    # optimizer states) + QLoRA's 53 % of what churns (activations, loss, temporaries)
+    p = sum(r["breakdown"].get(k, 0) for k in ("weights", "adapters", "optimizer_states", "cublas_workspace"))
+    slack = 0.03 * p + 0.53 * (r["peak_allocated_bytes"] - p)
+    assert r["allocator_slack_bytes"] == round(slack)
+    assert r["device_bytes"] == round(r["peak_allocated_bytes"] + slack + ctx)
+    inf = estimate.estimate_infer("llama-3.1-8b", "nf4", gpu="rtx-4090-24gb")
+    assert inf["cuda_context_bytes"] == int((0.45 + 0.29) * GIB)                   # + bitsandbytes' library
+    assert inf["device_bytes"] == round(inf["peak_allocated_bytes"] * 1.05 + inf["cuda_context_bytes"])
     assert r["fits"] == (r["device_bytes"] <= hardware.get("rtx-4090-24gb").memory_bytes)
     assert r["device_low"] < r["device_bytes"] < r["device_high"]
 

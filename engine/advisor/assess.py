@@ -82,7 +82,10 @@ def _shard(est: dict, count: int, arch) -> dict:
     gathered = mg["gathered_layers"] * arch.linear_params_per_layer * 2
     parts["fsdp_gathered_layers"] = gathered
     per_peak = sum(parts.values())
-    per_device = per_peak + (device - peak)
+    # the CUDA context stays whole on each GPU; the allocator slack is a fraction of each GPU's peak
+    ctx = est.get("cuda_context_bytes", 0)
+    frac = est.get("allocator_slack_bytes", device - peak - ctx) / peak if peak else 0.0
+    per_device = per_peak * (1 + frac) + ctx
     scale = per_device / device          # the planner's interval, scaled with the sharded total
     return {"peak_allocated_bytes": per_peak, "device_bytes": per_device, "device_low": lo * scale,
             "device_high": hi * scale, "breakdown": parts,

@@ -41,19 +41,24 @@ def _gpu_only(dev, what: str):
                          f"{dev.id} is a {dev.kind} serving target", field="gpu")
 
 
-def _calibrated(out: dict, kind: str, enabled: bool, dev) -> dict:
+def _calibrated(out: dict, kind: str, enabled: bool, dev, **mem) -> dict:
     """The ``calibration`` key: headline figures corrected by measured runs (the fitted factors of
     engine/calibration.py, applied by engine/estimate/correction.py)."""
     return _correction.apply(out, kind, enabled=enabled,
-                             device_bytes=lambda p, lo, hi: _memory.device_bytes(p, lo, hi, dev, kind))
+                             device_bytes=lambda p, lo, hi: _memory.device_bytes(p, lo, hi, dev, kind, **mem))
 
 
 def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, grad_ckpt=True, lora_rank=16,
-                   gpu=None, qat_scheme="int4-weight-only", calibration=True, loss="reference") -> dict:
+                   gpu=None, qat_scheme="int4-weight-only", calibration=True, loss="reference",
+                   optimizer="adamw", grad_accum=1) -> dict:
     """Peak GPU memory and speed of one training step of the reference recipe (``calibration``:
     correct the headline figures by measured runs where a fit matches; see docs/calibration.md;
-    ``loss="chunked"``: the engine's chunked cross-entropy instead of the recipe's full logits)."""
+    ``loss="chunked"``: the engine's chunked cross-entropy instead of the recipe's full logits;
+    ``optimizer``: adamw | adamw-8bit | paged-adamw-8bit | paged-adamw; ``grad_accum``:
+    micro-batches of ``batch_size`` per optimizer step: memory is one micro-batch's, the
+    optimizer's time is shared by them)."""
     seq_len = _memory.positive_int("seq_len", seq_len)
+    grad_accum = _memory.positive_int("grad_accum", grad_accum)
     batch_size = _memory.positive_int("batch_size", batch_size)
     lora_rank = _memory.positive_int("lora_rank", lora_rank)
     if not isinstance(grad_ckpt, bool):
@@ -64,15 +69,42 @@ def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, g
         raise InputError(f"training estimates need a GPU id ({', '.join(_memory.hardware.gpu_ids())}) or a CPU "
                          f"entry; {dev.id} is a {dev.kind} serving target", field="gpu")
     m = _memory.train_memory(arch, method, precision, seq_len, batch_size, grad_ckpt, lora_rank, dev,
-                             qat_scheme=qat_scheme, loss=loss)
-    s = _latency.train_speed(arch, method, precision, seq_len, batch_size, grad_ckpt, lora_rank, dev)
-    d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "train")
+                             qat_scheme=qat_scheme, loss=loss, optimizer=optimizer)
+    s = _latency.train_speed(arch, method, precision, seq_len, batch_size, grad_ckpt, lora_rank, dev,
+                             grad_accum=grad_accum, optimizer="adamw" if optimizer == "adamw" else "8bit")
+    d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "train", method=method,
+                             persistent=m["persistent_bytes"])
+    paging = None
+    if optimizer.startswith("paged"):
+        # the states stay on the GPU when there is room; when the step needs it they page to the host
+        # and back once per optimizer step over the host link
+        resident = max(v + (m["optimizer_states_bytes"] if k != "optimizer_step" else 0)
+                       for k, v in m["phases"].items())
+        rd = _memory.device_bytes(resident, resident, resident, dev, "train", method=method,
+                                  persistent=m["persistent_bytes"] + m["optimizer_states_bytes"])["device_bytes"]
+        pages = rd > dev.memory_bytes
+        link = _latency.train_constants()["host_link_gbs"]
+        extra = 2 * m["optimizer_states_bytes"] / (link * 1e9) / grad_accum if pages else 0.0
+        paging = {"pages": pages, "resident_device_bytes": rd, "seconds_per_micro_batch": extra,
+                  "note": (f"paged optimizer: states do not fit beside the activations ({rd / 1e9:.1f} GB resident "
+                           f"> {dev.memory_bytes / 1e9:.1f} GB), so they page out and back each optimizer step "
+                           f"over the {link:g} GB/s host link: +{extra * 1e3:.1f} ms per micro-batch") if pages else
+                          "paged optimizer: its states fit beside the activations; nothing pages"}
+        if extra:
+            s = dict(s)
+            s["step_time_s"] += extra
+            bt = seq_len * batch_size
+            f = bt / s["step_time_s"] / s["tokens_per_s"]
+            for k in ("tokens_per_s", "tokens_per_s_low", "tokens_per_s_high"):
+                s[k] *= f
     return _calibrated({
         "kind": "train",
         "inputs": {"model": arch.name, "method": method, "precision": precision, "seq_len": seq_len,
                    "batch_size": batch_size, "grad_ckpt": grad_ckpt, "lora_rank": lora_rank, "gpu": dev.id,
                    **({"qat_scheme": qat_scheme} if method == "qat" else {}),
-                   **({"loss": loss} if loss != "reference" else {})},
+                   **({"loss": loss} if loss != "reference" else {}),
+                   **({"optimizer": optimizer} if optimizer != "adamw" else {}),
+                   **({"grad_accum": grad_accum} if grad_accum != 1 else {})},
         "model": arch.to_dict(),
         "gpu": dev.id,
         "peak_allocated_bytes": m["peak_allocated_bytes"], "low": m["low"], "high": m["high"],
@@ -85,11 +117,13 @@ def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, g
         "trainable_params": m["trainable_params"], "attention_kernel": m["attention_kernel"],
         "activations_per_layer_per_token": m["activations_per_layer_per_token"],
         "optimizer_alternatives": m["optimizer_alternatives"],
+        "optimizer": optimizer, "optimizer_states_bytes": m["optimizer_states_bytes"],
+        **({"paging": paging} if paging else {}),
         "approximate": m["approximate"] or arch.approximate,
         "notes": m["notes"] + list(arch.notes),
         "source": "formula: engine/estimate/memory.py + latency.py (reference recipe of DESIGN.md); "
                   "constants presets/estimate/*.yaml",
-    }, "train", calibration, dev)
+    }, "train", calibration, dev, method=method, persistent=m["persistent_bytes"])
 
 
 def estimate_infer(model, weights="bf16", batch_size=1, prompt_len=512, new_tokens=128, gpu=None,
@@ -108,7 +142,8 @@ def estimate_infer(model, weights="bf16", batch_size=1, prompt_len=512, new_toke
     m = _memory.infer_memory(arch, fmt, batch_size, prompt_len, new_tokens, dev,
                              include_workspace=dev.kind in ("gpu", "edge"))
     s = _latency.infer_speed(arch, fmt, batch_size, prompt_len, new_tokens, dev)
-    d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "infer")
+    libs = (fmt.library,) if fmt.library else ()
+    d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "infer", libraries=libs)
     hf = s["hf"]
     return _calibrated({
         "kind": "infer",
@@ -134,7 +169,7 @@ def estimate_infer(model, weights="bf16", batch_size=1, prompt_len=512, new_toke
         "notes": notes + m["notes"] + list(arch.notes),
         "source": "formula: engine/estimate/memory.py + latency.py; formats presets/estimate/formats.yaml "
                   "(layouts checked against bitsandbytes/gptqmodel/torchao); speed constants presets/estimate/speed.yaml",
-    }, "infer", calibration, dev)
+    }, "infer", calibration, dev, libraries=libs)
 
 
 def estimate_quantize(model, method, bits=4, group_size=128, calibration_samples=128, seq_len=2048,

@@ -21,10 +21,11 @@ from engine.estimate import formats as F
 from engine.models import PEFT_PARAM_WRAPPED, ModelArch, lora_param_count, lora_targets
 from engine.fmt import GIB
 from engine.presets import load_yaml
-from engine.vocab import DEFAULT_QAT_SCHEME, LOSS_MODES, PRECISIONS, QAT_SCHEMES, TRAIN_METHODS
+from engine.vocab import DEFAULT_QAT_SCHEME, LOSS_MODES, OPTIMIZERS, PRECISIONS, QAT_SCHEMES, TRAIN_METHODS
 
 REFERENCE_GPU = "h100-80gb"
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")     # block modelled exactly (CPU-checked)
+PERSISTENT_PARTS = ("weights", "adapters", "optimizer_states", "cublas_workspace")   # allocated once
 CHUNK_LOGITS_BYTES = 128 * 2 ** 20    # the engine's chunked loss: one chunk's fp32 logits at most this
 
 
@@ -55,11 +56,18 @@ def device(gpu) -> hardware.Device:
     return hardware.get(gpu or REFERENCE_GPU)
 
 
-def context_bytes(dev: hardware.Device) -> tuple[int, int, int]:
-    """CUDA context (outside the allocator): (value, low, high)."""
+def context_bytes(dev: hardware.Device, kind: str = "infer", libraries: tuple[str, ...] = ()) -> tuple[int, int, int]:
+    """CUDA context and what else the process holds outside the allocator: (value, low, high).
+
+    The driver context of the device's architecture, plus what a training process loads
+    (backward kernels, cuBLASLt workspaces, autograd streams) and what bitsandbytes loads
+    (its CUDA library), as measured on the H100 reference (presets/estimate/runtime.yaml)."""
     c = rt()["cuda_context_gib"]
     gib = c["by_kind"].get(dev.kind, c["by_arch"].get(dev.arch, c["default"])) if dev.kind != "gpu" \
         else c["by_arch"].get(dev.arch, c["default"])
+    if dev.kind == "gpu":
+        extra = c.get("extra", {})
+        gib += extra.get(kind, 0.0) + sum(extra.get(lib, 0.0) for lib in libraries if kind != "train")
     v = gib * GIB
     return int(v), int(v * c["low_factor"]), int(v * c["high_factor"])
 
@@ -73,6 +81,17 @@ def cublas_workspace(dev: hardware.Device) -> int:
 
 def slack(kind: str) -> dict:
     return rt()["allocator_slack"][kind]
+
+
+def slack_bytes(kind: str, peak: float, method: str | None = None, persistent: float | None = None) -> tuple[float, float]:
+    """(slack bytes, as a fraction of the peak): reserved - allocated at the peak. Training with
+    the persistent part known: persistent x its bytes + the method's fraction x the transient
+    rest (presets/estimate/runtime.yaml, fitted on the H100 reference); else fraction x peak."""
+    s = slack(kind)
+    if kind == "train" and persistent is not None and method in s.get("by_method", {}) and peak:
+        b = s["persistent"] * persistent + s["by_method"][method] * max(0.0, peak - persistent)
+        return b, b / peak
+    return s["fraction"] * peak, s["fraction"]
 
 
 # ---- terms: a number with its formula and interval ----------------------------------------
@@ -376,8 +395,13 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
                  dev: hardware.Device | None = None, *, attn_kernel: str | None = None,
                  qat_scheme: str = DEFAULT_QAT_SCHEME, round_to: int = F.CUDA_BLOCK,
                  include_workspace: bool = True, loss: str = "reference",
-                 loss_chunk: int | None = None) -> dict:
+                 loss_chunk: int | None = None, optimizer: str = "adamw") -> dict:
     """Peak memory of one steady-state training step (step >= 2: optimizer states exist).
+
+    ``optimizer``: adamw (torch, foreach: states in the parameter dtype + one state-sized
+    temporary), adamw-8bit (bitsandbytes: blockwise 8-bit states, fused update, no temporary),
+    paged-adamw-8bit / paged-adamw (bitsandbytes paged states in unified memory: they page to
+    the host while activations need the room, so they count only in the optimizer step phase).
 
     ``loss``: "reference" (DESIGN.md's recipe: model(**batch).loss, B x T x V fp32 buffers) or
     "chunked" (the engine's chunked linear cross-entropy, engine/runs/stages/loss.py) with
@@ -409,8 +433,21 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
     pb = rc.adapter_bytes if rc.adapters else rc.dense           # trainable parameter dtype
     adapters = n_train * pb if rc.adapters else 0
     grads = n_train * pb
-    states = 2 * n_train * pb
-    opt_tmp = n_train * pb                                       # foreach sqrt(exp_avg_sq)
+    if optimizer not in OPTIMIZERS:
+        raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}", field="optimizer")
+    paged = optimizer.startswith("paged")
+    if optimizer == "adamw":
+        states, opt_tmp = 2 * n_train * pb, n_train * pb          # foreach sqrt(exp_avg_sq)
+        sformula = f"AdamW exp_avg + exp_avg_sq: 2 x {n_train:,} x {pb} B"
+    elif optimizer.endswith("8bit"):
+        b8 = rt()["optimizers"]["adamw-8bit"]["state_bytes_per_param"]
+        states, opt_tmp = n_train * b8, 0
+        sformula = f"bitsandbytes 8-bit AdamW: 2 uint8 states + fp32 absmax per 256 values = {b8} B x {n_train:,}"
+    else:
+        states, opt_tmp = 8 * n_train, 0
+        sformula = f"bitsandbytes paged AdamW: 2 fp32 states x {n_train:,}"
+    if paged:
+        sformula += " (paged: resident only for the optimizer step)"
     ws = cublas_workspace(dev) if include_workspace else 0
 
     # activations
@@ -456,10 +493,13 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
         Term("weights", weights, wformula, _unc("counted")),
         Term("adapters", adapters, f"LoRA r={r}: {n_train:,} params x {rc.adapter_bytes} B (peft keeps adapters fp32)",
              _unc("counted")) if rc.adapters else None,
-        Term("optimizer_states", states, f"AdamW exp_avg + exp_avg_sq: 2 x {n_train:,} x {pb} B", _unc("counted")),
+        Term("optimizer_states", states, sformula, _unc("counted")),
         Term("cublas_workspace", ws, f"cuBLAS workspace on {dev.arch or dev.kind}", _unc("workspace")),
     ]
     persistent = [t for t in persistent if t and t.bytes]
+    with_states = persistent
+    if paged:                             # the states wait in host memory while activations need the room
+        persistent = [t for t in persistent if t.name != "optimizer_states"]
     act_term = Term("activations", acts_layers + acts_global, acts_formula + f" + final norm, rope, ids {acts_global:,.0f}",
                     act_rel)
     kernel_rel = _unc("math_attention") if kern in ("math", "eager") else 0.0
@@ -518,9 +558,10 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
             Term("layer_working", ws_tok * BT, "layer 0's backward transients", _unc("working")),
             Term("gradients", grads - (arch.embed_params * rc.dense if not arch.tie_embeddings else 0)
                  - layer0_grads * rc.dense, "every gradient above layer 0", _unc("counted"))]
-    phases["optimizer_step"] = persistent + [
-        Term("gradients", grads, f"{n_train:,} trainable x {pb} B", _unc("counted")),
+    phases["optimizer_step"] = with_states + [
+        Term("gradients", grads, f"{n_train:,} trainable x {pb} B", _unc("counted"))] + ([
         Term("optimizer_temp", opt_tmp, "foreach AdamW: sqrt(exp_avg_sq) for all params at once", _unc("counted"))]
+        if opt_tmp else [])
 
     totals = {name: _sum_terms(ts) for name, ts in phases.items()}
     peak_phase = max(totals, key=lambda k: totals[k][0])
@@ -579,6 +620,8 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
         "attention_kernel": kern, "trainable_params": n_train,
         "activations_per_layer_per_token": {k: int(round(v)) for k, v in lay.items()},
         "optimizer_alternatives": opt_alt, "notes": notes, "approximate": approx,
+        "optimizer": optimizer, "optimizer_states_bytes": int(states),
+        "persistent_bytes": int(sum(breakdown.get(k, 0) for k in PERSISTENT_PARTS)),
     }
 
 
@@ -626,6 +669,9 @@ def infer_memory(arch: ModelArch, fmt, batch_size: int = 1, prompt_len: int = 51
         per_layer = 2 * biggest                                      # dequantized bf16 weight (M > 1)
     elif fmt.kind == "bnb-int8":
         per_tok += 4 * biggest_out + h                               # int32 matmul output + int8 input
+        # LLM.int8's outlier decomposition: fp16 working copies of the weight (1.5 x the largest
+        # linear in fp16 matches the H100 reference's 8B generate peak; the small models hide it)
+        per_layer = 1.5 * 2 * biggest
     kv_prompt = kv_cache_bytes(arch, B, P)
     kv_end = kv_cache_bytes(arch, B, P + N - 1)
     kv_layer_end = kv_end / arch.num_layers / 2                     # one layer's K (or V)
@@ -645,7 +691,8 @@ def infer_memory(arch: ModelArch, fmt, batch_size: int = 1, prompt_len: int = 51
            Term("kv_cache", kv_end + kv_layer_end,
                 f"B x (prompt + new - 1) = {B * (P + N - 1)} tokens x {arch.kv_cache_bytes_per_token(2):,.0f} B "
                 "+ one layer's K during torch.cat", 0.0),
-           Term("decode_working", B * (per_tok + 4 * biggest_out) + (2 * biggest if fmt.kind == "bnb-4bit" and B > 1 else 0),
+           Term("decode_working", B * (per_tok + 4 * biggest_out) + (2 * biggest if fmt.kind == "bnb-4bit" and B > 1 else 0)
+                + (per_layer if fmt.kind == "bnb-int8" else 0),
                 "one token per sequence through one layer", wrk),
            Term("logits", logits, "B x V x (2 + 4 fp32 copy)", 0.0),
            Term("cublas_workspace", ws, "cuBLAS workspace", _unc("workspace")),
@@ -783,14 +830,16 @@ def merge_memory(arch: ModelArch, base: str = "bf16", lora_rank: int = 16,
             "terms": {t.name: t.to_dict() for t in terms}, "notes": []}
 
 
-def device_bytes(peak: int, low: int, high: int, dev: hardware.Device, kind: str) -> dict:
+def device_bytes(peak: int, low: int, high: int, dev: hardware.Device, kind: str, method: str | None = None,
+                 libraries: tuple[str, ...] = (), persistent: float | None = None) -> dict:
     """What the GPU must have: peak + CUDA context + allocator slack, with its interval."""
-    ctx, ctx_lo, ctx_hi = context_bytes(dev)
+    ctx, ctx_lo, ctx_hi = context_bytes(dev, kind, libraries)
     s = slack(kind)
-    value = peak + ctx + peak * s["fraction"]
-    lo = low + ctx_lo + low * s["low"]
-    hi = high + ctx_hi + high * s["high"]
+    sl, frac = slack_bytes(kind, peak, method, persistent)
+    value = peak + ctx + sl
+    lo = low + ctx_lo + low * min(s["low"], frac)
+    hi = high + ctx_hi + high * max(s["high"], frac)
     return {"device_bytes": int(round(value)), "device_low": int(round(lo)), "device_high": int(round(hi)),
-            "cuda_context_bytes": ctx, "allocator_slack_bytes": int(round(peak * s["fraction"])),
+            "cuda_context_bytes": ctx, "allocator_slack_bytes": int(round(sl)),
             "usable_bytes": dev.memory_bytes, "fits": value <= dev.memory_bytes,
             "fits_high": hi <= dev.memory_bytes}
