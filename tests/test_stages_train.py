@@ -180,3 +180,93 @@ def test_chunked_and_reference_loss_train_the_same(micro_home, tmp_path, monkeyp
     assert c["loss_mode"] == "reference" and c["loss_fallback"] == "the model modifies its logits (test)"
     assert any(e["type"] == "warning" and "chunked loss not used" in e["message"] for e in out["events"])
     assert c["losses"] == pytest.approx(b["losses"], rel=1e-4)
+
+
+# ---- the configurations the advisor's search picks: accumulation, 8-bit / paged AdamW, packing -------
+
+def test_grad_accumulation_and_8bit_paged_adamw_train(micro_home, tmp_path, monkeypatch):
+    """Micro-batch 1 x 4 accumulation with bitsandbytes' paged 8-bit AdamW: the run really uses
+    them (uint8 states for every tensor of >= 4096 values, as bitsandbytes quantizes them), and the
+    loss falls. A full fine-tune, so the micro model has tensors that large."""
+    import bitsandbytes as bnb
+    import torch
+    import importlib
+    loop = importlib.import_module("engine.runs.stages.loop")
+    seen = {}
+    real = loop.make_optimizer
+
+    def spy(name, params, lr, weight_decay=0.0):
+        seen["opt"] = real(name, params, lr, weight_decay)
+        return seen["opt"]
+
+    monkeypatch.setattr(loop, "make_optimizer", spy)
+    out = run_inline(spec("full-finetune", train={"batch_size": 1, "grad_accum": 4, "optimizer": "paged-adamw-8bit",
+                                                  "steps": 6},
+                          evaluate={**PPL_ONLY, "before_and_after": False}), tmp_path)
+    tr = out["stages"]["train#0"]
+    assert tr["optimizer"] == "paged-adamw-8bit" and tr["grad_accum"] == 4 and tr["micro_batch"] == 1
+    assert tr["loss_last"] < tr["loss_first"]
+    opt = seen["opt"]
+    assert isinstance(opt, bnb.optim.PagedAdamW8bit)
+    big = [p for p in opt.state if p.numel() >= 4096]
+    assert big and all(opt.state[p]["state1"].dtype == torch.uint8 for p in big)
+    assert any("optimizer paged-adamw-8bit" in e.get("message", "") for e in out["events"] if e["type"] == "log")
+
+
+def test_accumulation_gives_the_gradient_of_the_full_batch(micro_home, monkeypatch):
+    """accum x micro-batch = one batch: the same gradient, so the same update (plain SGD here, so
+    the parameters show the gradient itself)."""
+    import copy
+    import importlib
+    import torch
+    loop = importlib.import_module("engine.runs.stages.loop")
+    monkeypatch.setattr(loop, "make_optimizer", lambda name, params, lr, weight_decay=0.0:
+                        torch.optim.SGD(params, lr=lr))
+    from engine.runs import demo
+    from transformers import AutoModelForCausalLM
+    fit = loop.fit
+    path = demo.ensure_model("micro-llama")
+    torch.manual_seed(0)
+    m1 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    m2 = copy.deepcopy(m1)
+    ids = torch.randint(0, m1.config.vocab_size, (4, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    halves = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(4)]
+    fit(m1, iter([batch]), steps=1, lr=1e-2, accum=1, max_grad_norm=0)
+    fit(m2, iter(halves), steps=1, lr=1e-2, accum=4, max_grad_norm=0)
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_packing_keeps_each_example_to_itself(micro_home, tmp_path):
+    """Packed sequences: positions restart per example and the loss of a packed batch equals the
+    token-weighted loss of its examples run one by one (no attention across examples), with SDPA
+    (boolean mask) and eager attention (additive mask)."""
+    import torch
+    from engine.runs.stages import common as C
+    from transformers import AutoModelForCausalLM
+    pairs = [([5, 6, 7, 8], [-100, 6, 7, 8]), ([9, 10, 11], [-100, 10, 11]), ([12, 13, 14, 15, 16], [-100] * 2 + [14, 15, 16])]
+    packed = C.pack(pairs, 9)
+    assert [len(p[0]) for p in packed] == [9, 3]
+    assert packed[0][2] == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+    out = run_inline(spec("lora", train={"packing": True, "steps": 4, "seq_len": 256},
+                          evaluate={**PPL_ONLY, "before_and_after": False}), tmp_path)
+    tr = out["stages"]["train#0"]
+    assert tr["packing"] and tr["packed_sequences"] < tr["packed_examples"]
+    assert tr["loss_mode"] == "chunked" and "loss_fallback" not in tr         # the 4-D mask reaches both losses
+    assert tr["loss_last"] < tr["loss_first"]
+    for impl in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(out["state"]["base_dir"], dtype=torch.float32,
+                                                     attn_implementation=impl).eval()
+        with torch.no_grad():
+            b = C.collate(packed[:1], 0, "cpu", additive_mask=impl == "eager")
+            b.pop("_tokens")
+            together = float(model(**b).loss)
+            sep, n = 0.0, 0
+            for ids, labels in (pairs[2], pairs[0]):                  # the first packed sequence
+                x = torch.tensor([ids])
+                y = torch.tensor([labels])
+                k = int((y[:, 1:] != -100).sum())
+                sep += float(model(input_ids=x, labels=y).loss) * k
+                n += k
+        assert together == pytest.approx(sep / n, rel=1e-4), impl

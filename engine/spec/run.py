@@ -48,6 +48,12 @@ class TrainParams(_Strict):
     # reference: model(**batch).loss as DESIGN.md's recipe. Same loss and gradients.
     loss: Literal[LOSS_MODES] = DEFAULT_RUN_LOSS
     loss_chunk_tokens: int | None = Field(None, gt=0)   # None: one chunk's fp32 logits <= 128 MiB
+    # adamw: torch.optim.AdamW (the recipe); adamw-8bit: bitsandbytes AdamW8bit (blockwise 8-bit
+    # states); paged-*: bitsandbytes paged states in unified memory (page to the host under pressure)
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw"] = "adamw"
+    # pack whole examples into sequences of seq_len (each keeps its own positions and attends
+    # only to itself): fewer padded positions per step
+    packing: bool = False
 
 
 class QuantParams(_Strict):

@@ -251,9 +251,64 @@ def encode_all(tok, examples, seq_len: int) -> list[tuple[list[int], list[int]]]
     return [pair for ex in examples for pair in encode_example(tok, ex, seq_len)]
 
 
-def collate(pairs, pad_id: int, device: str):
-    """Pad a list of (ids, labels) to the longest, as tensors on ``device``."""
+def pack(pairs, seq_len: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """Whole examples packed first-fit-decreasing into sequences of at most ``seq_len`` tokens:
+    (ids, labels, position_ids) with the positions restarting at 0 for each example (RoPE sees
+    each example from position 0); collate() builds the block-diagonal causal mask that keeps
+    each example's attention to itself."""
+    bins: list[list] = []
+    for ids, labels in sorted(pairs, key=lambda p: -len(p[0])):
+        for b in bins:
+            if b[0] + len(ids) <= seq_len:
+                b[0] += len(ids)
+                b[1].append((ids, labels))
+                break
+        else:
+            bins.append([len(ids), [(ids, labels)]])
+    out = []
+    for _, items in bins:
+        ids = [t for a, _ in items for t in a]
+        labels = [t for _, b in items for t in b]
+        pos = [i for a, _ in items for i in range(len(a))]
+        out.append((ids, labels, pos))
+    return out
+
+
+def packed_mask(position_ids, additive: bool = False):
+    """The 4-D attention mask of packed rows: causal within each example, nothing across
+    (a new example starts where the position drops back). Boolean (True = attend) for SDPA;
+    ``additive`` (0 / -inf, fp32) for eager attention, which adds the mask to the scores."""
     import torch
+    start = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    seg = start.cumsum(-1)                                              # [B, T] example index per token
+    n = position_ids.shape[1]
+    allow = (seg[:, :, None] == seg[:, None, :]) & torch.tril(torch.ones(n, n, dtype=torch.bool,
+                                                                         device=position_ids.device))
+    allow = allow[:, None]
+    if additive:
+        return torch.zeros(allow.shape, dtype=torch.float32, device=allow.device).masked_fill(
+            ~allow, torch.finfo(torch.float32).min)
+    return allow
+
+
+def collate(pairs, pad_id: int, device: str, additive_mask: bool = False):
+    """Pad a list of (ids, labels) to the longest, as tensors on ``device``. Packed items
+    (ids, labels, position_ids) also give position_ids and the block-diagonal 4-D mask of
+    packed_mask(); ``_tokens`` counts their real tokens (not a model input)."""
+    import torch
+    if pairs and len(pairs[0]) == 3:
+        n = max(len(p[0]) for p in pairs)
+        ids = torch.full((len(pairs), n), pad_id, dtype=torch.long)
+        labels = torch.full((len(pairs), n), -100, dtype=torch.long)
+        pos = torch.zeros((len(pairs), n), dtype=torch.long)
+        for i, (a, b, c) in enumerate(pairs):
+            ids[i, :len(a)] = torch.tensor(a)
+            labels[i, :len(b)] = torch.tensor(b)
+            pos[i, :len(c)] = torch.tensor(c)
+            pos[i, len(c):] = torch.arange(n - len(c))          # padding: a sequence of its own, never scored
+        dev = "cuda" if device == "cuda" else "cpu"
+        return {"input_ids": ids.to(dev), "position_ids": pos.to(dev), "labels": labels.to(dev),
+                "attention_mask": packed_mask(pos, additive_mask).to(dev), "_tokens": sum(len(p[0]) for p in pairs)}
     n = max(len(ids) for ids, _ in pairs)
     ids = torch.full((len(pairs), n), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), n), -100, dtype=torch.long)
@@ -266,7 +321,7 @@ def collate(pairs, pad_id: int, device: str):
     return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev)}
 
 
-def batches(pairs, batch_size: int, seed: int, pad_id: int, device: str):
+def batches(pairs, batch_size: int, seed: int, pad_id: int, device: str, additive_mask: bool = False):
     """An endless iterator of shuffled batches (a new order every epoch)."""
     import random
     rng = random.Random(seed)
@@ -277,7 +332,7 @@ def batches(pairs, batch_size: int, seed: int, pad_id: int, device: str):
             chunk = [pairs[j] for j in order[i:i + batch_size]]
             if len(chunk) < batch_size and len(pairs) >= batch_size:
                 continue                    # keep every batch full-sized (steady step times)
-            yield collate(chunk, pad_id, device)
+            yield collate(chunk, pad_id, device, additive_mask)
 
 
 # ---- measurements --------------------------------------------------------------------------

@@ -24,19 +24,41 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
     return lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw")
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0):
+    """torch AdamW (the reference recipe) or a bitsandbytes AdamW: 8-bit blockwise states
+    (AdamW8bit), paged states in unified memory that page to the host under pressure
+    (PagedAdamW8bit / PagedAdamW, the QLoRA paper's paged optimizers)."""
+    import torch
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name not in OPTIMIZERS:
+        raise InputError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}",
+                         field="train.optimizer")
+    import bitsandbytes as bnb
+    cls = {"adamw-8bit": bnb.optim.AdamW8bit, "paged-adamw-8bit": bnb.optim.PagedAdamW8bit,
+           "paged-adamw": bnb.optim.PagedAdamW}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
 def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 1, max_grad_norm: float = 1.0,
         params=None, on_step=None, should_stop=None, weight_decay: float = 0.0, autocast_dtype=None,
-        device: str = "cpu", mem_fn=None, loss_fn=None) -> dict:
-    """Train ``model`` for ``steps`` optimizer steps; returns losses, tokens/s and whether it stopped.
+        device: str = "cpu", mem_fn=None, loss_fn=None, optimizer: str = "adamw") -> dict:
+    """Train ``model`` for ``steps`` optimizer steps of ``accum`` micro-batches each (their mean
+    loss, so the update is the full batch's); returns losses, tokens/s and whether it stopped.
 
-    ``loss_fn(model, batch)``: the loss (stages/loss.py); default the model's own (reference)."""
+    ``loss_fn(model, batch)``: the loss (stages/loss.py); default the model's own (reference).
+    ``optimizer``: one of OPTIMIZERS (make_optimizer). Batch keys starting with ``_`` are
+    bookkeeping (``_tokens``: real tokens of a packed batch), not model inputs."""
     import torch
     from engine.runs.stages.loss import reference_loss
     loss_fn = loss_fn or reference_loss
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
         raise InputError("nothing to train: the model has no trainable parameters", field="train")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(optimizer, params, lr, weight_decay)
     losses, tokens, positions, t0 = [], 0, 0, time.perf_counter()
     stopped = False
     done = 0
@@ -49,14 +71,16 @@ def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 
             g["lr"] = cur_lr
         step_loss, step_tokens = 0.0, 0
         for _ in range(accum):
-            batch = next(batch_iter)
+            batch = dict(next(batch_iter))
+            meta = {k: batch.pop(k) for k in [k for k in batch if k.startswith("_")]}
             with (torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=autocast_dtype)
                   if autocast_dtype is not None else contextlib.nullcontext()):
                 loss = loss_fn(model, batch) / accum
             loss.backward()
             step_loss += loss.item()
             m = batch.get("attention_mask")
-            step_tokens += int(m.sum()) if m is not None else batch["input_ids"].numel()
+            step_tokens += (int(meta["_tokens"]) if "_tokens" in meta else
+                            int(m.sum()) if m is not None else batch["input_ids"].numel())
             positions += batch["input_ids"].numel()     # padded B x T: what the compute (and the estimate) sees
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

@@ -261,10 +261,14 @@ def train(ctx) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     pairs = common.encode_all(tok, ds.train, tp.seq_len)
+    n_examples = len(pairs)
+    if tp.packing:
+        pairs = common.pack(pairs, tp.seq_len)
+        ctx.log(f"packing: {n_examples} examples in {len(pairs)} sequences of <= {tp.seq_len} tokens")
     steps = tp.steps or max(1, math.ceil(tp.epochs * len(pairs) / (tp.batch_size * tp.grad_accum)))
     ctx.log(f"train {method}: {n_train:,} trainable of {n_all:,} parameters; {steps} steps of "
             f"{tp.batch_size}x{tp.grad_accum} sequences (<= {tp.seq_len} tokens), lr {tp.learning_rate:g}, "
-            f"{'gradient checkpointing, ' if tp.grad_ckpt else ''}device {ctx.device}")
+            f"optimizer {tp.optimizer}, {'gradient checkpointing, ' if tp.grad_ckpt else ''}device {ctx.device}")
     last = [0.0]
 
     def on_step(s):
@@ -273,22 +277,29 @@ def train(ctx) -> dict:
             last[0] = now
             ctx.emit("step", **s)
 
-    it = common.batches(pairs, tp.batch_size, ctx.spec.seed, tok.pad_token_id, ctx.device)
+    base_cfg = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
+    additive = getattr(base_cfg, "_attn_implementation", "sdpa") == "eager"    # eager adds the mask to the scores
+    it = common.batches(pairs, tp.batch_size, ctx.spec.seed, tok.pad_token_id, ctx.device, additive)
     first = next(it)
     with (torch.autocast(device_type="cuda" if ctx.device == "cuda" else "cpu", dtype=autocast)
           if autocast is not None else contextlib.nullcontext()):
-        loss_fn, loss_mode, loss_why = make_loss(model, tp.loss, tp.loss_chunk_tokens, first, log=ctx.log,
-                                                 warn=ctx.warn)
+        loss_fn, loss_mode, loss_why = make_loss(model, tp.loss, tp.loss_chunk_tokens,
+                                                 {k: v for k, v in first.items() if not k.startswith("_")},
+                                                 log=ctx.log, warn=ctx.warn)
     it = itertools.chain([first], it)
     hist = fit(model, it, steps=steps, lr=tp.learning_rate, warmup=tp.warmup_steps, accum=tp.grad_accum,
                max_grad_norm=tp.max_grad_norm, on_step=on_step, should_stop=ctx.should_stop,
-               autocast_dtype=autocast, device=ctx.device, mem_fn=lambda: common.mem_now(ctx.device), loss_fn=loss_fn)
+               autocast_dtype=autocast, device=ctx.device, mem_fn=lambda: common.mem_now(ctx.device), loss_fn=loss_fn,
+               optimizer=tp.optimizer)
     model.eval()
     if hist["stopped"]:
         ctx.warn(f"stopped after {hist['steps']} of {steps} steps; saving what was trained")
     out = _save(ctx, method, model, tok)
     k = max(1, min(5, len(hist["losses"]) // 4))
     res = {"method": method, "steps": hist["steps"], "total_steps": steps, "stopped": hist["stopped"],
+           "optimizer": tp.optimizer, "grad_accum": tp.grad_accum, "micro_batch": tp.batch_size,
+           "grad_ckpt": tp.grad_ckpt, "packing": tp.packing,
+           **({"packed_examples": n_examples, "packed_sequences": len(pairs)} if tp.packing else {}),
            "trainable_params": n_train, "params": n_all, "tokens": hist["tokens"], "loss_mode": loss_mode,
            **({"loss_fallback": loss_why} if loss_why else {}),
            "tokens_per_s": hist["tokens_per_s"], "train_s": hist["wall_s"],
