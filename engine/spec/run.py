@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import InputError
-from engine.vocab import DEFAULT_RUN_LOSS, LORA_TARGETS, LOSS_MODES, RUN_PRECISIONS
+from engine.vocab import DEFAULT_RUN_LOSS, LORA_TARGETS, LOSS_MODES, OPTIMIZERS, RUN_PRECISIONS
 
 
 class _Strict(BaseModel):
@@ -50,7 +50,7 @@ class TrainParams(_Strict):
     loss_chunk_tokens: int | None = Field(None, gt=0)   # None: one chunk's fp32 logits <= 128 MiB
     # adamw: torch.optim.AdamW (the recipe); adamw-8bit: bitsandbytes AdamW8bit (blockwise 8-bit
     # states); paged-*: bitsandbytes paged states in unified memory (page to the host under pressure)
-    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw"] = "adamw"
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     # pack whole examples into sequences of seq_len (each keeps its own positions and attends
     # only to itself): fewer padded positions per step
     packing: bool = False

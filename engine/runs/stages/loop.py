@@ -7,6 +7,7 @@ import contextlib
 import time
 
 from engine.errors import InputError
+from engine.vocab import OPTIMIZERS
 
 
 def seed_everything(seed: int) -> None:
@@ -24,7 +25,6 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
     return lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
-OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw")
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0):
