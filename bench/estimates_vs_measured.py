@@ -325,7 +325,8 @@ def train_case(hf_cfg, case: dict, dev: str, ckpt_cache: dict, steps: int | None
         # every projection of the block: the seven llama names, or the fused ones (phi3 qkv_proj,
         # gate_up_proj; opt out_proj/fc1/fc2; bloom query_key_value...), as ModelArch lists them
         arch = models.arch_from_config(hf_cfg.to_dict())
-        targets = models.lora_modules(arch)          # what the train stage adapts and the estimate counts
+        targets = models.lora_modules(arch, case.get("lora_targets") or models.LORA_TARGETS)   # what the train
+        # stage adapts and the estimate counts (a case may name a subset, e.g. q_proj and v_proj)
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                            target_modules=targets, task_type="CAUSAL_LM"))
     model.config.use_cache = False

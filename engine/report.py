@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from engine import calibration, charts
-from engine.fmt import GB, duration, gb as _gb, num, usd
+from engine.fmt import GB, duration, num, usd
 from engine.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,12 +12,14 @@ repeated here.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from engine import quant
 from engine.errors import InputError, choices
 from engine.estimate import formats
 from engine.presets import load_yaml
-from engine.vocab import STAGES, STRATEGY_FAMILIES as FAMILIES, TRAIN_METHODS
+from engine.vocab import (DEFAULT_QAT_SCHEME, LORA_TARGETS, PRECISIONS, QAT_SCHEMES, STAGES,
+                          STRATEGY_FAMILIES as FAMILIES, TRAIN_METHODS)
 
 MATURITY = ("established", "research")
 HOSTED = "hosted"          # deploy: a provider serves the model (no weights on your hardware)
@@ -165,3 +167,97 @@ def check_catalog(entries: list[dict] | None = None) -> list[dict]:
             raise InputError(f"strategy {sid}: accuracy is required (only a PTQ strategy's follows from its "
                              f"quantize method)", field="accuracy")
     return entries
+
+
+# ---- strategy -> planner requests: the one translator ------------------------------------------------
+
+@dataclass(frozen=True)
+class Workload:
+    """What a strategy is estimated for besides itself: the training step, the calibration, the
+    serving. The advisor builds one from presets/rules/advisor.yaml and the scenario; a run from its
+    RunSpec (``from_spec``), so the worker's recorded estimate and the OOM suggestions ask the planner
+    for exactly what runs."""
+    precision: str = "bf16"
+    seq_len: int = 512
+    batch_size: int = 4
+    grad_ckpt: bool = True
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] | None = None     # None: every target the architecture takes
+    loss: str = "reference"
+    train_gpu: str | None = None
+    calibration_seq_len: int = 2048
+    quantize: tuple = ()                             # a run's quantize overrides, as (key, value) pairs
+    serve_batch_size: int = 1
+    prompt_len: int = 512
+    new_tokens: int = 128
+    serve_gpu: str | None = None
+
+    @classmethod
+    def from_spec(cls, spec, gpu: str | None) -> "Workload":
+        """A run's workload (engine.spec.run.RunSpec) on the device preset ``gpu``: its train
+        parameters (an fp32 run is estimated as fp32-amp, the recipe's fp32-weights mode), its
+        quantize overrides, its evaluation's prompt and new tokens, calibration on train.seq_len."""
+        tp, ev = spec.train, spec.evaluate
+        targets = tuple(tp.lora_targets)
+        return cls(precision=tp.precision if tp.precision in PRECISIONS else "fp32-amp", seq_len=tp.seq_len,
+                   batch_size=tp.batch_size, grad_ckpt=tp.grad_ckpt, lora_rank=tp.lora_rank,
+                   lora_targets=None if set(targets) == set(LORA_TARGETS) else targets, loss=tp.loss,
+                   train_gpu=gpu, calibration_seq_len=tp.seq_len,
+                   quantize=tuple((k, v) for k, v in spec.quantize.model_dump().items() if v is not None),
+                   prompt_len=ev.prompt_len, new_tokens=ev.new_tokens, serve_gpu=gpu)
+
+
+def _stages(s: dict, name: str) -> list[dict]:
+    return [st for st in s["stages"] if st["stage"] == name]
+
+
+def planner_requests(s: dict, model, w: Workload) -> dict[str, dict]:
+    """The planner's requests for a strategy under a workload, keyword arguments of
+    engine.estimate.estimate_train / estimate_quantize / estimate_merge / estimate_infer /
+    estimate_accuracy under the keys train, quantize, merge, infer, accuracy (a key is absent when
+    the strategy has no such stage, or serves through a provider; accuracy is always there, method
+    "none" for 16-bit weights). ``model`` is a ModelArch or
+    anything engine.models.resolve takes. Every parameter the pipeline sets travels: the training
+    method the memory follows (``train_estimate``), its QAT scheme, the loss, the LoRA rank and
+    targets, the quantize stage's bits, group size and samples (a run's overrides on top), the group
+    size of the served format."""
+    from engine import models
+    arch = models.resolve(model)
+    out: dict[str, dict] = {}
+    if s.get("train"):
+        method = s.get("train_estimate", s["train"])
+        st = (_stages(s, "train") or [{}])[0]
+        kw = dict(model=arch, method=method, precision=w.precision, seq_len=w.seq_len, batch_size=w.batch_size,
+                  grad_ckpt=w.grad_ckpt, lora_rank=w.lora_rank, gpu=w.train_gpu, loss=w.loss)
+        if method == "qat":
+            kw["qat_scheme"] = st.get("scheme", DEFAULT_QAT_SCHEME)
+        if method in ("lora", "qlora") and w.lora_targets is not None:
+            kw["lora_targets"] = list(w.lora_targets)
+        out["train"] = kw
+    made = None                                      # the quantize settings that made the served weights
+    for st in _stages(s, "quantize"):
+        qs = quant.settings({**st, **dict(w.quantize)})
+        made = qs
+        if quant.get(qs["method"]).calibration and "quantize" not in out:
+            out["quantize"] = dict(model=arch, method=qs["method"], bits=qs["bits"], group_size=qs["group_size"],
+                                   calibration_samples=qs["calibration_samples"], seq_len=w.calibration_seq_len,
+                                   gpu=w.train_gpu)
+    if _stages(s, "merge"):
+        out["merge"] = dict(model=arch, base="bf16", gpu=w.train_gpu)
+    if s["deploy"] != HOSTED:
+        kw = dict(model=arch, weights=s["deploy"], batch_size=w.serve_batch_size, prompt_len=w.prompt_len,
+                  new_tokens=w.new_tokens, gpu=w.serve_gpu)
+        fmt = formats.get(s["deploy"])
+        train = (_stages(s, "train") or [{}])[0]
+        group = (made or {}).get("group_size")
+        if train.get("method") == "qat":             # convert turns the QAT model into the served format
+            group = train.get("group_size") or QAT_SCHEMES[train.get("scheme", DEFAULT_QAT_SCHEME)]["group_size"]
+        if fmt.grouped and group and group != fmt.group_size:
+            kw["group_size"] = group
+        out["infer"] = kw
+    acc = accuracy_request(s)
+    out["accuracy"] = dict(family=arch.family, params_b=round(arch.total_params / 1e9, 3), method=acc["method"],
+                           w_bits=float(acc["w_bits"]), a_bits=float(acc.get("a_bits", 16)),
+                           group_size=acc.get("group_size"), per_channel=bool(acc.get("per_channel", False)),
+                           finetune=acc.get("finetune", "none"))
+    return out

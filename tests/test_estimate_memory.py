@@ -358,7 +358,7 @@ def test_estimates_are_fast_and_torch_free():
 
 # ---- the activation model against a real training step (CPU live-storage tracker) ----------
 
-def _tracked(method, grad_ckpt, mt="llama"):
+def _tracked(method, grad_ckpt, mt="llama", lora_targets=None):
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
@@ -369,17 +369,28 @@ def _tracked(method, grad_ckpt, mt="llama"):
                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                             vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                             use_cache=False)
-    case = dict(method=method, grad_ckpt=grad_ckpt, seq_len=32, batch_size=2)
+    case = dict(method=method, grad_ckpt=grad_ckpt, seq_len=32, batch_size=2, lora_targets=lora_targets)
     measured = bench.train_case(cfg, case, "cpu", {})["peak_allocated_bytes"]
     arch = models.arch_from_config(cfg.to_dict())
     pred = M.train_memory(arch, method, "bf16", 32, 2, grad_ckpt, 16, hardware.get("cpu-server-64gb"),
-                          attn_kernel="flash", round_to=1, include_workspace=False)["peak_allocated_bytes"]
+                          attn_kernel="flash", round_to=1, include_workspace=False,
+                          lora_targets=lora_targets)["peak_allocated_bytes"]
     return measured, pred
 
 
 @pytest.mark.parametrize("method,grad_ckpt", [("lora", False), ("full", True)])
 def test_training_step_matches_live_storage_on_cpu(method, grad_ckpt):
     measured, pred = _tracked(method, grad_ckpt)
+    assert pred == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")])
+def test_a_subset_of_lora_targets_matches_live_storage_on_cpu(targets):
+    """LoRA on some projections only (what a run's train.lora_targets may ask): adapters, their
+    gradients and states, and the saved inputs of the adapted linears alone."""
+    measured, pred = _tracked("lora", False, lora_targets=list(targets))
+    full_measured, _ = _tracked("lora", False)
+    assert measured < full_measured                     # fewer adapters really hold less
     assert pred == pytest.approx(measured, rel=0.05)
 
 

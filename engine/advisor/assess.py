@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 
-from engine import estimate, quant, strategies
+from engine import estimate, strategies
 from engine.advisor.rules import settings
 from engine.estimate import correction, cost, formats
 from engine.errors import InputError
@@ -38,7 +38,8 @@ def _call(fn: str, kwargs: tuple, calibration_state: tuple):
 def _estimate(fn: str, **kw) -> dict:
     """A planner result the caller owns: decoded afresh from the cached JSON text, so no caller
     can change what the cache holds (and faster than a deep copy)."""
-    return json.loads(_call(fn, tuple(sorted(kw.items(), key=lambda kv: kv[0])), correction.state()))
+    key = tuple(sorted(((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()), key=lambda kv: kv[0]))
+    return json.loads(_call(fn, key, correction.state()))
 
 
 def _cli(kind: str, model_name: str, kw: dict) -> str:
@@ -48,6 +49,7 @@ def _cli(kind: str, model_name: str, kw: dict) -> str:
         if k == "model" or v is None:
             continue
         flag = "--" + k.replace("_", "-")
+        v = ",".join(v) if isinstance(v, (list, tuple)) else v
         flags.append(flag if v is True else f"--no-{flag[2:]}" if v is False else f"{flag} {v}")
     return f"estimate {kind} --model {model_name} " + " ".join(flags)
 
@@ -93,13 +95,27 @@ def _shard(est: dict, count: int, arch) -> dict:
                         f"+{gb(gathered)} for {mg['gathered_layers']} gathered 16-bit layers"}
 
 
-def _stage_train(s, sc, arch, ctx) -> dict:
-    w = ctx["settings"]["workload"]["train"]
-    method = s.get("train_estimate", s["train"])
+def workload(sc: Scenario, cfg: dict, train_device, serve_device) -> strategies.Workload:
+    """What the advisor estimates every strategy for: presets/rules/advisor.yaml's workload with the
+    scenario's sequence length, on its training and serving devices."""
+    w = cfg["workload"]
+    return strategies.Workload(
+        precision=w["train"]["precision"], seq_len=sc.seq_len, batch_size=w["train"]["batch_size"],
+        grad_ckpt=w["train"]["grad_ckpt"], lora_rank=w["train"]["lora_rank"], loss=w["train"].get("loss", "reference"),
+        train_gpu=train_device.id, calibration_seq_len=w["calibration"]["seq_len"],
+        serve_batch_size=w["serve"]["batch_size"], prompt_len=w["serve"]["prompt_len"],
+        new_tokens=w["serve"]["new_tokens"], serve_gpu=serve_device.id if serve_device else None)
+
+
+def requests(s: dict, ctx: dict) -> dict[str, dict]:
+    """The planner requests of one strategy (engine.strategies.planner_requests: the one translator,
+    which the worker's recorded estimate and the OOM suggestions use too)."""
+    return strategies.planner_requests(s, ctx["arch"], ctx["workload"])
+
+
+def _stage_train(s, sc, arch, ctx, kw) -> dict:
+    method = kw["method"]
     tdev, count = ctx["train_device"], sc.hardware.count
-    kw = dict(model=arch, method=method, precision=w["precision"], seq_len=sc.seq_len,
-              batch_size=w["batch_size"], grad_ckpt=w["grad_ckpt"], lora_rank=w["lora_rank"], gpu=tdev.id,
-              loss=w.get("loss", "reference"))
     est = _estimate("estimate_train", **kw)
     src = _cli("train", arch.name, kw)
     out = {"stage": "train", "method": method, "source": src, "device": tdev.id, "count": count,
@@ -133,18 +149,13 @@ def _stage_train(s, sc, arch, ctx) -> dict:
     return out
 
 
-def _stage_quantize(st, s, sc, arch, ctx) -> dict | None:
+def _stage_quantize(s, sc, arch, ctx, kw) -> dict:
     """A method that calibrates (GPTQ/AWQ: the registry's ``calibration``) runs layer by layer on one
     training GPU; the data-free ones (bitsandbytes, torchao) quantize while loading or in place
-    (their memory is the served model's, checked at serve)."""
-    if not quant.get(st.get("method")).calibration:
-        return None
+    (their memory is the served model's, checked at serve: the translator asks for no estimate)."""
     tdev = ctx["train_device"]
-    kw = dict(model=arch, method=st["method"], bits=st.get("bits", 4), group_size=st.get("group_size", 128),
-              calibration_samples=st.get("calibration_samples", 128),
-              seq_len=ctx["settings"]["workload"]["calibration"]["seq_len"], gpu=tdev.id)
     est = _estimate("estimate_quantize", **kw)
-    out = {"stage": "quantize", "method": st["method"], "bits": kw["bits"], "device": tdev.id,
+    out = {"stage": "quantize", "method": kw["method"], "bits": kw["bits"], "device": tdev.id,
            "source": _cli("quantize", arch.name, kw)}
     if "error" in est:
         return {**out, "error": est["error"], "fits": None}
@@ -157,10 +168,10 @@ def _stage_quantize(st, s, sc, arch, ctx) -> dict | None:
     return out
 
 
-def _stage_merge(s, sc, arch, ctx) -> dict:
+def _stage_merge(s, sc, arch, ctx, kw) -> dict:
     tdev = ctx["train_device"]
-    est = _estimate("estimate_merge", model=arch, base="bf16")
-    out = {"stage": "merge", "device": tdev.id, "source": f"estimate merge --model {arch.name} --base bf16"}
+    est = _estimate("estimate_merge", **kw)
+    out = {"stage": "merge", "device": tdev.id, "source": _cli("merge", arch.name, kw)}
     if "error" in est:
         return {**out, "error": est["error"], "fits": None}
     fits = est.get("device_bytes", 0) <= tdev.memory_bytes
@@ -171,11 +182,9 @@ def _stage_merge(s, sc, arch, ctx) -> dict:
     return out
 
 
-def _stage_serve(s, sc, arch, ctx) -> dict:
+def _stage_serve(s, sc, arch, ctx, kw) -> dict:
     sdev = ctx["serve_device"]
     w = ctx["settings"]["workload"]["serve"]
-    kw = dict(model=arch, weights=s["deploy"], batch_size=w["batch_size"], prompt_len=w["prompt_len"],
-              new_tokens=w["new_tokens"], gpu=sdev.id)
     est = _estimate("estimate_infer", **kw)
     out = {"stage": "serve", "weights": s["deploy"], "device": sdev.id,
            "source": _cli("infer", arch.name, kw)}
@@ -200,15 +209,12 @@ def _stage_serve(s, sc, arch, ctx) -> dict:
     return out
 
 
-def _accuracy(s, sc, arch, ctx=None) -> dict:
+def _accuracy(s, sc, arch, ctx, kw) -> dict:
     """The accuracy prior of a strategy (the accuracy model, pulled by measured runs of other
     strategies of the same method on this model), replaced by the newest run of this very
     strategy on this model when there is one (``measured``; the prior stays under ``prior``)."""
     from engine.estimate.accuracy import measured_accuracy    # the accuracy model loads on first use
     a = strategies.accuracy_request(s)
-    kw = dict(family=arch.family, params_b=round(arch.total_params / 1e9, 3), method=a["method"],
-              w_bits=float(a["w_bits"]), a_bits=float(a.get("a_bits", 16)), group_size=a.get("group_size"),
-              per_channel=bool(a.get("per_channel", False)), finetune=a.get("finetune", "none"))
     src = (f"estimate accuracy --family {kw['family']} --params-b {kw['params_b']} --method {kw['method']} "
            f"--w-bits {kw['w_bits']:g} --a-bits {kw['a_bits']:g}"
            + (f" --group-size {kw['group_size']}" if kw["group_size"] else "")
@@ -263,16 +269,16 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
     if t["train"] != "none" and sc.examples == 0:
         block("data", "no labelled examples to train on (examples: 0)", value=0, limit=1)
 
-    # stages in pipeline order
+    # stages in pipeline order, each with its planner request (engine.strategies.planner_requests)
+    reqs = requests(s, ctx)
+    asked = set()
     for st in s["stages"]:
-        if st["stage"] == "train":
-            est = _stage_train(s, sc, arch, ctx)
-        elif st["stage"] == "quantize":
-            est = _stage_quantize(st, s, sc, arch, ctx)
-        elif st["stage"] == "merge":
-            est = _stage_merge(s, sc, arch, ctx)
-        else:
-            est = None
+        kind = {"train": "train", "quantize": "quantize", "merge": "merge"}.get(st["stage"])
+        est = None
+        if kind in reqs and kind not in asked:
+            asked.add(kind)
+            est = {"train": _stage_train, "quantize": _stage_quantize, "merge": _stage_merge}[kind](
+                s, sc, arch, ctx, reqs[kind])
         if est is None:
             continue
         stages.append(est)
@@ -327,7 +333,7 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
             block("format", f"FP8 needs FP8 tensor cores (Ada, Hopper, Blackwell); {sdev.id} has none")
         if t["gpu_only"] and sdev.kind not in ("gpu", "edge"):
             block("format", f"{s['deploy']} kernels need a CUDA GPU; {sdev.id} is a {sdev.kind}")
-        serve = _stage_serve(s, sc, arch, ctx)
+        serve = _stage_serve(s, sc, arch, ctx, reqs["infer"])
         stages.append(serve)
         if serve.get("error"):
             block("memory", f"serve on {sdev.id}: not estimated ({serve['error']})", stage="serve")
@@ -361,7 +367,7 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
                       f"(target_weight_bits)", value=t["w_bits"], limit=g.target_weight_bits)
 
     # accuracy goal
-    acc = _accuracy(s, sc, arch, ctx)
+    acc = _accuracy(s, sc, arch, ctx, reqs["accuracy"])
     r = acc.get("retention")
     meas = acc.get("measured")
     if meas:

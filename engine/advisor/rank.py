@@ -3,7 +3,7 @@ then catalog order)."""
 from __future__ import annotations
 
 from engine import strategies
-from engine.advisor.assess import assess
+from engine.advisor.assess import assess, workload
 from engine.advisor.rules import facts, matches, settings
 from engine.advisor.score import _score, _why
 from engine.spec.scenario import Scenario
@@ -14,8 +14,9 @@ def _rank(sc: Scenario, rules: list[dict], measured: dict | None = None) -> dict
     cfg = settings()
     f = facts(sc)
     fired = [r for r in rules if matches(r["when"], f)]
-    ctx = {"arch": sc.arch(), "train_device": sc.train_device(), "serve_device": sc.serve_device(), "settings": cfg,
-           "measured": measured or {}}
+    tdev, sdev = sc.train_device(), sc.serve_device()
+    ctx = {"arch": sc.arch(), "train_device": tdev, "serve_device": sdev, "settings": cfg,
+           "workload": workload(sc, cfg, tdev, sdev), "measured": measured or {}}
     rows = [assess(s, sc, ctx) for s in strategies.catalog()]
     _score(rows, sc, rules, fired, cfg)
     order = {s: i for i, s in enumerate(strategies.ids())}

@@ -26,6 +26,7 @@ TRAIN_ARGS = {
     "calibration": ("--calibration", bool, True),
     "loss": ("--loss", str, "reference"),
     "qat_scheme": ("--qat-scheme", str, DEFAULT_QAT_SCHEME),     # method qat: what is fake-quantized
+    "lora_targets": ("--lora-targets", str, None),               # comma-separated; default all seven
 }
 INFER_ARGS = {
     "model": ("--model", str, None),

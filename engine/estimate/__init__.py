@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from engine import models as _models
 from engine.errors import InputError
+from engine.vocab import DEFAULT_QAT_SCHEME
 from engine.estimate import correction as _correction
 from engine.estimate import formats as _formats
 from engine.estimate import latency as _latency
@@ -49,14 +50,19 @@ def _calibrated(out: dict, kind: str, enabled: bool, dev, **mem) -> dict:
 
 
 def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, grad_ckpt=True, lora_rank=16,
-                   gpu=None, qat_scheme="int4-weight-only", calibration=True, loss="reference",
-                   optimizer="adamw", grad_accum=1) -> dict:
+                   gpu=None, qat_scheme=DEFAULT_QAT_SCHEME, calibration=True, loss="reference",
+                   optimizer="adamw", grad_accum=1, lora_targets=None) -> dict:
     """Peak GPU memory and speed of one training step of the reference recipe (``calibration``:
     correct the headline figures by measured runs where a fit matches; see docs/calibration.md;
     ``loss="chunked"``: the engine's chunked cross-entropy instead of the recipe's full logits;
     ``optimizer``: adamw | adamw-8bit | paged-adamw-8bit | paged-adamw; ``grad_accum``:
     micro-batches of ``batch_size`` per optimizer step: memory is one micro-batch's, the
-    optimizer's time is shared by them)."""
+    optimizer's time is shared by them; ``lora_targets``: the LoRA targets adapted, a list or
+    "q_proj,v_proj"; default all seven)."""
+    if isinstance(lora_targets, str):
+        lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
+    if lora_targets is not None and not lora_targets:
+        raise InputError("lora_targets is empty: name the modules to adapt (q_proj,v_proj ...)", field="lora_targets")
     seq_len = _memory.positive_int("seq_len", seq_len)
     grad_accum = _memory.positive_int("grad_accum", grad_accum)
     batch_size = _memory.positive_int("batch_size", batch_size)
@@ -69,7 +75,7 @@ def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, g
         raise InputError(f"training estimates need a GPU id ({', '.join(_memory.hardware.gpu_ids())}) or a CPU "
                          f"entry; {dev.id} is a {dev.kind} serving target", field="gpu")
     m = _memory.train_memory(arch, method, precision, seq_len, batch_size, grad_ckpt, lora_rank, dev,
-                             qat_scheme=qat_scheme, loss=loss, optimizer=optimizer)
+                             qat_scheme=qat_scheme, loss=loss, optimizer=optimizer, lora_targets=lora_targets)
     s = _latency.train_speed(arch, method, precision, seq_len, batch_size, grad_ckpt, lora_rank, dev,
                              grad_accum=grad_accum, optimizer="adamw" if optimizer == "adamw" else "8bit")
     d = _memory.device_bytes(m["peak_allocated_bytes"], m["low"], m["high"], dev, "train", method=method,
@@ -104,7 +110,8 @@ def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, g
                    **({"qat_scheme": qat_scheme} if method == "qat" else {}),
                    **({"loss": loss} if loss != "reference" else {}),
                    **({"optimizer": optimizer} if optimizer != "adamw" else {}),
-                   **({"grad_accum": grad_accum} if grad_accum != 1 else {})},
+                   **({"grad_accum": grad_accum} if grad_accum != 1 else {}),
+                   **({"lora_targets": list(lora_targets)} if lora_targets is not None else {})},
         "model": arch.to_dict(),
         "gpu": dev.id,
         "peak_allocated_bytes": m["peak_allocated_bytes"], "low": m["low"], "high": m["high"],

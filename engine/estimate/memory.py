@@ -254,8 +254,9 @@ def _norm(rc: Recipe, kind: str, width: int, in_bytes: int, rg: bool, trainable:
 
 
 def layer_saved(arch: ModelArch, rc: Recipe, seq_len: int, rank: int, rg: bool = True,
-                kernel: str | None = None) -> dict[str, float]:
-    """Bytes per token one decoder layer keeps for backward, by part (rg: its input needs grad).
+                kernel: str | None = None, targets=None) -> dict[str, float]:
+    """Bytes per token one decoder layer keeps for backward, by part (rg: its input needs grad;
+    ``targets``: the LoRA targets adapted, llama names, default every one the architecture takes).
 
     Exact for llama-like blocks (checked against a live-storage tracker on CPU); gemma, opt,
     bloom and MoE blocks are modelled as their nearest llama-like equivalent.
@@ -269,7 +270,7 @@ def layer_saved(arch: ModelArch, rc: Recipe, seq_len: int, rank: int, rg: bool =
     trainable_norm = rc.base_trainable
     norm_kind = "layernorm" if mt in ("opt", "bloom") else "gemma" if mt.startswith("gemma") else "rms"
     parts: dict[str, float] = {}
-    lora_names = {l.lora_target for l in arch.linears if l.lora_target}
+    lora_names = set(effective_targets(arch, targets))     # the adapted linears, by llama name
 
     # input norm
     s, Z = _norm(rc, norm_kind, h, R, rg, trainable_norm)
@@ -277,7 +278,9 @@ def layer_saved(arch: ModelArch, rc: Recipe, seq_len: int, rank: int, rg: bool =
     # q, k, v projections (fused in phi3 / bloom)
     fused_qkv = mt in ("phi3", "bloom")
     n_qkv = 1 if fused_qkv else 3
-    saved, shared, a_out = _consumers(rc, n_qkv, Z, h, rank, rg)
+    if rc.adapters:          # the q/k/v linears with adapters (a fused qkv is one, named q_proj)
+        n_qkv = len(lora_names & ({"q_proj"} if fused_qkv else {"q_proj", "k_proj", "v_proj"}))
+    saved, shared, a_out = _consumers(rc, n_qkv, Z, h, rank, rg, lora=n_qkv > 0)
     parts["linear_inputs"] = saved
     parts["lora_a_outputs"] = a_out
     Q = _out_bytes(rc, Z)
@@ -317,8 +320,10 @@ def layer_saved(arch: ModelArch, rc: Recipe, seq_len: int, rank: int, rg: bool =
     # MLP
     gated = mt not in ("opt", "bloom")
     n_up = 1 if (mt == "phi3" or not gated) else 2
-    mlp_lora = "up_proj" in lora_targets(arch)
-    saved, shared, a_out = _consumers(rc, n_up, Z2, h, rank, True, lora=mlp_lora)
+    if rc.adapters:          # gate/up with adapters (phi3's fused gate_up and opt/bloom's fc1 are up_proj)
+        n_up = len(lora_names & ({"up_proj"} if n_up == 1 else {"gate_proj", "up_proj"}))
+    saved, shared, a_out = _consumers(rc, n_up, Z2, h, rank, True, lora=n_up > 0)
+    down_lora = "down_proj" in lora_names
     if moe:
         parts["router"] = 4 * arch.num_experts + 2 * h * arch.experts_per_token   # fp32 logits, gathered rows
     parts["linear_inputs"] += saved
@@ -328,13 +333,13 @@ def layer_saved(arch: ModelArch, rc: Recipe, seq_len: int, rank: int, rg: bool =
         # act(gate) saves gate, mul saves act and up (phi3: gate and up are views of one
         # gate_up output, kept whole); the product is down_proj's input
         parts["mlp"] = 3 * G * ntok_I
-        saved, shared, a_out = _consumers(rc, 1, G, ntok_I, rank, True, lora=mlp_lora)
+        saved, shared, a_out = _consumers(rc, 1, G, ntok_I, rank, True, lora=down_lora)
         parts["linear_inputs"] += saved
     else:
         # opt: relu saves its output, which is fc2's input; bloom: gelu saves its input (fc1's
         # output) and fc2 reads the gelu output
         parts["mlp"] = G * ntok_I
-        saved, shared, a_out = _consumers(rc, 1, G, ntok_I, rank, True)
+        saved, shared, a_out = _consumers(rc, 1, G, ntok_I, rank, True, lora=down_lora)
         parts["linear_inputs"] += saved - (shared if mt == "opt" else 0)
     parts["lora_a_outputs"] += a_out
     if mt == "opt":
@@ -384,9 +389,21 @@ def layer_working(arch: ModelArch, rc: Recipe, grad_ckpt: bool) -> float:
 
 # ---- training -----------------------------------------------------------------------------
 
-def trainable_params(arch: ModelArch, rc: Recipe, rank: int) -> int:
+def effective_targets(arch: ModelArch, targets=None) -> tuple[str, ...]:
+    """The LoRA targets (llama names) that get adapters on this architecture: ``targets`` (default
+    all of them) among those the architecture has and peft adapts (engine.models.lora_targets).
+    Module names a run config may give (``qkv_proj``) count by the target they stand for."""
+    allowed = lora_targets(arch)
+    if targets is None:
+        return tuple(allowed)
+    by_leaf = {lin.name.rsplit(".", 1)[-1]: lin.lora_target for lin in arch.linears if lin.lora_target}
+    names = {by_leaf.get(t, t) for t in targets}
+    return tuple(t for t in allowed if t in names)
+
+
+def trainable_params(arch: ModelArch, rc: Recipe, rank: int, targets=None) -> int:
     if rc.adapters:
-        return lora_param_count(arch, rank)
+        return lora_param_count(arch, rank, effective_targets(arch, targets))
     return arch.total_params
 
 
@@ -395,13 +412,15 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
                  dev: hardware.Device | None = None, *, attn_kernel: str | None = None,
                  qat_scheme: str = DEFAULT_QAT_SCHEME, round_to: int = F.CUDA_BLOCK,
                  include_workspace: bool = True, loss: str = "reference",
-                 loss_chunk: int | None = None, optimizer: str = "adamw") -> dict:
+                 loss_chunk: int | None = None, optimizer: str = "adamw", lora_targets=None) -> dict:
     """Peak memory of one steady-state training step (step >= 2: optimizer states exist).
 
     ``optimizer``: adamw (torch, foreach: states in the parameter dtype + one state-sized
     temporary), adamw-8bit (bitsandbytes: blockwise 8-bit states, fused update, no temporary),
     paged-adamw-8bit / paged-adamw (bitsandbytes paged states in unified memory: they page to
     the host while activations need the room, so they count only in the optimizer step phase).
+    ``lora_targets``: the LoRA targets adapted (llama names or this model's module names; default
+    every one the architecture takes, the reference recipe's seven).
 
     ``loss``: "reference" (DESIGN.md's recipe: model(**batch).loss, B x T x V fp32 buffers) or
     "chunked" (the engine's chunked linear cross-entropy, engine/runs/stages/loss.py) with
@@ -429,7 +448,7 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
         wb = F.weights_breakdown(arch, "fp32" if rc.dense == 4 else "bf16", round_to)
         wformula = f"{rc.dense} bytes x {arch.total_params:,} parameters"
     weights = sum(wb.values())
-    n_train = trainable_params(arch, rc, r)
+    n_train = trainable_params(arch, rc, r, lora_targets)
     pb = rc.adapter_bytes if rc.adapters else rc.dense           # trainable parameter dtype
     adapters = n_train * pb if rc.adapters else 0
     grads = n_train * pb
@@ -453,8 +472,8 @@ def train_memory(arch: ModelArch, method: str, precision: str = "bf16", seq_len:
     # activations
     kern = attention_kernel(arch, 2 if rc.autocast else (max(rc.residual, 2)), attn_kernel)
     first_rg = rc.base_trainable                                 # LoRA/QLoRA: frozen embeddings
-    lay = layer_saved(arch, rc, T, r, rg=True, kernel=attn_kernel)
-    lay0 = layer_saved(arch, rc, T, r, rg=first_rg, kernel=attn_kernel)
+    lay = layer_saved(arch, rc, T, r, rg=True, kernel=attn_kernel, targets=lora_targets)
+    lay0 = layer_saved(arch, rc, T, r, rg=first_rg, kernel=attn_kernel, targets=lora_targets)
     per_layer_tok = sum(lay.values())
     layer0_tok = sum(lay0.values())
     wsaved = layer_weight_saved(arch, rc, True)

@@ -129,11 +129,14 @@ def suggestions(spec, strategy: dict, stage: str, gpu: str | None = None,
     ``capacity_bytes`` what the device has): those estimated to fit, else the generic advice;
     then the estimate of the run that failed, when there is one."""
     tp = spec.train
-    method = strategy.get("train")
-    if stage == "train" and method:
-        base = dict(model=planner_model(spec.model), method=method, seq_len=tp.seq_len, batch_size=tp.batch_size,
-                    grad_ckpt=tp.grad_ckpt, lora_rank=tp.lora_rank, gpu=gpu,
-                    precision=tp.precision if tp.precision in ("bf16", "fp32-amp") else "fp32-amp")
+    if stage == "train" and strategy.get("train"):
+        from engine import strategies           # the one translator: what the worker recorded and the advisor asks
+        try:
+            base = strategies.planner_requests(strategy, planner_model(spec.model),
+                                               strategies.Workload.from_spec(spec, gpu))["train"]
+        except Exception:                        # noqa: BLE001 - a model the planner cannot resolve: generic advice
+            base = {}
+        method = base["method"] if base else strategy["train"]
         variants = []
         b = tp.batch_size
         while b > 1:
@@ -149,15 +152,15 @@ def suggestions(spec, strategy: dict, stage: str, gpu: str | None = None,
         if tp.seq_len > 256:
             variants.append((f"train.seq_len: {tp.seq_len // 2}", dict(base, seq_len=tp.seq_len // 2)))
         fits, note = [], None
-        for text, kw in variants:
+        for text, kw in variants if base else []:
             need = _need(_train_estimate(**kw))
             if need is not None and capacity_bytes and need <= capacity_bytes:
                 fits.append(f"{text}: estimated {gib(need)}, fits in {gib(capacity_bytes)}")
-        if not fits and capacity_bytes:
+        if not fits and capacity_bytes and base:
             combined = _combined_fit(base, tp, capacity_bytes)
             if combined:
                 fits.append(combined)
-        need_now = _need(_train_estimate(**base))
+        need_now = _need(_train_estimate(**base)) if base else None
         if need_now is not None and capacity_bytes:
             note = (f"(the planner estimated this run at {gib(need_now)}; the GPU has {gib(capacity_bytes)})")
         generic = [f"a smaller train.batch_size (now {tp.batch_size}) with a larger train.grad_accum",

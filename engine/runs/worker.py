@@ -98,46 +98,31 @@ def gpu_preset(name: str, total_bytes: int) -> str | None:
     return best
 
 
+def requests(spec: RunSpec, strategy: dict, gpu: str | None) -> dict[str, dict]:
+    """The planner requests for this run (engine.strategies.planner_requests, the translator the
+    advisor and the OOM suggestions use too) with the run's own workload."""
+    return strategies.planner_requests(strategy, faults.planner_model(spec.model),
+                                       strategies.Workload.from_spec(spec, gpu))
+
+
 def planner_estimate(spec: RunSpec, strategy: dict, gpu: str | None) -> dict:
     """What the planner estimates for this run, with the inputs it used; {"error"} where it cannot.
 
     ``gpu`` is the device the run uses (machine["device_preset"]): the matched GPU preset on
     CUDA, CPU_PRESET on the CPU (speed and weights then compare with what the run measures;
     engine/calibration.py pairs them), None for an unrecognised GPU (the reference H100)."""
+    from engine import estimate
     out: dict = {"gpu": gpu}
     try:
-        from engine import estimate
-    except Exception as e:   # pragma: no cover - the package exists; its functions may not yet
-        return {"error": f"engine.estimate unavailable: {e}"}
-    tp, evs = spec.train, spec.evaluate
-    model = faults.planner_model(spec.model)
-    requests = {}
-    if strategy.get("train"):
-        requests["train"] = ("estimate_train", dict(
-            model=model, method=strategy["train"],
-            precision=tp.precision if tp.precision in ("bf16", "fp32-amp") else "fp32-amp",
-            seq_len=tp.seq_len, batch_size=tp.batch_size, grad_ckpt=tp.grad_ckpt, lora_rank=tp.lora_rank, gpu=gpu,
-            loss=tp.loss))   # the engine's loss (chunked by default): the estimate covers what runs
-    if strategy.get("deploy") and strategy["deploy"] != "hosted":
-        requests["infer"] = ("estimate_infer", dict(model=model, weights=strategy["deploy"], batch_size=1,
-                                                    prompt_len=evs.prompt_len, new_tokens=evs.new_tokens, gpu=gpu))
-    acc = strategies.accuracy_request(strategy)
-    if acc.get("method") not in (None, "none"):
-        try:
-            from engine import models
-            arch = models.resolve(model)
-            kw = dict(family=arch.family, params_b=arch.total_params / 1e9, method=acc["method"],
-                      w_bits=acc["w_bits"], a_bits=acc.get("a_bits", 16), group_size=acc.get("group_size"),
-                      per_channel=bool(acc.get("per_channel", False)), finetune=acc.get("finetune", "none"))
-            requests["accuracy"] = ("estimate_accuracy", kw)
-        except Exception as e:
-            out["accuracy"] = {"error": f"{type(e).__name__}: {e}"}
-    for key, (fn_name, kw) in requests.items():
-        fn = getattr(estimate, fn_name, None)
-        shown = {**kw, "model": spec.model} if "model" in kw else kw     # the inputs as the user wrote them
-        if fn is None:
-            out[key] = {"error": f"engine.estimate.{fn_name} is not available", "inputs": shown}
+        reqs = requests(spec, strategy, gpu)
+    except Exception as e:                   # a model the planner cannot resolve: say so for each estimate
+        return {**out, **{k: {"error": f"{type(e).__name__}: {e}"} for k in ("train", "infer", "accuracy")}}
+    fns = {"train": estimate.estimate_train, "infer": estimate.estimate_infer, "accuracy": estimate.estimate_accuracy}
+    for key, fn in fns.items():
+        kw = reqs.get(key)
+        if kw is None or (key == "accuracy" and kw["method"] == "none"):
             continue
+        shown = {**kw, "model": spec.model} if "model" in kw else kw     # the inputs as the user wrote them
         try:
             out[key] = {"inputs": shown, **fn(**kw)}
         except Exception as e:
