@@ -184,6 +184,8 @@ class Workload:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] | None = None     # None: every target the architecture takes
     loss: str = "reference"
+    optimizer: str = "adamw"
+    grad_accum: int = 1
     train_gpu: str | None = None
     calibration_seq_len: int = 2048
     quantize: tuple = ()                             # a run's quantize overrides, as (key, value) pairs
@@ -202,7 +204,7 @@ class Workload:
         return cls(precision=tp.precision if tp.precision in PRECISIONS else "fp32-amp", seq_len=tp.seq_len,
                    batch_size=tp.batch_size, grad_ckpt=tp.grad_ckpt, lora_rank=tp.lora_rank,
                    lora_targets=None if set(targets) == set(LORA_TARGETS) else targets, loss=tp.loss,
-                   train_gpu=gpu, calibration_seq_len=tp.seq_len,
+                   optimizer=tp.optimizer, grad_accum=tp.grad_accum, train_gpu=gpu, calibration_seq_len=tp.seq_len,
                    quantize=tuple((k, v) for k, v in spec.quantize.model_dump().items() if v is not None),
                    prompt_len=ev.prompt_len, new_tokens=ev.new_tokens, serve_gpu=gpu)
 
@@ -218,8 +220,8 @@ def planner_requests(s: dict, model, w: Workload) -> dict[str, dict]:
     the strategy has no such stage, or serves through a provider; accuracy is always there, method
     "none" for 16-bit weights). ``model`` is a ModelArch or
     anything engine.models.resolve takes. Every parameter the pipeline sets travels: the training
-    method the memory follows (``train_estimate``), its QAT scheme, the loss, the LoRA rank and
-    targets, the quantize stage's bits, group size and samples (a run's overrides on top), the group
+    method the memory follows (``train_estimate``), its QAT scheme, the loss, the optimizer and
+    gradient accumulation, the LoRA rank and targets, the quantize stage's bits, group size and samples (a run's overrides on top), the group
     size of the served format."""
     from engine import models
     arch = models.resolve(model)
@@ -233,6 +235,10 @@ def planner_requests(s: dict, model, w: Workload) -> dict[str, dict]:
             kw["qat_scheme"] = st.get("scheme", DEFAULT_QAT_SCHEME)
         if method in ("lora", "qlora") and w.lora_targets is not None:
             kw["lora_targets"] = list(w.lora_targets)
+        if w.optimizer != "adamw":
+            kw["optimizer"] = w.optimizer
+        if w.grad_accum != 1:
+            kw["grad_accum"] = w.grad_accum
         out["train"] = kw
     made = None                                      # the quantize settings that made the served weights
     for st in _stages(s, "quantize"):

@@ -71,9 +71,10 @@ def test_qat_int8_is_estimated_with_its_int8_scheme():
 
 def test_every_parameter_travels():
     w = strategies.Workload.from_spec(spec("qa-lora", lora_targets=["q_proj", "v_proj"], loss="reference",
-                                           precision="fp32"), GPU)
+                                           precision="fp32", optimizer="paged-adamw-8bit", grad_accum=4), GPU)
     r = strategies.planner_requests(strategies.get("qa-lora"), MODEL, w)
     assert r["train"]["lora_targets"] == ["q_proj", "v_proj"] and r["train"]["lora_rank"] == 8
+    assert r["train"]["optimizer"] == "paged-adamw-8bit" and r["train"]["grad_accum"] == 4
     assert r["train"]["loss"] == "reference" and r["train"]["precision"] == "fp32-amp"
     assert r["quantize"]["group_size"] == 32 and r["infer"]["group_size"] == 32      # QA-LoRA's g32 GPTQ base
     assert r["accuracy"]["group_size"] == 32 and r["infer"]["prompt_len"] == 256
