@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from engine.errors import InputError
+from engine.record import RunRecord, StageResult, fold
 from engine.estimate.correction import (_index, _num, fitted_path, installed_versions_key, load_fitted,  # noqa: F401
                                         lookup, settings, variant_of, versions_key)
 from engine.workspace import home
@@ -93,12 +94,11 @@ def pairs(run: dict, events: list[dict] | None = None) -> list[dict]:
     not also fine-tune. ``events`` (optional) supply the last training step's tokens/s when the
     train stage reported none.
     """
-    rid, est, res = run.get("id"), run.get("estimate") or {}, run.get("result") or {}
-    device, vkey = run_device(run), versions_key(run.get("versions"))
-    stages = {s.get("stage"): s for s in res.get("stages") or [] if isinstance(s, dict)}
-    evals = res.get("eval") or {}
-    metrics = {k: (v or {}).get("value") for k, v in (res.get("metrics") or {}).items() if isinstance(v, dict)}
-    after, before = evals.get("after") or {}, evals.get("before") or {}
+    rec = RunRecord.of(run)
+    rid, est = rec.id, rec.estimate
+    device, vkey = run_device(run), versions_key(rec.versions)
+    stages = {s.stage: s for s in rec.stages}
+    after, before = rec.after, rec.before
     out: list[dict] = []
 
     def add(term, stage, e, measured, comparable, why):
@@ -143,20 +143,18 @@ def pairs(run: dict, events: list[dict] | None = None) -> list[dict]:
     # training: the train stage's peak memory and its tokens/s over the whole stage
     tr = est.get("train") or {}
     if "train" in est and not tr.get("error"):
-        st = stages.get("train") or {}
+        st = stages.get("train") or StageResult("train")
         same, why = same_device(tr)
-        src = str(st.get("mem_source") or "")
-        if "cuda" in src:
+        if st.on_cuda:
             mem_ok, mem_why = same, (why + " (torch.cuda.max_memory_allocated over the stage)" if same else why)
         else:
             mem_ok, mem_why = False, RSS_WHY
-        add("train.peak_allocated_bytes", "train", tr, st.get("peak_mem_bytes"), mem_ok, mem_why)
-        res = st.get("result") or {}
+        add("train.peak_allocated_bytes", "train", tr, st.peak_mem_bytes, mem_ok, mem_why)
+        res = st.result
         pps = res.get("positions_per_s")         # padded B x T per second: the estimate's tokens/s
-        tps = pps or res.get("tokens_per_s") or metrics.get("train.tokens_per_s")
+        tps = pps or res.get("tokens_per_s") or rec.metric("train.tokens_per_s")
         if tps is None and events:
-            steps = [e["payload"] if isinstance(e.get("payload"), dict) else e for e in events if e.get("type") == "step"]
-            tps = next((p.get("tokens_per_s") for p in reversed(steps) if p.get("tokens_per_s") is not None), None)
+            tps = fold(events).last_tokens_per_s
         add("train.tokens_per_s", "train", tr, tps, *speed(same, why + (
             "" if not same else f"; measured: padded positions (B x {res.get('mean_batch_len')} tokens) per second, "
             f"the estimate's positions at seq_len {tr.get('inputs', {}).get('seq_len')}" if pps else
@@ -185,12 +183,12 @@ def pairs(run: dict, events: list[dict] | None = None) -> list[dict]:
         pre = after.get("prefill_ms")
         add("infer.prefill_s", "evaluate", inf, pre / 1000 if _num(pre) is not None else None,
             *speed(shape_ok, shape_why))
-        dec = after.get("decode_tokens_per_s", metrics.get("after.decode_tokens_per_s", metrics.get("decode_tokens_per_s")))
+        dec = after.get("decode_tokens_per_s", rec.metric("after.decode_tokens_per_s", rec.metric("decode_tokens_per_s")))
         add("infer.decode_tokens_per_s", "evaluate", inf, dec, *speed(shape_ok, shape_why))
     # accuracy: measured after/before on the run's own evaluation data
     acc = est.get("accuracy") or {}
     if "accuracy" in est and not acc.get("error"):
-        tunes = _tunes(run.get("strategy") or (run.get("spec") or {}).get("strategy"))
+        tunes = _tunes(rec.strategy)
         ft_why = "not comparable: this run also fine-tunes, so after/before is not quantization alone"
         b, a = _num(before.get("perplexity")), _num(after.get("perplexity"))
         add("accuracy.ppl_ratio", "evaluate", acc, a / b if a is not None and b else None, not tunes,

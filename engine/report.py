@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from engine import calibration, charts
+from engine.record import RunRecord
 from engine.fmt import GB, duration, num, usd
 from engine.errors import InputError
 
@@ -287,24 +288,21 @@ def _runs_section(d: dict) -> list:
         return out + [text("No finished run to show. Launch one from the dashboard's Runs tab or with "
                            "`python -m engine run --config presets/runs/demo-*.yaml`.", "muted")]
     for run in d["runs"]:
-        res = run.get("result") or {}
-        dur = (run["ended"] - run["started"]) if run.get("ended") and run.get("started") else None
+        rec = RunRecord.of(run)
+        dur = rec.wall_s
         out += [sub(f"{run['id']} · {run.get('name') or run.get('strategy')}"),
                 table(["run", "strategy", "model", "device", "status", "started", "duration"],
                       [[run["id"], run.get("strategy"), run.get("model"), run.get("device"),
                         run.get("status") + (f" ({run['reason']})" if run.get("reason") else ""),
                         _when(run.get("started")), _dur(dur)]])]
-        stages = res.get("stages") or []
-        if stages:
+        if rec.stages:
             out.append(table(["stage", "duration", "peak memory (measured)", "memory source"],
-                             [[s.get("stage"), _dur(s.get("duration_s")), _value(s.get("peak_mem_bytes"), "bytes"),
-                               s.get("mem_source") or "—"] for s in stages]))
-        metrics = res.get("metrics") or {}
-        if metrics:
+                             [[s.stage, _dur(s.duration_s), _value(s.peak_mem_bytes, "bytes"), s.mem_source or "—"]
+                              for s in rec.stages]))
+        if rec.metrics:
             out.append(table(["measured metric", "value"],
-                             [[k, _value((m or {}).get("value"), (m or {}).get("unit") or "")
-                               if isinstance(m, dict) else _value(m)] for k, m in metrics.items()]))
-        v, mach = run.get("versions") or {}, run.get("machine") or {}
+                             [[k, _value(m.get("value"), m.get("unit") or "")] for k, m in rec.metrics.items()]))
+        v, mach = rec.versions, rec.machine
         if v or mach:
             out.append(text("Measured with " + ", ".join(f"{k} {x}" for k, x in v.items())
                             + (f" on {mach.get('device')} ({mach.get('cpu') or mach.get('gpu') or ''}, "

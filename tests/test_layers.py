@@ -3,7 +3,7 @@ layer or those below, function-level imports included; no import cycle among eng
 CLI entry point imports the CLI; and per entry point, what loading it (and using it) pulls in.
 
     0 base      engine (package), errors, presets, fmt, workspace
-    1 planner   models, hardware, demo_presets, strategies, spec/, estimate/, registries
+    1 planner   vocab, quant, models, hardware, demo_presets, strategies, record, spec/, estimate/
     2 advice    advisor/, calibration, report, charts
     3 runs      runs/
     4 entry     cli/, engine.__main__ (and ui/, app.py, which import the engine only)
@@ -25,7 +25,7 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "torchao", "gptqmodel"
 # module name prefix -> layer (the longest matching prefix decides)
 LAYERS = {
     "engine": 0, "engine.errors": 0, "engine.presets": 0, "engine.fmt": 0, "engine.workspace": 0,
-    "engine.vocab": 1, "engine.quant": 1,
+    "engine.vocab": 1, "engine.quant": 1, "engine.record": 1,
     "engine.models": 1, "engine.hardware": 1, "engine.demo_presets": 1, "engine.strategies": 1,
     "engine.spec": 1, "engine.estimate": 1,
     "engine.advisor": 2, "engine.calibration": 2, "engine.report": 2, "engine.charts": 2,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine import hardware
 from engine.errors import InputError
+from engine.record import RunRecord, fold
 from engine.runs import api
 from ui.common import GB, duration, error_md, ok_md
 
@@ -28,32 +29,17 @@ def run_choices() -> list[tuple[str, str]]:
     return [(f"{r['id']} · {r['status']} · {r['strategy']} · {r.get('name') or r['model']}", r["id"]) for r in rs]
 
 
-def _payload(ev: dict) -> dict:
-    p = ev.get("payload")
-    return p if isinstance(p, dict) else {k: v for k, v in ev.items() if k not in ("seq", "ts", "type", "run_id")}
-
-
 def measured(run: dict, events: list[dict]) -> dict:
-    """What a run measured, from its events: stages (time, peak memory), evaluations, metrics."""
-    stages, evals, metrics, last_step = [], {}, {}, {}
-    for ev in events:
-        t, p = ev["type"], _payload(ev)
-        if t == "stage_finished":
-            stages.append({k: p.get(k) for k in ("stage", "index", "duration_s", "peak_mem_bytes", "mem_source")})
-        elif t == "eval":
-            name = p.get("name") or "eval"
-            evals.setdefault(name, {}).update(p.get("metrics") or {})
-        elif t == "metric" and p.get("name"):
-            metrics[p["name"]] = (p.get("value"), p.get("unit") or "")
-        elif t == "step" and p.get("tokens_per_s") is not None:
-            last_step = p
-    started, ended = run.get("started"), run.get("ended")
+    """What a run measured, from its events (engine.record's fold): stages (time, peak memory),
+    evaluations, metrics, the last training speed."""
+    f = fold(events)
+    stages = f.stages_done
     peaks = [s["peak_mem_bytes"] for s in stages if s.get("peak_mem_bytes") is not None]
-    return {"stages": stages, "evals": evals, "metrics": metrics,
-            "wall_s": (ended - started) if started and ended else None,
+    return {"stages": stages, "evals": f.evals_by_name(), "metrics": f.metrics_by_name(),
+            "wall_s": RunRecord.of(run).wall_s,
             "peak_mem_bytes": max(peaks) if peaks else None,
             "mem_source": next((s.get("mem_source") for s in stages if s.get("mem_source")), None),
-            "train_tokens_per_s": last_step.get("tokens_per_s")}
+            "train_tokens_per_s": f.last_tokens_per_s}
 
 
 def run_cost(run: dict, wall_s: float | None) -> tuple[float | None, str]:

@@ -19,6 +19,7 @@ import yaml
 from engine import strategies
 from engine.errors import InputError
 from engine.presets import PRESETS_DIR
+from engine.record import EventFold, payload
 from engine.spec.run import RunSpec
 from engine import demo_presets
 from engine.runs import api
@@ -222,63 +223,29 @@ def stop(run_id: str | None) -> str:
 # ---- the live view: events folded into a small state ------------------------------------------
 
 def new_view(run_id: str | None) -> dict:
-    return {"run_id": run_id, "seq": 0, "status": None, "reason": None, "stage": None, "stage_index": None,
-            "stage_total": None, "stages_done": [], "last_step": {}, "points": [], "log": [], "evals": [],
-            "metrics": [], "artifacts": [], "errors": [], "started_ts": None, "ended_ts": None, "version": 0}
-
-
-def _payload(ev: dict) -> dict:
-    """Events come as {seq, ts, type, payload} or flat {seq, ts, type, **payload}."""
-    p = ev.get("payload")
-    return p if isinstance(p, dict) else {k: v for k, v in ev.items() if k not in ("seq", "ts", "type", "run_id")}
+    """A view of a run: the fold of its events so far (engine.record.EventFold) plus the log lines
+    shown and a version the page redraws on."""
+    return {"run_id": run_id, "log": [], "version": 0,
+            **EventFold(max_points=MAX_POINTS, max_logs=LOG_TAIL).to_dict()}
 
 
 def apply_events(view: dict, events: list[dict]) -> dict:
-    """Fold new events (seq > view['seq']) into the view; returns a new dict."""
+    """Fold new events (seq > view['seq']) into the view (engine.record's fold); returns a new dict."""
     from engine.runs.events import line as event_line
-    v = {k: (list(x) if isinstance(x, list) else x) for k, x in view.items()}
+    f = EventFold.from_dict(view)
+    log = list(view.get("log") or [])
     for ev in events:
-        if ev["seq"] <= v["seq"]:
+        if not f.add(ev):
             continue                                     # already seen (re-delivery is harmless)
-        v["seq"] = ev["seq"]
-        t, p = ev["type"], _payload(ev)
-        flat = {"type": t, "ts": ev.get("ts"), "seq": ev["seq"], **p}
-        if t in ("queued",) and v["started_ts"] is None:
-            v["status"] = "queued"
-        elif t == "started":
-            v["status"], v["started_ts"] = "running", ev.get("ts")
-        elif t == "stage_started":
-            v["stage"], v["stage_index"], v["stage_total"] = p.get("stage"), p.get("index"), p.get("total")
-            v["last_step"] = {}
-        elif t == "step":
-            v["last_step"] = {**p, "stage": v["stage"], "ts": ev.get("ts")}
-            if p.get("loss") is not None:
-                x = p.get("step")
-                if x is None:
-                    x = v["points"][-1][0] + 1 if v["points"] else 1
-                v["points"].append([x, p["loss"], v["stage"], p.get("lr"), p.get("tokens_per_s")])
-                v["points"] = v["points"][-MAX_POINTS:]
-        elif t == "stage_finished":
-            v["stages_done"].append({k: p.get(k) for k in ("stage", "index", "duration_s", "peak_mem_bytes",
-                                                           "mem_source")})
-        elif t == "eval":
-            v["evals"].append({"name": p.get("name"), "metrics": p.get("metrics") or {}, "stage": v["stage"]})
-        elif t == "metric":
-            v["metrics"].append({"name": p.get("name"), "value": p.get("value"), "unit": p.get("unit"),
-                                 "stage": v["stage"]})
-        elif t == "artifact":
-            v["artifacts"].append({"path": p.get("path"), "kind": p.get("kind")})
-        elif t == "error":
-            v["errors"].append({"stage": p.get("stage"), "message": p.get("message"), "kind": p.get("kind")})
-        elif t == "finished":
-            v["status"], v["reason"], v["ended_ts"] = p.get("status"), p.get("reason"), ev.get("ts")
-        if t != "step":
-            v["log"].append(redact(event_line(flat)))
+        p = payload(ev)
+        flat = {"type": ev["type"], "ts": ev.get("ts"), "seq": ev["seq"], **p}
+        if ev["type"] != "step":
+            log.append(redact(event_line(flat)))
         elif ev["seq"] % 10 == 0 or (p.get("total") and p.get("step") == p.get("total")):
-            v["log"].append(redact(event_line(flat)))   # one step line in ten: the curve shows the rest
-        v["log"] = v["log"][-LOG_TAIL:]
+            log.append(redact(event_line(flat)))   # one step line in ten: the curve shows the rest
+    v = {**view, **f.to_dict(), "log": log[-LOG_TAIL:]}
     if events:
-        v["version"] += 1
+        v["version"] = view.get("version", 0) + 1
     return v
 
 

@@ -13,47 +13,29 @@ from engine import models, strategies
 from engine.advisor.rules import scenario_of
 from engine.errors import InputError
 from engine.estimate import accuracy
+from engine.record import RunRecord
 
 def run_models(run: dict) -> set[str]:
     """The names a run's model goes by (the spec's reference, the planner's resolved name), lowercase."""
-    names = {run.get("model"), (run.get("spec") or {}).get("model")}
-    for est in (run.get("estimate") or {}).values():
+    rec = RunRecord.of(run)
+    names = {rec.model, rec.spec.get("model")}
+    for est in rec.estimate.values():
         if isinstance(est, dict) and isinstance(est.get("model"), dict):
             names.add(est["model"].get("name"))
     return {str(n).strip().lower() for n in names if n}
 
 
-def _run_arch(run: dict) -> tuple[str, float] | None:
+def _run_arch(rec: RunRecord) -> tuple[str, float] | None:
     """(family, params_b) of a run's model: from the planner estimate stored with the run, else resolved."""
-    for est in (run.get("estimate") or {}).values():
+    for est in rec.estimate.values():
         m = est.get("model") if isinstance(est, dict) else None
         if isinstance(m, dict) and m.get("family") and m.get("total_params"):
             return m["family"], m["total_params"] / 1e9
     try:
-        a = models.resolve((run.get("spec") or {}).get("model") or run.get("model"))
+        a = models.resolve(rec.spec.get("model") or rec.model)
         return a.family, a.total_params / 1e9
     except Exception:                          # noqa: BLE001 - a model that no longer resolves: no config keys
         return None
-
-
-def _evaluate(run: dict) -> dict | None:
-    """The evaluate stage's result of a run (task, eval_rows, before, after), if it measured both."""
-    res = run.get("result") or {}
-    ev = next((s.get("result") for s in res.get("stages") or [] if s.get("stage") == "evaluate"), None) or {}
-    before, after = ev.get("before") or (res.get("eval") or {}).get("before"), \
-        ev.get("after") or (res.get("eval") or {}).get("after")
-    if not (isinstance(before, dict) and isinstance(after, dict)):
-        return None
-    return {"task": ev.get("task"), "rows": ev.get("eval_rows"), "before": before, "after": after}
-
-
-def _dataset_name(spec_: dict) -> str:
-    ds = spec_.get("dataset") or {}
-    if ds.get("demo"):
-        return f"demo:{ds['demo']}"
-    if ds.get("path"):
-        return str(ds["path"]).replace("\\", "/").rstrip("/").split("/")[-1]
-    return "?"
 
 
 def measured_from_runs(runs, model=None, strategy=None) -> list[dict]:
@@ -76,10 +58,11 @@ def measured_from_runs(runs, model=None, strategy=None) -> list[dict]:
     for run in runs or []:
         if not isinstance(run, dict) or run.get("status", "finished") != "finished":
             continue
-        sid = run.get("strategy") or (run.get("spec") or {}).get("strategy")
+        rec = RunRecord.of(run)
+        sid = rec.strategy
         if (strategy is not None and sid != strategy) or (want is not None and want not in run_models(run)):
             continue
-        ev = _evaluate(run)
+        ev = rec.evaluation
         if ev is None:
             continue
         try:
@@ -88,7 +71,7 @@ def measured_from_runs(runs, model=None, strategy=None) -> list[dict]:
             continue                           # a strategy no longer in the catalog
         trained = strategies.traits(s)["train"] != "none"
         acc = strategies.accuracy_request(s)
-        arch = _run_arch(run)
+        arch = _run_arch(rec)
         cfg = {"method": acc.get("method", "none"), "w_bits": float(acc.get("w_bits", 16)),
                "a_bits": float(acc.get("a_bits", 16)), "finetune": acc.get("finetune", "none")}
         if arch:
@@ -102,10 +85,10 @@ def measured_from_runs(runs, model=None, strategy=None) -> list[dict]:
         reference = "16-bit base before fine-tuning" if trained else "16-bit model before quantization"
         why = ("the run fine-tuned: after / before holds the fine-tuning gain as well as the quantization "
                "loss" if trained else "same model, same held-out rows, before and after quantization")
-        base = {"run_id": run.get("id"), "strategy": sid, "model": run.get("model") or (run.get("spec") or {}).get("model"),
-                "dataset": _dataset_name(run.get("spec") or {}), "rows": ev["rows"], "task": ev["task"],
+        base = {"run_id": rec.id, "strategy": sid, "model": rec.model,
+                "dataset": rec.dataset, "rows": ev.rows, "task": ev.task,
                 "comparable": not trained, "reference": reference, "why": why, **cfg}
-        b, a = ev["before"], ev["after"]
+        b, a = ev.before, ev.after
         if isinstance(b.get("perplexity"), (int, float)) and isinstance(a.get("perplexity"), (int, float)) \
                 and b["perplexity"] > 0 and a["perplexity"] > 0:
             out.append({**base, "metric": "perplexity", "value": a["perplexity"], "baseline": b["perplexity"],

@@ -17,6 +17,7 @@ import sys
 import time
 
 from engine.cli.output import emit
+from engine.record import RunRecord
 from engine.runs.events import line as event_line
 
 ROW_KEYS = ("id", "name", "strategy", "model", "device", "status", "reason", "created", "started", "ended")
@@ -24,13 +25,13 @@ ROW_KEYS = ("id", "name", "strategy", "model", "device", "status", "reason", "cr
 
 def run_report(run: dict) -> dict:
     """What ``run`` prints: id, status, per-stage measured peak memory and duration, metrics, artifacts."""
-    result = run.get("result") or {}
-    stages = [{k: s.get(k) for k in ("stage", "duration_s", "peak_mem_bytes", "mem_source", "cpu_peak_rss_bytes",
-                                     "cuda_max_reserved_bytes", "stopped", "failed") if s.get(k) is not None}
-              for s in result.get("stages", [])]
+    rec = RunRecord.of(run)
+    stages = [{k: getattr(s, k) for k in ("stage", "duration_s", "peak_mem_bytes", "mem_source", "cpu_peak_rss_bytes",
+                                          "cuda_max_reserved_bytes", "stopped", "failed") if getattr(s, k) is not None}
+              for s in rec.stages]
     return {**{k: run.get(k) for k in ROW_KEYS},
-            "stages": stages, "eval": result.get("eval", {}), "metrics": result.get("metrics", {}),
-            "artifacts": result.get("artifacts", []), "error": result.get("error"),
+            "stages": stages, "eval": rec.evals, "metrics": rec.metrics,
+            "artifacts": list(rec.artifacts), "error": rec.error,
             "estimate": run.get("estimate"), "workdir": run.get("workdir"),
             "log": f"{run.get('workdir')}/worker.log"}
 

@@ -22,6 +22,7 @@ import math
 import time
 
 from engine.fmt import iec
+from engine.record import fold
 
 TYPES = ("queued", "started", "stage_started", "step", "eval", "log", "artifact", "metric",
          "warning", "error", "stage_finished", "finished")
@@ -96,22 +97,8 @@ def line(ev: dict) -> str:
 
 
 def summary(events: list[dict], tail: int = 10) -> dict:
-    """What a run's events say at a glance: counts by type, the last step, stages, the last logs."""
-    counts: dict[str, int] = {}
-    last_step = None
-    stages, logs, warnings, errors = [], [], [], []
-    for ev in events:
-        counts[ev["type"]] = counts.get(ev["type"], 0) + 1
-        if ev["type"] == "step":
-            last_step = ev
-        elif ev["type"] == "stage_finished":
-            stages.append({k: ev.get(k) for k in ("stage", "index", "duration_s", "peak_mem_bytes", "mem_source")})
-        elif ev["type"] == "log":
-            logs.append(ev.get("message"))
-        elif ev["type"] == "warning":
-            warnings.append(ev.get("message"))
-        elif ev["type"] == "error":
-            errors.append({k: ev.get(k) for k in ("stage", "kind", "message")})
-    return {"count": len(events), "last_seq": events[-1]["seq"] if events else 0, "by_type": counts,
-            "last_step": last_step, "stages": stages, "warnings": warnings, "errors": errors,
-            "log_tail": logs[-tail:]}
+    """What a run's events say at a glance (``runs show``): counts by type, the last step, stages,
+    the last logs; the fold of engine.record."""
+    f = fold(events)
+    return {"count": f.count, "last_seq": f.seq, "by_type": f.by_type, "last_step": f.last_step_event,
+            "stages": f.stages_done, "warnings": f.warnings, "errors": f.errors, "log_tail": f.logs[-tail:]}
