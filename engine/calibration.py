@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from engine.errors import InputError
+from engine.estimate.correction import (_num, fitted_path, installed_versions_key, load_fitted,  # noqa: F401
+                                        lookup, settings, variant_of, versions_key)   # (re-exported: calibrate's API)
 from engine.record import RunRecord, StageResult, fold
-from engine.estimate.correction import (_index, _num, fitted_path, installed_versions_key, load_fitted,  # noqa: F401
-                                        lookup, settings, variant_of, versions_key)
 from engine.workspace import home
 
 SCHEMA = 1
