@@ -174,3 +174,32 @@ def test_finish_writes_its_events_only_if_it_wins(store):
     assert store.finish("r-1", "failed", "worker process died", before=[("error", {"kind": "worker-died"})])
     assert not store.finish("r-1", "failed", "again", before=[("error", {"kind": "worker-died"})])
     assert [e["type"] for e in store.events("r-1")] == ["error", "finished"]
+
+
+def _open_store_at(path, barrier, results):
+    barrier.wait()          # every process opens the new file at the same instant
+    try:
+        RunStore(path).list_runs()
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - the test reports what went wrong
+        results.put(repr(e))
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
+    """CLI, worker and test process create the same new runs.sqlite together: switching a new
+    file to WAL needs an exclusive lock and SQLite refuses it at once ("database is locked",
+    no busy wait) to the losers; the store must wait for the winner instead of failing
+    (it failed CI twice this way)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    outcomes = []
+    for i in range(12):
+        results, barrier = ctx.Queue(), ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_store_at, args=(tmp_path / f"s{i}" / "runs.sqlite", barrier, results))
+                 for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        outcomes += [results.get(timeout=5) for _ in procs]
+    assert set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]

@@ -96,6 +96,21 @@ def finished_runs(store=None) -> list[dict]:
     return [RunStore._row(r) for r in rows]
 
 
+def _retry_busy(fn, seconds: float = 60.0):
+    """Call fn, retrying while SQLite says the file is locked or busy (another process is
+    creating or converting it); other errors, and a lock held longer than `seconds`, raise."""
+    deadline, pause = time.monotonic() + seconds, 0.01
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            msg = str(e).lower()
+            if ("locked" not in msg and "busy" not in msg) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+
 def _dumps(obj) -> str:
     return json.dumps(obj, default=str, allow_nan=True)
 
@@ -110,7 +125,11 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._db().executescript(SCHEMA)   # idempotent; several processes may open the store at once
+        db = self._db()
+        # idempotent, and several processes may open the store at once: create only what is
+        # missing, retrying while another process holds the lock (see _retry_busy)
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='events'").fetchone():
+            _retry_busy(lambda: db.executescript(SCHEMA))
 
     # -- connections -------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -118,9 +137,13 @@ class RunStore:
         if db is None:
             db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=60000")
+            # WAL is a property of the file: set once by whoever creates it. Switching needs an
+            # exclusive lock, and SQLite answers "database is locked" at once (no busy wait, to
+            # avoid a deadlock) when another process is opening the same new file: retry.
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                _retry_busy(lambda: db.execute("PRAGMA journal_mode=WAL"))
+            db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db
 
