@@ -80,6 +80,11 @@ def _wizard_tab():
                         c["epochs"] = gr.Number(value=d["epochs"], label="Epochs", elem_id="epochs")
                     c["dataset_file"] = gr.File(label="Optional: your dataset (JSONL or CSV) to preview and validate",
                                                 file_types=[".jsonl", ".json", ".csv"], elem_id="dataset_file")
+                    # the upload's validation lives here, next to the file: no recompute writes to it
+                    c["dataset_msg"] = gr.HTML(elem_id="dataset_msg")
+                    c["use_rows"] = gr.Button("Use the file's row count", visible=False, size="sm",
+                                              elem_id="use_rows", scale=0, min_width=260)
+                    c["dataset_rows"] = gr.State(None)
                     c["data_msg"] = gr.HTML(elem_id="data_msg")
                     c["data_preview"] = gr.Dataframe(label="Preview (first rows)", visible=False, interactive=False,
                                                      max_height=260, wrap=True)
@@ -315,23 +320,39 @@ def build_app() -> gr.Blocks:
         result = gr.State(None)       # the advisor's answer for the current scenario
         scenario = gr.State(None)
 
-        form_inputs = [W[k] if k != "dataset_file" else W["dataset_path"] for k in wizard.FIELDS]
-
-        # -- scenario -> advisor -> matrix + charts (one handler: they never disagree)
-        def recompute(*vals):
-            form = dict(zip(wizard.FIELDS, vals))
-            return _recompute(form, *vals[len(wizard.FIELDS):])     # + the trade-off view and picks
+        # The form lives on the server (``form``): every person's edit writes its one field there and
+        # recomputes from it. Components of a wizard step that is not open keep their old value in the
+        # browser until the step is shown, so a recompute that read the components would mix two
+        # scenarios after an example pick (and a pick that sets ~20 fields fired ~20 recomputes).
+        form = gr.State(dict(wizard.DEFAULT_FORM))
+        plan_extra = [T["mem_view"], T["shown"]]
 
         where = {"scenario": scenario, "result": result, **{k: W[k] for k in ("scenario_yaml", "summary", "model_msg",
                                                                                "data_msg", "hw_msg", "goals_msg")},
                  "banner": M["banner"], "table": M["table"], "change": M["change"], "pick": M["pick"],
                  "detail": M["detail"], **{k: T[k] for k in ("mem", "lat", "breakdown", "cost", "timing")}}
         plan_outputs = [where[k] for k in PLAN_KEYS]
-        triggers = [W[k].change for k in wizard.FIELDS if k not in ("hub_id", "config_file", "dataset_file")]
-        triggers += [W["hub_id"].submit, W["hub_id"].blur, W["config_file"].change, demo.load]
-        gr.on(triggers, recompute, inputs=form_inputs + [T["mem_view"], T["shown"]], outputs=plan_outputs,
-              trigger_mode="always_last",
-              show_progress="hidden", concurrency_limit=8)
+        plan_kw = {"trigger_mode": "always_last", "show_progress": "hidden", "concurrency_limit": 8}
+
+        # -- scenario -> advisor -> matrix + charts (one handler: they never disagree)
+        def recompute(f, view, shown):
+            return [f] + _recompute(f or dict(wizard.DEFAULT_FORM), view, shown)
+        demo.load(recompute, [form] + plan_extra, [form] + plan_outputs, **plan_kw)
+
+        def edit(key):
+            def edited(f, value, view, shown):
+                return recompute({**(f or wizard.DEFAULT_FORM), key: value}, view, shown)
+            edited.__name__ = f"edit_{key}"
+            return edited
+        for k in wizard.FIELDS:
+            if k in ("hub_id", "config_file", "dataset_file", "target"):
+                continue
+            W[k].input(edit(k), [form, W[k]] + plan_extra, [form] + plan_outputs, **plan_kw)
+        gr.on([W["hub_id"].submit, W["hub_id"].blur], edit("hub_id"), [form, W["hub_id"]] + plan_extra,
+              [form] + plan_outputs, **plan_kw)
+        # a person's upload or clear only: an example empties the field without a second recompute
+        gr.on([W["config_file"].upload, W["config_file"].clear], edit("config_file"),
+              [form, W["config_file"]] + plan_extra, [form] + plan_outputs, **plan_kw)
 
         # -- model source: show the matching field
         def show_source(src):
@@ -340,39 +361,56 @@ def build_app() -> gr.Blocks:
         W["source"].change(show_source, W["source"], [W["preset"], W["hub_id"], W["config_file"], W["size_row"]],
                            queue=False)
 
-        # -- serving target: devices of that kind
-        def target_devices(target, current):
+        # -- serving target: devices of that kind; one recompute with both fields set
+        def target_chosen(f, target, view, shown):
+            f = {**(f or wizard.DEFAULT_FORM), "target": target}
             ids = [k for _, k in wizard.device_choices(target)]
-            return gr.update(value=current if current in ids else (ids[0] if ids else None), interactive=bool(ids))
-        # .input: only a person's click (an example sets target and device together)
-        W["target"].input(target_devices, [W["target"], W["deploy_device"]], W["deploy_device"], queue=False)
+            f["deploy_device"] = f.get("deploy_device") if f.get("deploy_device") in ids else (ids[0] if ids else None)
+            return [gr.update(value=f["deploy_device"], interactive=bool(ids))] + recompute(f, view, shown)
+        W["target"].input(target_chosen, [form, W["target"]] + plan_extra, [W["deploy_device"], form] + plan_outputs,
+                          **plan_kw)
 
-        # -- dataset upload: validate, preview, count rows
-        def dataset_uploaded(path, examples):
+        # -- dataset upload: validate and preview next to the file; the example count changes only when
+        # the person says so (a sample is not the dataset, and the count can flip the recommendation)
+        def dataset_uploaded(path, f):
             msg, df, n, saved = wizard.dataset_check(path)
-            return (msg, gr.update(value=df, visible=df is not None), n if n else examples, saved or "",
-                    gr.update(value=saved) if saved else gr.update())
-        W["dataset_file"].change(dataset_uploaded, [W["dataset_file"], W["examples"]],
-                                 [W["data_msg"], W["data_preview"], W["examples"], W["dataset_path"], R["data_path"]])
+            examples = (f or {}).get("examples")
+            ask = bool(n) and n != examples
+            if ask:
+                msg += ("<div class='tq-muted'>“Labelled examples” stays at "
+                        f"{examples if examples is not None else '—'}: a file may be a sample of the data. "
+                        f"If it is all of it, use its {n:,} rows.</div>")
+            return (msg, gr.update(value=df, visible=df is not None),
+                    gr.update(visible=ask, value=f"Use {n:,} rows as labelled examples" if ask else None),
+                    n, saved or "", gr.update(value=saved) if saved else gr.update())
+        W["dataset_file"].change(dataset_uploaded, [W["dataset_file"], form],
+                                 [W["dataset_msg"], W["data_preview"], W["use_rows"], W["dataset_rows"],
+                                  W["dataset_path"], R["data_path"]])
 
-        # -- examples: fill every field
-        ex_outputs = [W[k] for k in wizard.FIELDS if k not in ("config_file", "dataset_file")]
+        def use_rows(f, n, view, shown):
+            if not n:
+                return [gr.update(), gr.update(visible=False)] + [gr.skip() for _ in range(1 + len(plan_outputs))]
+            return [n, gr.update(visible=False)] + edit("examples")(f, n, view, shown)
+        W["use_rows"].click(use_rows, [form, W["dataset_rows"]] + plan_extra,
+                            [W["examples"], W["use_rows"], form] + plan_outputs)
 
-        def load_example(name):
+        # -- examples: replace every field (uploads included) and recompute once
+        ex_fields = [k for k in wizard.FIELDS if k not in ("config_file", "dataset_file")]
+        ex_outputs = ([W[k] for k in ex_fields] + [W["config_file"], W["dataset_file"], W["dataset_msg"],
+                      W["data_preview"], W["use_rows"], W["example_note"], form] + plan_outputs)
+
+        def load_example(name, view, shown):
             if not name:
-                return [gr.update() for _ in ex_outputs] + [gr.update()]
+                return [gr.skip() for _ in ex_outputs]
             try:
-                form = wizard.load_example(name)
+                f = wizard.load_example(name)
             except InputError as e:
-                return [gr.update() for _ in ex_outputs] + [error_md(e)]
+                return [error_md(e) if o is W["example_note"] else gr.skip() for o in ex_outputs]
             note = ok_md(f"<b>{name}</b>: {wizard.example_summary(wizard.example_scenarios()[name])}")
-            vals = []
-            for k in wizard.FIELDS:
-                if k in ("config_file", "dataset_file"):
-                    continue
-                vals.append(form[k])
-            return vals + [note]
-        W["example"].change(load_example, W["example"], ex_outputs + [W["example_note"]])
+            return ([f[k] for k in ex_fields] + [None, None, "", gr.update(value=None, visible=False),
+                                                  gr.update(visible=False), note] + recompute(f, view, shown))
+        # .select: once per pick (a dropdown's .input also fires again when it loses focus)
+        W["example"].select(load_example, [W["example"]] + plan_extra, ex_outputs, **plan_kw)
         W["to_matrix"].click(lambda: gr.Tabs(selected="matrix"), outputs=tabs, queue=False)
 
         # -- matrix details and "run this"
@@ -392,19 +430,18 @@ def build_app() -> gr.Blocks:
         M["run_this"].click(run_this, [M["pick"], scenario], launch_fields + [tabs])
 
         # -- the report of the current scenario: build, then download; a changed scenario hides the stale one.
-        # Built from the form as it stands at the click, not from the last recompute's scenario: an example
-        # fills the fields in several change events, and a report clicked while the last recompute is still
-        # in flight would otherwise be of an earlier state of the form (its download shown after the hide)
-        def build_report(fmt, which_runs, *vals):
+        # Built from the server's form as it stands at the click (what the next recompute reads), not from
+        # the components: those of a wizard step not yet opened can hold an earlier scenario's values
+        def build_report(fmt, which_runs, f):
             try:
-                scn = wizard.scenario_from_form(dict(zip(wizard.FIELDS, vals)))
+                scn = wizard.scenario_from_form(f or dict(wizard.DEFAULT_FORM))
             except InputError as e:
                 return gr.DownloadButton(visible=False), error_md(e)
             path, msg = report.write(scn, fmt, which_runs)
             if path is None:
                 return gr.DownloadButton(visible=False), msg
             return gr.DownloadButton(f"Download {path.rsplit('/', 1)[-1]}", value=path, visible=True), msg
-        M["report_build"].click(build_report, [M["report_fmt"], M["report_runs"]] + form_inputs,
+        M["report_build"].click(build_report, [M["report_fmt"], M["report_runs"], form],
                                 [M["report_download"], M["report_msg"]],
                                 concurrency_limit=2)
         gr.on([scenario.change, M["report_fmt"].change, M["report_runs"].change],
