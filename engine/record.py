@@ -33,6 +33,8 @@ class StageResult:
     stopped: bool | None = None              # True: the stage ended on a stop request
     failed: bool | None = None               # True: the stage raised (the run's error says why)
     result: dict = field(default_factory=dict)   # what the stage function returned
+    processes: int | None = None             # a multi-process stage (resources): how many ranks ran it
+    ranks: list | None = None                # and each rank's peak memory (peak_mem_bytes is the largest)
 
     @classmethod
     def of(cls, d: dict) -> "StageResult":

@@ -90,6 +90,14 @@ def test_form_to_spec_is_what_the_preview_shows(store):
     assert yaml.safe_load(text) == spec and msg == ""
 
 
+def test_preview_of_a_multi_process_run_shows_the_launch_command(store):
+    text, msg = runs.spec_preview({"run_preset": "demo-lora-2proc"})
+    assert yaml.safe_load(text)["resources"] == {"processes": 2}
+    assert ("<code>python -m torch.distributed.run --standalone --nproc-per-node=2 --max-restarts=0 "
+            "-m engine.runs.stages.rank RUN_WORKDIR/dist/job.json</code>") in msg
+    assert "gloo" in msg
+
+
 def test_form_errors_name_the_field(store, tmp_path):
     with pytest.raises(InputError) as e:
         runs.spec_from_form({**FORM, "learning_rate": -1})

@@ -23,6 +23,7 @@ from engine.record import EventFold, payload
 from engine.spec.run import RunSpec
 from engine import demo_presets
 from engine.runs import api
+from engine.runs.distributed import launch_plan
 from ui.common import confine, duration, error_md, gb, ok_md, public_demo, redact
 
 ACTIVE = ("queued", "running")
@@ -190,6 +191,10 @@ def spec_preview(form: dict) -> tuple[str, str]:
         check_allowed(spec)
     except InputError as e:
         msg = error_md(e)
+    plan = launch_plan(RunSpec.parse(spec))
+    if plan:                                  # several processes: the exact launcher command the worker runs
+        msg += ok_md(html.escape(f"train stage in {plan['processes']} processes ({plan['backend']}, "
+                                 f"{plan['sharding']}): ") + f"<code>{html.escape(plan['command'])}</code>")
     return yaml.safe_dump(spec, sort_keys=False, default_flow_style=False), msg
 
 

@@ -159,6 +159,18 @@ class Executor:
             device = "cuda"
         else:
             device = "cuda" if gpu_slots() else "cpu"
+        if spec.resources.gpus:
+            device = "cuda"
+            have = gpu_slots()
+            if spec.device == "auto" and not have:
+                raise InputError(f"resources.gpus: {spec.resources.gpus} asks for GPUs and this machine has none "
+                                 "(TUNEQUANT_GPUS / CUDA_VISIBLE_DEVICES / nvidia-smi); use resources.processes on the "
+                                 "CPU, or --executor ray to run it where the GPUs are", field="resources.gpus")
+            if have and spec.resources.gpus > len(have):
+                raise InputError(f"resources.gpus: {spec.resources.gpus} GPUs asked for, this machine has {len(have)} "
+                                 f"({', '.join(have)})", field="resources.gpus")
+        elif spec.resources.processes:
+            device = "cpu"
         if device == "cpu" and strategies.traits(strategy)["gpu_only"]:
             raise InputError(f"strategy {strategy['id']} needs a GPU (its library has no CPU path) and this run "
                              f"would run on the CPU (device: {spec.device}); pick another strategy or a GPU machine",
@@ -215,10 +227,12 @@ class Executor:
         if run is None or run["status"] in FINAL:
             return
         if run.get("stop_requested"):
+            _end_ranks(run)
             how = "" if returncode is None else \
                 f" (worker ended with {f'signal {-returncode}' if returncode < 0 else f'code {returncode}'})"
             self.store.finish(run_id, "stopped", "stopped on request" + how)
             return
+        _end_ranks(run)          # a multi-process stage's ranks live in sessions of their own
         reason = faults.exit_reason(returncode) if status == "failed" else \
             f"the worker process (pid {run.get('pid')}) was gone when the engine restarted"
         error = {"stage": self._current_stage(run_id), "kind": "worker-died", "message": reason,
@@ -330,10 +344,34 @@ class Executor:
                     while not self._wait_gone(run_id, pid, 5.0):   # SIGKILL cannot be refused: wait it out
                         _killpg(pid, signal.SIGKILL)
             _killpg(pid, signal.SIGKILL)    # whatever the worker left in its group (helper processes)
+            left = _end_ranks(self.get_run(run_id))    # and the ranks of a multi-process stage (own sessions)
+            if left:
+                self.store.append_event(run_id, "log", {"message": f"killed {left} rank process(es) the worker left"})
             if ended_by:
                 self.store.append_event(run_id, "log", {"message": f"worker did not stop in time; sent {ended_by}"})
         if self.get_run(run_id)["status"] in ACTIVE:
             self.store.finish(run_id, "stopped", "stopped on request")
+
+
+def _end_ranks(run: dict | None) -> int:
+    """SIGKILL the ranks of a multi-process stage that outlived their worker, until they are gone
+    (torchrun starts each in a session of its own: the worker's process group misses them).
+    Returns how many were alive."""
+    if not run or not run.get("workdir"):
+        return 0
+    from engine.runs.distributed import rank_pids
+    alive = [p for p in rank_pids(run["workdir"]) if pid_alive(p, run["id"])]
+    found = len(alive)
+    deadline = time.monotonic() + 30
+    while alive and time.monotonic() < deadline:
+        for p in alive:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.05)
+        alive = [p for p in alive if pid_alive(p, run["id"])]
+    return found
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -23,6 +23,15 @@ GPU_OOM_TEXT = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "HIP out of 
 CPU_OOM_TEXT = ("DefaultCPUAllocator: can't allocate memory", "std::bad_alloc")
 
 
+class RankFailed(Exception):
+    """A rank of a multi-process stage failed (engine/runs/distributed.py): which rank of how
+    many, its kind (oom-gpu, oom-cpu, input, exception, rank-died, launcher) and the reason."""
+
+    def __init__(self, rank: int | None, world: int, kind: str, reason: str, message: str = ""):
+        super().__init__(reason)
+        self.rank, self.world, self.kind, self.reason, self.message = rank, world, kind, reason, message
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0].strip() if text else ""
@@ -31,6 +40,9 @@ def _first_line(exc: BaseException) -> str:
 def classify(exc: BaseException, stage: str) -> dict:
     """``{"kind": oom-gpu|oom-cpu|input|exception, "reason": str, "message": str}``."""
     from engine.errors import InputError
+    if isinstance(exc, RankFailed):
+        return {"kind": exc.kind, "reason": exc.reason, "message": exc.message or exc.reason, "rank": exc.rank,
+                "processes": exc.world}
     names = {c.__name__ for c in type(exc).__mro__}
     text = str(exc)
     msg = _first_line(exc)

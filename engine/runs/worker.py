@@ -113,6 +113,8 @@ def planner_estimate(spec: RunSpec, strategy: dict, gpu: str | None) -> dict:
     engine/calibration.py pairs them), None for an unrecognised GPU (the reference H100)."""
     from engine import estimate
     out: dict = {"gpu": gpu}
+    if spec.world_size > 1 and spec.train.loss != "reference":      # what the ranks run (stages/train.py)
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"loss": "reference"})})
     try:
         reqs = requests(spec, strategy, gpu)
     except Exception as e:                   # a model the planner cannot resolve: say so for each estimate
@@ -127,6 +129,50 @@ def planner_estimate(spec: RunSpec, strategy: dict, gpu: str | None) -> dict:
             out[key] = {"inputs": shown, **fn(**kw)}
         except Exception as e:
             out[key] = {"error": f"{type(e).__name__}: {e}", "inputs": shown}
+    if spec.world_size > 1 and "train" in out and "error" not in out["train"]:
+        try:
+            out["train"] = sharded_train_estimate(spec, out["train"])
+        except Exception as e:                   # keep the single-device figure, say why it is not per rank
+            out["train"]["sharding_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def sharded_train_estimate(spec: RunSpec, est: dict) -> dict:
+    """The planner's per-device estimate of a training step sharded over ``spec.world_size``
+    processes (FSDP full sharding: the advisor's model of it, engine/advisor/assess.py), with the
+    single-device estimate kept under ``unsharded``: what each rank's measured peak compares with."""
+    from engine import models
+    from engine.advisor import assess, rules
+    n = spec.world_size
+    arch = models.resolve(faults.planner_model(spec.model))
+    per = assess._shard(est, n, arch)
+    mg = rules.settings()["multi_gpu"]
+    scale = per["peak_allocated_bytes"] / est["peak_allocated_bytes"] if est.get("peak_allocated_bytes") else 1.0
+    out = {**est, **per, "processes": n, "per": "rank",
+           "unsharded": {k: est.get(k) for k in ("peak_allocated_bytes", "device_bytes", "tokens_per_s", "low", "high")}}
+    for k in ("low", "high"):
+        if est.get(k) is not None:
+            out[k] = est[k] * scale
+    for k in ("tokens_per_s", "tokens_per_s_low", "tokens_per_s_high"):
+        if est.get(k):
+            out[k] = est[k] * n * mg["scaling_efficiency"]
+    if est.get("tokens_per_s"):
+        out["tokens_per_s_formula"] = f"one device's x {n} processes x scaling efficiency {mg['scaling_efficiency']}"
+    return out
+
+
+def per_rank_peak(ranks: list[dict]) -> dict:
+    """A multi-process stage's measured memory: the largest rank's peak (same source as each
+    rank's), and every rank's."""
+    top = max(ranks, key=lambda r: r.get("peak_mem_bytes") or 0)
+    out = {"peak_mem_bytes": top.get("peak_mem_bytes"), "mem_source": top.get("mem_source"),
+           "processes": len(ranks), "ranks": ranks}
+    rss = [r["cpu_peak_rss_bytes"] for r in ranks if r.get("cpu_peak_rss_bytes")]
+    if rss:
+        out["cpu_peak_rss_bytes"] = max(rss)
+    reserved = [r["cuda_max_reserved_bytes"] for r in ranks if r.get("cuda_max_reserved_bytes")]
+    if reserved:
+        out["cuda_max_reserved_bytes"] = max(reserved)
     return out
 
 
@@ -238,8 +284,8 @@ class Worker:
             raise StopRun()
 
     # GPU queue ----------------------------------------------------------------------
-    def _wait_for_gpu(self) -> bool:
-        """Take a free GPU when this run is the oldest queued GPU run still alive; False if
+    def _wait_for_gpu(self, need: int = 1) -> bool:
+        """Take ``need`` free GPUs when this run is the oldest queued GPU run still alive; False if
         stopped while waiting."""
         slots = gpu_slots()
         if not slots:
@@ -255,6 +301,7 @@ class Worker:
                      and (r["created"], r["id"]) < (self.run["created"], self.run_id)
                      and (pid_alive(r["pid"], r["id"]) or r["pid"] is None)]
             if not ahead:
+                held = []
                 for slot in slots:
                     f = open(lock_dir / f"gpu-{slot}.lock", "a+")
                     try:
@@ -266,12 +313,17 @@ class Worker:
                     f.truncate()
                     f.write(f"{self.run_id} {os.getpid()}\n")
                     f.flush()
-                    self._gpu_lock = f          # held until this process ends
-                    os.environ["CUDA_VISIBLE_DEVICES"] = slot
-                    return True
+                    held.append((slot, f))
+                    if len(held) == need:
+                        self._gpu_lock = [h[1] for h in held]      # held until this process ends
+                        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(h[0] for h in held)
+                        return True
+                for _, f in held:                   # all or none: a run never holds part of what it needs
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                    f.close()
             if not said:
                 busy = [r["id"] for r in self.store.active_runs() if r["device"] == "cuda" and r["status"] == "running"]
-                self.emit("log", message=f"waiting for a free GPU ({len(slots)} GPU(s); running: "
+                self.emit("log", message=f"waiting for {need} free GPU{'s' if need > 1 else ''} ({len(slots)} GPU(s); running: "
                                          f"{', '.join(busy) or 'none'}; queued ahead: {len(ahead)})")
                 said = True
             time.sleep(0.5)
@@ -285,7 +337,7 @@ class Worker:
             strategy = strategies.get(spec.strategy)
             device = self.run["device"]
             if device == "cuda":
-                if not self._wait_for_gpu():
+                if not self._wait_for_gpu(spec.world_size):
                     return self._end("stopped", "stopped on request while queued for a GPU")
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = ""       # a CPU run never touches a GPU
@@ -345,6 +397,9 @@ class Worker:
         self._current = None
         measured = {"stage": stage, "index": index, "duration_s": round(time.perf_counter() - t0, 3),
                     "stopped": stopped, **mem.stop(), "result": out}
+        ranks = (out or {}).get("ranks")
+        if ranks:          # a multi-process stage: its peak is the largest rank's (what one device must hold)
+            measured.update(per_rank_peak(ranks), worker_peak_rss_bytes=measured["cpu_peak_rss_bytes"])
         self.result["stages"].append(measured)
         self.emit("stage_finished", **measured)
         self.store.update_run(self.run_id, result=self.result)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.errors import InputError
 from engine.vocab import DEFAULT_RUN_LOSS, LORA_TARGETS, LOSS_MODES, OPTIMIZERS, RUN_PRECISIONS
@@ -74,6 +74,24 @@ class EvalSpec(_Strict):
     new_tokens: int = Field(32, gt=0)
 
 
+class Resources(_Strict):
+    """How many processes the train stage runs in (torchrun + FSDP2 full sharding; the other
+    stages run once, in the worker). ``processes: N`` on the CPU (gloo), ``gpus: N`` on N GPUs
+    of one machine (NCCL, bf16 mixed precision). Neither: one process, as before."""
+    processes: int | None = Field(None, ge=1, le=64)
+    gpus: int | None = Field(None, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if self.processes is not None and self.gpus is not None:
+            raise ValueError("give processes (CPU) or gpus (GPU), not both")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus or self.processes or 1
+
+
 class RunSpec(_Strict):
     name: str = ""
     model: str                                  # preset id, local dir or hub id
@@ -84,6 +102,20 @@ class RunSpec(_Strict):
     evaluate: EvalSpec = Field(default_factory=EvalSpec)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     seed: int = 0
+    resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _resources_match_device(self):
+        if self.resources.gpus and self.device == "cpu":
+            raise ValueError("resources.gpus asks for GPUs but device is cpu; use resources.processes on the CPU")
+        if self.resources.processes and self.device == "cuda":
+            raise ValueError("resources.processes is for CPU runs (gloo); on GPUs use resources.gpus")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Processes the train stage runs in (1: the worker itself)."""
+        return self.resources.world_size
 
     @classmethod
     def parse(cls, data: dict) -> "RunSpec":

@@ -19,6 +19,7 @@ from engine.runs.stages.quantize import quantize
 from engine.runs.stages.train import train
 from engine.vocab import QAT_SCHEMES, TRAIN_METHODS
 
+MULTI_PROCESS_METHODS = ("full", "lora")      # what the train stage runs under FSDP (resources: processes/gpus)
 STAGES = {"train": train, "merge": merge, "quantize": quantize, "convert": convert, "evaluate": evaluate}
 
 
@@ -77,6 +78,18 @@ def prepare(spec) -> dict:
                     raise InputError(f"none of the LoRA targets {', '.join(spec.train.lora_targets)} is a layer of "
                                      f"{arch.name}; its layers: {', '.join(l.name for l in arch.linears)}",
                                      field="train.lora_targets")
+    if spec.world_size > 1:
+        trains = [stage_entry(strategy, i, spec) for i, n in enumerate(stages) if n == "train"]
+        if not trains:
+            raise InputError(f"resources ask for {spec.world_size} processes, but strategy {spec.strategy} does not "
+                             "train; only the train stage runs in several processes", field="resources")
+        for entry in trains:
+            method = entry.get("method", "lora")
+            if method not in MULTI_PROCESS_METHODS or entry.get("lora") and method != "lora":
+                raise InputError(f"resources ask for {spec.world_size} processes: multi-process (FSDP) training runs "
+                                 f"{' and '.join(MULTI_PROCESS_METHODS)} fine-tunes; strategy {spec.strategy} trains "
+                                 f"{method} (4-bit and fake-quantized weights are not sharded here); drop resources "
+                                 "or pick a full or LoRA strategy", field="resources")
     if spec.train.seq_len > arch.max_positions:
         raise InputError(f"train.seq_len {spec.train.seq_len} is longer than {arch.name} supports "
                          f"({arch.max_positions} positions)", field="train.seq_len")

@@ -341,6 +341,15 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def rss_peak() -> int | None:
+    """The process's peak RSS so far (Linux VmHWM; elsewhere the current RSS)."""
+    try:
+        m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        return int(m.group(1)) * 1024 if m else None
+    except OSError:
+        return rss_bytes()
+
+
 def mem_now(device: str) -> int:
     """Memory in use right now: CUDA allocated bytes, or the process's RSS on the CPU."""
     if device == "cuda":

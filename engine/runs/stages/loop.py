@@ -45,13 +45,18 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0):
 
 def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 1, max_grad_norm: float = 1.0,
         params=None, on_step=None, should_stop=None, weight_decay: float = 0.0, autocast_dtype=None,
-        device: str = "cpu", mem_fn=None, loss_fn=None, optimizer: str = "adamw") -> dict:
+        device: str = "cpu", mem_fn=None, loss_fn=None, optimizer: str = "adamw", sync=None) -> dict:
     """Train ``model`` for ``steps`` optimizer steps of ``accum`` micro-batches each (their mean
     loss, so the update is the full batch's); returns losses, tokens/s and whether it stopped.
 
     ``loss_fn(model, batch)``: the loss (stages/loss.py); default the model's own (reference).
     ``optimizer``: one of OPTIMIZERS (make_optimizer). Batch keys starting with ``_`` are
-    bookkeeping (``_tokens``: real tokens of a packed batch), not model inputs."""
+    bookkeeping (``_tokens``: real tokens of a packed batch), not model inputs.
+
+    ``sync(loss, tokens, positions, mem) -> (loss, tokens, positions, extra)``: several processes
+    training one model (FSDP, stages/fsdp.py): called once per step on every rank, it returns the
+    mean loss and the summed tokens/positions over the ranks, and ``extra`` for the step event
+    (each rank's memory)."""
     import torch
     from engine.runs.stages.loss import reference_loss
     loss_fn = loss_fn or reference_loss
@@ -69,7 +74,7 @@ def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 
         cur_lr = lr_at(step, steps, lr, warmup)
         for g in opt.param_groups:
             g["lr"] = cur_lr
-        step_loss, step_tokens = 0.0, 0
+        step_loss, step_tokens, step_positions = 0.0, 0, 0
         for _ in range(accum):
             batch = dict(next(batch_iter))
             meta = {k: batch.pop(k) for k in [k for k in batch if k.startswith("_")]}
@@ -81,19 +86,24 @@ def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 
             m = batch.get("attention_mask")
             step_tokens += (int(meta["_tokens"]) if "_tokens" in meta else
                             int(m.sum()) if m is not None else batch["input_ids"].numel())
-            positions += batch["input_ids"].numel()     # padded B x T: what the compute (and the estimate) sees
+            step_positions += batch["input_ids"].numel()   # padded B x T: what the compute (and the estimate) sees
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
+        mem = mem_fn() if mem_fn else None
+        extra = {}
+        if sync is not None:
+            step_loss, step_tokens, step_positions, extra = sync(step_loss, step_tokens, step_positions, mem)
         losses.append(step_loss)
         tokens += step_tokens
+        positions += step_positions
         if on_step is not None:
             el = time.perf_counter() - t0
             on_step({"step": done, "total": steps, "loss": step_loss, "lr": cur_lr,
                      "tokens_per_s": tokens / el if el > 0 else None,
-                     "eta_s": el / done * (steps - done), "mem_bytes": mem_fn() if mem_fn else None})
+                     "eta_s": el / done * (steps - done), "mem_bytes": mem, **extra})
     wall = time.perf_counter() - t0
     del opt
     return {"steps": done, "total": steps, "losses": losses, "tokens": tokens, "wall_s": round(wall, 3),

@@ -236,9 +236,15 @@ def _qat_model(ctx):
 
 # ---- the stage ----------------------------------------------------------------------------------------
 def train(ctx) -> dict:
+    dist = ctx.state.get("_dist")          # set in each rank of a multi-process run (stages/fsdp.py)
+    if ctx.spec.world_size > 1 and dist is None:
+        from engine.runs import distributed   # this is the worker: start the ranks and supervise them
+        common.base_model(ctx)                # a demo model is built here, once, not by N ranks at a time
+        return distributed.supervise(ctx)
     import torch
     method = ctx.stage.get("method", "lora")
     tp = ctx.spec.train
+    world, rank = (dist["world"], dist["rank"]) if dist else (1, 0)
     ds = common.dataset(ctx)
     common.base_model(ctx)
     seed_everything(ctx.spec.seed)
@@ -265,10 +271,16 @@ def train(ctx) -> dict:
     if tp.packing:
         pairs = common.pack(pairs, tp.seq_len)
         ctx.log(f"packing: {n_examples} examples in {len(pairs)} sequences of <= {tp.seq_len} tokens")
-    steps = tp.steps or max(1, math.ceil(tp.epochs * len(pairs) / (tp.batch_size * tp.grad_accum)))
+    steps = tp.steps or max(1, math.ceil(tp.epochs * len(pairs) / (tp.batch_size * tp.grad_accum * world)))
     ctx.log(f"train {method}: {n_train:,} trainable of {n_all:,} parameters; {steps} steps of "
-            f"{tp.batch_size}x{tp.grad_accum} sequences (<= {tp.seq_len} tokens), lr {tp.learning_rate:g}, "
+            f"{tp.batch_size}x{tp.grad_accum} sequences{f' x {world} processes' if dist else ''} "
+            f"(<= {tp.seq_len} tokens), lr {tp.learning_rate:g}, "
             f"optimizer {tp.optimizer}, {'gradient checkpointing, ' if tp.grad_ckpt else ''}device {ctx.device}")
+    sync = None
+    if dist:
+        from engine.runs.stages import fsdp
+        model = fsdp.shard(ctx, model)
+        sync = fsdp.sync
     last = [0.0]
 
     def on_step(s):
@@ -280,21 +292,28 @@ def train(ctx) -> dict:
     base_cfg = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
     additive = getattr(base_cfg, "_attn_implementation", "sdpa") == "eager"    # eager adds the mask to the scores
     it = common.batches(pairs, tp.batch_size, ctx.spec.seed, tok.pad_token_id, ctx.device, additive)
+    if dist:       # every rank walks the same shuffled stream and takes every world-th micro-batch: one step
+        it = itertools.islice(it, rank, None, world)    # sees the world x accum micro-batches one process would
     first = next(it)
+    loss_mode_asked = tp.loss
+    if dist and tp.loss == "chunked":
+        loss_mode_asked = "reference"
+        ctx.log("loss: the reference loss (the chunked loss reads the output head's weight outside its forward, "
+                "where FSDP keeps it sharded)")
     with (torch.autocast(device_type="cuda" if ctx.device == "cuda" else "cpu", dtype=autocast)
           if autocast is not None else contextlib.nullcontext()):
-        loss_fn, loss_mode, loss_why = make_loss(model, tp.loss, tp.loss_chunk_tokens,
+        loss_fn, loss_mode, loss_why = make_loss(model, loss_mode_asked, tp.loss_chunk_tokens,
                                                  {k: v for k, v in first.items() if not k.startswith("_")},
                                                  log=ctx.log, warn=ctx.warn)
     it = itertools.chain([first], it)
     hist = fit(model, it, steps=steps, lr=tp.learning_rate, warmup=tp.warmup_steps, accum=tp.grad_accum,
                max_grad_norm=tp.max_grad_norm, on_step=on_step, should_stop=ctx.should_stop,
                autocast_dtype=autocast, device=ctx.device, mem_fn=lambda: common.mem_now(ctx.device), loss_fn=loss_fn,
-               optimizer=tp.optimizer)
+               optimizer=tp.optimizer, sync=sync)
     model.eval()
     if hist["stopped"]:
         ctx.warn(f"stopped after {hist['steps']} of {steps} steps; saving what was trained")
-    out = _save(ctx, method, model, tok)
+    out = fsdp.save(ctx, method, model, tok, _save) if dist else _save(ctx, method, model, tok)
     k = max(1, min(5, len(hist["losses"]) // 4))
     res = {"method": method, "steps": hist["steps"], "total_steps": steps, "stopped": hist["stopped"],
            "optimizer": tp.optimizer, "grad_accum": tp.grad_accum, "micro_batch": tp.batch_size,
@@ -322,19 +341,25 @@ def _mean(xs):
     return round(sum(xs) / len(xs), 4) if xs else None
 
 
-def _save(ctx, method: str, model, tok) -> dict:
-    import torch
+def _save(ctx, method: str, model, tok, state_dict=None) -> dict:
+    """Save what was trained for the next stages. ``state_dict``: the full (unsharded) weights a
+    multi-process run gathered on rank 0 (its model is sharded; stages/fsdp.py)."""
     wd = Path(ctx.workdir)
     if method == "full":
         out = wd / "model-full"
-        model.to(common.base_dtype(ctx))
-        model.save_pretrained(out)
+        if state_dict is None:
+            model.to(common.base_dtype(ctx))
+            model.save_pretrained(out)
+        else:
+            dtype = common.base_dtype(ctx)
+            model.save_pretrained(out, state_dict={k: v.to(dtype) if v.is_floating_point() else v
+                                                   for k, v in state_dict.items()})
         tok.save_pretrained(out)
         ctx.state.update(model_dir=str(out), quant=None, adapter_dir=None)
         return {"model_dir": common.artifact(ctx, out, "model")}
     if method in ("lora", "qlora"):
         out = wd / "adapter"
-        model.save_pretrained(out)
+        model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
         tok.save_pretrained(out)
         ctx.state["adapter_dir"] = str(out)
         return {"adapter_dir": common.artifact(ctx, out, "adapter"),
