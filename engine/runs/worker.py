@@ -323,7 +323,7 @@ class Worker:
                     f.close()
             if not said:
                 busy = [r["id"] for r in self.store.active_runs() if r["device"] == "cuda" and r["status"] == "running"]
-                self.emit("log", message=f"waiting for {need} free GPU{'s' if need > 1 else ''} ({len(slots)} GPU(s); running: "
+                self.emit("log", message=f"waiting for {f'{need} free GPUs' if need > 1 else 'a free GPU'} ({len(slots)} GPU(s); running: "
                                          f"{', '.join(busy) or 'none'}; queued ahead: {len(ahead)})")
                 said = True
             time.sleep(0.5)
