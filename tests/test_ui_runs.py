@@ -98,6 +98,17 @@ def test_preview_of_a_multi_process_run_shows_the_launch_command(store):
     assert "gloo" in msg
 
 
+def test_ray_setting_sends_launches_to_the_cluster(store, monkeypatch):
+    pytest.importorskip("ray.job_submission", reason="the ray package is not installed")
+    from tests.ray_cluster import free_ports
+    monkeypatch.setenv("TUNEQUANT_RAY_ADDRESS", f"http://127.0.0.1:{free_ports(1)[0]}")     # nobody there
+    text, msg = runs.spec_preview(FORM)
+    assert "runs as a job on the Ray cluster at" in msg
+    rid, msg = runs.launch(FORM)
+    assert rid is None and "no Ray cluster answers at" in msg
+    assert store.list_runs() == []
+
+
 def test_form_errors_name_the_field(store, tmp_path):
     with pytest.raises(InputError) as e:
         runs.spec_from_form({**FORM, "learning_rate": -1})

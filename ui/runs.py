@@ -191,6 +191,10 @@ def spec_preview(form: dict) -> tuple[str, str]:
         check_allowed(spec)
     except InputError as e:
         msg = error_md(e)
+    addr = ray_address()
+    if addr:
+        msg += ok_md(f"runs as a job on the Ray cluster at <code>{html.escape(addr)}</code> "
+                     "(TUNEQUANT_RAY_ADDRESS); its events stream back here")
     plan = launch_plan(RunSpec.parse(spec))
     if plan:                                  # several processes: the exact launcher command the worker runs
         msg += ok_md(html.escape(f"train stage in {plan['processes']} processes ({plan['backend']}, "
@@ -198,12 +202,20 @@ def spec_preview(form: dict) -> tuple[str, str]:
     return yaml.safe_dump(spec, sort_keys=False, default_flow_style=False), msg
 
 
+def ray_address() -> str | None:
+    """The Runs screen's executor setting: TUNEQUANT_RAY_ADDRESS (a Ray cluster's dashboard URL or
+    ray:// address) sends every launch there as a Ray job; unset, runs start on this machine."""
+    import os
+    return os.environ.get("TUNEQUANT_RAY_ADDRESS", "").strip() or None
+
+
 def launch(form: dict) -> tuple[str | None, str]:
     """Start the run the form describes: (run id or None, inline message)."""
     try:
         spec = spec_from_form(form)
         check_allowed(spec)
-        run_id = api.launch(spec)
+        addr = ray_address()
+        run_id = api.launch(spec, executor_kind="ray" if addr else None, address=addr)
     except InputError as e:
         return None, error_md(e)
     except Exception as e:  # the engine refused for another reason: say it inline

@@ -1,6 +1,7 @@
 """``python -m engine run|runs``: real runs from the command line (DESIGN.md "Runs").
 
     python -m engine run --config FILE.yaml [--json]   launch, stream progress to stderr, print the ended run
+        [--executor ray --address ADDR]                 ... as a job on that Ray cluster (events stream back here)
     python -m engine runs list [--status S] [--limit N] --json
     python -m engine runs show ID --json               the run and a summary of its events
     python -m engine runs stop ID                      stop flag -> SIGTERM -> SIGKILL until the worker is gone
@@ -57,7 +58,7 @@ def _cmd_run(args) -> int:
     held = []
     prev = signal.signal(signal.SIGINT, lambda *_: held.append(True))
     try:
-        run_id = api.launch(args.config, stages=args.stages)
+        run_id = api.launch(args.config, stages=args.stages, executor_kind=args.executor, address=args.address)
     finally:
         signal.signal(signal.SIGINT, prev)
     if not args.json:
@@ -101,6 +102,10 @@ def register(sub) -> None:
     p = sub.add_parser("run", help="run a strategy for real (RunSpec YAML/JSON) and print the ended run")
     p.add_argument("--config", required=True, help="run config file (presets/runs/*.yaml)")
     p.add_argument("--json", action="store_true", help="print one JSON object; no progress lines")
+    p.add_argument("--executor", choices=("local", "ray"), default=None,
+                   help="local: a worker process here (the default without --address); ray: a job on the Ray cluster at --address")
+    p.add_argument("--address", default=None,
+                   help="the Ray cluster: its dashboard URL (http://HEAD:8265) or ray://HEAD:10001 (--executor ray)")
     p.add_argument("--stages", default=None, help=argparse.SUPPRESS)  # module:NAME, another stage table (tests)
     p.set_defaults(func=_cmd_run)
 

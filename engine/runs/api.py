@@ -1,6 +1,8 @@
 """The runs API the UI and the CLI call (re-exported by ``engine.runs``). Imports no torch.
 
-    launch(spec_or_dict_or_path, stages=None) -> run_id      validates first (InputError), returns at once
+    launch(spec_or_dict_or_path, stages=None, executor_kind=None, address=None) -> run_id
+                                                              validates first (InputError), returns at once;
+                                                              address: a Ray cluster runs it (ray_backend)
     list_runs(status=None, limit=None) -> list[dict]          newest first
     get_run(run_id) -> dict                                   the row: status, reason, spec, estimate,
                                                               versions, machine, result, workdir, pid, ...
@@ -53,8 +55,9 @@ def store_path() -> Path:
     return ex.store.path if ex is not None else default_db_path()
 
 
-def launch(spec, stages: str | None = None) -> str:
-    return executor().launch(spec, stages=stages)
+def launch(spec, stages: str | None = None, executor_kind: str | None = None, address: str | None = None) -> str:
+    """Start a run here, or with ``address`` (``executor_kind`` "ray") as a job on that Ray cluster."""
+    return executor().launch(spec, stages=stages, executor=executor_kind, address=address)
 
 
 def list_runs(status: str | None = None, limit: int | None = None) -> list[dict]:

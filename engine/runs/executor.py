@@ -146,6 +146,8 @@ class Executor:
     def __init__(self, store: RunStore | None = None, recover: bool = True):
         self.store = store or RunStore()
         self._procs: dict[str, subprocess.Popen] = {}
+        self._followers: dict[str, threading.Thread] = {}
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         if recover:
             self.recover()
@@ -177,15 +179,23 @@ class Executor:
                              field="device")
         return device
 
-    def launch(self, spec, stages: str | None = None) -> str:
+    def launch(self, spec, stages: str | None = None, executor: str | None = None, address: str | None = None,
+               run_id: str | None = None) -> str:
         """Validate (RunSpec, strategy, the stages' prepare: bad data or model is refused here),
-        record the run as queued and start its worker. Returns the run id at once."""
+        record the run as queued and start its worker. Returns the run id at once.
+
+        ``executor="ray"`` with ``address``: the run executes as a job on that Ray cluster
+        (engine/runs/ray_backend.py); it is recorded here all the same and its events stream back."""
         spec = to_spec(spec)
+        if executor not in (None, "local", "ray"):
+            raise InputError(f"executor must be local or ray, got {executor!r}", field="executor")
+        if executor == "ray" and not address:
+            raise InputError("--executor ray needs --address: the Ray cluster's dashboard URL (http://HEAD:8265) "
+                             "or a ray:// address", field="address")
+        if address and executor in (None, "ray"):
+            return self._launch_ray(spec, stages, address)
         strategy = strategies.get(spec.strategy)
-        hook = stages or os.environ.get("TUNEQUANT_STAGES") or None
-        if hook and hook.rpartition(":")[0].endswith(".py"):       # a file: make it absolute for the worker
-            file, _, attr = hook.rpartition(":")
-            hook = f"{Path(file).resolve()}:{attr}"
+        hook = self._stage_hook(stages)            # a file: made absolute for the worker
         table, prepare = load_stages(hook)
         missing = [s["stage"] for s in strategy["stages"] if s["stage"] not in table]
         if missing:
@@ -194,12 +204,68 @@ class Executor:
         device = self.device_for(spec, strategy)
         if prepare is not None:
             prepare(spec)
-        run_id = new_run_id()
+        run_id = run_id or new_run_id()
         self.store.create_run(run_id, spec.to_dict(), device, hook)
         self.store.append_event(run_id, "queued", {"strategy": spec.strategy, "model": spec.model,
                                                    "device": device, "stages": [s["stage"] for s in strategy["stages"]]})
         self._start_worker(run_id)
         return run_id
+
+    def _stage_hook(self, stages: str | None):
+        hook = stages or os.environ.get("TUNEQUANT_STAGES") or None
+        if hook and hook.rpartition(":")[0].endswith(".py"):
+            file, _, attr = hook.rpartition(":")
+            hook = f"{Path(file).resolve()}:{attr}"
+        return hook
+
+    def _launch_ray(self, spec: RunSpec, stages: str | None, address: str) -> str:
+        """Record the run here and submit it as a Ray job; a follower copies its events back."""
+        from engine.runs import ray_backend
+        strategy = strategies.get(spec.strategy)
+        hook = self._stage_hook(stages)
+        table, prepare = load_stages(hook)
+        missing = [s["stage"] for s in strategy["stages"] if s["stage"] not in table]
+        if missing:
+            raise InputError(f"strategy {spec.strategy} needs stage(s) {', '.join(missing)}, which this engine "
+                             f"does not have yet; available: {', '.join(sorted(table))}", field="strategy")
+        device = ray_backend.remote_device(spec)
+        if prepare is not None:          # checked here as for the cluster's device (this machine's GPUs do not count)
+            prepare(spec.model_copy(update={"device": "cuda" if device == "cuda" else "cpu"}))
+        ray_backend.client(address)      # refuse an address nobody answers at before anything is recorded
+        run_id = new_run_id()
+        self.store.create_run(run_id, spec.to_dict(), device, hook,
+                              executor={"kind": "ray", "address": address, "job_id": run_id, "remote_seq": 0})
+        self.store.append_event(run_id, "queued", {"strategy": spec.strategy, "model": spec.model, "device": device,
+                                                   "stages": [s["stage"] for s in strategy["stages"]],
+                                                   "executor": "ray", "address": address})
+        try:
+            job = ray_backend.submit(self.store, run_id, spec, address, hook)
+        except BaseException as e:
+            reason = f"submitting to the Ray cluster at {address} failed: {type(e).__name__}: {e}"
+            self.store.finish(run_id, "failed", reason, before=[("error", {"stage": None, "kind": "ray-submit",
+                                                                           "message": str(e), "reason": reason})])
+            raise
+        self.store.append_event(run_id, "log", {"message": f"submitted to the Ray cluster at {address} as job "
+                                                           f"{job['job_id']} ({job['entrypoint']}; {job['num_cpus']} "
+                                                           f"CPU(s), {job['num_gpus']} GPU(s))"})
+        self._follow(run_id)
+        return run_id
+
+    def _follow(self, run_id: str) -> None:
+        """Copy a Ray run's events into the store from a thread of this process (once per run)."""
+        from engine.runs import ray_backend
+        with self._lock:
+            t = self._followers.get(run_id)
+            if t is not None and t.is_alive():
+                return
+            t = threading.Thread(target=ray_backend.follow, args=(self.store, run_id, self._closing),
+                                 name=f"follow-{run_id}", daemon=True)
+            self._followers[run_id] = t
+        t.start()
+
+    def close(self) -> None:
+        """Stop following Ray runs from this process (they go on; any Executor re-attaches)."""
+        self._closing.set()
 
     def _start_worker(self, run_id: str) -> None:
         wd = self.store.workdir(run_id)
@@ -254,9 +320,13 @@ class Executor:
         return not pid_alive(run["pid"], run["id"])
 
     def recover(self) -> list[str]:
-        """Mark queued/running runs whose worker is gone as ``interrupted`` (call at app start)."""
+        """Mark queued/running runs whose worker is gone as ``interrupted`` (call at app start);
+        re-attach to the runs executing on a Ray cluster."""
         out = []
         for run in self.store.active_runs():
+            if run.get("executor"):
+                self._follow(run["id"])
+                continue
             if not self._is_child(run["id"]) and self._gone(run):
                 self._worker_gone(run["id"], None, status="interrupted")
                 out.append(run["id"])
@@ -265,7 +335,7 @@ class Executor:
     # -- reading -------------------------------------------------------------
     def _check(self, run: dict) -> dict:
         """An active run whose worker vanished unseen (its launcher is gone too) ends failed here."""
-        if run["status"] in ACTIVE and not self._is_child(run["id"]) and self._gone(run):
+        if run["status"] in ACTIVE and not run.get("executor") and not self._is_child(run["id"]) and self._gone(run):
             self._worker_gone(run["id"], None)
             run = self.store.get_run(run["id"])
         return run
@@ -303,6 +373,14 @@ class Executor:
             return run
         if self.store.request_stop(run_id):
             self.store.append_event(run_id, "log", {"message": "stop requested"})
+        if run.get("executor"):                 # a Ray job: Ray stops its processes (SIGTERM, then SIGKILL)
+            from engine.runs import ray_backend
+            if not wait:
+                threading.Thread(target=ray_backend.stop, args=(self.store, run_id), daemon=True,
+                                 name=f"stop-{run_id}").start()
+                return self.get_run(run_id)
+            ray_backend.stop(self.store, run_id)
+            return self.get_run(run_id)
         grace_s = GRACE_S if grace_s is None else grace_s
         term_s = TERM_S if term_s is None else term_s
         if not wait:

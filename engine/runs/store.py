@@ -27,7 +27,7 @@ from engine.workspace import home  # noqa: F401  (store.home: where the store an
 STATUSES = ("queued", "running", "finished", "failed", "stopped", "interrupted")
 ACTIVE = ("queued", "running")
 FINAL = ("finished", "failed", "stopped", "interrupted")
-JSON_COLUMNS = ("spec", "estimate", "versions", "machine", "result")
+JSON_COLUMNS = ("spec", "estimate", "versions", "machine", "result", "executor")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS runs (
     estimate TEXT,
     versions TEXT,
     machine TEXT,
-    result TEXT
+    result TEXT,
+    executor TEXT                              -- JSON: where the run executes when not here (Ray: address, job id)
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status, created);
 CREATE TABLE IF NOT EXISTS events (
@@ -130,6 +131,12 @@ class RunStore:
         # missing, retrying while another process holds the lock (see _retry_busy)
         if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='events'").fetchone():
             _retry_busy(lambda: db.executescript(SCHEMA))
+        cols = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+        if "executor" not in cols:              # a store made before runs could execute elsewhere
+            def add():
+                if "executor" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:
+                    db.execute("ALTER TABLE runs ADD COLUMN executor TEXT")
+            _retry_busy(add)
 
     # -- connections -------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -173,16 +180,33 @@ class RunStore:
     def workdir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
 
-    def create_run(self, run_id: str, spec: dict, device: str, stages_hook: str | None = None) -> dict:
+    def create_run(self, run_id: str, spec: dict, device: str, stages_hook: str | None = None,
+                   executor: dict | None = None) -> dict:
         wd = self.workdir(run_id)
         wd.mkdir(parents=True, exist_ok=False)
         with self._write() as db:
             db.execute(
-                "INSERT INTO runs (id, name, strategy, model, device, status, created, workdir, stages_hook, spec)"
-                " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                "INSERT INTO runs (id, name, strategy, model, device, status, created, workdir, stages_hook, spec,"
+                " executor) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
                 (run_id, spec.get("name") or "", spec["strategy"], spec["model"], device, time.time(),
-                 str(wd), stages_hook, _dumps(spec)))
+                 str(wd), stages_hook, _dumps(spec), _dumps(executor) if executor else None))
         return self.get_run(run_id)
+
+    def mirror_event(self, run_id: str, remote_seq: int, type: str, payload: dict, ts: float | None = None) -> bool:
+        """Append an event of a run that executes elsewhere (a Ray job), once: only when it is the
+        next one of the remote stream (``executor.remote_seq`` + 1, advanced in the same
+        transaction), so several followers of one run never duplicate or skip an event.
+        ``type`` None only advances the stream (an event not copied). Returns whether it applied."""
+        with self._write() as db:
+            row = db.execute("SELECT executor FROM runs WHERE id=?", (run_id,)).fetchone()
+            info = json.loads(row["executor"]) if row and row["executor"] else None
+            if info is None or int(remote_seq) != int(info.get("remote_seq", 0)) + 1:
+                return False
+            info["remote_seq"] = int(remote_seq)
+            db.execute("UPDATE runs SET executor=? WHERE id=?", (_dumps(info), run_id))
+            if type is not None:
+                self._append(db, run_id, type, payload, ts or time.time())
+            return True
 
     def update_run(self, run_id: str, **fields) -> None:
         """Set columns of a run (JSON columns take Python objects)."""

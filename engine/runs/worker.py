@@ -298,6 +298,7 @@ class Worker:
                 return False
             ahead = [r for r in self.store.active_runs()
                      if r["device"] == "cuda" and r["status"] == "queued" and r["id"] != self.run_id
+                     and not r.get("executor")                    # a Ray run queues on its cluster
                      and (r["created"], r["id"]) < (self.run["created"], self.run_id)
                      and (pid_alive(r["pid"], r["id"]) or r["pid"] is None)]
             if not ahead:
@@ -331,6 +332,12 @@ class Worker:
     # the run ------------------------------------------------------------------------
     def main(self) -> int:
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        if os.environ.get("TUNEQUANT_PDEATHSIG"):     # a run of a Ray job: end (stopped) with the job's runner
+            try:
+                import ctypes
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                pass
         stage = None
         try:
             spec = RunSpec.parse(self.run["spec"])
