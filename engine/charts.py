@@ -125,7 +125,7 @@ def row(entry: dict, rank: int) -> dict:
                        "peak": st.get("peak_allocated_bytes"), "limit": st.get("limit_bytes"),
                        "fits": st.get("fits"), "breakdown": st.get("breakdown") or {}, "source": src,
                        "device": st.get("device"), "note": st.get("note") or st.get("sharding") or "",
-                       "error": st.get("error")})
+                       "error": st.get("error"), "launch": st.get("launch")})
     by = {s["stage"]: s for s in stages}
     pipeline = [s["bytes"] for s in stages if s["stage"] != "serve" and s["bytes"]]
     serve = by.get("serve") or {}
@@ -140,6 +140,7 @@ def row(entry: dict, rank: int) -> dict:
         "blocked_by": list(entry.get("blocked_by") or []),
         "stages": stages,
         "train_bytes": (by.get("train") or {}).get("bytes"), "train_limit": (by.get("train") or {}).get("limit"),
+        "launch": (by.get("train") or {}).get("launch"),
         "quant_bytes": (by.get("quantize") or {}).get("bytes"),
         "peak_bytes": max(pipeline) if pipeline else None,
         "serve_bytes": serve.get("bytes"), "serve_limit": serve.get("limit"),

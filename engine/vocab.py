@@ -9,6 +9,8 @@ from __future__ import annotations
 
 # training methods (estimate train --method, a strategy's `train:`, the train stage's method)
 TRAIN_METHODS = ("full", "lora", "qlora", "qat")
+# what the train stage runs in several processes under FSDP (run spec resources: processes / gpus)
+MULTI_PROCESS_METHODS = ("full", "lora")
 # what a strategy's accuracy request says its weights were fine-tuned with (estimate accuracy --finetune)
 FINETUNES = ("none", *TRAIN_METHODS)
 # what the training estimate models (the reference recipe: bf16 weights and states, or fp32 weights

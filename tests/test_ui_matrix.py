@@ -152,3 +152,15 @@ def test_matrix_table_has_one_width_per_column():
     df = next(c for c in app.blocks.values() if getattr(c, "elem_id", None) == "matrix_table")
     assert len(df.column_widths) == len(matrix.COLUMNS)
     assert sum(float(w.rstrip("%")) for w in df.column_widths) == 100
+
+
+def test_a_multi_gpu_row_shows_its_launch_plan():
+    res = recommend({"model": "llama-2-13b", "examples": 150000, "task": "chat",
+                     "hardware": {"gpu": "a100-80gb", "count": 8},
+                     "deploy": {"target": "gpu-server", "gpu": "a100-80gb"}}, what_if=False)
+    full = matrix.detail_html(res, "full-finetune")
+    per = charts.rows(res)
+    r = next(x for x in per if x["strategy"] == "full-finetune")
+    assert r["launch"]["processes"] == 8
+    assert "launch: 8 processes, FSDP full shard (ZeRO-3)" in full and "local: torchrun" in full and "ray:" in full
+    assert "no executor of this engine" in matrix.detail_html(res, "qlora")

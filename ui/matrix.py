@@ -203,6 +203,12 @@ def detail_html(result: dict | None, strategy_id: str | None) -> str:
            f"{_basis_html(r)} <span class='tq-src'>evidence: {html.escape(r['acc_source'] or '—')}</span>"
            if r["retention"] is not None else "retention: not estimated")
     cal = (f"<div>memory/speed estimates: {html.escape(r['calibration'])}</div>" if r["calibration"] != "—" else "")
+    lp = r.get("launch")
+    if lp:                     # a multi-GPU training row: how it would run, and what can run it
+        cal += (f"<div>launch: {lp['processes']} processes, {html.escape(lp['sharding'])}, {gb(lp['per_gpu_bytes'], 2)} "
+                f"per GPU; interconnect: {html.escape(lp['interconnect'])}; runs on: "
+                + html.escape("; ".join(lp["executors"]) or f"no executor of this engine ({lp.get('not_runnable')})")
+                + "</div>")
     return (f"<div class='tq-detail'><b>#{r['rank']} {html.escape(r['name'])}</b> "
             f"<span class='tq-src'>({html.escape(strategy_id)}, {html.escape(str(r['family']))}; "
             f"{'feasible' if r['feasible'] else 'not feasible'}; score {num(r['score'], '{:.2f}')})</span>"

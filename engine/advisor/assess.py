@@ -95,6 +95,27 @@ def _shard(est: dict, count: int, arch) -> dict:
                         f"+{gb(gathered)} for {mg['gathered_layers']} gathered 16-bit layers"}
 
 
+def launch_plan(method: str, count: int, per_gpu_bytes: float, device_id: str) -> dict:
+    """How a multi-GPU training row would run: processes, sharding, per-GPU memory, the
+    interconnect assumed, and which executor can run it (or why none can)."""
+    from engine.vocab import MULTI_PROCESS_METHODS
+    mg = settings()["multi_gpu"]
+    plan = {"processes": count, "sharding": mg["scheme"], "per_gpu_bytes": per_gpu_bytes, "gpu": device_id,
+            "interconnect": mg["interconnect"], "resources": {"gpus": count}, "executors": []}
+    if method not in MULTI_PROCESS_METHODS:
+        plan["not_runnable"] = (f"the engine trains {' and '.join(MULTI_PROCESS_METHODS)} under FSDP; {method} over "
+                                f"{count} GPUs is an estimate only (its 4-bit or fake-quantized weights are not sharded "
+                                "here)")
+    elif count > mg["gpus_per_node"]:
+        plan["not_runnable"] = (f"{count} GPUs is more than one machine holds ({mg['gpus_per_node']}); the engine "
+                                "shards within one machine (torchrun --standalone)")
+    else:
+        plan["executors"] = [f"local: torchrun on a machine with {count} GPUs (run spec resources: {{gpus: {count}}})",
+                              f"ray: the same run as a job on a Ray cluster node with {count} GPUs "
+                              "(--executor ray --address ADDR)"]
+    return plan
+
+
 def workload(sc: Scenario, cfg: dict, train_device, serve_device) -> strategies.Workload:
     """What the advisor estimates every strategy for: presets/rules/advisor.yaml's workload with the
     scenario's sequence length, on its training and serving devices."""
@@ -140,6 +161,9 @@ def _stage_train(s, sc, arch, ctx, kw) -> dict:
     total_tps = tps * count * eff
     if est.get("calibration") is not None:
         out["calibration"] = est["calibration"]
+    if count > 1:
+        entry = next((st for st in s["stages"] if st.get("stage") == "train"), {})
+        out["launch"] = launch_plan(entry.get("method", method), count, per["device_bytes"], tdev.id)
     out.update(per, limit_bytes=tdev.memory_bytes, fits=per["device_bytes"] <= tdev.memory_bytes,
                tokens=tokens, tokens_per_s=total_tps, time_s=tokens / total_tps if total_tps else None,
                low_bytes=est.get("low"), high_bytes=est.get("high"))

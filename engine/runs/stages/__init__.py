@@ -17,9 +17,8 @@ from engine.runs.stages.evaluate import evaluate
 from engine.runs.stages.merge import merge
 from engine.runs.stages.quantize import quantize
 from engine.runs.stages.train import train
-from engine.vocab import QAT_SCHEMES, TRAIN_METHODS
+from engine.vocab import MULTI_PROCESS_METHODS, QAT_SCHEMES, TRAIN_METHODS
 
-MULTI_PROCESS_METHODS = ("full", "lora")      # what the train stage runs under FSDP (resources: processes/gpus)
 STAGES = {"train": train, "merge": merge, "quantize": quantize, "convert": convert, "evaluate": evaluate}
 
 
