@@ -115,7 +115,8 @@ def compute_dtype(ctx, warn: bool = True):
 
 
 def device_map(ctx):
-    return {"": 0} if ctx.device == "cuda" else "cpu"
+    """The whole model on this process's GPU: 0, or a rank's own (its LOCAL_RANK) in a multi-process stage."""
+    return {"": int((ctx.state.get("_dist") or {}).get("local_rank", 0))} if ctx.device == "cuda" else "cpu"
 
 
 def saved_dtype(model_dir: str):
