@@ -244,3 +244,14 @@ def test_a_killed_rank_fails_the_run_naming_it(ex):
     err = [e for e in ex.store.events(rid, types=("error",))][-1]
     assert err["kind"] == "rank-died" and err["stage"] == "train"
     assert ranks_gone(run)
+
+
+def test_each_gpu_rank_loads_onto_its_own_gpu():
+    from engine.runs.context import StageContext
+    from engine.runs.stages import common
+    s = RunSpec.parse({**spec(), "device": "cuda", "resources": {"gpus": 2}})
+    ctx = StageContext(run_id="x", spec=s, strategy={}, stage={}, index=0, workdir=Path("."), device="cuda",
+                       state={"_dist": {"rank": 1, "world": 2, "local_rank": 1, "backend": "nccl"}})
+    assert common.device_map(ctx) == {"": 1}
+    ctx.state = {}
+    assert common.device_map(ctx) == {"": 0}
