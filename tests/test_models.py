@@ -139,3 +139,94 @@ def test_unreachable_hub_fails_fast_with_what_works_offline(tmp_path):
     assert "not reachable" in msg and "local hub cache" in msg
     assert "preset" in msg and "config.json path" in msg
     assert "Retrying" not in p.stderr, f"the hub was retried ({took:.1f} s) instead of answering from the cache"
+
+
+# ---- GGUF files (llama.cpp's format) as a model source ------------------------------------------
+
+def write_gguf(path, *, layers=2, hidden=64, ffn=128, heads=4, kv=2, vocab=96, tied=True, arch="llama"):
+    """A small real GGUF file (gguf.GGUFWriter): llama metadata and f32 tensors of those shapes."""
+    import gguf
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("test-gguf")
+    w.add_block_count(layers)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_context_length(256)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    hd = hidden // heads
+    w.add_tensor("token_embd.weight", np.zeros((vocab, hidden), np.float32))
+    for i in range(layers):
+        for n, shape in (("attn_q", (heads * hd, hidden)), ("attn_k", (kv * hd, hidden)), ("attn_v", (kv * hd, hidden)),
+                         ("attn_output", (hidden, heads * hd)), ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)),
+                         ("ffn_down", (hidden, ffn))):
+            w.add_tensor(f"blk.{i}.{n}.weight", np.zeros(shape, np.float32))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    if not tied:
+        w.add_tensor("output.weight", np.zeros((vocab, hidden), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_file_is_read_from_its_metadata_without_torch(tmp_path):
+    """A .gguf path (or a dir holding one) resolves from the file's metadata: the same architecture
+    a config.json of those sizes gives, its parameters equal to the tensors the file holds."""
+    pytest.importorskip("gguf")
+    import gguf
+    from engine.models import resolve
+    for tied in (True, False):
+        p = write_gguf(tmp_path / f"m-{tied}.gguf", tied=tied)
+        arch = resolve(str(p))
+        same = models.arch_from_config({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
+                                 "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                 "vocab_size": 96, "tie_word_embeddings": tied, "max_position_embeddings": 256})
+        assert (arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.vocab_size,
+                arch.intermediate_size, arch.tie_embeddings, arch.max_positions) == (2, 64, 4, 2, 96, 128, tied, 256)
+        assert arch.total_params == same.total_params
+        in_file = sum(int(t.n_elements) for t in gguf.GGUFReader(str(p)).tensors)
+        assert arch.total_params == in_file
+        assert arch.source == f"gguf:{p}" and "F32" in arch.notes[-1]
+    (tmp_path / "dir").mkdir()
+    write_gguf(tmp_path / "dir" / "only.gguf", layers=3)
+    assert resolve(str(tmp_path / "dir")).num_layers == 3
+    import subprocess
+    import sys
+    code = f"import sys; from engine.models import resolve; resolve({str(p)!r}); print(sorted(m for m in ('torch', " \
+           "'transformers') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_bad_gguf_files_exit_2_naming_the_problem(tmp_path):
+    """Through the estimate CLI: a truncated GGUF, a file that is not GGUF, a missing one."""
+    pytest.importorskip("gguf")
+    import json
+    import os
+    import subprocess
+    import sys
+    good = write_gguf(tmp_path / "good.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(good[: len(good) - 100])
+    (tmp_path / "cut-early.gguf").write_bytes(good[:300])
+    (tmp_path / "text.gguf").write_text("model: not really\n")
+    want = {"cut.gguf": "truncated", "cut-early.gguf": "truncated or corrupt GGUF", "text.gguf": "is not a GGUF file",
+            "gone.gguf": "not found"}
+    for name, says in want.items():
+        p = subprocess.run([sys.executable, "-m", "engine", "estimate", "train", "--model", str(tmp_path / name),
+                            "--method", "lora", "--json"], capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert p.returncode == 2, (name, p.stdout, p.stderr)
+        msg = json.loads(p.stdout)["error"]
+        assert says in msg and name in msg, (name, msg)
+    ok = subprocess.run([sys.executable, "-m", "engine", "estimate", "train", "--model", str(tmp_path / "good.gguf"),
+                         "--method", "lora", "--json"], capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["peak_allocated_bytes"] > 0

