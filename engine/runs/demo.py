@@ -176,6 +176,8 @@ def dataset_rows(name: str, rows: int | None = None) -> list[dict]:
             pre, _ = _fill(rng.choice(d.get("prefix", [""])), d["slots"], rng)
             suf, _ = _fill(rng.choice(d.get("suffix", [""])), d["slots"], rng)
             row = {"text": (pre + body + suf).strip(), "label": label}
+            if d.get("instruction"):
+                row = {"instruction": d["instruction"], **row}
             key = row["text"]
         else:
             text, values = _fill(rng.choice(d["templates"]), d["slots"], rng)
