@@ -243,7 +243,9 @@ def record_run(store, run_id: str, name: str | None = None) -> None:
     """A finished run as the worker records one: spec, planner estimate, versions, machine, result."""
     from engine import strategies
     from engine.runs import executor, worker
-    spec = executor.to_spec(ROOT / "presets/runs/demo-lora-merge-gptq.yaml")
+    # the shipped preset with the model this recorded run used (the presets now run demo:smollm2-135m)
+    cfg = yaml.safe_load((ROOT / "presets/runs/demo-lora-merge-gptq.yaml").read_text())
+    spec = executor.to_spec({**cfg, "model": "demo:tiny-llama"})
     d = spec.to_dict()
     if name:
         d["name"] = name
