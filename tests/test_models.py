@@ -230,3 +230,13 @@ def test_bad_gguf_files_exit_2_naming_the_problem(tmp_path):
                         cwd=os.path.dirname(os.path.dirname(__file__)))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert json.loads(ok.stdout)["peak_allocated_bytes"] > 0
+
+
+def test_a_scenario_names_a_gguf_file(tmp_path):
+    """A scenario's model may be a .gguf path: the advisor ranks the catalog on the file's architecture."""
+    pytest.importorskip("gguf")
+    from engine import advisor
+    p = write_gguf(tmp_path / "m.gguf", layers=4, hidden=128, ffn=256, vocab=512)
+    out = advisor.recommend({"model": str(p), "task": "classification", "examples": 500,
+                             "hardware": {"gpu": "t4-16gb"}}, what_if=False)
+    assert out["recommended"] and all(e["feasible"] for e in out["ranked"] if e["strategy"] in ("qlora", "ptq-nf4"))
