@@ -49,4 +49,4 @@ STRATEGY_FAMILIES = ("ptq-only", "finetune-then-quantize", "quantize-then-finetu
 MODEL_FAMILIES = ("llama-1", "llama-2", "llama-3", "mistral", "mixtral", "qwen2", "qwen3",
                   "gemma", "phi", "opt", "bloom")
 # the stages a strategy's pipeline is made of (engine/runs/stages registers one function each)
-STAGES = ("train", "merge", "quantize", "convert", "evaluate")
+STAGES = ("train", "merge", "quantize", "convert", "export", "evaluate")

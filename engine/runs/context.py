@@ -38,7 +38,7 @@ class StageContext:
     run_id: str
     spec: RunSpec                       # engine/spec/run.py
     strategy: dict                      # the catalog entry, engine.strategies.get(spec.strategy)
-    stage: dict                         # this stage's catalog entry; for "quantize" merged with spec.quantize overrides
+    stage: dict                         # this stage's catalog entry; quantize/export merged with spec.quantize/export overrides
     index: int                          # position of this stage in strategy["stages"]
     workdir: Path                       # the run's own artifact folder (exists)
     state: dict = field(default_factory=dict)      # handed from stage to stage: "model_dir", "adapter_dir",
@@ -60,11 +60,12 @@ class StageContext:
 
 
 def stage_entry(strategy: dict, index: int, spec: RunSpec) -> dict:
-    """The stage entry a stage sees: the catalog's entry, with ``spec.quantize`` overrides
-    (those not None) for the quantize stage."""
+    """The stage entry a stage sees: the catalog's entry, with ``spec.quantize`` / ``spec.export``
+    overrides (those not None) for the quantize / export stage."""
     entry = dict(strategy["stages"][index])
-    if entry.get("stage") == "quantize":
-        for key, val in spec.quantize.model_dump().items():
+    overrides = {"quantize": spec.quantize, "export": spec.export}.get(entry.get("stage"))
+    if overrides is not None:
+        for key, val in overrides.model_dump().items():
             if val is not None:
                 entry[key] = val
     return entry

@@ -64,6 +64,12 @@ class QuantParams(_Strict):
     double_quant: bool | None = None
 
 
+class ExportParams(_Strict):
+    """Overrides of the strategy's export stage (None: keep the catalog's value)."""
+    format: str | None = None                  # e.g. gguf-q4_k_m, gguf-q8_0, gguf-f16 (a gguf target)
+    threads: int | None = Field(None, gt=0)    # llama.cpp quantizer threads
+
+
 class EvalSpec(_Strict):
     perplexity: bool = True
     task_accuracy: bool = True
@@ -72,6 +78,7 @@ class EvalSpec(_Strict):
     max_examples: int = Field(64, gt=0)
     prompt_len: int = Field(64, gt=0)
     new_tokens: int = Field(32, gt=0)
+    runtime: bool = True                       # measure exported artifacts in their runtime (llama.cpp ...)
 
 
 class Resources(_Strict):
@@ -99,6 +106,7 @@ class RunSpec(_Strict):
     dataset: DataSpec = Field(default_factory=DataSpec)
     train: TrainParams = Field(default_factory=TrainParams)
     quantize: QuantParams = Field(default_factory=QuantParams)
+    export: ExportParams = Field(default_factory=ExportParams)
     evaluate: EvalSpec = Field(default_factory=EvalSpec)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     seed: int = 0

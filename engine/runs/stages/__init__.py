@@ -1,4 +1,4 @@
-"""The run stages, with the real libraries: train, merge, quantize, convert, evaluate.
+"""The run stages, with the real libraries: train, merge, quantize, convert, export, evaluate.
 
 ``STAGES[name](ctx)`` runs one stage of a run (``ctx``: engine.runs.context.StageContext) and
 returns a dict of what it measured and saved; stages hand the model on through ``ctx.state``
@@ -14,12 +14,14 @@ from __future__ import annotations
 from engine.errors import InputError
 from engine.runs.stages.convert import convert
 from engine.runs.stages.evaluate import evaluate
+from engine.runs.stages.export import export
 from engine.runs.stages.merge import merge
 from engine.runs.stages.quantize import quantize
 from engine.runs.stages.train import train
 from engine.vocab import MULTI_PROCESS_METHODS, QAT_SCHEMES, TRAIN_METHODS
 
-STAGES = {"train": train, "merge": merge, "quantize": quantize, "convert": convert, "evaluate": evaluate}
+STAGES = {"train": train, "merge": merge, "quantize": quantize, "convert": convert, "export": export,
+          "evaluate": evaluate}
 
 
 def _device(spec) -> str:
@@ -60,6 +62,9 @@ def prepare(spec) -> dict:
         entry = stage_entry(strategy, i, spec)
         if name == "quantize":
             check_quantize(entry, arch, device)
+        elif name == "export":
+            from engine.runs.stages.export import check as check_export
+            check_export(entry, device)
         elif name == "train":
             method = entry.get("method", "lora")
             if method not in TRAIN_METHODS:

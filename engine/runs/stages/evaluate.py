@@ -23,17 +23,46 @@ Each model is an ``eval`` event with all of these and ``metric`` events for the 
 from __future__ import annotations
 
 import gc
-import json
 import math
 import statistics
 import time
 from pathlib import Path
 
 from engine.runs.stages import common
+from engine.runs.stages.scoring import first_json_object, task_accuracy  # noqa: F401 (first_json_object: API)
 
 HEADLINE = {"perplexity": "", "accuracy": "fraction", "json_valid_rate": "fraction", "field_match": "fraction",
             "prefill_ms": "ms", "decode_tokens_per_s": "tokens/s", "peak_mem_bytes": "bytes",
             "size_on_disk_bytes": "bytes"}
+
+
+# ---- exported artifacts, in their runtimes -------------------------------------------------------
+def measure_runtimes(ctx, exports, tok, ds, examples, hf_after: dict) -> list[dict]:
+    """Each exported artifact measured in its runtime (engine/runs/stages/runtime.py), as ``eval``
+    events named ``<runtime>:<format>`` and metrics ``<runtime>:<format>.<key>``; ``vs_hf`` gives the
+    ratios to the HF evaluation of the model the artifact was exported from (``after``)."""
+    from engine.runs.stages import runtime
+    out = []
+    for e in exports:
+        if ctx.should_stop():
+            break
+        ctx.log(f"evaluate {e['format']} in {e['runtime']}: {Path(e['path']).name}")
+        m = runtime.measure(ctx, e, tok, ds, examples)
+        if m.get("skipped"):
+            ctx.warn(f"{e['format']} not measured in {e['runtime']}: {m['skipped']}")
+        else:
+            m["vs_hf"] = {f"{k}_ratio": round(m[k] / hf_after[k], 4) for k in ("perplexity", "prefill_ms")
+                          if m.get(k) and hf_after.get(k)}
+            if m.get("decode_tokens_per_s") and hf_after.get("decode_tokens_per_s"):
+                m["vs_hf"]["decode_tokens_per_s_ratio"] = round(m["decode_tokens_per_s"] / hf_after["decode_tokens_per_s"], 4)
+        name = f"{e['runtime']}:{e['format']}"
+        ctx.emit("eval", name=name, metrics=m)
+        for key in runtime.HEADLINE:
+            if m.get(key) is not None:
+                ctx.emit("metric", name=f"{name}.{key}", value=m[key],
+                         unit={**HEADLINE, "weights_bytes": "bytes", "tokenizer_agreement": "fraction"}.get(key, ""))
+        out.append(m)
+    return out
 
 
 # ---- which model ------------------------------------------------------------------------------
@@ -103,60 +132,6 @@ def generate(model, tok, prompt: str, max_new_tokens: int) -> str:
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def first_json_object(text: str):
-    start = text.find("{")
-    if start < 0:
-        return None
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(text[start:])
-    except json.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def task_accuracy(model, tok, ds, examples, should_stop) -> dict:
-    """Classification exact match, or structured-output validity and field match."""
-    if ds.task == "classification":
-        max_new = max(len(tok(lbl, add_special_tokens=False)["input_ids"]) for lbl in ds.labels) + 3
-        right = valid = done = 0
-        samples = []
-        for ex in examples:
-            if should_stop():
-                break
-            pred = generate(model, tok, ex.prompt, max_new).strip().split("\n")[0].strip()
-            right += pred == ex.label
-            valid += pred in ds.labels
-            done += 1
-            if len(samples) < 3:
-                samples.append({"label": ex.label, "generated": pred})
-        return {"accuracy": round(right / done, 4) if done else None,
-                "valid_label_rate": round(valid / done, 4) if done else None, "generated": done, "samples": samples}
-    if ds.task == "structured":
-        max_new = min(256, max(len(tok(ex.completion, add_special_tokens=False)["input_ids"]) for ex in examples) + 8)
-        valid = done = exact = 0
-        field_scores, samples = [], []
-        for ex in examples:
-            if should_stop():
-                break
-            text = generate(model, tok, ex.prompt, max_new)
-            obj = first_json_object(text)
-            ref = ex.fields or {}
-            done += 1
-            if obj is not None:
-                valid += 1
-                hits = sum(1 for k, v in ref.items() if k in obj and obj[k] == v)
-                field_scores.append(hits / len(ref) if ref else 1.0)
-                exact += bool(ref) and hits == len(ref)
-            else:
-                field_scores.append(0.0)
-            if len(samples) < 3:
-                samples.append({"reference": ex.completion, "generated": text[:200]})
-        return {"json_valid_rate": round(valid / done, 4) if done else None,
-                "field_match": round(sum(field_scores) / done, 4) if done else None,
-                "exact_match": round(exact / done, 4) if done else None, "generated": done, "samples": samples}
-    return {}
 
 
 def latency(model, tok, examples, prompt_len: int, new_tokens: int) -> dict:
@@ -234,7 +209,8 @@ def measure(ctx, which: dict, tok, ds, examples) -> dict:
         if es.perplexity:
             out.update(perplexity(model, tok, examples, ctx.spec.train.seq_len))
         if es.task_accuracy and not ctx.should_stop():
-            out.update(task_accuracy(model, tok, ds, examples, ctx.should_stop))
+            out.update(task_accuracy(tok, ds, examples, ctx.should_stop,
+                                     lambda prompt, max_new: generate(model, tok, prompt, max_new)))
         if es.latency and not ctx.should_stop():
             out.update(latency(model, tok, examples, es.prompt_len, es.new_tokens))
     out["peak_mem_bytes"], out["mem_source"] = pm.peak, pm.source
@@ -280,6 +256,9 @@ def evaluate(ctx) -> dict:
         for key, unit in HEADLINE.items():
             if m.get(key) is not None:
                 ctx.emit("metric", name=f"{name}.{key}", value=m[key], unit=unit)
+    exports = ctx.state.get("exports") or []
+    if es.runtime and exports and not ctx.should_stop():
+        results["runtimes"] = measure_runtimes(ctx, exports, tok, ds, examples, results.get("after") or {})
     if "before" in results and "after" in results:
         b, a = results["before"], results["after"]
         cmp = {}
