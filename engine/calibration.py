@@ -159,45 +159,71 @@ def pairs(run: dict, events: list[dict] | None = None) -> list[dict]:
             "" if not same else f"; measured: padded positions (B x {res.get('mean_batch_len')} tokens) per second, "
             f"the estimate's positions at seq_len {tr.get('inputs', {}).get('seq_len')}" if pps else
             "; measured: real (non-padding) tokens over the train stage, the estimate fills seq_len")))
-    # inference: the evaluation of the deployed model ('after')
+    # inference: the evaluation of the deployed model ('after'); when the run exported its deployed
+    # format and measured that artifact in its runtime (llama.cpp ...), that measurement
     inf = est.get("infer") or {}
     if "infer" in est and not inf.get("error"):
         same, why = same_device(inf)
         inputs = inf.get("inputs") or {}
+        inf_stage, served = "evaluate", after
+        rt = deployed_runtime_eval(rec, inputs.get("weights"))
+        if rt is not None:
+            served, inf_stage = rt, f"evaluate ({rt['runtime']})"
+            why += f"; measured in {rt['runtime']}: the exported {rt['format']} file"
+        elif rec.runtime_evals and same:
+            same, why = False, ("not comparable: the run deploys an exported artifact that was not measured in its "
+                                "runtime; the HF evaluation measured its 16-bit source")
         w_ok, w_why = same, why + " (weights in memory after loading)"
-        if after.get("adapter_bytes"):
+        if served.get("adapter_bytes"):
             w_ok, w_why = False, ("not comparable: the evaluated model carries an unmerged LoRA adapter "
                                   "the estimate of the deploy format does not count")
-        elif same and after.get("compute_dtype") == "float32":
+        elif same and served.get("compute_dtype") == "float32":
             w_why += "; the run computed in float32, so its unquantized tensors take 4 bytes (the estimate: 2)"
-        add("infer.weights_bytes", "evaluate", inf, after.get("weights_bytes"), w_ok, w_why)
-        src = str(after.get("mem_source") or "")
+        add("infer.weights_bytes", inf_stage, inf, served.get("weights_bytes"), w_ok, w_why)
+        src = str(served.get("mem_source") or "")
         if "cuda" in src:
-            add("infer.peak_allocated_bytes", "evaluate", inf, after.get("peak_mem_bytes"), same, why)
+            add("infer.peak_allocated_bytes", inf_stage, inf, served.get("peak_mem_bytes"), same, why)
         else:
-            add("infer.peak_allocated_bytes", "evaluate", inf, after.get("peak_mem_bytes"), False, RSS_WHY)
+            add("infer.peak_allocated_bytes", inf_stage, inf, served.get("peak_mem_bytes"), False, RSS_WHY)
         shape_ok, shape_why = same, why
-        pt = after.get("prompt_tokens")
+        pt = served.get("prompt_tokens")
         if same and pt is not None and inputs.get("prompt_len") not in (None, pt):
             shape_ok, shape_why = False, f"not comparable: measured with {pt} prompt tokens, estimated for {inputs['prompt_len']}"
-        pre = after.get("prefill_ms")
-        add("infer.prefill_s", "evaluate", inf, pre / 1000 if _num(pre) is not None else None,
+        pre = served.get("prefill_ms")
+        add("infer.prefill_s", inf_stage, inf, pre / 1000 if _num(pre) is not None else None,
             *speed(shape_ok, shape_why))
-        dec = after.get("decode_tokens_per_s", rec.metric("after.decode_tokens_per_s", rec.metric("decode_tokens_per_s")))
-        add("infer.decode_tokens_per_s", "evaluate", inf, dec, *speed(shape_ok, shape_why))
+        dec = served.get("decode_tokens_per_s", rec.metric("after.decode_tokens_per_s", rec.metric("decode_tokens_per_s")))
+        add("infer.decode_tokens_per_s", inf_stage, inf, dec, *speed(shape_ok, shape_why))
     # accuracy: measured after/before on the run's own evaluation data
     acc = est.get("accuracy") or {}
     if "accuracy" in est and not acc.get("error"):
         tunes = _tunes(rec.strategy)
         ft_why = "not comparable: this run also fine-tunes, so after/before is not quantization alone"
-        b, a = _num(before.get("perplexity")), _num(after.get("perplexity"))
-        add("accuracy.ppl_ratio", "evaluate", acc, a / b if a is not None and b else None, not tunes,
-            ft_why if tunes else "compared: perplexity after / before on the run's evaluation rows")
-        task = next((k for k in TASK_METRICS if _num(before.get(k)) and _num(after.get(k)) is not None), None)
+        rt = deployed_runtime_eval(rec, ((est.get("infer") or {}).get("inputs") or {}).get("weights"))
+        if rt is not None:
+            # the exported file in its runtime against the HF 16-bit model it was exported from (after):
+            # quantization alone, whether or not the run fine-tuned before exporting
+            stage, tunes, q, ref = f"evaluate ({rt['runtime']})", False, rt, after
+            what = f"{rt['format']} in {rt['runtime']} / the 16-bit model it was exported from (HF)"
+        else:
+            stage, q, ref, what = "evaluate", after, before, "after / before"
+        b, a = _num(ref.get("perplexity")), _num(q.get("perplexity"))
+        add("accuracy.ppl_ratio", stage, acc, a / b if a is not None and b else None, not tunes,
+            ft_why if tunes else f"compared: perplexity {what} on the run's evaluation rows")
+        task = next((k for k in TASK_METRICS if _num(ref.get(k)) and _num(q.get(k)) is not None), None)
         if task:                                    # a ratio exists only where the base scored above 0
-            add("accuracy.retention", "evaluate", acc, after[task] / before[task], not tunes,
-                ft_why if tunes else f"compared: {task} after / before on the run's evaluation rows")
+            add("accuracy.retention", stage, acc, q[task] / ref[task], not tunes,
+                ft_why if tunes else f"compared: {task} {what} on the run's evaluation rows")
     return out
+
+
+def deployed_runtime_eval(rec: RunRecord, weights: str | None) -> dict | None:
+    """The runtime measurement of the artifact a run deploys (role deploy, the estimate's weights
+    format), or None."""
+    for m in rec.runtime_evals:
+        if not m.get("skipped") and m.get("role", "deploy") == "deploy" and m.get("format") == weights:
+            return m
+    return None
 
 
 # ---- records ------------------------------------------------------------------------------------

@@ -115,6 +115,17 @@ class RunRecord:
         return Evaluation(task=ev.get("task"), rows=ev.get("eval_rows"), before=before, after=after)
 
     @property
+    def runtime_evals(self) -> list[dict]:
+        """The exported artifacts measured in their runtimes (evaluate's ``runtimes``: runtime, format,
+        role, path, perplexity, prefill_ms, decode_tokens_per_s, ... or ``skipped`` with the reason);
+        else the run's ``<runtime>:<format>`` eval events."""
+        ev = (self.stage("evaluate") or StageResult("evaluate")).result or {}
+        got = ev.get("runtimes")
+        if isinstance(got, list):
+            return [m for m in got if isinstance(m, dict)]
+        return [m for name, m in self.evals.items() if ":" in str(name) and isinstance(m, dict)]
+
+    @property
     def before(self) -> dict:
         return self.evals.get("before") or {}
 

@@ -173,6 +173,44 @@ def test_pairs_ptq_ratio_and_a_calibrated_stored_estimate(home):
     assert not strategies.get("ptq-nf4").get("train")
 
 
+def test_pairs_of_an_exported_artifact_measured_in_its_runtime():
+    """A run that exports its deployed format (gguf-q4_k_m) and measures that file in llama.cpp: the
+    inference terms pair the estimate with the runtime's figures, not with the HF evaluation of the
+    16-bit source; the perplexity ratio is the file's against that source (quantization alone, so
+    comparable although the run fine-tuned)."""
+    inf = {"gpu": CPU, "inputs": {"weights": "gguf-q4_k_m", "runtime": "llama.cpp", "prompt_len": 16, "gpu": CPU},
+           "weights_bytes": 2.0e6, "prefill_s": 0.02, "decode_tokens_per_s": 100.0, "peak_allocated_bytes": 3e6}
+    rt = {"runtime": "llama.cpp", "format": "gguf-q4_k_m", "role": "deploy", "perplexity": 12.6,
+          "accuracy": 0.9, "prefill_ms": 5.0, "decode_tokens_per_s": 250.0, "weights_bytes": 2.2e6,
+          "prompt_tokens": 16, "peak_mem_bytes": 9e8, "mem_source": "cpu_peak_rss"}
+    src = {**rt, "format": "gguf-f16", "role": "source", "decode_tokens_per_s": 120.0, "perplexity": 12.0}
+    after = {"perplexity": 12.0, "accuracy": 1.0, "prefill_ms": 40.0, "decode_tokens_per_s": 60.0,
+             "weights_bytes": 6.8e6, "prompt_tokens": 16, "compute_dtype": "float32"}
+    result = {"stages": [{"stage": "evaluate", "result": {"after": after, "before": {"perplexity": 30.0, "accuracy": 0.2},
+                                                           "runtimes": [src, rt]}}],
+              "eval": {"after": after, "before": {"perplexity": 30.0}}}
+    run = _run("lora-merge-gptq-4bit", {"gpu": CPU, "infer": inf, "accuracy": {"ppl_ratio": 1.03, "retention": 0.97}},
+               result)
+    ps = {p["term"]: p for p in C.pairs(run)}
+    d = ps["infer.decode_tokens_per_s"]
+    assert d["measured"] == 250.0 and d["stage"] == "evaluate (llama.cpp)" and d["comparable"]
+    assert "measured in llama.cpp" in d["why"]
+    assert ps["infer.prefill_s"]["measured"] == pytest.approx(0.005)
+    assert ps["infer.weights_bytes"]["measured"] == 2.2e6 and ps["infer.weights_bytes"]["comparable"]
+    p = ps["accuracy.ppl_ratio"]
+    assert p["measured"] == pytest.approx(12.6 / 12.0) and p["comparable"] and "exported from" in p["why"]
+    assert ps["accuracy.retention"]["measured"] == pytest.approx(0.9)
+    assert {r["term"] for r in C.records_from_runs([run])} >= {"infer.decode_tokens_per_s", "infer.prefill_s"}
+    # the same run whose runtime measurement was skipped (no llama.cpp): the HF figures of the 16-bit
+    # source are not taken for the deployed file's
+    skipped = {**rt, "skipped": "llama-cpp-python is not installed here"}
+    run2 = {**run, "result": {**result, "stages": [{"stage": "evaluate", "result": {
+        "after": after, "runtimes": [{k: skipped[k] for k in ("runtime", "format", "role", "skipped")}]}}]}}
+    ps2 = {p["term"]: p for p in C.pairs(run2)}
+    assert not ps2["infer.decode_tokens_per_s"]["comparable"] and "not measured in its runtime" in \
+        ps2["infer.decode_tokens_per_s"]["why"]
+
+
 # ---- applying a fit ---------------------------------------------------------------------------------
 def test_estimate_carries_calibration_applied_or_not(home, monkeypatch):
     raw = E.estimate_train("demo:tiny-llama", "lora", seq_len=128, batch_size=8, grad_ckpt=False, gpu=CPU,
