@@ -274,3 +274,23 @@ def test_vllm_manifest_of_gptq_checkpoints(tmp_path):
         vllm_manifest(ckpt(quant_method="bitsandbytes"))
     with pytest.raises(InputError, match="`gptq` checkpoint format"):
         vllm_manifest(ckpt(quant_method="gptq", bits=4, group_size=128, checkpoint_format="gptq_v2"))
+
+
+@pytest.mark.slow
+def test_vllm_export_of_a_real_gptq_checkpoint(micro_home, tmp_path):
+    """quantize (gptqmodel GPTQ 4-bit g64) -> export vllm: the checkpoint gptqmodel saved carries what
+    vLLM reads (quant_method gptq, checkpoint_format gptq, sym) and the manifest picks gptq_marlin."""
+    state: dict = {}
+    ctx, _ = ctx_for(tmp_path, {"stage": "quantize", "method": "gptq", "bits": 4, "group_size": 64,
+                                "calibration_samples": 8}, state)
+    STAGES["quantize"](ctx)
+    ctx, events = ctx_for(tmp_path, {"stage": "export", "target": "vllm"}, state)
+    res = STAGES["export"](ctx)
+    (e,) = res["exports"]
+    out = tmp_path / "export-vllm"
+    assert e["runtime"] == "vllm" and e["format"] == "gptq-4bit" and e["path"] == str(out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 64
+    man = json.loads((out / "vllm_manifest.json").read_text())
+    assert man["quantization"] == "gptq_marlin" and man["checkpoint"]["checkpoint_format"] == "gptq"
+    assert any(f.suffix == ".safetensors" for f in out.iterdir()) and (out / "tokenizer.json").is_file()

@@ -150,6 +150,16 @@ def _tokenizer(w, model_dir: Path, n_vocab: int) -> dict:
     w.add_token_list(tokens)
     w.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    # whether BOS/EOS are added: what the tokenizer does (tokenizers library), written explicitly so
+    # llama.cpp does not fall back to its own default for the tokenizer type
+    from tokenizers import Tokenizer
+    hf = Tokenizer.from_file(str(path))
+    plain, full = hf.encode("a", add_special_tokens=False).ids, hf.encode("a", add_special_tokens=True).ids
+    bos, eos = special.special_token_ids.get("bos"), special.special_token_ids.get("eos")
+    special.add_special_token["bos"] = bos is not None and len(full) > len(plain) and full[0] == bos
+    special.add_special_token["eos"] = eos is not None and len(full) > len(plain) and full[-1] == eos and \
+        not (bos == eos and len(full) == len(plain) + 1 and special.add_special_token["bos"])
+    special.add_special_token.pop("sep", None)
     special.add_to_gguf(w, quiet=True)
     return {"model": "gpt2", "pre": pre or "default", "pre_recognised": pre is not None, "tokens": len(vocab),
             "padded_to": n_vocab, "merges": len(special.merges), "special_token_ids": dict(special.special_token_ids),

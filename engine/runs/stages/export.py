@@ -10,8 +10,8 @@ quantize stage's HANDLERS):
     vllm        a GPTQ/AWQ checkpoint of the quantize stage (gptqmodel's format, the one vLLM loads)
                 with ``vllm_manifest.json``: the vLLM quantization method and kernel that will serve it
                 and what that kernel needs
-    executorch  an 8da4w ``.pte`` through executorch's export when executorch is installed; here it is
-                not (it does not install beside the pinned torch), so the stage says what is missing
+    executorch  refused with what is missing: executorch is not installed (it would resolve beside the
+                pinned stack, pip --dry-run) and the 8da4w ``.pte`` export is not written yet
 
 A target is ``handler(ctx, settings, src_dir, out_dir) -> dict`` returning at least ``exports``: a list
 of {"format", "runtime", "path", "role": deploy|source, "size_on_disk_bytes", ...}; they go into
@@ -209,9 +209,10 @@ def executorch_status() -> str | None:
     try:
         import executorch  # noqa: F401
     except Exception as e:
-        return (f"executorch is not installed ({type(e).__name__}: {e}). It does not install beside the pinned stack "
-                "(torch 2.13, transformers 5.23): its releases pin their own torch version, so pip would replace the "
-                "project's torch (docs/stages.md, export). The ExecuTorch strategy is not runnable here")
+        return (f"executorch is not installed ({type(e).__name__}: {e}). It is not part of the project's install: "
+                "executorch 1.5.1 resolves beside the pinned stack (pip --dry-run: torch 2.13 and torchao 0.18 kept, "
+                "23 more packages including coremltools, scikit-learn and scipy), but this engine's 8da4w .pte export "
+                "is not written or tested yet. The ExecuTorch strategy is not runnable here")
     return None
 
 
