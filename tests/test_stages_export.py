@@ -149,16 +149,17 @@ def test_llama_cpp_computes_what_hf_computes(micro_home, tmp_path, arch):
     all placed right); llama.cpp's tokenizer from the GGUF splits text as the HF tokenizer."""
     import numpy as np
     from engine.runs import gguf_file
-    from transformers import AutoTokenizer
     src = micro_dir() if arch == "llama" else tiny_qwen2(tmp_path / "qwen2")
     gguf_file.write(src, tmp_path / "m.gguf", outtype="f32")
     back = gguf_file.read(tmp_path / "m.gguf")
     assert back["arch"] == arch
     if arch == "qwen2":
         assert "blk.0.attn_q.bias" in back["per_tensor"] and "output.weight" not in back["per_tensor"]
-    tok = AutoTokenizer.from_pretrained(src)
+    # the ids tokenizer.json gives (transformers' Qwen2 tokenizer class would re-split digits with Qwen's
+    # own regex over this fixture's GPT-2-style tokenizer.json; a real Qwen2 tokenizer.json carries it)
+    from tokenizers import Tokenizer
     text = "Return the order of Alice: 3 boxes to Lisbon, shipped 2024-05-01. Why? It's late!"
-    ids = tok(text)["input_ids"]
+    ids = Tokenizer.from_file(str(src / "tokenizer.json")).encode(text).ids
     import llama_cpp
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, verbose=False, vocab_only=True)
     assert llm.tokenize(text.encode(), add_bos=True) == ids
