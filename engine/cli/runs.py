@@ -5,6 +5,8 @@
     python -m engine runs list [--status S] [--limit N] --json
     python -m engine runs show ID --json               the run and a summary of its events
     python -m engine runs stop ID                      stop flag -> SIGTERM -> SIGKILL until the worker is gone
+    python -m engine runs artifacts ID --json          its artifacts, with runtime, size and what was measured
+    python -m engine runs push ID --repo OWNER/NAME    exported artifacts + model card to the Hub (HF_TOKEN)
 
 ``run`` exits 0 when the run finished, 1 when it failed, was stopped or interrupted (the
 printed run says why), 2 for a bad config (``{"error"}`` naming the field). Ctrl-C during
@@ -97,6 +99,18 @@ def _cmd_stop(args) -> int:
     return 0
 
 
+def _cmd_artifacts(args) -> int:
+    from engine.runs import api, artifacts
+    emit({"id": args.run_id, "artifacts": artifacts.artifacts(api.get_run(args.run_id))}, as_json=args.json)
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from engine.runs import api, artifacts
+    emit(artifacts.push_to_hub(api.get_run(args.run_id), args.repo, private=not args.public), as_json=args.json)
+    return 0
+
+
 def register(sub) -> None:
     from engine.runs.store import STATUSES
     p = sub.add_parser("run", help="run a strategy for real (RunSpec YAML/JSON) and print the ended run")
@@ -125,4 +139,15 @@ def register(sub) -> None:
     tp.add_argument("--grace", type=float, default=None, help="seconds the stages get to stop on their own")
     tp.add_argument("--json", action="store_true")
     tp.set_defaults(func=_cmd_stop)
+    ap = rsub.add_parser("artifacts", help="a run's artifacts with their runtime and measurements")
+    ap.add_argument("run_id")
+    ap.add_argument("--json", action="store_true")
+    ap.set_defaults(func=_cmd_artifacts)
+    pp = rsub.add_parser("push", help="push a run's exported artifacts and a model card to the Hugging Face Hub "
+                                      "(token from HF_TOKEN; offline: an error, nothing uploaded)")
+    pp.add_argument("run_id")
+    pp.add_argument("--repo", required=True, help="owner/name of the model repo (created private unless --public)")
+    pp.add_argument("--public", action="store_true")
+    pp.add_argument("--json", action="store_true")
+    pp.set_defaults(func=_cmd_push)
 
