@@ -297,7 +297,7 @@ def llama_cpp_available() -> str | None:
         import llama_cpp  # noqa: F401
     except Exception as e:                 # ImportError, or a shared library that does not load
         return (f"llama-cpp-python is not installed here ({type(e).__name__}: {e}); install the project's "
-                "`gguf` extra (pip install -e '.[gguf]') to quantize and run GGUF files")
+                "`export` extra (pip install -e '.[export]') to quantize and run GGUF files")
     return None
 
 

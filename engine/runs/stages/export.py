@@ -68,8 +68,8 @@ def _gguf(ctx, s: dict, src: str, out: Path) -> dict:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise InputError("the GGUF export needs the `gguf` package: install the project's gguf extra "
-                         "(pip install -e '.[gguf]')", field="strategy") from None
+        raise InputError("the GGUF export needs the `gguf` package: install the project's export extra "
+                         "(pip install -e '.[export]')", field="strategy") from None
     from engine.runs import gguf_file
     if ctx.state.get("quant"):
         q = ctx.state["quant"]
