@@ -64,7 +64,10 @@ def _llama_cpp(ctx, export: dict, tok, ds, examples) -> dict:
     from engine.runs.stages.scoring import task_accuracy
     es = ctx.spec.evaluate
     seq = ctx.spec.train.seq_len
-    n_ctx = max(seq, es.prompt_len + es.new_tokens) + 8
+    # the context holds the scored windows, the latency prompt and every task prompt with its answer
+    # (generation answers up to 256 tokens)
+    longest = max((len(tok(ex.prompt, add_special_tokens=True)["input_ids"]) for ex in examples if ex.prompt), default=0)
+    n_ctx = max(seq, es.prompt_len + es.new_tokens, longest + 256 if es.task_accuracy else 0) + 8
     nt = threads()
     out: dict = {"runtime": "llama.cpp", "format": export["format"], "path": export["path"],
                  "llama_cpp_python": getattr(llama_cpp, "__version__", None), "threads": nt, "device": "cpu"}
