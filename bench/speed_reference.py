@@ -354,7 +354,7 @@ def main(argv=None) -> int:
                      "peak_bytes": r["peak_bytes"], "predicted_peak_bytes": e["peak_allocated_bytes"]})
     for x in inf:
         r = x["row"]
-        e = estimate.estimate_infer(str(REF / f"{r['model']}.json"), r["quant"], batch_size=r["batch"],
+        e = estimate.estimate_infer(str(REF / f"{r['model']}.json"), r["quant"], runtime="transformers", batch_size=r["batch"],
                                     prompt_len=r["prompt"], new_tokens=r["new_tokens"], gpu=GPU, calibration=False)
         held = r["weights_bytes"] + r["generate_peak_extra_bytes"] + ctx_fresh[r["quant"]]
         ok = e["device_bytes"] >= held

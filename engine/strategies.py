@@ -193,6 +193,9 @@ class Workload:
     prompt_len: int = 512
     new_tokens: int = 128
     serve_gpu: str | None = None
+    serve_runtime: str | None = None                 # None: the target's / device's default (presets/runtimes.yaml)
+    serve_target: str | None = None                  # the scenario's deploy target (decides that default)
+    max_ms_per_token: float | None = None            # the latency goal the serving capacity is sized for
 
     @classmethod
     def from_spec(cls, spec, gpu: str | None) -> "Workload":
@@ -206,7 +209,8 @@ class Workload:
                    lora_targets=None if set(targets) == set(LORA_TARGETS) else targets, loss=tp.loss,
                    optimizer=tp.optimizer, grad_accum=tp.grad_accum, train_gpu=gpu, calibration_seq_len=tp.seq_len,
                    quantize=tuple((k, v) for k, v in spec.quantize.model_dump().items() if v is not None),
-                   prompt_len=ev.prompt_len, new_tokens=ev.new_tokens, serve_gpu=gpu)
+                   prompt_len=ev.prompt_len, new_tokens=ev.new_tokens, serve_gpu=gpu,
+                   serve_runtime="transformers")          # a run's evaluation measures HF generate
 
 
 def _stages(s: dict, name: str) -> list[dict]:
@@ -253,6 +257,10 @@ def planner_requests(s: dict, model, w: Workload) -> dict[str, dict]:
     if s["deploy"] != HOSTED:
         kw = dict(model=arch, weights=s["deploy"], batch_size=w.serve_batch_size, prompt_len=w.prompt_len,
                   new_tokens=w.new_tokens, gpu=w.serve_gpu)
+        for key, val in (("runtime", w.serve_runtime), ("target", w.serve_target),
+                         ("max_ms_per_token", w.max_ms_per_token)):
+            if val is not None:
+                kw[key] = val
         fmt = formats.get(s["deploy"])
         train = (_stages(s, "train") or [{}])[0]
         group = (made or {}).get("group_size")

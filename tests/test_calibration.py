@@ -241,7 +241,7 @@ def test_estimate_carries_calibration_applied_or_not(home, monkeypatch):
     assert g["device_bytes"] > g_raw["device_bytes"] and g["calibration"]["terms"]["peak_allocated_bytes"]["runs"] == 5
     assert g["tokens_per_s"] == g_raw["tokens_per_s"]
     # a device without runs, and calibration switched off
-    other = E.estimate_infer("demo:tiny-llama", gpu="a100-80gb")
+    other = E.estimate_infer("demo:tiny-llama", gpu="a100-80gb", runtime="transformers")
     assert other["calibration"] == {"applied": False, "runs": 0, "device": "a100-80gb",
                                     "note": "not calibrated: no measured runs for a100-80gb", "terms": {}}
     monkeypatch.setenv("TUNEQUANT_CALIBRATION", "off")

@@ -32,7 +32,7 @@ def test_train_json_contract():
 
 def test_infer_json_contract():
     rc, out = cli("estimate", "infer", "--model", "meta-llama/Llama-3.1-8B", "--weights", "nf4", "--batch-size", "8",
-                  "--prompt-len", "256", "--new-tokens", "64", "--json")
+                  "--prompt-len", "256", "--new-tokens", "64", "--runtime", "transformers", "--json")
     assert rc == 0
     r = json.loads(out)
     for key in ("weights_bytes", "peak_allocated_bytes", "device_bytes", "prefill_s", "decode_tokens_per_s",

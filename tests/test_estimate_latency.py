@@ -94,8 +94,8 @@ def test_decode_roofline_is_bytes_over_bandwidth():
 
 
 def test_batch_shares_the_weight_read():
-    one = estimate.estimate_infer("llama-3.1-8b", "bf16", batch_size=1)
-    eight = estimate.estimate_infer("llama-3.1-8b", "bf16", batch_size=8)
+    one = estimate.estimate_infer("llama-3.1-8b", "bf16", batch_size=1, runtime="transformers")
+    eight = estimate.estimate_infer("llama-3.1-8b", "bf16", batch_size=8, runtime="transformers")
     assert eight["decode_tokens_per_s_total"] > 5 * one["decode_tokens_per_s_total"]
     assert eight["decode_tokens_per_s"] <= one["decode_tokens_per_s"]
     assert eight["roofline"]["decode_tokens_per_s_total"] > 6 * one["roofline"]["decode_tokens_per_s_total"]
@@ -109,14 +109,14 @@ def test_prefill_is_compute_bound_for_long_prompts():
 
 
 def test_hf_generate_path_is_slower_than_the_roofline_and_formats_differ():
-    r = {f: estimate.estimate_infer("llama-3.1-8b", f) for f in ("bf16", "int8", "nf4", "gptq-4bit")}
+    r = {f: estimate.estimate_infer("llama-3.1-8b", f, runtime="transformers") for f in ("bf16", "int8", "nf4", "gptq-4bit")}
     for f, x in r.items():
         assert x["decode_tokens_per_s"] < x["roofline"]["decode_tokens_per_s"], f
         assert x["decode_tokens_per_s_low"] < x["decode_tokens_per_s"] < x["decode_tokens_per_s_high"]
     assert r["int8"]["decode_tokens_per_s"] < r["bf16"]["decode_tokens_per_s"]       # LLM.int8 is slow
     assert r["nf4"]["decode_tokens_per_s"] < r["gptq-4bit"]["decode_tokens_per_s"]    # bnb 4-bit kernels
     assert r["int8"]["roofline"]["decode_tokens_per_s"] > r["bf16"]["roofline"]["decode_tokens_per_s"]
-    nf4_b8 = estimate.estimate_infer("llama-3.1-8b", "nf4", batch_size=8)
+    nf4_b8 = estimate.estimate_infer("llama-3.1-8b", "nf4", batch_size=8, runtime="transformers")
     # batch > 1: bitsandbytes dequantizes each weight to bf16 per matmul (its gemv kernel is batch 1);
     # on the H100 the host hides it (as measured: batch 1 and 8 both ~host-bound), its GPU part shows it
     assert nf4_b8["hf_generate"]["parts"]["decode_gpu_s"] > r["nf4"]["hf_generate"]["parts"]["decode_gpu_s"] * 1.3
@@ -125,10 +125,10 @@ def test_hf_generate_path_is_slower_than_the_roofline_and_formats_differ():
 
 
 def test_low_precision_tensor_cores_speed_up_prefill():
-    bf = estimate.estimate_infer("llama-3.1-8b", "bf16", batch_size=8, prompt_len=2048)
-    f8 = estimate.estimate_infer("llama-3.1-8b", "fp8", batch_size=8, prompt_len=2048)
+    bf = estimate.estimate_infer("llama-3.1-8b", "bf16", batch_size=8, prompt_len=2048, runtime="transformers")
+    f8 = estimate.estimate_infer("llama-3.1-8b", "fp8", batch_size=8, prompt_len=2048, runtime="transformers")
     assert f8["roofline"]["prefill_s"] < bf["roofline"]["prefill_s"] / 1.8
-    assert any("FP8" in n for n in estimate.estimate_infer("llama-3.1-8b", "fp8", gpu="a100-80gb")["notes"])
+    assert any("FP8" in n for n in estimate.estimate_infer("llama-3.1-8b", "fp8", gpu="a100-80gb", runtime="transformers")["notes"])
 
 
 def test_moe_reads_only_routed_experts():
@@ -139,7 +139,7 @@ def test_moe_reads_only_routed_experts():
 
 
 def test_edge_targets_use_their_bandwidth():
-    r = estimate.estimate_infer("llama-3.2-1b", "w4a8", gpu="jetson-orin-nano-8gb")
+    r = estimate.estimate_infer("llama-3.2-1b", "w4a8", gpu="jetson-orin-nano-8gb", runtime="transformers")
     a = models.resolve("llama-3.2-1b")
     step = r["hf_generate"]["decode_s_per_token"]
     bw = 68e9 * S.sp()["infer"]["non_gpu"]["decode_bw_efficiency"]

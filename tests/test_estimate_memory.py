@@ -99,12 +99,12 @@ def test_every_catalog_deploy_format_is_known():
 
 
 def test_bitsandbytes_leaves_fused_moe_experts_16bit():
-    r = estimate.estimate_infer("mixtral-8x7b", "nf4")
+    r = estimate.estimate_infer("mixtral-8x7b", "nf4", runtime="transformers")
     a = models.resolve("mixtral-8x7b")
     experts = sum(l.params for l in a.linears if l.count > 1) * a.num_layers
     assert r["weights_breakdown"]["unquantized_experts"] == 2 * experts
     assert any("fused 3-D" in n for n in r["notes"])
-    g = estimate.estimate_infer("mixtral-8x7b", "gptq-4bit")
+    g = estimate.estimate_infer("mixtral-8x7b", "gptq-4bit", runtime="transformers")
     assert g["weights_breakdown"]["unquantized_experts"] == 0 and g["weights_bytes"] < r["weights_bytes"] / 3
 
 
@@ -249,7 +249,7 @@ def test_device_bytes_add_context_and_slack_and_decide_fit():
     slack = 0.03 * p + 0.53 * (r["peak_allocated_bytes"] - p)
     assert r["allocator_slack_bytes"] == round(slack)
     assert r["device_bytes"] == round(r["peak_allocated_bytes"] + slack + ctx)
-    inf = estimate.estimate_infer("llama-3.1-8b", "nf4", gpu="rtx-4090-24gb")
+    inf = estimate.estimate_infer("llama-3.1-8b", "nf4", gpu="rtx-4090-24gb", runtime="transformers")
     assert inf["cuda_context_bytes"] == int((0.45 + 0.29) * GIB)                   # + bitsandbytes' library
     assert inf["device_bytes"] == round(inf["peak_allocated_bytes"] * 1.05 + inf["cuda_context_bytes"])
     assert r["fits"] == (r["device_bytes"] <= hardware.get("rtx-4090-24gb").memory_bytes)
@@ -299,7 +299,7 @@ def test_qat_keeps_fake_quantized_weight_copies():
 
 def test_kv_cache_is_gqa_aware_and_generation_peak_covers_it():
     B, P, N = 8, 512, 128
-    r = estimate.estimate_infer("llama-3.1-8b", "bf16", batch_size=B, prompt_len=P, new_tokens=N)
+    r = estimate.estimate_infer("llama-3.1-8b", "bf16", batch_size=B, prompt_len=P, new_tokens=N, runtime="transformers")
     assert r["kv_cache_bytes"] == B * (P + N - 1) * 2 * L * kv * 2      # K and V, 8 kv heads x 128, bf16
     assert r["peak_allocated_bytes"] > r["weights_bytes"] + r["kv_cache_bytes"]
     assert sum(r["breakdown"].values()) == r["peak_allocated_bytes"]

@@ -64,12 +64,18 @@ def test_the_catalog_reads_its_facts_from_the_registries():
 
 
 def test_formats_say_where_they_serve():
-    on = {k: {f.id for f in formats.formats().values() if k in f.serve_on} for k in ("edge", "laptop", "cpu", "phone")}
+    hf = [f for f in formats.formats().values() if "transformers" in f.runtimes]     # the HF-path formats
+    on = {k: {f.id for f in hf if k in f.serve_on} for k in ("edge", "laptop", "cpu", "phone")}
     assert on["phone"] == {"bf16", "fp16", "torchao-int8", "w8a8", "w4a8"}
     assert on["laptop"] == {"bf16", "fp16", "gptq-8bit", "gptq-4bit", "gptq-3bit", "awq-4bit", "torchao-int8", "w8a8",
                             "w4a8"}
     assert "torchao-int4" in on["edge"] and "torchao-int4" not in on["cpu"] and "fp8" not in on["edge"]
-    assert all("gpu" in f.serve_on and "transformers" in f.runtimes for f in formats.formats().values())
+    assert all("gpu" in f.serve_on for f in hf)
+    # the serving runtimes' formats serve where their runtime runs (presets/runtimes.yaml devices)
+    from engine.estimate import runtimes
+    for f in formats.formats().values():
+        kinds = {k for r in f.runtimes for k in runtimes.get(r).devices}
+        assert set(f.serve_on) <= kinds | {"gpu"}, f.id
     assert formats.get("w8a8").tensor_cores == "int8" and formats.get("fp8").tensor_cores == "fp8"
 
 

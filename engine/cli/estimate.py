@@ -37,6 +37,9 @@ INFER_ARGS = {
     "gpu": ("--gpu", str, None),
     "group_size": ("--group-size", int, None),
     "calibration": ("--calibration", bool, True),
+    "runtime": ("--runtime", str, None),                       # default: the device's (presets/runtimes.yaml)
+    "target": ("--target", str, None),                         # a deploy target whose default runtime applies
+    "max_ms_per_token": ("--max-ms-per-token", float, None),   # latency goal of the serving capacity
 }
 QUANTIZE_ARGS = {
     "model": ("--model", str, None),
@@ -72,6 +75,7 @@ CHOICES = {
     ("train", "loss"): LOSS_MODES,
     ("train", "qat_scheme"): tuple(QAT_SCHEMES),
     ("accuracy", "finetune"): FINETUNES,
+    ("infer", "target"): ("gpu-server", "consumer-gpu", "edge", "phone"),
 }
 KINDS = {"train": TRAIN_ARGS, "infer": INFER_ARGS, "accuracy": ACCURACY_ARGS,
          "quantize": QUANTIZE_ARGS, "merge": MERGE_ARGS}

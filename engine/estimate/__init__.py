@@ -5,7 +5,8 @@ Public API (what the CLI, the advisor and the UI call):
                    grad_ckpt=True, lora_rank=16, gpu=None, calibration=True,
                    loss="reference") -> dict      # loss="chunked": the engine's chunked cross-entropy
     estimate_infer(model, weights="bf16", batch_size=1, prompt_len=512,
-                   new_tokens=128, gpu=None, calibration=True) -> dict
+                   new_tokens=128, gpu=None, calibration=True, runtime=None,
+                   target=None, max_ms_per_token=None) -> dict   # runtime None: the device's default
     estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=None,
                       per_channel=False, finetune="none") -> dict
     estimate_quantize(model, method, bits=4, group_size=128, calibration_samples=128,
@@ -30,6 +31,7 @@ from engine.estimate import correction as _correction
 from engine.estimate import formats as _formats
 from engine.estimate import latency as _latency
 from engine.estimate import memory as _memory
+from engine.estimate import runtimes as _runtimes
 
 
 def _arch(model):
@@ -134,15 +136,113 @@ def estimate_train(model, method, precision="bf16", seq_len=512, batch_size=4, g
 
 
 def estimate_infer(model, weights="bf16", batch_size=1, prompt_len=512, new_tokens=128, gpu=None,
-                   group_size=None, calibration=True) -> dict:
-    """Memory and speed of greedy generation with the weights in a format (``calibration`` as
-    in estimate_train)."""
+                   group_size=None, calibration=True, runtime=None, target=None, max_ms_per_token=None) -> dict:
+    """Memory and speed of serving the weights in a format with a runtime (presets/runtimes.yaml).
+
+    ``runtime``: transformers | vllm | llama.cpp | tensorrt-llm | executorch | mlx; None picks the
+    default of ``target`` (a scenario's deploy target) or of the device, falling back to the first
+    runtime that loads the format there, and says which under ``runtime`` (engine/estimate/runtimes.py
+    choose). A runtime that cannot load the format or does not run on the device is an InputError
+    naming what it loads. ``max_ms_per_token``: the latency goal of the serving capacity (the largest
+    batch meeting it, tokens/s there, cost per million tokens). ``calibration`` as in estimate_train
+    (measured runs correct the transformers path only)."""
     batch_size = _memory.positive_int("batch_size", batch_size)
     prompt_len = _memory.positive_int("prompt_len", prompt_len)
     new_tokens = _memory.positive_int("new_tokens", new_tokens)
+    if max_ms_per_token is not None:
+        try:
+            max_ms_per_token = float(max_ms_per_token)
+        except (TypeError, ValueError):
+            max_ms_per_token = -1.0
+        if not max_ms_per_token > 0:
+            raise InputError("max_ms_per_token must be a positive number of milliseconds", field="max_ms_per_token")
     arch = _arch(model)
     dev = _memory.device(gpu)
     fmt = _formats.get(weights).with_group_size(group_size)
+    rt, why = _runtimes.choose(dev, fmt, runtime, target)
+    rt_info = {"id": rt.id, "name": rt.name, "why": why, "model": rt.model, "batching": dict(rt.batching),
+               "memory": rt.memory.get("kind")}
+    if rt.model == "hf-generate":
+        out = _infer_hf(arch, dev, fmt, batch_size, prompt_len, new_tokens, calibration)
+    else:
+        out = _infer_runtime(arch, dev, fmt, rt, batch_size, prompt_len, new_tokens)
+    out["runtime"] = rt_info
+    out["inputs"]["runtime"] = rt.id
+    if max_ms_per_token is not None:
+        out["inputs"]["max_ms_per_token"] = max_ms_per_token
+    out["serving"] = _serving(arch, dev, fmt, rt, prompt_len, new_tokens, max_ms_per_token, out)
+    return out
+
+
+def _serving(arch, dev, fmt, rt, prompt_len, new_tokens, goal, est) -> dict:
+    """Serving capacity: the largest batch meeting the latency goal, its tokens/s and price."""
+    ctx = prompt_len + (new_tokens - 1) / 2
+    if rt.model == "hf-generate":
+        def step(b):
+            return _latency.infer_speed(arch, fmt, b, prompt_len, new_tokens, dev)["hf"]["decode_s_per_token"]
+        kv_seq = (prompt_len + new_tokens) * arch.kv_cache_bytes_per_token(2)
+        room = dev.memory_bytes - est["device_bytes"]
+        mem_limit = est["inputs"]["batch_size"] + (int(room // kv_seq) if kv_seq and room > 0 else 0) \
+            if est.get("fits", True) else 0
+    else:
+        def step(b):
+            return _runtimes.decode_step(arch, fmt, dev, rt, b, ctx)["step_s"]
+        mem_limit = est["runtime_memory"]["max_sequences"]
+    if mem_limit <= 0:
+        return {"batch": 0, "tokens_per_s": 0.0, "usd_per_million_tokens": None, "max_ms_per_token": goal,
+                "why": f"not one sequence of {prompt_len + new_tokens} tokens fits beside the weights on {dev.id}"}
+    return _runtimes.capacity(step, rt.max_batch, goal, dev.price_per_hour, mem_limit)
+
+
+def _infer_runtime(arch, dev, fmt, rt, batch_size, prompt_len, new_tokens) -> dict:
+    """A roofline runtime's answer (engine/estimate/runtimes.py), in estimate_infer's keys."""
+    ctx = prompt_len + (new_tokens - 1) / 2
+    st = _runtimes.decode_step(arch, fmt, dev, rt, batch_size, ctx)
+    pf = _runtimes.prefill(arch, fmt, dev, rt, batch_size, prompt_len)
+    mem = _runtimes.memory(arch, fmt, dev, rt, batch_size, prompt_len, new_tokens)
+    lo, hi = _runtimes.interval(rt, dev)
+    tps = 1 / st["step_s"]
+    rel = _memory._unc("counted")
+    notes = []
+    if fmt.requires_fp8 and not dev.has_fp8:
+        notes.append(f"{dev.id} has no FP8 tensor cores: fp8 weights would run through a slower fallback")
+    if not mem["fits"]:
+        notes.append(f"does not fit: {rt.id} needs {mem['required_bytes'] / 1e9:.2f} GB on {dev.id} "
+                     f"({mem['limit_bytes'] / 1e9:.2f} GB usable)")
+    peak = mem["peak_allocated_bytes"]
+    return {
+        "kind": "infer",
+        "inputs": {"model": arch.name, "weights": fmt.id, "batch_size": batch_size, "prompt_len": prompt_len,
+                   "new_tokens": new_tokens, "gpu": dev.id, **({"group_size": fmt.group_size} if fmt.grouped else {})},
+        "model": arch.to_dict(),
+        "gpu": dev.id,
+        "weights_format": {"id": fmt.id, "name": fmt.name, "library": fmt.library, "evidence": fmt.evidence},
+        "weights_bytes": mem["weights_bytes"], "weights_breakdown": _formats.weights_breakdown(arch, fmt, 1),
+        "peak_allocated_bytes": peak, "low": int(peak * (1 - rel)), "high": int(peak * (1 + rel)),
+        "peak_phase": "decode", "breakdown": mem["breakdown"], "terms": [], "phases": {},
+        "kv_cache_bytes": mem["kv_cache_bytes"],
+        "device_bytes": mem["device_bytes"], "device_low": mem["device_bytes"], "device_high": mem["device_bytes"],
+        "required_bytes": mem["required_bytes"], "cuda_context_bytes": mem["cuda_context_bytes"],
+        "usable_bytes": dev.memory_bytes, "fits": mem["fits"], "fits_high": mem["fits"],
+        "runtime_memory": mem,
+        "prefill_s": pf["prefill_s"], "prefill_s_low": pf["prefill_s"] / hi, "prefill_s_high": pf["prefill_s"] / lo,
+        "decode_tokens_per_s": tps, "decode_tokens_per_s_low": tps * lo, "decode_tokens_per_s_high": tps * hi,
+        "decode_tokens_per_s_total": batch_size * tps,
+        "ms_per_token": 1000 * st["step_s"],
+        "decode": {k: st[k] for k in ("step_s", "memory_s", "compute_s", "host_s", "bound", "formula")},
+        "prefill_formula": pf["formula"],
+        "calibration": {"applied": False, "runs": 0, "device": dev.id, "terms": {},
+                        "note": f"not calibrated: measured runs are Hugging Face generate; {rt.id}'s terms rest on "
+                                f"presets/evidence/runtime_speed.csv"},
+        "approximate": arch.approximate,
+        "notes": notes + list(arch.notes),
+        "source": f"formula: engine/estimate/runtimes.py ({rt.id}); constants presets/runtimes.yaml; "
+                  f"evidence presets/evidence/runtime_speed.csv",
+    }
+
+
+def _infer_hf(arch, dev, fmt, batch_size, prompt_len, new_tokens, calibration) -> dict:
+    """The Hugging Face generate path (runtime transformers)."""
     notes = []
     if fmt.requires_fp8 and not dev.has_fp8:
         notes.append(f"{dev.id} has no FP8 tensor cores: fp8 weights would run through a slower fallback")

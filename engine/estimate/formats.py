@@ -49,6 +49,11 @@ class WeightFormat:
     speed: dict = field(default_factory=dict, compare=False)      # decode_bw_efficiency, layer_overhead_s, prefill_efficiency
     serve_on: tuple[str, ...] = ()                                # device kinds whose serving stack runs it
     runtimes: tuple[str, ...] = ()                                # runtimes that load the checkpoint
+    mixture: str | None = None          # gguf: the per-tensor type mixture of presets/quant/gguf.yaml
+    consts_bytes: int = 0               # per linear: fixed metadata tensors (compressed-tensors weight_shape)
+    embed_quant: dict | None = None     # embeddings quantized too: {bits, group_size (None: per row), scale_bytes, zero_bytes}
+    head_quant: dict | None = None      # lm_head quantized too (same keys; own_copy: a tied model's exported graph
+                                        # holds its own quantized output projection)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -71,19 +76,22 @@ class WeightFormat:
         return replace(self, group_size=group_size)
 
 
-KINDS = ("dense", "bnb-int8", "bnb-4bit", "gptq", "awq", "int8-channel", "int4-group", "intx-group", "fp8-row")
+KINDS = ("dense", "bnb-int8", "bnb-4bit", "gptq", "awq", "int8-channel", "int4-group", "intx-group", "fp8-row",
+         "gguf")
 SPEED_KEYS = ("decode_bw_efficiency", "layer_overhead_s", "prefill_efficiency")
 
 
 def _format(f: dict) -> WeightFormat:
     fid = f.get("id")
-    for key in ("name", "kind", "library", "speed", "serve_on"):
+    for key in ("name", "kind", "library", "serve_on"):
         if key not in f:
             raise InputError(f"weights format {fid!r}: {key} is required (presets/quant/formats.yaml)", field=key)
     if f["kind"] not in KINDS:
         raise choices(f"kind of format {fid}", f["kind"], KINDS)
+    if f["kind"] == "gguf" and f.get("mixture") not in gguf_data()["mixtures"]:
+        raise choices(f"mixture of format {fid}", f.get("mixture"), list(gguf_data()["mixtures"]))
     missing = [k for k in SPEED_KEYS if k not in (f.get("speed") or {})]
-    if missing:
+    if missing and (f.get("speed") or "transformers" in f.get("runtimes", ["transformers"])):
         raise InputError(f"weights format {fid!r}: speed needs {', '.join(missing)}", field="speed")
     known = {k: (tuple(f[k]) if k in ("serve_on", "runtimes") else f[k])
              for k in WeightFormat.__dataclass_fields__ if k in f and k != "raw"}
@@ -165,6 +173,10 @@ def linear_tensors(fmt: WeightFormat, lin: Linear) -> list[tuple[str, float]]:
     i, o = lin.in_features, lin.out_features
     k = fmt.kind
     bias = [("bias", 2 * o)] if lin.bias else []
+    consts = [("consts", fmt.consts_bytes)] if fmt.consts_bytes else []
+    if k == "gguf":                     # the mixture's base type (per-layer types: gguf_linear_types)
+        t = mixture(fmt)["base"]
+        return [("data", ggml_bytes(t, i, o))] + ([("bias", 4 * o)] if lin.bias else [])
     if k == "dense":
         return [("data", fmt.bytes_per_param * i * o)] + ([("bias", fmt.bytes_per_param * o)] if lin.bias else [])
     if k == "bnb-int8":
@@ -191,17 +203,140 @@ def linear_tensors(fmt: WeightFormat, lin: Linear) -> list[tuple[str, float]]:
         return [("data", 4 * i * math.ceil(o * b / 32)), ("zeros", 4 * groups * math.ceil(o * b / 32)),
                 ("scales", 2 * groups * o)] + bias
     if k == "int8-channel":
-        return [("data", i * o), ("scales", fmt.scale_bytes * o), ("zeros", fmt.zero_bytes * o)] + bias
+        return [("data", i * o), ("scales", fmt.scale_bytes * o), ("zeros", fmt.zero_bytes * o)] + consts + bias
     if k == "int4-group":
         return [("data", i * o / 2), ("scales", fmt.scale_bytes * groups * o),
                 ("zeros", fmt.zero_bytes * groups * o)] + bias
     if k == "intx-group":
         sb = fmt.storage_bits or fmt.bits
         return [("data", i * o * sb / 8), ("scales", fmt.scale_bytes * groups * o),
-                ("zeros", fmt.zero_bytes * groups * o)] + bias
+                ("zeros", fmt.zero_bytes * groups * o)] + consts + bias
     if k == "fp8-row":
-        return [("data", i * o), ("scales", fmt.scale_bytes * o)] + bias
+        return [("data", i * o), ("scales", fmt.scale_bytes * o)] + consts + bias
     raise ValueError(f"format kind {k!r} has no layout")  # data error in formats.yaml, not user input
+
+
+
+# ---- GGUF (llama.cpp): block layouts and per-tensor mixtures (presets/quant/gguf.yaml) ------------
+
+_GGUF: dict = {}
+
+# Hugging Face linear name (its last part) -> llama.cpp tensor name
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "qkv_proj": "attn_qkv", "query_key_value": "attn_qkv", "dense": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "gate_up_proj": "ffn_up", "down_proj": "ffn_down",
+              "w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down", "fc1": "ffn_up", "fc2": "ffn_down",
+              "dense_h_to_4h": "ffn_up", "dense_4h_to_h": "ffn_down", "out_proj": "attn_output"}
+
+
+def gguf_data() -> dict:
+    if not _GGUF:
+        _GGUF.update(load_yaml("quant/gguf.yaml"))
+    return _GGUF
+
+
+def mixture(fmt) -> dict:
+    return gguf_data()["mixtures"][get(fmt).mixture]
+
+
+def ggml_bytes(ggml_type: str, in_features: int, out_features: int) -> float:
+    """Bytes of a [out, in] tensor stored as a ggml type: rows of in_features values in blocks."""
+    block, size = gguf_data()["ggml_types"][ggml_type]
+    return out_features * math.ceil(in_features / block) * size
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _rule(rule, i: int, n: int, arch: ModelArch | None, base: str) -> str:
+    if isinstance(rule, str):
+        return rule
+    if "more_bits" in rule:
+        return rule["more_bits"] if use_more_bits(i, n) else base
+    if "first_n" in rule:
+        k, t = rule["first_n"]
+        return t if i < k else rule["else"]
+    if "first_frac" in rule:
+        d, t = rule["first_frac"]
+        return t if i < n // d else rule["else"]
+    if "gqa_at_least" in rule:
+        g, t = rule["gqa_at_least"]
+        return t if arch is not None and arch.num_heads // max(arch.num_kv_heads, 1) >= g else rule["else"]
+    raise ValueError(f"gguf mixture rule {rule!r} is not understood")    # data error in gguf.yaml
+
+
+def _fallback(t: str, in_features: int) -> str:
+    """k-quants need rows that are a multiple of 256: llama.cpp falls back per tensor."""
+    block = gguf_data()["ggml_types"][t][0]
+    if in_features % block:
+        return gguf_data()["k_fallback"].get(t, t)
+    return t
+
+
+def gguf_tensor_type(fmt, name: str, layer: int, arch: ModelArch, in_features: int) -> str:
+    """The ggml type llama-quantize gives tensor ``name`` (attn_v, ffn_down, output, token_embd...)
+    of decoder layer ``layer`` in this mixture (presets/quant/gguf.yaml; src/llama-quant.cpp)."""
+    mx = mixture(fmt)
+    base = mx["base"]
+    if base in ("f16", "bf16", "f32", "q8_0"):        # not a quantization mixture: one type throughout
+        return base
+    n = arch.num_layers
+    t = _rule(mx[name], layer, n, arch, base) if name in mx else base
+    if arch.num_experts == 8:                          # llama.cpp's 8-expert rules
+        if name in ("attn_k", "attn_v"):
+            t = "q8_0"
+        elif name == "attn_output" and mx.get("moe_attn_output"):
+            t = "q5_k"
+    if name == "attn_v" and n == 80 and t in ("q3_k", "q4_k"):   # LLM_TYPE_70B: attn_v is 8x smaller than attn_q
+        t = "q5_k"
+    return _fallback(t, in_features)
+
+
+def gguf_linear_types(arch: ModelArch, fmt) -> list[dict[str, str]]:
+    """Per decoder layer, the ggml type of each block linear (by its Hugging Face name)."""
+    out = []
+    for i in range(arch.num_layers):
+        out.append({lin.name: gguf_tensor_type(fmt, GGUF_NAMES.get(lin.name.rsplit(".", 1)[-1], lin.name), i, arch,
+                                               lin.in_features) for lin in arch.linears})
+    return out
+
+
+def gguf_breakdown(arch: ModelArch, fmt) -> dict[str, int]:
+    """Bytes of a GGUF file's tensors (what llama.cpp loads onto the device), by the parts of
+    weights_breakdown: block linears in their per-layer types, token_embd and output in theirs,
+    1-D tensors (norms, biases) f32."""
+    fmt = get(fmt)
+    parts = {"block_linears": 0, "quant_scales": 0, "linear_biases": 0, "unquantized_experts": 0}
+    for types in gguf_linear_types(arch, fmt):
+        for lin in arch.linears:
+            parts["block_linears"] += lin.count * ggml_bytes(types[lin.name], lin.in_features, lin.out_features)
+            if lin.bias:
+                parts["linear_biases"] += lin.count * 4 * lin.out_features
+    h, V = arch.hidden_size, arch.vocab_size
+    head_t = gguf_tensor_type(fmt, "output", 0, arch, h)
+    embd_t = head_t if arch.tie_embeddings else gguf_tensor_type(fmt, "token_embd", 0, arch, h)
+    parts["embed_tokens"] = int(ggml_bytes(embd_t, h, V))
+    parts["lm_head"] = 0 if arch.tie_embeddings else int(ggml_bytes(head_t, h, V))
+    parts["norms"] = arch.num_layers * 4 * arch.norm_params_per_layer
+    parts["other"] = 4 * arch.extra_params
+    parts["buffers"] = 0
+    return {k: int(v) for k, v in parts.items()}
+
+
+def bits_per_weight(arch: ModelArch, fmt) -> float:
+    """Stored bits per parameter of the whole model in this format (what llama.cpp prints as BPW)."""
+    return 8 * weights_bytes(arch, fmt, 1) / arch.total_params
+
+
+def _quant_matrix(rows: int, cols: int, q: dict) -> int:
+    """A [rows, cols] matrix quantized to q['bits'] with a scale (and zero) per group of
+    q['group_size'] along cols (None: one per row)."""
+    g = q.get("group_size") or cols
+    groups = math.ceil(cols / g)
+    return int(math.ceil(rows * cols * q["bits"] / 8)
+               + rows * groups * (q.get("scale_bytes", 2) + q.get("zero_bytes", 0)))
 
 
 def weights_breakdown(arch: ModelArch, fmt="bf16", round_to: int = CUDA_BLOCK,
@@ -215,6 +350,8 @@ def weights_breakdown(arch: ModelArch, fmt="bf16", round_to: int = CUDA_BLOCK,
     stays unquantized (4 after peft's prepare_model_for_kbit_training upcast).
     """
     fmt = get(fmt)
+    if fmt.kind == "gguf":
+        return gguf_breakdown(arch, fmt)
     check_group_size(arch, fmt)
     d = fmt.bytes_per_param if not fmt.quantized else 2
     d = d if dense_bytes is None else dense_bytes
@@ -233,8 +370,13 @@ def weights_breakdown(arch: ModelArch, fmt="bf16", round_to: int = CUDA_BLOCK,
             per_copy[key] += _round(nbytes, round_to)
         for key, v in per_copy.items():
             parts[key] += arch.num_layers * lin.count * v
-    parts["embed_tokens"] = _round(d * arch.embed_params, round_to)
-    parts["lm_head"] = _round(d * arch.lm_head_params, round_to)
+    parts["embed_tokens"] = _round(_quant_matrix(arch.vocab_size, arch.hidden_size, fmt.embed_quant)
+                                   if fmt.embed_quant else d * arch.embed_params, round_to)
+    parts["lm_head"] = _round(_quant_matrix(arch.vocab_size, arch.hidden_size, fmt.head_quant)
+                              if fmt.head_quant and arch.lm_head_params else d * arch.lm_head_params, round_to)
+    if fmt.head_quant and arch.tie_embeddings and fmt.head_quant.get("own_copy"):
+        # the exported graph keeps its own quantized copy of the tied output projection
+        parts["lm_head"] = _round(_quant_matrix(arch.vocab_size, arch.hidden_size, fmt.head_quant), round_to)
     parts["norms"] = arch.num_layers * _round(d * arch.norm_params_per_layer, 1)
     parts["other"] = _round(d * arch.extra_params, 1)
     parts["buffers"] = rotary_buffer_bytes(arch)
@@ -270,5 +412,5 @@ def bytes_read_per_token(arch: ModelArch, fmt="bf16") -> float:
         linears = sub_b["block_linears"] + sub_b["quant_scales"] + sub_b["linear_biases"] + frac * expert_bytes
     else:
         linears = b["block_linears"] + b["quant_scales"] + b["linear_biases"]
-    head = b["lm_head"] if not arch.tie_embeddings else b["embed_tokens"]
+    head = b["lm_head"] or b["embed_tokens"]          # tied: the embedding matrix is the output projection
     return linears + b["norms"] + head

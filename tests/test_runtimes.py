@@ -1,0 +1,247 @@
+"""Serving runtimes and their weight formats: GGUF block layouts against the gguf package, the
+per-tensor mixtures against llama-bench's printed model sizes, the runtime registry's choices and
+refusals, and each runtime's decode / memory / capacity against the formula computed by hand."""
+from __future__ import annotations
+
+import json
+import math
+
+import gguf
+import pytest
+
+from engine import hardware, models
+from engine.errors import InputError
+from engine.estimate import estimate_infer
+from engine.estimate import formats as F
+from engine.estimate import runtimes as R
+from engine.estimate.latency import attention_flops_per_token, matmul_params
+
+GGUF_FORMATS = [f for f in F.ids() if F.get(f).kind == "gguf"]
+
+
+# ---- GGUF layouts ------------------------------------------------------------------------------
+
+def test_every_ggml_type_has_the_gguf_packages_block_size():
+    for name, (block, size) in F.gguf_data()["ggml_types"].items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]] == (block, size), name
+
+
+@pytest.mark.parametrize("t", sorted(F.gguf_data()["ggml_types"]))
+def test_bytes_of_a_small_tensor_equal_the_gguf_byte_shape(t):
+    qt = gguf.GGMLQuantizationType[t.upper()]
+    rows, cols = 3, 512                       # a [3, 512] tensor: two k-quant blocks or 16 q*_0 blocks per row
+    assert F.ggml_bytes(t, cols, rows) == rows * gguf.quant_shape_to_byte_shape((rows, cols), qt)[-1]
+
+
+def test_k_quant_bits_per_weight_by_hand():
+    bpw = {t: 8 * F.ggml_bytes(t, 256, 1) / 256 for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")}
+    assert bpw == {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
+    assert 8 * F.ggml_bytes("q8_0", 32, 1) / 32 == 8.5 and 8 * F.ggml_bytes("q4_0", 32, 1) / 32 == 4.5
+
+
+def test_q4_k_m_mixture_of_llama_3_8b_by_hand():
+    a = models.resolve("llama-3.1-8b")
+    types = F.gguf_linear_types(a, "gguf-q4_k_m")
+    more = [i for i in range(32) if i < 4 or i >= 28 or (i - 4) % 3 == 2]      # use_more_bits(i, 32)
+    assert [i for i, t in enumerate(types) if t["self_attn.v_proj"] == "q6_k"] == more
+    assert [i for i, t in enumerate(types) if t["mlp.down_proj"] == "q6_k"] == more
+    assert {t["self_attn.q_proj"] for t in types} == {"q4_k"} and {t["mlp.up_proj"] for t in types} == {"q4_k"}
+    b = F.weights_breakdown(a, "gguf-q4_k_m")
+    q4, q6 = 144 / 256, 210 / 256
+    per_layer_q4 = (4096 * 4096 * 2 + 4096 * 1024 + 4096 * 14336 * 2) * q4      # q, o, k, gate, up
+    v = 4096 * 1024
+    down = 14336 * 4096
+    lin = 32 * per_layer_q4 + len(more) * (v + down) * q6 + (32 - len(more)) * (v + down) * q4
+    assert b["block_linears"] == round(lin)
+    assert b["lm_head"] == round(128256 * 4096 * q6) and b["embed_tokens"] == round(128256 * 4096 * q4)
+    assert b["norms"] == 32 * 4 * 2 * 4096                # two RMSNorm weights per layer, f32
+
+
+@pytest.mark.parametrize("model,fmt,gib,source", [
+    # model sizes llama-bench / llama.cpp print for these files (GiB = 2^30 bytes)
+    ("llama-2-7b", "gguf-q4_0", 3.56, "https://github.com/ggml-org/llama.cpp/issues/10435"),
+    ("llama-3.2-3b", "gguf-q4_k_m", 1.87, "https://github.com/geerlingguy/ai-benchmarks/issues/43"),
+    ("mistral-7b", "gguf-q5_k_m", 4.78, "https://github.com/ggml-org/llama.cpp/issues/5619"),
+])
+def test_gguf_sizes_equal_what_llama_cpp_prints(model, fmt, gib, source):
+    a = models.resolve(model)
+    assert round(F.weights_bytes(a, fmt, 1) / 2 ** 30, 2) == gib, source
+
+
+def test_mistral_q5_k_m_bits_per_weight_as_llama_cpp_prints():
+    # llm_load_print_meta: model size = 4.78 GiB (5.67 BPW) (llama.cpp issue 5619)
+    assert round(F.bits_per_weight(models.resolve("mistral-7b"), "gguf-q5_k_m"), 2) == 5.67
+
+
+def test_tied_embeddings_take_the_output_type_and_mixtures_shrink_in_order():
+    a = models.resolve("llama-3.2-1b")                    # tied: token_embd is the output tensor
+    assert F.weights_breakdown(a, "gguf-q4_k_m")["embed_tokens"] == round(128256 * 2048 * 210 / 256)
+    assert F.weights_breakdown(a, "gguf-q4_k_m")["lm_head"] == 0
+    order = ["gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q5_0", "gguf-q4_k_m", "gguf-q4_0",
+             "gguf-q3_k_m", "gguf-q3_k_s", "gguf-q2_k"]
+    sizes = [F.weights_bytes(models.resolve("llama-3.1-8b"), f, 1) for f in order]
+    assert sizes == sorted(sizes, reverse=True) and set(order) == set(GGUF_FORMATS)
+
+
+def test_moe_and_70b_rules():
+    mx = models.resolve("mixtral-8x7b")                   # 8 experts: attn_k / attn_v q8_0, attn_output q5_k
+    t = F.gguf_linear_types(mx, "gguf-q4_k_m")[10]
+    assert t["self_attn.k_proj"] == "q8_0" and t["self_attn.v_proj"] == "q8_0" and t["self_attn.o_proj"] == "q5_k"
+    big = models.resolve("llama-3.1-70b")                 # 80 layers: attn_v of q3_k/q4_k bumped to q5_k
+    assert {x["self_attn.v_proj"] for x in F.gguf_linear_types(big, "gguf-q3_k_m")} == {"q5_k"}
+
+
+def test_k_quants_fall_back_when_rows_are_not_256_multiples():
+    a = models.resolve("qwen2.5-0.5b")                    # hidden 896 = 3.5 x 256
+    t = F.gguf_linear_types(a, "gguf-q4_k_m")
+    assert t[4]["self_attn.q_proj"] == "q5_0" and t[4]["mlp.down_proj"] == "q4_k"     # 4864 = 19 x 256
+    assert t[1]["self_attn.v_proj"] == "q8_0" and t[1]["mlp.down_proj"] == "q6_k"     # q6_k falls back to q8_0
+
+
+# ---- other runtime formats by hand ---------------------------------------------------------------
+
+def test_vllm_executorch_mlx_layouts_by_hand():
+    lin = models.Linear("mlp.up_proj", 4096, 14336)
+    i, o = 4096, 14336
+    parts = lambda f: sum(b for _, b in F.linear_tensors(F.get(f), lin))
+    assert parts("ct-w4a16") == i * o / 2 + 2 * o * i / 128 + 8          # packed int4, bf16 scales, weight_shape
+    assert parts("ct-w8a8-int8") == i * o + 2 * o
+    assert parts("et-8da4w") == i * o / 2 + 2 * o * i / 32               # two int4 per byte, 16-bit scale per 32
+    assert parts("et-int8") == i * o + 4 * o
+    assert parts("mlx-4bit") == i * o / 2 + 4 * o * i / 64               # fp16 scale + fp16 bias per 64
+    assert parts("mlx-8bit") == i * o + 4 * o * i / 64
+    a = models.resolve("llama-3.1-8b")
+    b = F.weights_breakdown(a, "mlx-4bit", 1)                            # MLX quantizes the embedding and lm_head too
+    assert b["embed_tokens"] == 128256 * 4096 // 2 + 128256 * (4096 // 64) * 4 == b["lm_head"]
+    e = F.weights_breakdown(models.resolve("llama-3.2-1b"), "et-8da4w", 1)
+    assert e["embed_tokens"] == 128256 * 2048 + 4 * 128256 == e["lm_head"]   # 8-bit per row, own output copy
+
+
+# ---- the registry --------------------------------------------------------------------------------
+
+def test_each_runtime_loads_what_the_formats_say_and_refuses_the_rest():
+    assert set(R.get("llama.cpp").loads()) == set(GGUF_FORMATS)
+    assert {"awq-4bit", "gptq-4bit", "fp8", "ct-w4a16", "ct-w8a8-int8", "bf16"} <= set(R.get("vllm").loads())
+    assert set(R.get("executorch").loads()) == {"et-8da4w", "et-int8", "bf16"}
+    dev = hardware.get("rtx-4090-24gb")
+    with pytest.raises(InputError, match="llama.cpp does not load nf4 weights: gguf-q4_k_m is its 4-bit format; "
+                                         "it loads gguf-f16"):
+        R.choose(dev, "nf4", "llama.cpp")
+    with pytest.raises(InputError, match="mlx does not run on rtx-4090-24gb"):
+        R.choose(dev, "mlx-4bit", "mlx")
+    with pytest.raises(InputError, match="tensorrt-llm does not run on mi300x-192gb"):
+        R.choose(hardware.get("mi300x-192gb"), "bf16", "tensorrt-llm")
+    with pytest.raises(InputError, match="unknown runtime 'tgi'"):
+        R.get("tgi")
+
+
+@pytest.mark.parametrize("dev,target,fmt,want", [
+    ("h100-80gb", None, "awq-4bit", "vllm"),
+    ("rtx-4090-24gb", None, "gguf-q4_k_m", "llama.cpp"),
+    ("a10g-24gb", "consumer-gpu", "gguf-q4_k_m", "llama.cpp"),
+    ("rtx-4090-24gb", "gpu-server", "awq-4bit", "vllm"),
+    ("iphone-15-pro-8gb", None, "et-8da4w", "executorch"),
+    ("macbook-m3-max-64gb", "edge", "mlx-4bit", "mlx"),
+    ("jetson-orin-nano-8gb", "edge", "gguf-q4_k_m", "llama.cpp"),
+    ("rtx-4090-24gb", None, "nf4", "transformers"),       # the default does not load it: the first that does
+])
+def test_default_runtime_by_target_and_device(dev, target, fmt, want):
+    rt, why = R.choose(hardware.get(dev), fmt, None, target)
+    assert rt.id == want and why.startswith("assumed")
+
+
+# ---- speed, memory, capacity against the formula by hand ------------------------------------------
+
+def _by_hand_step(arch, fmt, dev, rt, batch, ctx):
+    c = R.constants(rt, fmt, dev)
+    kv = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 2 * batch * ctx
+    mem = (F.bytes_read_per_token(arch, fmt) + kv) / (dev.bandwidth_gbs * 1e9 * c["bw_efficiency"])
+    blocks, head = matmul_params(arch)
+    flops = batch * (2 * (blocks + head) + 2 * attention_flops_per_token(arch, ctx))
+    return max(mem, flops / (R._peak(dev, fmt) * c["flops_efficiency"])) + c["host_s_per_token"]
+
+
+@pytest.mark.parametrize("model,fmt,dev,runtime", [
+    ("llama-3.1-8b", "gguf-q4_k_m", "rtx-4090-24gb", "llama.cpp"),
+    ("llama-3.1-8b", "awq-4bit", "h100-80gb", "vllm"),
+    ("llama-3.1-8b", "fp8", "h100-80gb", "tensorrt-llm"),
+    ("llama-3.2-1b", "et-8da4w", "iphone-15-pro-8gb", "executorch"),
+    ("llama-3.1-8b", "mlx-4bit", "macbook-m3-max-64gb", "mlx"),
+])
+def test_decode_is_the_roofline_times_the_runtimes_efficiency(model, fmt, dev, runtime):
+    a, d, rt = models.resolve(model), hardware.get(dev), R.get(runtime)
+    e = estimate_infer(model, fmt, gpu=dev, runtime=runtime, prompt_len=512, new_tokens=128)
+    ctx = 512 + 127 / 2
+    assert e["ms_per_token"] == pytest.approx(1e3 * _by_hand_step(a, fmt, d, rt, 1, ctx), rel=1e-9)
+    assert e["decode_tokens_per_s"] == pytest.approx(1e3 / e["ms_per_token"])
+    assert e["runtime"]["id"] == runtime and e["runtime"]["why"] == "given"
+    # a large batch turns the step compute-bound or at least slower per sequence, never faster
+    b = estimate_infer(model, fmt, gpu=dev, runtime=runtime, batch_size=64)
+    assert b["decode_tokens_per_s"] < e["decode_tokens_per_s"] < b["decode_tokens_per_s_total"]
+
+
+def test_llama_cpp_4090_8b_q4_k_m_by_hand_numbers():
+    # 4.58 GiB file minus the q4_k embedding rows (a gather, not a read): 4.62 GB streamed per token at
+    # 1008 GB/s x the fitted efficiency, + the KV of 576 tokens, + host time per token
+    e = estimate_infer("llama-3.1-8b", "gguf-q4_k_m", gpu="rtx-4090-24gb")
+    c = R.constants(R.get("llama.cpp"), "gguf-q4_k_m", hardware.get("rtx-4090-24gb"))
+    a = models.resolve("llama-3.1-8b")
+    b = F.weights_breakdown(a, "gguf-q4_k_m")
+    assert F.bytes_read_per_token(a, "gguf-q4_k_m") == sum(b.values()) - b["embed_tokens"] - b["other"]
+    assert e["runtime"]["id"] == "llama.cpp" and "consumer GPU" in e["runtime"]["why"]
+    assert 80 < e["decode_tokens_per_s"] < 150 and c["format_class"] == "low"
+
+
+def test_vllm_reserves_its_share_and_fills_it_with_kv_blocks():
+    e = estimate_infer("llama-3.1-8b", "awq-4bit", gpu="l4-24gb", runtime="vllm", prompt_len=512, new_tokens=128)
+    dev = hardware.get("l4-24gb")
+    m = e["runtime_memory"]
+    assert e["device_bytes"] == int(0.9 * dev.memory_bytes) and e["fits"]
+    kv_seq = 640 * 2 * 32 * 8 * 128 * 2                   # 640 tokens (40 blocks of 16) x K and V, bf16
+    pool = m["breakdown"]["kv_cache"]
+    assert m["max_sequences"] == pool // kv_seq
+    assert pool == int(0.9 * dev.memory_bytes) - e["weights_bytes"] - m["breakdown"]["activations"] \
+        - m["breakdown"]["cuda_graphs"] - m["cuda_context_bytes"]
+    # a 70B in 16 bits does not fit an 80 GB reservation: the device it would need is reported
+    big = estimate_infer("llama-3.1-70b", "bf16", gpu="h100-80gb", runtime="vllm")
+    assert not big["fits"] and big["device_bytes"] > hardware.get("h100-80gb").memory_bytes
+
+
+def test_llama_cpp_allocates_the_context_up_front():
+    one = estimate_infer("llama-3.1-8b", "gguf-q4_k_m", gpu="rtx-4090-24gb", prompt_len=4000, new_tokens=96)
+    four = estimate_infer("llama-3.1-8b", "gguf-q4_k_m", gpu="rtx-4090-24gb", prompt_len=4000, new_tokens=96,
+                          batch_size=4)
+    kv_tok = 2 * 32 * 8 * 128 * 2
+    assert one["kv_cache_bytes"] == 4096 * kv_tok and four["kv_cache_bytes"] == 4 * 4096 * kv_tok
+    assert four["peak_allocated_bytes"] - one["peak_allocated_bytes"] == 3 * 4096 * kv_tok
+
+
+def test_capacity_is_the_largest_batch_meeting_the_goal():
+    goal = 20.0
+    e = estimate_infer("llama-3.1-8b", "awq-4bit", gpu="a100-80gb", runtime="vllm", max_ms_per_token=goal)
+    s = e["serving"]
+    a, d, rt = models.resolve("llama-3.1-8b"), hardware.get("a100-80gb"), R.get("vllm")
+    ctx = 512 + 127 / 2
+    b = s["batch"]
+    assert 1 <= b < 256
+    assert _by_hand_step(a, "awq-4bit", d, rt, b, ctx) * 1e3 <= goal < _by_hand_step(a, "awq-4bit", d, rt, b + 1, ctx) * 1e3
+    tps = b / _by_hand_step(a, "awq-4bit", d, rt, b, ctx)
+    assert s["tokens_per_s"] == pytest.approx(tps)
+    assert s["usd_per_million_tokens"] == pytest.approx(d.price_per_hour / (tps * 3600) * 1e6)
+    none = estimate_infer("llama-3.1-8b", "bf16", gpu="t4-16gb", runtime="transformers", max_ms_per_token=1)
+    assert none["serving"]["batch"] == 0 or not none["fits"]
+
+
+def test_cli_runtime_contract_and_refusal(capsys):
+    from engine.cli import main
+    rc = main(["estimate", "infer", "--model", "llama-3.2-1b", "--weights", "et-8da4w", "--gpu", "pixel-8-pro-12gb",
+               "--max-ms-per-token", "50", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert rc == 0 and r["runtime"]["id"] == "executorch" and r["runtime"]["why"].startswith("assumed")
+    for key in ("decode_tokens_per_s", "decode_tokens_per_s_total", "prefill_s", "peak_allocated_bytes",
+                "device_bytes", "serving"):
+        assert key in r, key
+    rc = main(["estimate", "infer", "--model", "llama-3.1-8b", "--weights", "nf4", "--gpu", "rtx-4090-24gb",
+               "--runtime", "llama.cpp", "--json"])
+    err = json.loads(capsys.readouterr().out)
+    assert rc == 2 and "gguf-q4_k_m is its 4-bit format" in err["error"]
