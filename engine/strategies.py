@@ -113,6 +113,8 @@ def traits(s: dict) -> dict:
         "fp8": bool(fmt and fmt.requires_fp8),
         "merge": "merge" in stages,
         "maturity": s.get("maturity", "established"),
+        "pending_stages": list(s.get("pending_stages", [])),
+        "runtimes": list(fmt.runtimes) if fmt else [],
     }
 
 
@@ -145,6 +147,9 @@ def check_catalog(entries: list[dict] | None = None) -> list[dict]:
             raise choices(f"train method of {sid}", s["train"], TRAIN_METHODS)
         if s.get("train_estimate", s.get("train", "full")) not in TRAIN_METHODS:
             raise choices(f"train_estimate of {sid}", s.get("train_estimate"), TRAIN_METHODS)
+        for p in s.get("pending_stages", []):
+            if p not in [st["stage"] for st in s["stages"]]:
+                raise InputError(f"strategy {sid}: pending stage {p!r} is not one of its stages", field="pending_stages")
         if s["stages"][-1]["stage"] != "evaluate":
             raise InputError(f"strategy {sid}: the last stage must be evaluate", field="stages")
         if s.get("maturity", "established") not in MATURITY:

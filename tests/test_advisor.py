@@ -82,8 +82,11 @@ def test_advisor_imports_no_heavy_library():
 # ---- the decision matrix on the planner's estimates --------------------------------------------
 
 def scenario(**kw):
+    # served with HF transformers: the rule cases test the rules, not the runtime's serving terms
+    # (tests/test_runtimes.py judges strategies on vLLM, llama.cpp and ExecuTorch)
     base = {"model": "llama-3.1-8b", "task": "chat", "examples": 5000,
-            "hardware": {"gpu": "a100-80gb", "count": 1}, "deploy": {"target": "gpu-server", "gpu": "a100-80gb"}}
+            "hardware": {"gpu": "a100-80gb", "count": 1},
+            "deploy": {"target": "gpu-server", "gpu": "a100-80gb", "runtime": "transformers"}}
     return {**base, **kw}
 
 
@@ -124,7 +127,7 @@ RULE_CASES = [
     ("hw-cluster-full-finetune", scenario(examples=100000, hardware={"gpu": "h100-80gb", "count": 8}),
      lambda t: t["family"] == "finetune-then-quantize" and t["traits"]["train"] == "full", True),
     ("hw-single-consumer-qlora",
-     scenario(examples=20000, hardware={"gpu": "rtx-4090-24gb"}, deploy={"target": "consumer-gpu"}),
+     scenario(examples=20000, hardware={"gpu": "rtx-4090-24gb"}, deploy={"target": "consumer-gpu", "runtime": "transformers"}),
      lambda t: t["family"] == "quantize-then-finetune", True),
     ("bits-8-no-finetune-needed", scenario(goals={"target_weight_bits": 8}),
      lambda t: t["family"] == "ptq-only" and t["traits"]["w_bits"] == 8, False),
@@ -147,9 +150,13 @@ RULE_CASES = [
     # on an RTX 4090 (on the L4 before the served QA-LoRA weights were estimated at their own group size
     # of 32: there their extra scale bytes now cost QA-LoRA more than this rule's delta, so the rule no
     # longer decides on the L4)
+    ("deploy-phone-executorch",
+     scenario(model="llama-3.2-1b", examples=5000, hardware={"gpu": "rtx-4090-24gb"},
+              deploy={"target": "phone", "gpu": "pixel-8-pro-12gb"}),
+     lambda t: "executorch" in t["traits"]["runtimes"] and t["traits"]["quantized"], True),
     ("practice-established-recipes-first",
      scenario(model="llama-2-13b", examples=3000, hardware={"gpu": "rtx-4090-24gb"},
-              deploy={"target": "gpu-server", "gpu": "rtx-4090-24gb"}, symptoms=["wrong-tone"]),
+              deploy={"target": "gpu-server", "gpu": "rtx-4090-24gb", "runtime": "transformers"}, symptoms=["wrong-tone"]),
      lambda t: t["family"] == "quantize-then-finetune" and t["traits"]["maturity"] == "established", True),
 ]
 
@@ -303,7 +310,7 @@ def test_reasons_cite_numbers_and_sources():
 
 def test_what_would_change_names_memory_and_a_bigger_gpu():
     s = scenario(model="llama-2-13b", examples=50000, hardware={"gpu": "rtx-4090-24gb"},
-                 deploy={"target": "consumer-gpu", "gpu": "rtx-4090-24gb"})
+                 deploy={"target": "consumer-gpu", "gpu": "rtx-4090-24gb", "runtime": "transformers"})
     out = rec(s, what_if=True)
     w = out["what_would_change"]
     assert w["binding"] == "memory"

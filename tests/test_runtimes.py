@@ -106,14 +106,14 @@ def test_vllm_executorch_mlx_layouts_by_hand():
     parts = lambda f: sum(b for _, b in F.linear_tensors(F.get(f), lin))
     assert parts("ct-w4a16") == i * o / 2 + 2 * o * i / 128 + 8          # packed int4, bf16 scales, weight_shape
     assert parts("ct-w8a8-int8") == i * o + 2 * o
-    assert parts("et-8da4w") == i * o / 2 + 2 * o * i / 32               # two int4 per byte, 16-bit scale per 32
-    assert parts("et-int8") == i * o + 4 * o
+    assert parts("executorch-8da4w") == i * o / 2 + 2 * o * i / 32               # two int4 per byte, 16-bit scale per 32
+    assert parts("executorch-int8") == i * o + 4 * o
     assert parts("mlx-4bit") == i * o / 2 + 4 * o * i / 64               # fp16 scale + fp16 bias per 64
     assert parts("mlx-8bit") == i * o + 4 * o * i / 64
     a = models.resolve("llama-3.1-8b")
     b = F.weights_breakdown(a, "mlx-4bit", 1)                            # MLX quantizes the embedding and lm_head too
     assert b["embed_tokens"] == 128256 * 4096 // 2 + 128256 * (4096 // 64) * 4 == b["lm_head"]
-    e = F.weights_breakdown(models.resolve("llama-3.2-1b"), "et-8da4w", 1)
+    e = F.weights_breakdown(models.resolve("llama-3.2-1b"), "executorch-8da4w", 1)
     assert e["embed_tokens"] == 128256 * 2048 + 4 * 128256 == e["lm_head"]   # 8-bit per row, own output copy
 
 
@@ -122,7 +122,7 @@ def test_vllm_executorch_mlx_layouts_by_hand():
 def test_each_runtime_loads_what_the_formats_say_and_refuses_the_rest():
     assert set(R.get("llama.cpp").loads()) == set(GGUF_FORMATS)
     assert {"awq-4bit", "gptq-4bit", "fp8", "ct-w4a16", "ct-w8a8-int8", "bf16"} <= set(R.get("vllm").loads())
-    assert set(R.get("executorch").loads()) == {"et-8da4w", "et-int8", "bf16"}
+    assert set(R.get("executorch").loads()) == {"executorch-8da4w", "executorch-int8", "bf16"}
     dev = hardware.get("rtx-4090-24gb")
     with pytest.raises(InputError, match="llama.cpp does not load nf4 weights: gguf-q4_k_m is its 4-bit format; "
                                          "it loads gguf-f16"):
@@ -140,7 +140,7 @@ def test_each_runtime_loads_what_the_formats_say_and_refuses_the_rest():
     ("rtx-4090-24gb", None, "gguf-q4_k_m", "llama.cpp"),
     ("a10g-24gb", "consumer-gpu", "gguf-q4_k_m", "llama.cpp"),
     ("rtx-4090-24gb", "gpu-server", "awq-4bit", "vllm"),
-    ("iphone-15-pro-8gb", None, "et-8da4w", "executorch"),
+    ("iphone-15-pro-8gb", None, "executorch-8da4w", "executorch"),
     ("macbook-m3-max-64gb", "edge", "mlx-4bit", "mlx"),
     ("jetson-orin-nano-8gb", "edge", "gguf-q4_k_m", "llama.cpp"),
     ("rtx-4090-24gb", None, "nf4", "transformers"),       # the default does not load it: the first that does
@@ -158,14 +158,15 @@ def _by_hand_step(arch, fmt, dev, rt, batch, ctx):
     mem = (F.bytes_read_per_token(arch, fmt) + kv) / (dev.bandwidth_gbs * 1e9 * c["bw_efficiency"])
     blocks, head = matmul_params(arch)
     flops = batch * (2 * (blocks + head) + 2 * attention_flops_per_token(arch, ctx))
-    return max(mem, flops / (R._peak(dev, fmt) * c["flops_efficiency"])) + c["host_s_per_token"]
+    return max(mem, flops / (R._peak(dev, fmt) * c["flops_efficiency"])) + c["host_s_per_token"] \
+        + arch.num_layers * c["host_s_per_layer"]
 
 
 @pytest.mark.parametrize("model,fmt,dev,runtime", [
     ("llama-3.1-8b", "gguf-q4_k_m", "rtx-4090-24gb", "llama.cpp"),
     ("llama-3.1-8b", "awq-4bit", "h100-80gb", "vllm"),
     ("llama-3.1-8b", "fp8", "h100-80gb", "tensorrt-llm"),
-    ("llama-3.2-1b", "et-8da4w", "iphone-15-pro-8gb", "executorch"),
+    ("llama-3.2-1b", "executorch-8da4w", "iphone-15-pro-8gb", "executorch"),
     ("llama-3.1-8b", "mlx-4bit", "macbook-m3-max-64gb", "mlx"),
 ])
 def test_decode_is_the_roofline_times_the_runtimes_efficiency(model, fmt, dev, runtime):
@@ -234,7 +235,7 @@ def test_capacity_is_the_largest_batch_meeting_the_goal():
 
 def test_cli_runtime_contract_and_refusal(capsys):
     from engine.cli import main
-    rc = main(["estimate", "infer", "--model", "llama-3.2-1b", "--weights", "et-8da4w", "--gpu", "pixel-8-pro-12gb",
+    rc = main(["estimate", "infer", "--model", "llama-3.2-1b", "--weights", "executorch-8da4w", "--gpu", "pixel-8-pro-12gb",
                "--max-ms-per-token", "50", "--json"])
     r = json.loads(capsys.readouterr().out)
     assert rc == 0 and r["runtime"]["id"] == "executorch" and r["runtime"]["why"].startswith("assumed")
@@ -245,3 +246,70 @@ def test_cli_runtime_contract_and_refusal(capsys):
                "--runtime", "llama.cpp", "--json"])
     err = json.loads(capsys.readouterr().out)
     assert rc == 2 and "gguf-q4_k_m is its 4-bit format" in err["error"]
+
+
+# ---- the advisor judges each strategy on its serving runtime ---------------------------------------
+
+def _sc(**deploy):
+    return {"model": "llama-3.1-8b", "task": "chat", "examples": 5000, "hardware": {"gpu": "rtx-4090-24gb"},
+            "deploy": {"target": "consumer-gpu", "gpu": "rtx-4090-24gb", **deploy},
+            "goals": {"max_latency_ms_per_token": 30}}
+
+
+def test_a_named_runtime_blocks_what_it_cannot_load_and_names_its_format():
+    from engine import advisor
+    out = advisor.recommend(_sc(runtime="llama.cpp"), what_if=False)
+    rows = {r["strategy"]: r for r in out["ranked"]}
+    nf4 = rows["ptq-nf4"]
+    assert not nf4["feasible"] and "format" in nf4["blocked_by"]
+    assert any(b["text"].startswith("llama.cpp does not load nf4 weights: gguf-q4_k_m is its 4-bit format")
+               for b in nf4["blocked"])
+    assert out["recommended"] in {"ptq-gguf-q4_k_m", "ptq-gguf-q5_k_m", "ptq-gguf-q8_0", "lora-merge-gguf-q4_k_m"}
+    serve = next(s for s in rows[out["recommended"]]["estimates"]["stages"] if s["stage"] == "serve")
+    assert serve["runtime"] == "llama.cpp" and serve["runtime_why"] == "given"
+    # the figure is the planner's for that runtime
+    e = estimate_infer("llama-3.1-8b", serve["weights"], gpu="rtx-4090-24gb", runtime="llama.cpp")
+    assert serve["decode_ms_per_token"] == pytest.approx(e["ms_per_token"])
+    # pending export stages are said, not hidden
+    assert any("cannot run its export stage yet" in r["text"] for r in rows["ptq-gguf-q4_k_m"]["reasons"])
+
+
+def test_without_a_runtime_each_strategy_gets_the_targets_default_or_the_first_that_loads_it():
+    from engine import advisor
+    out = advisor.recommend({**_sc(), "deploy": {"target": "gpu-server", "gpu": "l4-24gb"}}, what_if=False)
+    rows = {r["strategy"]: r for r in out["ranked"]}
+    serve = lambda sid: next(s for s in rows[sid]["estimates"]["stages"] if s["stage"] == "serve")
+    assert serve("ptq-awq-4bit")["runtime"] == "vllm" and "gpu-server" in serve("ptq-awq-4bit")["runtime_why"]
+    assert serve("ptq-torchao-int4")["runtime"] == "transformers"          # vLLM does not load it
+    assert serve("ptq-gguf-q4_k_m")["runtime"] == "llama.cpp"
+    # vLLM's reservation is apart; the strategy is judged on what it needs
+    s = serve("ptq-awq-4bit")
+    assert s["reserved_bytes"] == int(0.9 * hardware.get("l4-24gb").memory_bytes) > s["device_bytes"]
+
+
+def test_scenario_refuses_a_runtime_that_does_not_run_on_the_device():
+    from engine.spec.scenario import parse_scenario
+    with pytest.raises(InputError, match="deploy.runtime: mlx does not run on rtx-4090-24gb"):
+        parse_scenario(_sc(runtime="mlx"))
+    with pytest.raises(InputError, match="deploy.runtime: unknown runtime 'tgi'"):
+        parse_scenario(_sc(runtime="tgi"))
+
+
+def test_published_gguf_perplexity_ratios_lie_in_their_strategies_interval():
+    import csv
+    from engine import strategies
+    from engine.estimate import estimate_accuracy
+    from engine.presets import PRESETS_DIR
+    req = {s["deploy"]: strategies.accuracy_request(s) for s in strategies.catalog()
+           if s["family"] == "ptq-only" and s["deploy"].startswith("gguf-")}
+    rows = list(csv.DictReader((PRESETS_DIR / "evidence" / "gguf_accuracy.csv").open()))
+    checked = 0
+    for r in rows:
+        if r["format"] not in req:
+            continue
+        a = req[r["format"]]
+        est = estimate_accuracy(family=r["family"], params_b=float(r["params_b"]), method=a["method"],
+                                w_bits=a["w_bits"], group_size=a.get("group_size"))
+        assert est["ppl_low"] <= float(r["value"]) <= est["ppl_high"], (r["model"], r["format"], est["ppl_ratio"])
+        checked += 1
+    assert checked == 4                                   # q4_k_m and q8_0 on Llama 2 7B and Llama 3 8B

@@ -125,7 +125,9 @@ def workload(sc: Scenario, cfg: dict, train_device, serve_device) -> strategies.
         grad_ckpt=w["train"]["grad_ckpt"], lora_rank=w["train"]["lora_rank"], loss=w["train"].get("loss", "reference"),
         train_gpu=train_device.id, calibration_seq_len=w["calibration"]["seq_len"],
         serve_batch_size=w["serve"]["batch_size"], prompt_len=w["serve"]["prompt_len"],
-        new_tokens=w["serve"]["new_tokens"], serve_gpu=serve_device.id if serve_device else None)
+        new_tokens=w["serve"]["new_tokens"], serve_gpu=serve_device.id if serve_device else None,
+        serve_runtime=sc.deploy.runtime, serve_target=sc.deploy.target if serve_device else None,
+        max_ms_per_token=sc.goals.max_latency_ms_per_token)
 
 
 def requests(s: dict, ctx: dict) -> dict[str, dict]:
@@ -214,19 +216,32 @@ def _stage_serve(s, sc, arch, ctx, kw) -> dict:
            "source": _cli("infer", arch.name, kw)}
     if "error" in est:
         return {**out, "error": est["error"], "fits": False}
+    rt = est.get("runtime") or {}
+    out.update(runtime=rt.get("id"), runtime_why=rt.get("why"))
     tps = est.get("decode_tokens_per_s")
     slow, fast = est.get("decode_tokens_per_s_low"), est.get("decode_tokens_per_s_high")
     if est.get("calibration") is not None:
         out["calibration"] = est["calibration"]
+    # a runtime that reserves memory (vLLM) holds more than the model needs: the strategy is judged
+    # (and compared) on what it needs; the reservation stays in reserved_bytes
+    need = est.get("required_bytes", est.get("device_bytes"))
     out.update(weights_bytes=est.get("weights_bytes"), peak_allocated_bytes=est.get("peak_allocated_bytes"),
-               device_bytes=est.get("device_bytes"), device_low=est.get("device_low"),
-               device_high=est.get("device_high"), breakdown=est.get("breakdown", {}),
-               limit_bytes=sdev.memory_bytes, fits=est.get("device_bytes", 0) <= sdev.memory_bytes,
+               device_bytes=need, reserved_bytes=est.get("device_bytes"),
+               device_low=est.get("device_low") if "required_bytes" not in est else need,
+               device_high=est.get("device_high") if "required_bytes" not in est else need,
+               breakdown=est.get("breakdown", {}),
+               limit_bytes=sdev.memory_bytes, fits=bool(est.get("fits")) if "required_bytes" in est
+               else est.get("device_bytes", 0) <= sdev.memory_bytes,
                prefill_s=est.get("prefill_s"), decode_tokens_per_s=tps,
                decode_ms_per_token=1000.0 / tps if tps else None,
                decode_ms_per_token_low=1000.0 / fast if fast else None,
                decode_ms_per_token_high=1000.0 / slow if slow else None)
-    if tps and sdev.price_per_hour:
+    cap = est.get("serving") or {}
+    if cap.get("usd_per_million_tokens") is not None:
+        # the runtime's serving capacity: the largest batch meeting the latency goal, priced
+        out["cost"] = {"usd_per_million_tokens": cap["usd_per_million_tokens"], "batch_size": cap["batch"],
+                       "tokens_per_s": cap["tokens_per_s"], "gpu": sdev.id, "formula": cap.get("why", "")}
+    elif tps and sdev.price_per_hour:
         out["cost"] = _estimate("serving_cost", decode_tokens_per_s_per_sequence=tps,
                                 batch_size=w["batch_size"], gpu=sdev.id,
                                 max_latency_ms_per_token=sc.goals.max_latency_ms_per_token)
@@ -288,6 +303,12 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
 
     def ok(constraint, text, **extra):
         reasons.append({"kind": "estimate", "ok": True, "constraint": constraint, "text": text, **extra})
+
+    # stages this engine cannot run yet: advice stands, a run has to wait for them
+    if s.get("pending_stages"):
+        reasons.append({"kind": "estimate", "ok": None, "constraint": "runs",
+                        "text": f"the engine cannot run its {', '.join(s['pending_stages'])} stage yet: "
+                                "estimated and ranked, but not launchable here"})
 
     # data: training needs labelled examples
     if t["train"] != "none" and sc.examples == 0:
@@ -351,27 +372,37 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
                             f"{s['deploy']} weights cannot be deployed there")
     else:
         support = ctx["settings"]["serving"][sdev.kind]
+        loadable = True
         if sdev.kind not in formats.get(s["deploy"]).serve_on:
             block("format", f"{sdev.name} ({sdev.kind}) cannot run {s['deploy']} weights: {support['runtime']}")
+        rt_block = _runtime_block(s["deploy"], sdev, sc)
+        if rt_block:
+            block("format", rt_block)
+            loadable = False
         if t["fp8"] and not sdev.has_fp8:
             block("format", f"FP8 needs FP8 tensor cores (Ada, Hopper, Blackwell); {sdev.id} has none")
         if t["gpu_only"] and sdev.kind not in ("gpu", "edge"):
             block("format", f"{s['deploy']} kernels need a CUDA GPU; {sdev.id} is a {sdev.kind}")
-        serve = _stage_serve(s, sc, arch, ctx, reqs["infer"])
+        serve = _stage_serve(s, sc, arch, ctx, reqs["infer"]) if loadable else \
+            {"stage": "serve", "weights": s["deploy"], "device": sdev.id, "fits": None, "skipped": rt_block}
         stages.append(serve)
-        if serve.get("error"):
+        if serve.get("skipped"):
+            pass
+        elif serve.get("error"):
             block("memory", f"serve on {sdev.id}: not estimated ({serve['error']})", stage="serve")
         elif not serve["fits"]:
             block("memory", f"serve on {sdev.id}: needs {gb(serve['device_bytes'])} > {gb(serve['limit_bytes'])} "
                             f"({serve['source']})", stage="serve", value=serve["device_bytes"],
                   limit=serve["limit_bytes"])
         else:
-            ok("memory", f"serve on {sdev.id}: {_fits_text(serve)}", stage="serve",
-               value=serve["device_bytes"], limit=serve["limit_bytes"])
+            ok("memory", f"serve on {sdev.id}" + (f" with {serve['runtime']} ({serve['runtime_why']})"
+                                                   if serve.get("runtime") else "") + f": {_fits_text(serve)}",
+               stage="serve", value=serve["device_bytes"], limit=serve["limit_bytes"])
         ms, goal = serve.get("decode_ms_per_token"), g.max_latency_ms_per_token
         if ms is not None:
             lo, hi = serve.get("decode_ms_per_token_low"), serve.get("decode_ms_per_token_high")
-            txt = f"decode {ms:.1f} ms/token" + (f" [{lo:.1f}, {hi:.1f}]" if lo and hi else "") + f" on {sdev.id}"
+            txt = f"decode {ms:.1f} ms/token" + (f" [{lo:.1f}, {hi:.1f}]" if lo and hi else "") + f" on {sdev.id}" \
+                + (f" with {serve['runtime']}" if serve.get("runtime") else "")
             if goal is None:
                 ok("latency", f"{txt} (no latency goal)", value=ms)
             elif ms > goal:
@@ -439,6 +470,24 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
             "cost": _cost_summary(stages),
         },
     }
+
+
+def _runtime_block(fmt_id: str, sdev, sc: Scenario) -> str | None:
+    """Why the scenario's runtime cannot serve this format on the device (None when one can): the
+    named deploy.runtime must load it; left out, some runtime that runs on the device must."""
+    from engine.estimate import runtimes
+    f = formats.get(fmt_id)
+    if sc.deploy.runtime:
+        rt = runtimes.get(sc.deploy.runtime)
+        if rt.id in f.runtimes:
+            return None
+        near = runtimes.nearest_format(rt, f)
+        return (f"{rt.id} does not load {f.id} weights" + (f": {near} is its {formats.get(near).bits:g}-bit format"
+                                                             if near else "")
+                + f" (deploy.runtime: {rt.id})")
+    if any(runtimes.get(r).runs_on(sdev) for r in f.runtimes if r in runtimes.runtimes()):
+        return None
+    return f"no runtime on {sdev.id} ({sdev.kind}) loads {f.id} weights; {f.id} loads in {', '.join(f.runtimes)}"
 
 
 def _cost_summary(stages) -> dict:

@@ -14,7 +14,7 @@ FACT_KEYS = ("params_b", "examples", "task", "gpu", "gpu_count", "gpu_memory_gb"
              "deploy_device", "deploy_memory_gb", "max_latency_ms_per_token", "min_accuracy_retention",
              "priority", "target_weight_bits", "symptoms")
 TRAIT_KEYS = ("id", "family", "train", "lora", "quantized", "w_bits", "a_bits", "scheme", "deploy",
-              "calibration", "gpu_only", "fp8", "merge", "maturity")
+              "calibration", "gpu_only", "fp8", "merge", "maturity", "runtimes")
 OPS = ("gt", "gte", "lt", "lte", "in", "has_any", "has_all", "present")
 CONSTRAINTS = ("memory", "latency", "accuracy", "bits", "data", "format", "deploy")
 

@@ -129,8 +129,11 @@ def default_runtime(dev: hardware.Device, target: str | None = None) -> tuple[st
 
 
 def format_class(fmt) -> str:
-    """dense (16-bit and wider), int8 (8-bit), low (below 8 bits): what the efficiency terms key on."""
+    """dense (16-bit and wider), int8 (8-bit), low (below 8 bits), bnb (bitsandbytes: dequantizing
+    kernels in any runtime): what the efficiency terms key on."""
     f = F.get(fmt)
+    if f.library == "bitsandbytes":
+        return "bnb"
     if not f.quantized or (f.kind == "gguf" and F.mixture(f)["base"] in ("f16", "bf16", "f32")):
         return "dense"
     return "int8" if f.bits >= 8 else "low"
@@ -194,12 +197,13 @@ def constants(rt: Runtime, fmt, dev: hardware.Device, override: dict | None = No
     """The efficiency terms of a roofline runtime for a format on a device (``override``: the bench's
     fitted values, {"bw_efficiency": x, "host_s_per_token": y})."""
     d = rt.decode
-    bw = _per_kind(d["bw_efficiency"], dev, "bw_efficiency", rt)
     cls = format_class(fmt)
+    bw = _per_kind(d["bw_efficiency"], dev, "bw_efficiency", rt)
     eff = bw.get(cls, bw.get("default"))
     c = {"bw_efficiency": eff, "format_class": cls,
          "host_s_per_token": _per_kind(d["host_s_per_token"], dev, "host_s_per_token", rt),
-         "host_s_per_layer": (d.get("host_s_per_layer") or {}).get(dev.kind, 0.0),
+         "host_s_per_layer": (d.get("host_s_per_layer") or {}).get(dev.kind, 0.0)
+                             + (d.get("class_host_s_per_layer") or {}).get(cls, 0.0),
          "flops_efficiency": d["flops_efficiency"],
          "prefill_efficiency": _per_kind(rt.prefill["efficiency"], dev, "prefill efficiency", rt)}
     c.update(override or {})

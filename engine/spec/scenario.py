@@ -20,6 +20,10 @@ the run store's finished runs of this model; ``none``; or a list of run ids), do
 ``deploy.gpu`` is the serving device: a GPU id, or for edge/phone a device of
 presets/hardware/targets.yaml (``deploy.device`` is accepted as a synonym). Left out, it is
 the training GPU (gpu-server, consumer-gpu) or the first device of that kind (edge, phone).
+``deploy.runtime`` (optional) is the serving runtime of presets/runtimes.yaml (vllm, llama.cpp,
+executorch, mlx, tensorrt-llm, transformers); named, every strategy is judged on it (a format it
+cannot load is infeasible); left out, each strategy is judged on the target's default runtime, or
+on the first runtime that loads its format on the device.
 
 Every error is an ``InputError`` naming the field and what would be valid.
 """
@@ -58,9 +62,11 @@ class Hardware(_Strict):
 
 
 class Deploy(_Strict):
-    """Where the model is served: the target class and the device."""
+    """Where the model is served: the target class, the device and (optionally) the runtime."""
     target: Literal[TARGETS] = "gpu-server"
     gpu: str | None = None
+    runtime: str | None = None      # presets/runtimes.yaml; None: the target's default (per strategy, the
+                                    # first runtime that loads its format when the default does not)
 
 
 class Goals(_Strict):
@@ -219,6 +225,17 @@ def parse_scenario(data) -> Scenario:
                          f"known: {', '.join(suitable)}", field="deploy.gpu")
     sc.deploy.gpu = dev.id
     sc.hardware.gpu = sc.train_device().id
+    if sc.deploy.runtime is not None:
+        from engine.estimate import runtimes
+        try:
+            rt = runtimes.get(sc.deploy.runtime)
+        except InputError as e:
+            raise InputError(f"deploy.runtime: {e}", field="deploy.runtime")
+        if not rt.runs_on(dev):
+            ok = [r for r in runtimes.ids() if runtimes.get(r).runs_on(dev)]
+            raise InputError(f"deploy.runtime: {rt.id} does not run on {dev.id} ({dev.kind}); runtimes there: "
+                             f"{', '.join(ok)}", field="deploy.runtime")
+        sc.deploy.runtime = rt.id
     return sc
 
 
