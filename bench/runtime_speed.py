@@ -29,9 +29,12 @@ from engine.estimate import runtimes as R                 # noqa: E402
 CSV = Path(__file__).resolve().parents[1] / "presets" / "evidence" / "runtime_speed.csv"
 
 
+METRICS = ("decode_tokens_per_s", "request_latency_s")
+
+
 def rows() -> list[dict]:
     with CSV.open(encoding="utf-8") as fh:
-        return [r for r in csv.DictReader(fh) if r["metric"] == "decode_tokens_per_s"]
+        return [r for r in csv.DictReader(fh) if r["metric"] in METRICS]
 
 
 def device(r: dict) -> hardware.Device:
@@ -47,10 +50,25 @@ def context(r: dict) -> float:
 
 
 def predict(r: dict, override: dict | None = None) -> float:
-    """Decode tokens/s per sequence the registry's model gives for the row."""
+    """The row's metric as the registry's model gives it: decode tokens/s per sequence, or a
+    request's latency (prefill, then new_tokens - 1 decode steps: the first token comes with the
+    prefill, as vLLM's benchmark_latency times a whole generate)."""
     rt = R.get(r["runtime"])
-    st = R.decode_step(models.resolve(r["model"]), r["format"], device(r), rt, int(r["batch"]), context(r), override)
+    arch, dev, b = models.resolve(r["model"]), device(r), int(r["batch"])
+    st = R.decode_step(arch, r["format"], dev, rt, b, context(r), override)
+    if r["metric"] == "request_latency_s":
+        pf = R.prefill(arch, r["format"], dev, rt, b, int(r["prompt_len"]), override)["prefill_s"]
+        return pf + (int(r["new_tokens"]) - 1) * st["step_s"]
     return 1 / st["step_s"]
+
+
+def measured_step(r: dict) -> float:
+    """Seconds per decode step the row implies (a latency row: its prefill as modelled taken off)."""
+    if r["metric"] == "request_latency_s":
+        rt, arch, dev = R.get(r["runtime"]), models.resolve(r["model"]), device(r)
+        pf = R.prefill(arch, r["format"], dev, rt, int(r["batch"]), int(r["prompt_len"]))["prefill_s"]
+        return (float(r["value"]) - pf) / (int(r["new_tokens"]) - 1)
+    return 1 / float(r["value"])
 
 
 def implied_efficiency(r: dict) -> float:
@@ -59,12 +77,17 @@ def implied_efficiency(r: dict) -> float:
     arch = models.resolve(r["model"])
     st = R.decode_step(arch, r["format"], dev, rt, int(r["batch"]), context(r))
     moved = st["weights_read"] + st["kv_read"]
-    t = 1 / float(r["value"]) - st["host_s"]
+    t = measured_step(r) - st["host_s"]
     return moved / (dev.bandwidth_gbs * 1e9 * t) if t > 0 else float("inf")
 
 
-def group(r: dict) -> tuple[str, str]:
-    return r["runtime"], r["device_kind"]
+def group(r: dict) -> tuple[str, str, str]:
+    """What one bw_efficiency covers: runtime x device kind x format class (a class the registry
+    does not list for that device falls back to its `default`: then the rows pool over classes)."""
+    rt = R.get(r["runtime"])
+    table = rt.decode["bw_efficiency"].get(r["device_kind"], {})
+    cls = R.format_class(r["format"])
+    return r["runtime"], r["device_kind"], cls if cls in table else "default"
 
 
 def fold(est: float, meas: float) -> float:
@@ -88,34 +111,43 @@ def main(argv=None) -> int:
             eff = statistics.median(x["implied"] for x in others)
             loso, how = predict(r, {"bw_efficiency": eff}), f"refit on {len({x['source_id'] for x in others})} other source(s)"
         else:
-            loso, how = ins, "prior (no other source)"
+            loso, how = ins, "registry value (no other source: in-sample)"
         out.append({**r, "in_sample": ins, "loso": loso, "how": how, "fold_in": fold(ins, meas),
                     "fold_loso": fold(loso, meas)})
-    single = [o for o in out if o["batch"] == "1"]
+    single = [o for o in out if o["batch"] == "1" and o["metric"] == "decode_tokens_per_s"]
+    latency = [o for o in out if o["metric"] == "request_latency_s"]
     if a.markdown:
-        print("| runtime | model | device | format | measured tok/s | estimate | fold | LOSO estimate | LOSO fold | source |")
-        print("|---|---|---|---|---:|---:|---:|---:|---:|---|")
+        print("| runtime | model | device | format | batch | metric | measured | estimate | fold | LOSO estimate | LOSO fold | source |")
+        print("|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---|")
         for o in out:
-            print(f"| {o['runtime']} | {o['model']} | {o['device'] or o['device_name']} | {o['format']} | "
-                  f"{float(o['value']):.1f} | {o['in_sample']:.1f} | {o['fold_in']:.2f} | {o['loso']:.1f}"
-                  f"{'*' if o['how'].startswith('prior') else ''} | {o['fold_loso']:.2f} | [{o['source_id']}]({o['source_url']}) |")
+            metric = "decode tok/s" if o["metric"] == "decode_tokens_per_s" else "latency s"
+            print(f"| {o['runtime']} | {o['model']} | {o['device'] or o['device_name']} | {o['format']} | {o['batch']} | {metric} | "
+                  f"{float(o['value']):.3g} | {o['in_sample']:.3g} | {o['fold_in']:.2f} | {o['loso']:.3g}"
+                  f"{'*' if o['how'].startswith('registry') else ''} | {o['fold_loso']:.2f} | [{o['source_id']}]({o['source_url']}) |")
     else:
-        print(f"{'runtime':12} {'model':14} {'device':26} {'format':12} {'meas':>7} {'est':>7} {'fold':>5} "
-              f"{'LOSO':>7} {'fold':>5}  how")
+        print(f"{'runtime':12} {'model':14} {'device':26} {'format':12} {'B':>3} {'metric':8} {'meas':>7} {'est':>7} "
+              f"{'fold':>5} {'LOSO':>7} {'fold':>5}  how")
         for o in out:
+            metric = "tok/s" if o["metric"] == "decode_tokens_per_s" else "lat s"
             print(f"{o['runtime']:12} {o['model']:14} {(o['device'] or o['device_name'])[:26]:26} {o['format']:12} "
-                  f"{float(o['value']):7.1f} {o['in_sample']:7.1f} {o['fold_in']:5.2f} {o['loso']:7.1f} "
-                  f"{o['fold_loso']:5.2f}  {o['how']}")
+                  f"{o['batch']:>3} {metric:8} {float(o['value']):7.3g} {o['in_sample']:7.3g} {o['fold_in']:5.2f} "
+                  f"{o['loso']:7.3g} {o['fold_loso']:5.2f}  {o['how']}")
     for name, key in (("in-sample", "fold_in"), ("leave-one-source-out", "fold_loso")):
         f = [o[key] for o in single]
-        print(f"\n{name}: {len(f)} single-stream rows, median fold error {statistics.median(f):.2f}x, "
+        print(f"\n{name}: {len(f)} single-stream decode rows, median fold error {statistics.median(f):.2f}x, "
               f"worst {max(f):.2f}x (target: median <= 1.3x, worst <= 1.6x)")
+        if latency:
+            g = [o[key] for o in latency]
+            print(f"{name}: {len(g)} request-latency rows (batch 1-16), median fold error {statistics.median(g):.2f}x, "
+                  f"worst {max(g):.2f}x")
     if a.fit:
         print("\nfitted bw_efficiency (median of the efficiency each row implies; host_s_per_token as in the registry):")
         for g in sorted({group(r) for r in rs}):
-            imp = [r["implied"] for r in rs if group(r) == g]
-            print(f"  {g[0]:12} {g[1]:7} {statistics.median(imp):.3f}  (rows {len(imp)}, range "
-                  f"{min(imp):.2f}-{max(imp):.2f}; registry {R.constants(R.get(g[0]), 'bf16' if g[0] != 'llama.cpp' else 'gguf-f16', next(device(r) for r in rs if group(r) == g))['bw_efficiency']:.2f})")
+            grp = [r for r in rs if group(r) == g]
+            imp = [r["implied"] for r in grp]
+            reg = R.constants(R.get(g[0]), grp[0]["format"], device(grp[0]))["bw_efficiency"]
+            print(f"  {g[0]:12} {g[1]:7} {g[2]:8} {statistics.median(imp):.3f}  (rows {len(imp)}, range "
+                  f"{min(imp):.2f}-{max(imp):.2f}; registry {reg:.2f})")
     return 0
 
 

@@ -215,7 +215,19 @@ class Workload:
                    optimizer=tp.optimizer, grad_accum=tp.grad_accum, train_gpu=gpu, calibration_seq_len=tp.seq_len,
                    quantize=tuple((k, v) for k, v in spec.quantize.model_dump().items() if v is not None),
                    prompt_len=ev.prompt_len, new_tokens=ev.new_tokens, serve_gpu=gpu,
-                   serve_runtime="transformers")          # a run's evaluation measures HF generate
+                   serve_runtime=cls._run_runtime(spec.strategy))
+
+    @staticmethod
+    def _run_runtime(strategy_id: str) -> str | None:
+        """The runtime a run's evaluation measures: HF generate for the formats transformers loads;
+        an exported format (GGUF, .pte) in its own runtime (None: the device's default for it)."""
+        try:
+            deploy = get(strategy_id)["deploy"]
+        except InputError:
+            return "transformers"
+        if deploy == HOSTED or "transformers" in formats.get(deploy).runtimes:
+            return "transformers"
+        return None
 
 
 def _stages(s: dict, name: str) -> list[dict]:
