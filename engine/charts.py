@@ -125,7 +125,7 @@ def row(entry: dict, rank: int) -> dict:
                        "peak": st.get("peak_allocated_bytes"), "limit": st.get("limit_bytes"),
                        "fits": st.get("fits"), "breakdown": st.get("breakdown") or {}, "source": src,
                        "device": st.get("device"), "note": st.get("note") or st.get("sharding") or "",
-                       "error": st.get("error"), "launch": st.get("launch")})
+                       "error": st.get("error"), "launch": st.get("launch"), "runtime": st.get("runtime")})
     by = {s["stage"]: s for s in stages}
     pipeline = [s["bytes"] for s in stages if s["stage"] != "serve" and s["bytes"]]
     serve = by.get("serve") or {}
@@ -146,6 +146,7 @@ def row(entry: dict, rank: int) -> dict:
         "serve_bytes": serve.get("bytes"), "serve_limit": serve.get("limit"),
         "serve_source": serve.get("source", ""),
         "ms_per_token": est.get("latency_ms_per_token"),
+        "runtime": serve.get("runtime"),           # the serving runtime the latency is for
         "train_time_s": est.get("train_time_s"),
         "retention": acc.get("retention"), "ret_low": acc.get("low"), "ret_high": acc.get("high"),
         "acc_source": evidence_text(acc), "acc_error": acc.get("error"),

@@ -30,6 +30,7 @@ def test_row_carries_the_advisors_figures_exactly(result):
         assert r["why"] == [str(w) for w in entry["why"]]
         assert r["why_not"] == [b["text"] for b in entry["blocked"]]
         assert r["ms_per_token"] == est["latency_ms_per_token"]
+        assert r["runtime"] == next((s.get("runtime") for s in est["stages"] if s["stage"] == "serve"), None)
         assert r["retention"] == est["accuracy"].get("retention")
         assert r["ret_low"] == est["accuracy"].get("low") and r["ret_high"] == est["accuracy"].get("high")
         assert r["train_usd"] == est["cost"]["train_usd"]
@@ -38,6 +39,15 @@ def test_row_carries_the_advisors_figures_exactly(result):
         assert r["train_bytes"] == by.get("train", {}).get("device_bytes")
         assert r["serve_bytes"] == by.get("serve", {}).get("device_bytes")
         assert len(r["stages"]) == len(est["stages"])
+
+
+def test_latency_cells_name_the_serving_runtime(result):
+    rs = charts.rows(result)
+    df = matrix.table(rs).data
+    for r, cell in zip(rs, df["ms/token"]):
+        if r["ms_per_token"] is not None:
+            assert cell == f"{r['ms_per_token']:.1f} · {r['runtime']}"
+    assert {r["runtime"] for r in rs if r["ms_per_token"]} >= {"llama.cpp", "transformers"}   # consumer-gpu default
 
 
 def test_rows_say_where_accuracy_and_memory_figures_come_from(result):

@@ -43,7 +43,7 @@ def table(rs: list[dict]):
             "train mem / GPU": _vs(r["train_bytes"], r["train_limit"]),
             "calibrate mem": gb(r["quant_bytes"]) if r["quant_bytes"] else "—",
             "serve mem / device": _vs(r["serve_bytes"], r["serve_limit"]),
-            "ms/token": num(r["ms_per_token"], "{:.1f}"),
+            "ms/token": num(r["ms_per_token"], "{:.1f}") + (f" · {r['runtime']}" if r.get("runtime") else ""),
             "retention [interval]": ret,
             "accuracy from": r["acc_from"],
             "train time": duration(r["train_time_s"]) if r["train_time_s"] else "—",
@@ -115,7 +115,7 @@ def summary_html(result: dict | None, rs: list[dict]) -> str:
     if top["serve_bytes"]:
         figs.append(f"serve {_vs(top['serve_bytes'], top['serve_limit'])}")
     if top["ms_per_token"]:
-        figs.append(f"{top['ms_per_token']:.1f} ms/token")
+        figs.append(f"{top['ms_per_token']:.1f} ms/token" + (f" ({top['runtime']})" if top.get("runtime") else ""))
     if top["retention"] is not None:
         figs.append(f"retention {top['retention']:.3f} [{num(top['ret_low'], '{:.3f}')}–"
                     f"{num(top['ret_high'], '{:.3f}')}]")
@@ -215,7 +215,8 @@ def detail_html(result: dict | None, strategy_id: str | None) -> str:
             f"<div class='tq-src'>{html.escape(cat.get('summary', ''))}<br>stages: {html.escape(stages)}</div>"
             f"<b>Why</b>{_ul(r['why'], 20)}{('<b>Why not</b>' + _ul(r['why_not'], 20)) if r['why_not'] else ''}"
             f"{mem}{cal}<div>{ret}</div>"
-            f"<div>serving: {gb(r['serve_bytes'], 2)}, {num(r['ms_per_token'], '{:.1f}')} ms/token "
+            f"<div>serving: {gb(r['serve_bytes'], 2)}, {num(r['ms_per_token'], '{:.1f}')} ms/token"
+            f"{' with ' + html.escape(r['runtime']) if r.get('runtime') else ''} "
             f"<span class='tq-src'>{html.escape(str(r['serve_source'])[:200])}</span></div>"
             f"<div>cost: training {usd(r['train_usd'])}, serving {usd(r['serve_usd_mtok'])} per 1M tokens "
             f"<span class='tq-src'>{html.escape(str(r['cost_source'])[:200])}</span></div></div>")
