@@ -346,6 +346,19 @@ def _read_config(path: Path) -> dict:
         raise InputError(f"{path} is not valid JSON: {e}", field="model")
 
 
+def closest_presets(ref: str, n: int = 6) -> list[str]:
+    """The ``n`` preset ids nearest to what was typed (difflib's ratio against the preset id and the
+    name part of its hub id), closest first: what a person who mistyped a model most likely meant."""
+    import difflib
+    want = str(ref).strip().lower().rsplit("/", 1)[-1]
+    ps = presets()
+
+    def score(pid: str) -> float:
+        names = (pid, str(ps[pid].get("hub_id", "")).lower().rsplit("/", 1)[-1])
+        return max(difflib.SequenceMatcher(None, want, x).ratio() for x in names if x)
+    return sorted(ps, key=lambda pid: (-score(pid), pid))[:n]
+
+
 def resolve(ref) -> ModelArch:
     """Resolve a model reference (see the module docstring) to its architecture."""
     if isinstance(ref, ModelArch):
@@ -387,11 +400,16 @@ def resolve(ref) -> ModelArch:
             raise InputError(f"GGUF file {str(path)!r} not found", field="model")
         return from_gguf(path)
     if path.is_file():
-        return arch_from_config(_read_config(path), name=path.parent.name or path.stem, source=f"file:{path}")
+        # a file named after its model keeps that name; a plain config.json is named by the model it
+        # says it is (_name_or_path), else by its folder
+        cfg = _read_config(path)
+        named = str(cfg.get("_name_or_path") or "").rstrip("/").rsplit("/", 1)[-1]
+        name = path.stem if path.stem.lower() != "config" else (named or path.parent.name or path.stem)
+        return arch_from_config(cfg, name=name, source=f"file:{path}")
     if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
         return _from_hub(ref)
     raise InputError(f"unknown model {ref!r}: not a preset, a local dir or a config.json. "
-                     f"Presets: {', '.join(preset_ids())}", field="model")
+                     f"Closest presets: {', '.join(closest_presets(ref))}", field="model")
 
 
 # ---- GGUF files (llama.cpp's format): the architecture from the metadata ------------------------
@@ -530,11 +548,11 @@ def _from_hub(repo_id: str) -> ModelArch:
             raise InputError(f"the model hub ({constants.ENDPOINT}) is not reachable from this machine"
                              f"{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''} and config.json "
                              f"of {repo_id!r} is not in the local hub cache. Offline, use a preset "
-                             f"({', '.join(preset_ids()[:12])}, ...), a local model dir or a config.json path",
+                             f"(closest: {', '.join(closest_presets(repo_id))}), a local model dir or a config.json path",
                              field="model") from None
         raise InputError(f"could not fetch config.json of hub model {repo_id!r} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}). Offline, use a preset "
-                         f"({', '.join(preset_ids()[:12])}, ...), a local dir or a config.json path",
+                         f"(closest: {', '.join(closest_presets(repo_id))}), a local dir or a config.json path",
                          field="model")
     return arch_from_config(_read_config(Path(path)), name=repo_id.split("/")[-1], source=f"hub:{repo_id}",
                             hub_id=repo_id)

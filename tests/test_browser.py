@@ -93,11 +93,15 @@ def launch(page, name: str, strategy: str, steps: int) -> str:
     pick(page, "run_demo", "tickets")
     fill(page, "run_data_path", "")
     page.locator("#run_device label", has_text="cpu").first.click()
-    fill(page, "run_steps", steps)
-    for elem_id, v in (("run_batch", 4), ("run_seq", 64), ("run_eval", 8)):
-        fill(page, elem_id, v)
+    trains = page.locator("#run_steps").is_visible()          # the form shows what the strategy's stages read
+    assert trains == (not strategy.startswith("ptq-")), strategy
+    for elem_id, v in (("run_steps", steps), ("run_batch", 4), ("run_seq", 64), ("run_eval", 8)):
+        if page.locator(f"#{elem_id}").is_visible():
+            fill(page, elem_id, v)
     # the preview is the exact config Launch sends
-    preview = wait_text(page, "#run_preview", rf"model: {re.escape(MODEL)}[\s\S]*steps: {steps}")
+    want = rf"(?=[\s\S]*model: {re.escape(MODEL)})(?=[\s\S]*seq_len: 64)" + (rf"(?=[\s\S]*steps: {steps}\b)"
+                                                                               if trains else "")
+    preview = wait_text(page, "#run_preview", want)
     assert f"strategy: {strategy}" in preview and f"name: {name}" in preview
     before = set(re.findall(r"r-\d{8}-\d{6}-[0-9a-f]+", page.locator("#launch_msg").inner_text()))
     page.locator("#launch").click()

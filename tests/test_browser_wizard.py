@@ -121,8 +121,8 @@ def test_an_example_replaces_the_whole_scenario_with_one_recompute(page, tmp_pat
 
 
 def test_dataset_validation_stays_and_the_example_count_is_asked(page, tmp_path):
-    page.get_by_role("button", name="Next: data →").click() if page.locator("#examples input").count() == 0 \
-        else None
+    if not page.locator("#examples").is_visible():
+        page.get_by_role("button", name="Next: data →").click()
     before = page.locator("#examples input").first.input_value()
     rows = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
                                      {"role": "assistant", "content": f"a{i}"}]}) for i in range(40)]
@@ -146,3 +146,75 @@ def test_dataset_validation_stays_and_the_example_count_is_asked(page, tmp_path)
     assert page.locator("#examples input").first.input_value() in ("39", "40")
     assert not use.is_visible()
     assert "problem" in page.locator("#dataset_msg").inner_text()
+
+
+def model_msg(page, pattern: str, timeout_s: float = 60) -> str:
+    deadline, text = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        text = page.locator("#model_msg").inner_text()
+        if re.search(pattern, text):
+            return text
+        page.wait_for_timeout(200)
+    raise AssertionError(f"model message never matched {pattern!r}: {text}")
+
+
+def test_model_source_messages(page, app, tmp_path):
+    pick(page, "example", "ticket-routing")
+    wait_yaml(page, r"task: classification")
+    if not page.locator("#source").is_visible():
+        page.get_by_role("button", name="← Model").first.click()
+    page.locator("#source label", has_text="Hub id or local path").first.click()
+    box = page.locator("#hub_id textarea, #hub_id input").first
+    # a folder in the workspace that is not there: said as such, not as a hub problem
+    box.fill("models/my-model")
+    box.press("Enter")
+    msg = model_msg(page, r"folder not found")
+    assert "hub" not in msg.split("folder not found")[0].lower(), msg
+    # a mistyped hub id offline: the presets nearest to it first, not the alphabet
+    box.fill("Qwen/Qwen2.5-7X")
+    box.press("Enter")
+    msg = model_msg(page, r"closest")
+    assert re.search(r"closest: qwen2\.5-7b", msg), msg
+    assert "bloom-176b" not in msg, msg
+    # an uploaded config keeps its name; the page shows no server path
+    cfg = {"_name_or_path": "acme/support-llama-8b", "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+           "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(cfg))
+    page.locator("#source label", has_text="Upload config.json").first.click()
+    page.locator("#config_file input[type=file]").set_input_files(str(f))
+    msg = model_msg(page, r"support-llama-8b")
+    text = wait_yaml(page, r"model: uploads/configs/")
+    home = str(app["home"])
+    assert home not in text and home not in msg, (text, msg)
+    page.locator("#source label", has_text="Preset").first.click()
+
+
+def test_run_this_strategy_fills_a_launchable_form(page):
+    pick(page, "example", "llama-13b-rtx4090")
+    wait_yaml(page, r"examples: 8000")
+    page.get_by_role("tab", name="2 · Decision matrix").click()
+    # a strategy that trains nothing: no training fields, a model and a dataset, the advisor's bits
+    pick(page, "matrix_pick", "ptq-awq-4bit")
+    page.locator("#run_this").click()
+    page.wait_for_function("() => { const t = (document.querySelector('#run_preview')||{}).innerText || '';"
+                           " return t.includes('ptq-awq-4bit') && !t.includes('queue:'); }", timeout=60_000)
+    settle(page, 1500)
+    preview = page.locator("#run_preview").inner_text()
+    assert "steps:" not in preview and "lora_rank" not in preview and "learning_rate" not in preview, preview
+    assert re.search(r"model: llama-2-13b", preview) and re.search(r"dataset:\s*\n\s*(demo|path):", preview), preview
+    assert "bits: 4" in preview, preview
+    for elem_id in ("run_steps", "run_lr", "run_rank", "run_batch"):
+        assert not page.locator(f"#{elem_id}").is_visible(), elem_id
+    assert page.locator("#run_group").is_visible()
+    assert "⚠" not in page.locator("#preview_msg").inner_text()
+    assert "not feasible" not in page.locator("#launch_msg").inner_text()
+    # an infeasible one is filled with a warning before any click on Launch
+    page.get_by_role("tab", name="2 · Decision matrix").click()
+    pick(page, "matrix_pick", "full-finetune")
+    page.locator("#run_this").click()
+    page.wait_for_function("() => (document.querySelector('#launch_msg')||{}).innerText?.includes('not feasible')",
+                           timeout=60_000)
+    assert page.locator("#run_steps").is_visible()
+    page.get_by_role("tab", name="1 · Scenario").click()

@@ -58,9 +58,11 @@ def test_size_only_is_marked_approximate():
         models.resolve({"params_b": -1, "family": "llama-2"})
 
 
-def test_unknown_model_lists_presets(tmp_path):
-    with pytest.raises(InputError, match="llama-3.1-8b"):
-        models.resolve("no-such-model")
+def test_unknown_model_lists_the_closest_presets(tmp_path):
+    with pytest.raises(InputError, match="Closest presets: llama-3.1-8b, "):
+        models.resolve("llama-3.1-8x")
+    assert models.closest_presets("Qwen/Qwen2.5-7X")[0] == "qwen2.5-7b"     # by the name part of a hub id
+    assert models.closest_presets("meta-llama/Llama-3.1-8X")[0] == "llama-3.1-8b"
     with pytest.raises(InputError, match="config.json"):
         models.resolve(str(tmp_path))           # dir without config.json
 
@@ -69,6 +71,19 @@ def test_offline_hub_id_says_what_works(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match="Offline, use a preset"):
         models.resolve("some-org/some-unknown-model")
+    with pytest.raises(InputError, match=r"closest: qwen2\.5-7b, "):
+        models.resolve("Qwen/Qwen2.5-7X")
+
+
+def test_a_config_file_is_named_after_its_model(tmp_path):
+    cfg = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
+    (tmp_path / "h1").mkdir()
+    (tmp_path / "h1" / "my-llama.json").write_text(json.dumps(cfg))
+    assert models.resolve(str(tmp_path / "h1" / "my-llama.json")).name == "my-llama"
+    (tmp_path / "h2").mkdir()
+    (tmp_path / "h2" / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "acme/support-llama"}))
+    assert models.resolve(str(tmp_path / "h2" / "config.json")).name == "support-llama"
 
 
 @pytest.mark.parametrize("pid", ["llama-3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b", "gemma-2-2b", "phi-3-mini",

@@ -206,3 +206,23 @@ def test_matrix_strategy_fills_the_launch_form(store):
     else:
         assert f["strategy"] == "full-finetune" and f["model"] == "llama-3.2-1b" and f["seq_len"] == 1024
         assert f["device"] == "auto"
+
+
+def test_matrix_strategy_form_has_only_what_its_stages_use():
+    from engine.runs import evidence
+    from ui import wizard
+    scn = wizard.scenario_from_form(wizard.DEFAULT_FORM)
+    res = evidence.recommend(scn)
+    f, note = runs.from_matrix("ptq-awq-4bit", scn, res)
+    assert set(f) == set(runs.LAUNCH_FIELDS)                       # every field: nothing of the last strategy stays
+    assert all(f[k] is None for k in runs.TRAIN_FIELDS)
+    assert f["model"] == "llama-3.1-8b" and f["data_demo"] == "python-docs" and f["bits"] == "4"
+    spec = runs.spec_from_form({**f, "steps": 150, "lora_rank": 16})  # fields it never reads are ignored
+    assert set(spec.get("train") or {}) <= {"seq_len"} and spec["dataset"] == {"demo": "python-docs"}
+    assert spec["quantize"]["group_size"] == 128 and "not feasible" not in note
+    assert runs.field_visibility("ptq-awq-4bit")["steps"] is False
+    assert runs.field_visibility("qlora")["lora_rank"] and not runs.field_visibility("full-finetune")["lora_rank"]
+    _, note = runs.from_matrix("full-finetune", scn, res)
+    assert "not feasible" in note and "GB" in note
+    f, note = runs.from_matrix("ptq-awq-4bit", {**scn, "model": {"params_b": 8, "family": "llama-3"}}, res)
+    assert f["model"] == "" and "missing: a model" in note

@@ -424,10 +424,19 @@ def build_app() -> gr.Blocks:
 
         launch_fields = [R[k] for k in runs.LAUNCH_FIELDS]
 
-        def run_this(sid, scn):
-            vals = runs.form_for_strategy(sid, scn)
-            return [vals.get(k, gr.update()) for k in runs.LAUNCH_FIELDS] + [gr.Tabs(selected="runs")]
-        M["run_this"].click(run_this, [M["pick"], scenario], launch_fields + [tabs])
+        def preview(*vals):
+            return runs.spec_preview(dict(zip(runs.LAUNCH_FIELDS, vals)))
+
+        def run_this(sid, scn, res, data_path):
+            vals, note = runs.from_matrix(sid, scn, res, data_path or "")
+            return ([vals.get(k, gr.update()) for k in runs.LAUNCH_FIELDS]
+                    + _launch_visibility(sid) + [note, gr.Tabs(selected="runs")])
+        hideable = [R[k] for k in runs.field_visibility(None)]
+        (M["run_this"].click(run_this, [M["pick"], scenario, result, W["dataset_path"]],
+                             launch_fields + hideable + [R["launch_msg"], tabs])
+         .then(preview, launch_fields, [R["preview"], R["preview_msg"]], show_progress="hidden"))
+        # the form shows the fields the strategy's stages read (a preset, a pick, the matrix)
+        R["strategy"].change(_launch_visibility, R["strategy"], hideable, queue=False)
 
         # -- the report of the current scenario: build, then download; a changed scenario hides the stale one.
         # Built from the server's form as it stands at the click (what the next recompute reads), not from
@@ -463,11 +472,12 @@ def build_app() -> gr.Blocks:
             except InputError:
                 return [gr.update() for _ in runs.LAUNCH_FIELDS[1:]]
             return [f.get(k) for k in runs.LAUNCH_FIELDS[1:]]
-        R["run_preset"].change(preset_chosen, R["run_preset"], launch_fields[1:], queue=False)
+        # a person's pick only ("Run this strategy" sets the preset and its own values together)
+        (R["run_preset"].input(preset_chosen, R["run_preset"], launch_fields[1:], queue=False)
+         .then(preview, launch_fields, [R["preview"], R["preview_msg"]], show_progress="hidden"))
 
-        def preview(*vals):
-            return runs.spec_preview(dict(zip(runs.LAUNCH_FIELDS, vals)))
-        gr.on([R[k].change for k in runs.LAUNCH_FIELDS] + [demo.load], preview, launch_fields,
+        # a person's edit, or once after a preset / "Run this strategy" set every field (not 16 times)
+        gr.on([R[k].input for k in runs.LAUNCH_FIELDS] + [demo.load], preview, launch_fields,
               [R["preview"], R["preview_msg"]], trigger_mode="always_last", show_progress="hidden")
 
         live_outputs = [R["view"], R["status"], R["loss"], R["metrics"], R["log"], R["timer"]]
@@ -588,6 +598,11 @@ def _recompute(form: dict, mem_view: str = charts.MEMORY_VIEWS[0], shown=None) -
     total_ms = (time.perf_counter() - t0) * 1000
     out["timing"] = f"<div class='tq-src'>advisor {ms:.0f} ms · whole update {total_ms:.0f} ms of server time</div>"
     return [out[k] for k in PLAN_KEYS]
+
+
+def _launch_visibility(strategy_id) -> list:
+    """Show/hide the launch form's training and quantization fields for a strategy."""
+    return [gr.update(visible=v) for v in runs.field_visibility(strategy_id).values()]
 
 
 def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:

@@ -132,19 +132,24 @@ def spec_from_form(form: dict) -> dict:
         data["demo"] = str(form["data_demo"]).strip()
     if data:
         spec["dataset"] = data
+    shown = field_visibility(spec.get("strategy"))     # a field the strategy's stages never read is ignored
     train = dict(spec.get("train") or {})
     for key, kind in (("steps", int), ("learning_rate", float), ("batch_size", int), ("seq_len", int),
                       ("lora_rank", int)):
+        if not shown.get(key, True):
+            continue
         v = _opt_num(form.get(key), kind)
         if v is not None:
             train[key] = v
     if train:
         spec["train"] = train
     quant = dict(spec.get("quantize") or {})
-    bits = form.get("bits")
+    bits = form.get("bits") if shown["bits"] else None
     if bits and bits != "catalog default":
         quant["bits"] = _opt_num(bits)
     for key in ("group_size", "calibration_samples"):
+        if not shown[key]:
+            continue
         v = _opt_num(form.get(key))
         if v is not None:
             quant[key] = v
@@ -417,23 +422,128 @@ def run_choices() -> list[tuple[str, str]]:
             for r in history_rows()]
 
 
-def form_for_strategy(strategy_id: str | None, scenario: dict | None) -> dict:
-    """Launch-form values for a strategy picked in the matrix.
+def form_for_strategy(strategy_id: str | None, scenario: dict | None, result: dict | None = None,
+                      dataset_path: str = "") -> dict:
+    """Launch-form values for a strategy picked in the matrix (every field; see ``from_matrix``)."""
+    return from_matrix(strategy_id, scenario, result, dataset_path)[0]
 
-    A demo preset of that strategy (presets/runs/demo-*.yaml) when there is one: it runs on a
-    CPU with the project's own model. Otherwise the scenario's model, sequence length and
-    device "auto" (a GPU machine with the hub, or a model folder in the workspace).
+
+# the form's fields that only some strategies use
+TRAIN_FIELDS = ("steps", "learning_rate", "batch_size", "lora_rank")
+QUANT_FIELDS = ("bits", "group_size", "calibration_samples")
+
+
+def stage_use(strategy_id: str | None) -> dict:
+    """Which parts of the launch form the strategy's stages read: train, lora (rank), quantize."""
+    try:
+        stages = strategies.get(strategy_id)["stages"] if strategy_id else None
+    except InputError:
+        stages = None
+    if stages is None:                            # unknown: show everything, RunSpec names what is wrong
+        return {"train": True, "lora": True, "quantize": True}
+    train = [st for st in stages if st["stage"] == "train"]
+    return {"train": bool(train),
+            "lora": any(st.get("method") in ("lora", "qlora") or st.get("lora") for st in train),
+            "quantize": any(st["stage"] == "quantize" for st in stages)}
+
+
+def field_visibility(strategy_id: str | None) -> dict[str, bool]:
+    """Launch-form field -> shown, for the strategy (fields its stages never read are hidden)."""
+    use = stage_use(strategy_id)
+    out = {k: use["train"] for k in TRAIN_FIELDS}
+    out["lora_rank"] = use["lora"]
+    out.update({k: use["quantize"] for k in QUANT_FIELDS})
+    return out
+
+
+def _stand_in_dataset(strategy_id: str, task: str | None) -> str:
+    """A demo dataset that fits the strategy: text passages for quantization alone (calibration and
+    perplexity), the scenario's kind of task for a fine-tune."""
+    data = demo_presets.datasets()
+    if not stage_use(strategy_id)["train"]:
+        want = "python-docs"
+    else:
+        want = "tickets" if task == "classification" else "json-extraction"
+    return want if want in data else next(iter(data), "")
+
+
+def _advisor_config(result: dict | None, strategy_id: str) -> dict:
+    """The configuration the advisor estimated for the strategy (train request, quantize settings)."""
+    import re
+    entry = next((e for e in (result or {}).get("ranked") or [] if e.get("strategy") == strategy_id), None)
+    out: dict = {}
+    for st in ((entry or {}).get("estimates") or {}).get("stages") or []:
+        if st.get("stage") == "train":
+            req = st.get("request") or {}
+            out.update({k: req[k] for k in ("seq_len", "batch_size", "lora_rank") if req.get(k)})
+        elif st.get("stage") == "quantize":
+            if st.get("bits"):
+                out["bits"] = str(st["bits"])
+            src = str(st.get("source") or "")
+            for flag, key in (("--group-size", "group_size"), ("--calibration-samples", "calibration_samples")):
+                m = re.search(rf"{flag} (\d+)", src)
+                if m:
+                    out[key] = int(m.group(1))
+    return out
+
+
+def from_matrix(strategy_id: str | None, scenario: dict | None, result: dict | None = None,
+                dataset_path: str = "") -> tuple[dict, str]:
+    """(launch-form values for every field, a note) for a strategy picked in the matrix.
+
+    A demo preset of that strategy (presets/runs/demo-*.yaml) when there is one: it runs on a CPU
+    with the project's own model. Otherwise the scenario's model with the configuration the advisor
+    estimated (sequence length, batch, LoRA rank, bits, group size, calibration samples), the
+    dataset uploaded in the wizard or a demo dataset standing in for it, device "auto". Fields the
+    strategy's stages never read are emptied. The note says what is still missing before Launch
+    and warns when the advisor judged the strategy infeasible for the scenario.
     """
     if not strategy_id:
-        return {}
+        return {}, ""
+    empty = {k: None for k in LAUNCH_FIELDS}
+    empty.update(run_preset="", name="", model="", data_demo="", data_path="", device="auto",
+                 bits="catalog default")
+    notes: list[str] = []
+    form = None
     for name, path in run_presets().items():
-        if not name.startswith("demo-"):
-            continue
-        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if spec.get("strategy") == strategy_id:
-            return {"run_preset": name, **form_from_spec(spec)}
-    scn = scenario or {}
-    model = scn.get("model") if isinstance(scn.get("model"), str) else ""
-    return {"run_preset": "", "name": f"{strategy_id} on {model}" if model else strategy_id,
-            "strategy": strategy_id, "model": model, "device": "auto", "seq_len": scn.get("seq_len"),
-            "data_demo": "", "bits": "catalog default"}
+        if name.startswith("demo-") and (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(
+                "strategy") == strategy_id:
+            form = {**empty, "run_preset": name, **form_from_spec(load_run_preset(name))}
+            notes.append(f"the CPU demo preset <b>{html.escape(name)}</b> (the project's own small model) "
+                         "runs this strategy here; put your model and data in to run it for real")
+            break
+    if form is None:
+        scn = scenario or {}
+        model = scn.get("model")
+        form = {**empty, "strategy": strategy_id, "device": "auto", "seq_len": scn.get("seq_len"),
+                **_advisor_config(result, strategy_id)}
+        if isinstance(model, str) and model and not model.endswith(".json"):
+            form["model"] = model
+            form["name"] = f"{strategy_id} on {Path(model).name}"
+        else:
+            form["name"] = strategy_id
+            what = ("the scenario's model is a size and family only" if isinstance(model, dict)
+                    else "the scenario's model is a config.json (no weights)")
+            notes.append(f"<b>missing: a model</b> — {what}; type a hub id or a model folder in the workspace")
+        if dataset_path:
+            form["data_path"] = dataset_path
+        else:
+            form["data_demo"] = _stand_in_dataset(strategy_id, scn.get("task"))
+            notes.append(f"dataset: the demo set <b>{html.escape(form['data_demo'])}</b> stands in; upload "
+                         "yours in the wizard's data step or give a file in the workspace")
+    use = field_visibility(strategy_id)
+    for k, shown in use.items():
+        if not shown:
+            form[k] = "catalog default" if k == "bits" else None
+    entry = next((e for e in (result or {}).get("ranked") or [] if e.get("strategy") == strategy_id), None)
+    if entry is not None and not entry.get("feasible"):
+        from engine import charts
+        row = next((r for r in charts.rows(result) if r["strategy"] == strategy_id), {})
+        why = "; ".join(str(t) for t in (row.get("why_not") or [])[:2])
+        warn = error_md(f"the advisor judged {strategy_id} not feasible for this scenario"
+                        + (f": {why}" if why else "") + ". It can still run; expect it to fail or miss a goal.")
+    else:
+        warn = ""
+    body = "".join(f"<li>{n}</li>" for n in notes)
+    return form, warn + (f"<div class='tq-muted'>From the matrix: <b>{html.escape(strategy_id)}</b>"
+                         f"<ul>{body}</ul></div>" if body else "")

@@ -142,9 +142,16 @@ def model_ref(form: dict):
         if ref.lower() in models.presets():
             return ref
         # a path (absolute, relative to the workspace, or a config.json) vs a hub id "org/name"
+        # (a first folder that exists in the workspace, e.g. models/..., says local too)
         looks_local = (ref.startswith(("/", ".", "~")) or Path(ref).suffix == ".json" or ref.count("/") != 1
-                       or (workspace() / ref).exists())
-        return str(confine(ref, "model")) if looks_local else ref
+                       or (workspace() / ref).exists() or (workspace() / ref.split("/")[0]).is_dir())
+        if not looks_local:
+            return ref
+        path = confine(ref, "model")
+        if not path.exists():
+            raise InputError(f"model: folder not found: {ref} is not in the workspace; put the model folder "
+                             f"there (with its config.json), or type a hub id (org/name)", field="model")
+        return str(path)
     if src == SRC_UPLOAD:
         f = form.get("config_file")
         if not f:
@@ -256,7 +263,19 @@ def load_example(name: str) -> dict:
 
 
 def scenario_yaml(scn: dict) -> str:
-    return yaml.safe_dump(scn, sort_keys=False, default_flow_style=None, width=100)
+    """The scenario as YAML; a model file or folder in the workspace shows as a path relative to it
+    (no server path on the page), with a comment that says so."""
+    m = scn.get("model")
+    note = ""
+    if isinstance(m, str) and m.startswith(str(workspace()) + "/"):
+        scn = {**scn, "model": m[len(str(workspace())) + 1:]}
+        note = "# model: relative to the workspace ($TUNEQUANT_HOME)\n"
+    return note + yaml.safe_dump(scn, sort_keys=False, default_flow_style=None, width=100)
+
+
+def shown_path(text: str) -> str:
+    """Text with the workspace's absolute path replaced by 'workspace' (what the page shows)."""
+    return str(text).replace(str(workspace()) + "/", "workspace/")
 
 
 # ---- inline summaries -----------------------------------------------------------------------
@@ -266,13 +285,15 @@ def model_summary(ref) -> str:
     try:
         a = models.resolve(ref)
     except InputError as e:
-        return error_md(e)
+        if isinstance(ref, str) and ref.count("/") == 1 and not ref.startswith(("/", ".", "~")):
+            return error_md(f"{e} — and there is no folder {ref} in the workspace either")
+        return error_md(shown_path(e))
     act = f" ({a.active_params / 1e9:.2f} B active)" if a.active_params != a.total_params else ""
     approx = " · approximate (size and family only)" if a.approximate else ""
     return ok_md(
         f"<b>{a.name}</b> · {a.family} · {a.total_params / 1e9:.2f} B parameters{act} · {a.num_layers} layers · "
         f"hidden {a.hidden_size} · heads {a.num_heads}/{a.num_kv_heads} kv · vocab {a.vocab_size:,} · "
-        f"bf16 weights {gb(a.total_params * 2)} · <span class='tq-src'>source: {a.source}</span>{approx}")
+        f"bf16 weights {gb(a.total_params * 2)} · <span class='tq-src'>source: {shown_path(a.source)}</span>{approx}")
 
 
 def hardware_summary(gpu: str, count, device: str | None, target: str) -> str:
