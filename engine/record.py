@@ -176,7 +176,9 @@ class EventFold:
     last_step_event: dict | None = None                  # the last step event as given
     last_tokens_per_s: float | None = None               # the last step that reported a speed
     points: list = field(default_factory=list)           # [step, loss, stage, lr, tokens_per_s]
-    stages_done: list = field(default_factory=list)      # STAGE_KEYS of each stage_finished
+    stages_done: list = field(default_factory=list)      # STAGE_KEYS (+ stopped, failed) of each stage_finished
+    prepare: dict = field(default_factory=dict)          # the last prepare event: what, step, total, done,
+                                                         # duration_s, started_ts (before the first stage)
     evals: list = field(default_factory=list)            # {"name", "metrics", "stage"}
     metrics: list = field(default_factory=list)          # {"name", "value", "unit", "stage"}
     artifacts: list = field(default_factory=list)        # {"path", "kind"}
@@ -215,8 +217,12 @@ class EventFold:
                 self.points.append([x, p["loss"], self.stage, p.get("lr"), p.get("tokens_per_s")])
                 if self.max_points:
                     self.points = self.points[-self.max_points:]
+        elif t == "prepare":
+            started = self.prepare.get("started_ts") if self.prepare.get("what") == p.get("what") else None
+            self.prepare = {**p, "started_ts": started or ev.get("ts")}
         elif t == "stage_finished":
-            self.stages_done.append({k: p.get(k) for k in STAGE_KEYS})
+            self.stages_done.append({**{k: p.get(k) for k in STAGE_KEYS},
+                                     "stopped": bool(p.get("stopped")), "failed": bool(p.get("failed"))})
         elif t == "eval":
             self.evals.append({"name": p.get("name"), "metrics": p.get("metrics") or {}, "stage": self.stage})
         elif t == "metric":

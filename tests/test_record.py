@@ -55,7 +55,7 @@ def test_the_fold_is_incremental_and_idempotent():
     assert whole.last_tokens_per_s == 100.0 and whole.last_step_event["step"] == 2
     assert whole.last_step == {}                         # the evaluate stage started after it: no step running
     assert whole.stages_done == [{"stage": "train", "index": 0, "duration_s": 4.0, "peak_mem_bytes": 123,
-                                  "mem_source": "cpu_peak_rss"}]
+                                  "mem_source": "cpu_peak_rss", "stopped": False, "failed": False}]
     assert whole.evals_by_name() == {"after": {"perplexity": 9.0}}
     assert whole.metrics_by_name() == {"after.decode_tokens_per_s": (50.0, "tokens/s")}
     assert whole.logs == ["half way"] and whole.warnings == ["careful"] and whole.by_type["step"] == 2
@@ -90,3 +90,24 @@ def test_calibration_and_evidence_read_the_record():
     assert rows and {r["dataset"] for r in rows} == {"demo:json-extraction"}
     assert rows[0]["baseline"] == RESULT["eval"]["before"][rows[0]["metric"]]
     assert calibration.pairs(run) == []                  # no stored estimate: nothing to pair
+
+
+def test_preparation_and_a_stopped_stage_read_as_what_they_were():
+    """A demo-model build before the first stage is its own step (never in a stage's time); a stage
+    that ended on a stop is not 'done' in the fold or in the log line."""
+    from engine.runs.events import line
+    what = "build the demo model micro-llama"
+    evs = [{"seq": 1, "ts": 1.0, "type": "started", "pid": 1, "device": "cpu"},
+           {"seq": 2, "ts": 1.5, "type": "prepare", "what": what, "step": 0, "total": None, "done": False},
+           {"seq": 3, "ts": 3.0, "type": "prepare", "what": what, "step": 25, "total": 50, "done": False},
+           {"seq": 4, "ts": 9.0, "type": "prepare", "what": what, "done": True, "duration_s": 7.5},
+           {"seq": 5, "ts": 9.1, "type": "stage_started", "stage": "quantize", "index": 0, "total": 2},
+           {"seq": 6, "ts": 12.0, "type": "stage_finished", "stage": "quantize", "index": 0, "duration_s": 2.9,
+            "stopped": True, "peak_mem_bytes": 1, "mem_source": "cpu_peak_rss"}]
+    mid = fold(evs[:3])
+    assert mid.prepare["step"] == 25 and mid.prepare["started_ts"] == 1.5 and not mid.prepare["done"]
+    f = fold(evs)
+    assert f.prepare["done"] and f.prepare["duration_s"] == 7.5 and f.prepare["started_ts"] == 1.5
+    assert f.stages_done[0]["stopped"] is True and f.stages_done[0]["duration_s"] == 2.9
+    assert "stopped after" in line(evs[5]) and "done" not in line(evs[5])
+    assert "not part of any stage" in line(evs[3]) and "(25/50)" in line(evs[2])

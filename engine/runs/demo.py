@@ -262,7 +262,7 @@ def build_tokenizer(texts: list[str], vocab_size: int):
 
 
 # ---- the model ---------------------------------------------------------------------------------
-def ensure_model(name: str, log=None, should_stop=None) -> Path:
+def ensure_model(name: str, log=None, should_stop=None, progress=None) -> Path:
     """The demo model's directory, built first if needed (once; concurrent callers wait)."""
     name = model_name(name)
     out = model_dir(name)
@@ -279,14 +279,15 @@ def ensure_model(name: str, log=None, should_stop=None) -> Path:
         for old in out.parent.glob(f"{out.name}.building-*"):     # a build that was killed
             shutil.rmtree(old, ignore_errors=True)
         tmp = out.parent / f"{out.name}.building-{os.getpid()}"
-        build(name, tmp, log=log, should_stop=should_stop)
+        build(name, tmp, log=log, should_stop=should_stop, progress=progress)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     return out
 
 
-def build(name: str, out: Path, log=None, should_stop=None) -> dict:
-    """Corpus -> tokenizer -> pretrained Llama, saved into ``out``; returns build_info."""
+def build(name: str, out: Path, log=None, should_stop=None, progress=None) -> dict:
+    """Corpus -> tokenizer -> pretrained Llama, saved into ``out``; returns build_info.
+    ``progress(step, total)`` is called as pretraining goes (every 25 steps and the last)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -337,6 +338,8 @@ def build(name: str, out: Path, log=None, should_stop=None) -> dict:
 
     def on_step(s):
         if s["step"] == 1 or s["step"] % 25 == 0 or s["step"] == s["total"]:
+            if progress:
+                progress(s["step"], s["total"])
             log(f"demo pretrain step {s['step']}/{s['total']} loss {s['loss']:.3f} "
                 f"({s['tokens_per_s']:.0f} tokens/s)")
 

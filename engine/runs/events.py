@@ -5,6 +5,9 @@ gaps, so a reader that saw seq N asks for the events after N and misses nothing.
 
     queued          strategy, model, device                    (executor, at launch)
     started         pid, device                                (worker)
+    prepare         what, step, total, done, duration_s        (worker: what a run needs before its
+                                                               first stage, e.g. building a demo model;
+                                                               never part of a stage's time)
     stage_started   stage, index, total                        (worker)
     step            step, total, loss, lr, tokens_per_s, mem_bytes, eta_s   (stages)
     eval            name, metrics                              (stages)
@@ -24,7 +27,7 @@ import time
 from engine.fmt import iec
 from engine.record import fold
 
-TYPES = ("queued", "started", "stage_started", "step", "eval", "log", "artifact", "metric",
+TYPES = ("queued", "started", "prepare", "stage_started", "step", "eval", "log", "artifact", "metric",
          "warning", "error", "stage_finished", "finished")
 STAGE_TYPES = ("step", "eval", "log", "artifact", "metric", "warning")   # what a stage may emit
 RESERVED = ("seq", "ts", "type", "run_id")
@@ -70,8 +73,14 @@ def line(ev: dict) -> str:
     elif t == "stage_started":
         text = f"stage {ev.get('index', 0) + 1}/{ev.get('total', '?')}: {ev.get('stage')}"
     elif t == "stage_finished":
-        text = (f"stage {ev.get('stage')} done in {fmt_duration(ev.get('duration_s'))}, "
+        ended = "failed after" if ev.get("failed") else "stopped after" if ev.get("stopped") else "done in"
+        text = (f"stage {ev.get('stage')} {ended} {fmt_duration(ev.get('duration_s'))}, "
                 f"peak memory {iec(ev.get('peak_mem_bytes'))} ({ev.get('mem_source')})")
+    elif t == "prepare":
+        if ev.get("done"):
+            text = f"prepared: {ev.get('what')} in {fmt_duration(ev.get('duration_s'))} (not part of any stage)"
+        else:
+            text = f"preparing: {ev.get('what')}" + (f" ({ev.get('step')}/{ev['total']})" if ev.get("total") else "")
     elif t == "eval":
         metrics = ev.get("metrics") or {}
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k} {v}"

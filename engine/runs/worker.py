@@ -361,6 +361,7 @@ class Worker:
             self.store.update_run(self.run_id, machine=machine)
             self.store.update_run(self.run_id, estimate=planner_estimate(spec, strategy, machine.get("device_preset")))
             table, _ = load_stages(self.run.get("stages_hook"))
+            self._prepare(spec)
             state: dict = {}
             entries = strategy["stages"]
             for i in range(len(entries)):
@@ -399,6 +400,23 @@ class Worker:
             c = faults.classify(e, stage or "setup")
             self._error_event(stage or "setup", c, traceback.format_exc(), [])
             return self._end("failed", c["reason"])
+
+    def _prepare(self, spec) -> None:
+        """What the run needs before its first stage, as its own step with its own progress (the
+        ``prepare`` events): building a demo model that is not cached yet (or waiting for another
+        run that builds it). Never counted in a stage's time."""
+        from engine.runs import demo
+        if not demo.is_demo(spec.model) or demo.is_built(demo.model_name(spec.model)):
+            return
+        name = demo.model_name(spec.model)
+        what = f"build the demo model {name} (once; cached under {demo.cache_dir()})"
+        t0 = time.perf_counter()
+        self.emit("prepare", what=what, step=0, total=None, done=False)
+        # not interruptible by the stop flag (a build cut short would be cached as the demo model): a stop
+        # waits for it or escalates to SIGTERM, which leaves only a .building-* folder the next build clears
+        demo.ensure_model(name, log=lambda m: self.emit("log", message=m),
+                          progress=lambda k, n: self.emit("prepare", what=what, step=k, total=n, done=False))
+        self.emit("prepare", what=what, done=True, duration_s=round(time.perf_counter() - t0, 3))
 
     def _stage_done(self, stage, index, mem, t0, out, stopped=False) -> None:
         self._current = None
