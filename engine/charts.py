@@ -261,7 +261,25 @@ def _acc_hover(r: dict) -> str:
     if r["retention"] is None or r["ret_low"] is None:
         return ""
     return (f"retention {r['retention']:.3f} [{r['ret_low']:.3f}–{r['ret_high']:.3f}]<br>"
-            f"evidence: {_wrap(r['acc_source'] or '—')}")
+            f"evidence: {_wrap(r['acc_source'] or '—', 70, 2)}")
+
+
+SYMBOLS = {"feasible": "circle", "infeasible": "x-thin-open", "recommended": "star"}
+
+
+def _view(fp: list[dict], xkey: str, xscale: float, limit) -> tuple[list, list]:
+    """Axis ranges around the bulk of the feasible strategies (and the limit line), padded: those
+    within 0.05 of their median retention, the best ranked always. A far outlier (a 2-bit model at
+    0.70, feasible when no retention goal is set) no longer squeezes the others into a sliver at
+    0.99-1.0; it stays reachable (double-click shows everything)."""
+    rets = sorted(r["retention"] for r in fp)
+    med = rets[len(rets) // 2]
+    best = min(fp, key=lambda r: r["rank"])
+    keep = [r for r in fp if r["retention"] >= med - 0.05 or r is best]
+    lo, hi = min(r["retention"] for r in keep), max(r["retention"] for r in keep)
+    pad = max(0.005, 0.3 * (hi - lo))
+    xs = [r[xkey] / xscale for r in keep] + ([limit / xscale] if limit else [])
+    return [0, max(xs) * 1.1], [lo - pad, hi + pad]
 
 
 def _vs_accuracy(rs, xkey, title, xtitle, limit, limit_label, uirev, xscale, hover_x) -> Fig:
@@ -269,17 +287,25 @@ def _vs_accuracy(rs, xkey, title, xtitle, limit, limit_label, uirev, xscale, hov
     if not pts:
         return empty(title, "no estimates to plot (see the matrix for why)", uirev)
     fig = figure(title, uirev, xaxis={"title": {"text": xtitle}},
-                 yaxis={"title": {"text": "accuracy retention vs 16-bit"}})
+                 yaxis={"title": {"text": "accuracy retention vs 16-bit"}},
+                 hoverlabel={"align": "left", "font": {"size": 11}})
+    fp = [r for r in pts if r["feasible"]]
+    front = pareto([(r[xkey] / xscale, r["retention"], r["strategy"]) for r in fp])
+    reco = next((r for r in fp if r["rank"] == min(x["rank"] for x in fp)), None) if fp else None
+    # the points that matter carry their name: the three best ranked and the Pareto front
+    named = {r["strategy"] for r in sorted(fp, key=lambda r: r["rank"])[:3]} | {p[2] for p in front}
     for fam, color in FAMILY_COLORS.items():
         fr = [r for r in pts if r["family"] == fam]
         if not fr:
             continue
         fig.traces.append({
-            "type": "scatter", "mode": "markers", "name": fam,
+            "type": "scatter", "mode": "markers+text", "name": fam, "legendgroup": fam,
             "x": [r[xkey] / xscale for r in fr], "y": [r["retention"] for r in fr],
-            "text": [r["strategy"] for r in fr],
-            "marker": {"color": color, "size": [15 if r["rank"] == 1 and r["feasible"] else 9 for r in fr],
-                       "symbol": ["circle" if r["feasible"] else "x-thin-open" for r in fr],
+            "customdata": [r["strategy"] for r in fr],
+            "text": [r["strategy"] if r["strategy"] in named else "" for r in fr],
+            "textposition": "top center", "textfont": {"size": 10, "color": "#374151"},
+            "marker": {"color": color, "size": 9,
+                       "symbol": [SYMBOLS["feasible" if r["feasible"] else "infeasible"] for r in fr],
                        "line": {"width": 2, "color": color}},
             "error_y": {"type": "data", "symmetric": False, "thickness": 1, "width": 3, "color": color,
                         "array": [max(0.0, (r["ret_high"] if r["ret_high"] is not None else r["retention"])
@@ -289,13 +315,31 @@ def _vs_accuracy(rs, xkey, title, xtitle, limit, limit_label, uirev, xscale, hov
             "hovertext": [f"<b>#{r['rank']} {r['strategy']}</b> ({'feasible' if r['feasible'] else 'not feasible: ' + ', '.join(r['blocked_by'])})"
                           f"<br>{hover_x(r)}<br>{_acc_hover(r)}" for r in fr],
             "hoverinfo": "text"})
-    front = pareto([(r[xkey] / xscale, r["retention"], r["strategy"]) for r in pts if r["feasible"]])
     if len(front) > 1:
         fig.traces.append({"type": "scatter", "mode": "lines", "name": "Pareto front (feasible)",
                            "x": [p[0] for p in front], "y": [p[1] for p in front], "hoverinfo": "skip",
                            "line": {"shape": "hv", "dash": "dot", "color": "#111827", "width": 1.5}})
+    if reco is not None:
+        fig.traces.append({"type": "scatter", "mode": "markers", "name": f"recommended: {reco['strategy']}",
+                           "x": [reco[xkey] / xscale], "y": [reco["retention"]], "hoverinfo": "skip",
+                           "marker": {"symbol": SYMBOLS["recommended"], "size": 20, "color": "rgba(250,204,21,0.85)",
+                                      "line": {"width": 1.5, "color": "#92400e"}}})
+    if any(not r["feasible"] for r in pts):             # what × means, once, in the legend
+        fig.traces.append({"type": "scatter", "mode": "markers", "name": "× does not fit or breaks a goal",
+                           "x": [None], "y": [None], "hoverinfo": "skip",
+                           "marker": {"symbol": SYMBOLS["infeasible"], "size": 9, "color": "#6b7280",
+                                      "line": {"width": 2, "color": "#6b7280"}}})
     if limit:
         vline(fig, limit / xscale, limit_label)
+    if fp:
+        xr, yr = _view(fp, xkey, xscale, limit)
+        fig.layout["xaxis"]["range"], fig.layout["yaxis"]["range"] = xr, yr
+        out = sum(1 for r in pts if not (xr[0] <= r[xkey] / xscale <= xr[1] and yr[0] <= r["retention"] <= yr[1]))
+        if out:
+            fig.layout.setdefault("annotations", []).append(
+                {"text": f"zoomed to the feasible strategies: {out} other point(s) outside (double-click to see all)",
+                 "x": 1, "y": 1.0, "xref": "paper", "yref": "paper", "xanchor": "right", "yanchor": "top",
+                 "showarrow": False, "font": {"size": 10.5, "color": "#6b7280"}})
     return fig
 
 
@@ -307,7 +351,7 @@ def memory_vs_accuracy(rs: list[dict], view: str = MEMORY_VIEWS[0], gpu_bytes=No
         key, limit, label = "serve_bytes", serve_bytes, f"{serve_name}: {(serve_bytes or 0) / GB:.1f} GB"
 
         def hover(r):
-            return f"serving {r['serve_bytes'] / GB:.2f} GB<br>{_wrap(r['serve_source'])}"
+            return f"serving {r['serve_bytes'] / GB:.2f} GB<br>{_wrap(r['serve_source'], 70, 2)}"
         title = f"Serving memory vs accuracy ({serve_name})"
     else:
         key, limit, label = "peak_bytes", gpu_bytes, f"{gpu_name}: {(gpu_bytes or 0) / GB:.1f} GB per GPU"
@@ -321,7 +365,7 @@ def memory_vs_accuracy(rs: list[dict], view: str = MEMORY_VIEWS[0], gpu_bytes=No
 
 def latency_vs_accuracy(rs: list[dict], goal_ms=None, device_name="target") -> Fig:
     def hover(r):
-        return f"{r['ms_per_token']:.1f} ms/token on {device_name}<br>{_wrap(r['serve_source'])}"
+        return f"{r['ms_per_token']:.1f} ms/token on {device_name}<br>{_wrap(r['serve_source'], 70, 2)}"
     return _vs_accuracy(rs, "ms_per_token", f"Latency vs accuracy ({device_name})", "decode latency, ms per token",
                         goal_ms, f"goal {goal_ms:g} ms/token" if goal_ms else "", "lat-vs-acc", 1.0, hover)
 

@@ -148,7 +148,8 @@ def _scenario_section(d: dict) -> list:
     body += [[f"goal: {k}", v] for k, v in goals.items() if v is not None]
     body.append(["symptoms", ", ".join(s.get("symptoms") or []) or "—"])
     return [table(["input", "value"], body, "kv"), text("The scenario file as the advisor read it:"),
-            code(yaml.safe_dump(s, sort_keys=False, allow_unicode=True), "yaml")]
+            code(yaml.safe_dump({k: v for k, v in s.items() if v not in ("", None, [], {})}, sort_keys=False,
+                                allow_unicode=True), "yaml")]
 
 
 def _recommendation_section(d: dict) -> list:
@@ -238,13 +239,14 @@ def fig_tables(fig: dict) -> list:
     if not data:
         return [text("(no data: " + "; ".join(notes) + ")")]
     out = []
-    pts = [t for t in data if t.get("type") == "scatter" and t.get("mode") == "markers"]
+    # the strategy points (engine.charts puts each point's strategy id in customdata; text names only some)
+    pts = [t for t in data if t.get("type") == "scatter" and t.get("customdata")]
     if pts:
         xt = ((layout.get("xaxis") or {}).get("title") or {}).get("text", "x")
         body = []
         for t in pts:
             e = t.get("error_y") or {}
-            for i, s in enumerate(t.get("text") or []):
+            for i, s in enumerate(t["customdata"]):
                 y = t["y"][i]
                 lo = y - e["arrayminus"][i] if e.get("arrayminus") else y
                 hi = y + e["array"][i] if e.get("array") else y
@@ -411,7 +413,8 @@ table{border-collapse:collapse;margin:8px 0 14px;font-size:12.5px}th,td{border:1
 text-align:left;vertical-align:top}th{background:#f3f4f6}table.kv td:first-child{font-weight:600;white-space:nowrap}
 table.matrix td:nth-child(10){font-size:11px;color:#6b7280;min-width:260px;max-width:520px}
 table.matrix tr.reco td{background:#e0e7ff;font-weight:600}table.matrix tr.infeasible td{color:#9ca3af}
-pre{background:#f9fafb;border:1px solid #e5e7eb;padding:10px;overflow-x:auto;font-size:12px}
+pre{background:#f9fafb;border:1px solid #e5e7eb;padding:10px;overflow-x:auto;font-size:12px;white-space:pre-wrap;
+overflow-wrap:anywhere}
 .meta,.muted{color:#6b7280}.verdict{font-size:16px;font-weight:600}nav a{margin-right:12px}
 .chart{width:100%;min-height:380px;border:1px solid #f3f4f6;margin-bottom:8px}
 """

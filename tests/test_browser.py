@@ -237,6 +237,14 @@ def test_compare_two_finished_runs(page, app):
     while store.get_run(second)["status"] in ("queued", "running") and time.monotonic() < deadline:
         time.sleep(0.5)
     assert store.get_run(second)["status"] == "finished", store.get_run(second)["reason"]
+    # the demo model was built (fresh home) as its own step before a stage started, never inside one
+    built = []
+    for rid in (first, second):
+        types = [e["type"] + (":done" if e.get("done") else "") for e in store.events(rid)]
+        if "prepare:done" in types:
+            assert types.index("prepare:done") < types.index("stage_started"), types
+            built.append(rid)
+    assert built, "no run reported building the demo model"
     tab(page, "5 · Compare")
     page.get_by_role("button", name="Refresh").last.click()
     page.wait_for_timeout(500)

@@ -1,5 +1,6 @@
 """Decision matrix handlers over the real advisor: every strategy a row, figures carried over
 exactly, the recommendation highlighted, reasons and 'what would change' shown, bad input inline."""
+import html
 import time
 
 import pytest
@@ -51,8 +52,8 @@ def test_latency_cells_name_the_serving_runtime(result):
 
 
 def test_rows_say_where_accuracy_and_memory_figures_come_from(result):
-    df = matrix.table(charts.rows(result)).data
-    for entry, r, cell in zip(result["ranked"], charts.rows(result), df["accuracy from"]):
+    for entry, r in zip(result["ranked"], charts.rows(result)):
+        cell = r["acc_from"]                                                 # the details view shows it
         acc = entry["estimates"]["accuracy"]
         assert r["acc_run"] is None                                          # no runs in these tests
         if acc.get("interval") == "exact":                                   # 16-bit: its own reference
@@ -67,18 +68,47 @@ def test_rows_say_where_accuracy_and_memory_figures_come_from(result):
 
 def test_table_highlights_the_recommendation(result):
     rs = charts.rows(result)
-    styler = matrix.table(rs)
+    styler = matrix.table(rs, show_infeasible=True)
     df = styler.data
-    assert list(df.columns) == matrix.COLUMNS and len(df) == len(rs)
+    assert list(df.columns) == matrix.COLUMNS and len(df) == len(rs) and len(matrix.WIDTHS) == len(matrix.COLUMNS)
     ctx = styler._compute().ctx                          # the CSS pandas will render per cell
     reco = matrix.recommended(result)
-    for i, r in enumerate(rs):
+    by = {r["strategy"]: r for r in rs}
+    for i, sid in enumerate(df["strategy"]):
         css = " ".join(v for (row, _), props in ctx.items() if row == i for p in props for v in p)
-        if r["strategy"] == reco:
+        if sid == reco:
             assert "#e0e7ff" in css
-        elif not r["feasible"]:
-            assert "#9ca3af" in css
-    assert (df["feasible"] == "✓").sum() == sum(r["feasible"] for r in rs)
+        elif not by[sid]["feasible"]:
+            assert "#6b7280" in css
+    assert (df["fits"] == "✓").sum() == sum(r["feasible"] for r in rs)
+
+
+def test_table_groups_families_and_collapses_the_infeasible(result):
+    rs = charts.rows(result)
+    df = matrix.table(rs).data
+    feas = [r for r in rs if r["feasible"]]
+    assert sorted(df["strategy"]) == sorted(r["strategy"] for r in feas)      # infeasible ones collapsed
+    fams = list(df["family"])
+    assert all(fams.index(f) + fams.count(f) - 1 == len(fams) - 1 - fams[::-1].index(f) for f in set(fams))
+    assert df["strategy"].iloc[0] == matrix.recommended(result)             # the best family first
+    bad = [r for r in rs if not r["feasible"]]
+    note = matrix.infeasible_html(result, rs)
+    assert f"{len(bad)} infeasible" in note and all(r["strategy"] in note for r in bad[:3])
+    # memory as a bar against the device, from the tightest stage
+    r0 = feas[0]
+    s = matrix.binding_stage(r0)
+    assert f"{100 * s['bytes'] / s['limit']:.0f}% {s['stage']}" in df["peak memory / limit"].iloc[0]
+    cards = matrix.top_html(result, rs)
+    assert cards.count("data-strategy=") == min(3, len(feas)) and "recommended" in cards
+
+
+def test_nothing_feasible_never_says_none():
+    res = recommend(wizard.scenario_from_form(wizard.load_example("llama-70b-too-big")))
+    rs = charts.rows(res)
+    banner = matrix.banner_html(res, rs)
+    assert "None" not in banner
+    if not any(r["feasible"] for r in rs):
+        assert "No strategy is feasible" in banner and "No strategy is feasible" in matrix.top_html(res, rs)
 
 
 def test_summary_change_and_detail_views(result):
@@ -93,7 +123,11 @@ def test_summary_change_and_detail_views(result):
     w = result["what_would_change"]
     change = matrix.change_html(result)
     assert "What would change the answer" in change
-    assert w["summary"].split(":")[0] in change
+    assert w["summary"].split(";")[0].split(":")[0] in change
+    items = change.split("<li>")[1:]
+    assert len(items) == len(set(items))                      # nothing said twice
+    if w.get("runner_up"):
+        assert change.count(html.escape(charts.reason_text(w["runner_up"]))) == 1
     for sid in (reco or rs[0]["strategy"], rs[-1]["strategy"]):
         d = matrix.detail_html(result, sid)
         entry = next(e for e in result["ranked"] if e["strategy"] == sid)
@@ -120,7 +154,9 @@ def test_recompute_fills_every_output_and_is_fast():
     assert scn["model"] == "llama-3.1-8b" and res["recommended"] == matrix.recommended(res)
     assert "model: llama-3.1-8b" in out["scenario_yaml"]
     assert "tq-ok" in out["model_msg"] and "llama-3.1-8b" in out["model_msg"]   # next to the field
-    assert len(out["table"].data) == len(strategies.ids())
+    n_ok = sum(e["feasible"] for e in res["ranked"])
+    assert len(out["table"].data) == n_ok and f"{len(strategies.ids()) - n_ok} infeasible" in out["infeasible"]
+    assert len(layout._recompute(form, show_all=True)[layout.PLAN_KEYS.index("table")].data) == len(strategies.ids())
     assert "server time" in out["timing"]
     reco = matrix.recommended(res)
     if reco:

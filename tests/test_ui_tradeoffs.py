@@ -40,15 +40,15 @@ def test_memory_vs_accuracy_serving_view():
     assert isinstance(fig, Fig)
     json.loads(fig.to_json())                                       # valid Plotly JSON
     assert fig.layout["uirevision"] == "mem-vs-acc-serve_bytes"     # zoom kept while inputs change
-    pts = {t: (x, y) for tr in fig.traces if tr.get("mode") == "markers"
-           for t, x, y in zip(tr["text"], tr["x"], tr["y"])}
+    pts = {t: (x, y) for tr in fig.traces if tr.get("customdata")
+           for t, x, y in zip(tr["customdata"], tr["x"], tr["y"])}
     assert pts["nf4"] == (pytest.approx(5.5), 0.97) and pts["full"] == (pytest.approx(16.0), 1.0)
     front = next(tr for tr in fig.traces if tr["name"].startswith("Pareto"))
     assert front["x"] == pytest.approx([4.5, 5.5, 9.0, 16.0])      # the infeasible 'full' is not on it
     assert fig.layout["shapes"][0]["x0"] == pytest.approx(15.5)     # the device's memory line
     assert "T4: 15.5 GB" in fig.layout["annotations"][0]["text"]
     ptq = next(tr for tr in fig.traces if tr["name"] == "ptq-only")
-    i = ptq["text"].index("nf4")
+    i = ptq["customdata"].index("nf4")
     assert ptq["error_y"]["array"][i] == pytest.approx(0.01) and ptq["error_y"]["arrayminus"][i] == pytest.approx(0.02)
     assert "fit on 12 results for nf4" in ptq["hovertext"][i] and "estimate infer" in ptq["hovertext"][i]
     nc = next(tr for tr in fig.traces if tr["name"] == "finetune-only")
@@ -60,7 +60,7 @@ def test_pipeline_view_and_latency_goal():
               {"stage": "serve", "bytes": 6 * GB, "breakdown": {}, "source": "infer nf4"}]
     rs = ROWS + [row("qlora", "quantize-then-finetune", True, 6.0, 0.985, 0.97, 0.99, ms=21, rank=7, stages=stages)]
     fig = tradeoffs.memory_vs_accuracy(rs, tradeoffs.MEMORY_VIEWS[1], gpu_bytes=24 * GB, gpu_name="RTX 4090")
-    xs = [x for tr in fig.traces if tr.get("mode") == "markers" for x in tr["x"]]
+    xs = [x for tr in fig.traces if tr.get("customdata") for x in tr["x"]]
     assert xs == [pytest.approx(20.0)]                             # only strategies with a train/calibrate stage
     assert fig.layout["shapes"][0]["x0"] == pytest.approx(24.0)
     lat = tradeoffs.latency_vs_accuracy(ROWS, goal_ms=25, device_name="T4")
@@ -97,3 +97,31 @@ def test_cost_chart_and_empty_states():
     none = tradeoffs.cost_chart([row("c", "ptq-only", True, 1, 1, 1, 1)])
     assert none["data"] == [] and "no cost estimates" in none.layout["annotations"][0]["text"]
     assert tradeoffs.memory_vs_accuracy([]).traces == []
+
+
+def test_points_that_matter_are_named_the_recommendation_marked_and_the_view_on_the_feasible():
+    """One far outlier (a 2-bit model at 0.70) must not squeeze the feasible strategies into a sliver."""
+    rs = ROWS + [row("gptq-2", "ptq-only", False, 3.0, 0.70, 0.60, 0.78, ms=15, rank=8)]
+    fig = tradeoffs.latency_vs_accuracy(rs, goal_ms=50, device_name="T4")
+    ptq = next(tr for tr in fig.traces if tr["name"] == "ptq-only")
+    labels = {c: t for c, t in zip(ptq["customdata"], ptq["text"])}
+    assert labels["nf4"] == "nf4" and labels["int8"] == "int8" and labels["awq"] == "awq"    # the 3 best ranked
+    assert labels["gptq-3"] == "gptq-3"                            # on the Pareto front
+    assert labels["gptq-2"] == ""                                  # infeasible, not in the top: no label
+    star = next(tr for tr in fig.traces if tr["name"].startswith("recommended"))
+    assert star["name"] == "recommended: nf4" and star["marker"]["symbol"] == "star"
+    assert (star["x"], star["y"]) == ([20], [0.97])
+    lo, hi = fig.layout["yaxis"]["range"]
+    # the bulk of the feasible ones (within 0.05 of their median 0.97: 0.96 .. 1.0), padded
+    assert 0.93 < lo < 0.96 and hi >= 1.0
+    assert fig.layout["xaxis"]["range"][1] >= 50                   # the goal line stays in view
+    assert any("2 other point(s) outside" in a["text"] for a in fig.layout["annotations"])   # gptq-3, gptq-2
+    # a feasible outlier (no retention goal) does not set the axis either; the best ranked is always in view
+    rs2 = [dict(r, feasible=True, blocked_by=[]) if r["strategy"] == "gptq-2" else r for r in rs]
+    lo2, _ = tradeoffs.latency_vs_accuracy(rs2, goal_ms=50).layout["yaxis"]["range"]
+    assert lo2 > 0.9
+    rs3 = [dict(r, retention=0.8, ret_low=0.7, ret_high=0.9) if r["strategy"] == "nf4" else r for r in rs]
+    lo3, _ = tradeoffs.latency_vs_accuracy(rs3, goal_ms=50).layout["yaxis"]["range"]
+    assert lo3 < 0.8
+    assert any(tr["name"].startswith("× does not fit") for tr in fig.traces)   # the symbol explained
+    assert fig.layout["hoverlabel"]["font"]["size"] == 11

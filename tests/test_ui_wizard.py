@@ -40,7 +40,8 @@ def test_every_example_round_trips_through_the_form(name):
     scn = wizard.scenario_from_form(form)
     want = parse_scenario(raw).to_dict()
     got = parse_scenario(scn).to_dict()
-    for key in ("model", "task", "examples", "seq_len", "hardware", "deploy", "goals", "symptoms"):
+    for key in ("model", "task", "examples", "seq_len", "hardware", "deploy", "goals", "symptoms", "name",
+                "description"):
         assert got[key] == want[key], (name, key)
     assert wizard.example_summary(path)            # the comment that says what to conclude
 

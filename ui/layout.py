@@ -16,12 +16,13 @@ from engine.errors import InputError
 from engine.runs import api
 from ui import calibration, compare, matrix, report, runs, wizard
 from ui.common import MAX_UPLOAD, error_md, ok_md, public_demo, unexpected_md
-from ui.theme import CSS, THEME
+from ui.theme import CLIENT_JS, CSS, THEME
 
-LAUNCH_KW = {"theme": THEME, "css": CSS, "max_file_size": MAX_UPLOAD}
+LAUNCH_KW = {"theme": THEME, "css": CSS, "js": CLIENT_JS, "max_file_size": MAX_UPLOAD}
 # what _recompute returns, in order (the outputs of every wizard change)
 PLAN_KEYS = ("scenario", "result", "scenario_yaml", "summary", "model_msg", "data_msg", "hw_msg", "goals_msg",
-             "banner", "table", "change", "pick", "mem", "lat", "breakdown", "cost", "timing", "detail")
+             "banner", "top", "table", "infeasible", "change", "pick", "mem", "lat", "breakdown", "cost", "timing",
+             "detail")
 POLL_S = 1.0          # the attached run's events
 HISTORY_S = 5.0       # the history table
 URL_RUN_JS = """(run_id) => {
@@ -149,11 +150,12 @@ def _matrix_tab():
         c["report_download"] = gr.DownloadButton("Download report", visible=False, elem_id="report_download",
                                                  variant="primary", scale=1, min_width=160)
     c["report_msg"] = gr.HTML(elem_id="report_msg")
+    c["top"] = gr.HTML(elem_id="matrix_top")           # the strategies that decide, as cards
+    c["show_all"] = gr.Checkbox(False, label="List the infeasible strategies in the table too", elem_id="show_all")
     c["table"] = gr.Dataframe(headers=matrix.COLUMNS, interactive=False, wrap=True, max_height=620,
-                              label="Decision matrix (click a row for its details)", elem_id="matrix_table",
-                              # one width per matrix.COLUMNS entry (17), summing to 100%
-                              column_widths=["2%", "8%", "6%", "3%", "10%", "6%", "5%", "7%", "4%", "7%", "7%",
-                                             "4%", "4%", "4%", "4%", "14%", "5%"])
+                              label="Decision matrix: feasible strategies by family (click a row for its details)",
+                              elem_id="matrix_table", column_widths=matrix.WIDTHS)
+    c["infeasible"] = gr.HTML(elem_id="matrix_infeasible")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             c["change"] = gr.HTML(elem_id="matrix_change")
@@ -245,8 +247,9 @@ def _runs_tab():
                                     column_widths=["18%", "36%", "32%", "14%"])
     c["log"] = gr.Textbox(label="Log tail", lines=10, max_lines=10, autoscroll=True, interactive=False,
                           elem_id="run_log", elem_classes=["tq-log"])
-    c["history"] = gr.Dataframe(label="History (every run, newest first)", interactive=False, max_height=360,
-                                elem_id="run_history", wrap=True)
+    # an HTML table with fixed column widths: a long reason wraps in its column instead of widening the
+    # page (Gradio's Dataframe sized its columns to their content: 1380 px at a 1280 px window)
+    c["history"] = gr.HTML(runs.history_html([]), elem_id="run_history")
     c["view"] = gr.State(runs.new_view(None))
     c["timer"] = gr.Timer(POLL_S, active=False)
     c["history_timer"] = gr.Timer(HISTORY_S)        # other runs' statuses (another tab, the CLI)
@@ -325,23 +328,27 @@ def build_app() -> gr.Blocks:
         # browser until the step is shown, so a recompute that read the components would mix two
         # scenarios after an example pick (and a pick that sets ~20 fields fired ~20 recomputes).
         form = gr.State(dict(wizard.DEFAULT_FORM))
-        plan_extra = [T["mem_view"], T["shown"]]
+        plan_extra = [T["mem_view"], T["shown"], M["show_all"]]
 
         where = {"scenario": scenario, "result": result, **{k: W[k] for k in ("scenario_yaml", "summary", "model_msg",
                                                                                "data_msg", "hw_msg", "goals_msg")},
-                 "banner": M["banner"], "table": M["table"], "change": M["change"], "pick": M["pick"],
+                 "banner": M["banner"], "top": M["top"], "table": M["table"], "infeasible": M["infeasible"],
+                 "change": M["change"], "pick": M["pick"],
                  "detail": M["detail"], **{k: T[k] for k in ("mem", "lat", "breakdown", "cost", "timing")}}
         plan_outputs = [where[k] for k in PLAN_KEYS]
         plan_kw = {"trigger_mode": "always_last", "show_progress": "hidden", "concurrency_limit": 8}
 
         # -- scenario -> advisor -> matrix + charts (one handler: they never disagree)
-        def recompute(f, view, shown):
-            return [f] + _recompute(f or dict(wizard.DEFAULT_FORM), view, shown)
+        def recompute(f, view, shown, show_all=False):
+            return [f] + _recompute(f or dict(wizard.DEFAULT_FORM), view, shown, show_all)
         demo.load(recompute, [form] + plan_extra, [form] + plan_outputs, **plan_kw)
 
         def edit(key):
-            def edited(f, value, view, shown):
-                return recompute({**(f or wizard.DEFAULT_FORM), key: value}, view, shown)
+            def edited(f, value, view, shown, show_all):
+                f = {**(f or wizard.DEFAULT_FORM), key: value}
+                if f.get("name") and not f["name"].endswith(" (edited)"):
+                    f["name"] += " (edited)"                 # no longer the example as it was written
+                return recompute(f, view, shown, show_all)
             edited.__name__ = f"edit_{key}"
             return edited
         for k in wizard.FIELDS:
@@ -362,11 +369,11 @@ def build_app() -> gr.Blocks:
                            queue=False)
 
         # -- serving target: devices of that kind; one recompute with both fields set
-        def target_chosen(f, target, view, shown):
+        def target_chosen(f, target, view, shown, show_all):
             f = {**(f or wizard.DEFAULT_FORM), "target": target}
             ids = [k for _, k in wizard.device_choices(target)]
             f["deploy_device"] = f.get("deploy_device") if f.get("deploy_device") in ids else (ids[0] if ids else None)
-            return [gr.update(value=f["deploy_device"], interactive=bool(ids))] + recompute(f, view, shown)
+            return [gr.update(value=f["deploy_device"], interactive=bool(ids))] + recompute(f, view, shown, show_all)
         W["target"].input(target_chosen, [form, W["target"]] + plan_extra, [W["deploy_device"], form] + plan_outputs,
                           **plan_kw)
 
@@ -387,10 +394,10 @@ def build_app() -> gr.Blocks:
                                  [W["dataset_msg"], W["data_preview"], W["use_rows"], W["dataset_rows"],
                                   W["dataset_path"], R["data_path"]])
 
-        def use_rows(f, n, view, shown):
+        def use_rows(f, n, view, shown, show_all):
             if not n:
                 return [gr.update(), gr.update(visible=False)] + [gr.skip() for _ in range(1 + len(plan_outputs))]
-            return [n, gr.update(visible=False)] + edit("examples")(f, n, view, shown)
+            return [n, gr.update(visible=False)] + edit("examples")(f, n, view, shown, show_all)
         W["use_rows"].click(use_rows, [form, W["dataset_rows"]] + plan_extra,
                             [W["examples"], W["use_rows"], form] + plan_outputs)
 
@@ -399,7 +406,7 @@ def build_app() -> gr.Blocks:
         ex_outputs = ([W[k] for k in ex_fields] + [W["config_file"], W["dataset_file"], W["dataset_msg"],
                       W["data_preview"], W["use_rows"], W["example_note"], form] + plan_outputs)
 
-        def load_example(name, view, shown):
+        def load_example(name, view, shown, show_all):
             if not name:
                 return [gr.skip() for _ in ex_outputs]
             try:
@@ -408,7 +415,8 @@ def build_app() -> gr.Blocks:
                 return [error_md(e) if o is W["example_note"] else gr.skip() for o in ex_outputs]
             note = ok_md(f"<b>{name}</b>: {wizard.example_summary(wizard.example_scenarios()[name])}")
             return ([f[k] for k in ex_fields] + [None, None, "", gr.update(value=None, visible=False),
-                                                  gr.update(visible=False), note] + recompute(f, view, shown))
+                                                  gr.update(visible=False), note] + recompute(f, view, shown,
+                                                                                             show_all))
         # .select: once per pick (a dropdown's .input also fires again when it loses focus)
         W["example"].select(load_example, [W["example"]] + plan_extra, ex_outputs, **plan_kw)
         W["to_matrix"].click(lambda: gr.Tabs(selected="matrix"), outputs=tabs, queue=False)
@@ -416,11 +424,16 @@ def build_app() -> gr.Blocks:
         # -- matrix details and "run this"
         M["pick"].change(lambda sid, res: matrix.detail_html(res, sid), [M["pick"], result], M["detail"])
 
-        def table_select(res, evt: gr.SelectData):
+        def table_select(evt: gr.SelectData):      # the row's own strategy id (rows are grouped, not ranked)
+            row = evt.row_value or []
+            sid = row[matrix.COLUMNS.index("strategy")] if len(row) > 1 else None
+            return sid if sid in strategies.ids() else gr.update()
+        M["table"].select(table_select, None, M["pick"])
+
+        def list_all(res, show_all):
             rs = charts.rows(res)
-            i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-            return rs[i]["strategy"] if rs and i is not None and 0 <= i < len(rs) else gr.update()
-        M["table"].select(table_select, result, M["pick"])
+            return matrix.table(rs, show_all), matrix.infeasible_html(res, rs, show_all)
+        M["show_all"].input(list_all, [result, M["show_all"]], [M["table"], M["infeasible"]], show_progress="hidden")
 
         launch_fields = [R[k] for k in runs.LAUNCH_FIELDS]
 
@@ -562,7 +575,7 @@ def build_app() -> gr.Blocks:
 
 # ---- handler bodies (kept out of build_app so tests can call them) -------------------------------------
 
-def _recompute(form: dict, mem_view: str = charts.MEMORY_VIEWS[0], shown=None) -> list:
+def _recompute(form: dict, mem_view: str = charts.MEMORY_VIEWS[0], shown=None, show_all: bool = False) -> list:
     """Wizard form -> scenario -> advisor -> every plan output, in PLAN_KEYS order."""
     t0 = time.perf_counter()
     msgs = {g: "" for g in wizard.GROUPS}
@@ -591,7 +604,8 @@ def _recompute(form: dict, mem_view: str = charts.MEMORY_VIEWS[0], shown=None) -
     out = {"scenario": scn, "result": res, "scenario_yaml": wizard.scenario_yaml(scn),
            "summary": matrix.summary_html(res, rs), "model_msg": msgs["model"], "data_msg": msgs["data"],
            "hw_msg": msgs["hardware"], "goals_msg": msgs["goals"], "banner": matrix.banner_html(res, rs),
-           "table": matrix.table(rs), "change": matrix.change_html(res),
+           "top": matrix.top_html(res, rs), "table": matrix.table(rs, show_all),
+           "infeasible": matrix.infeasible_html(res, rs, show_all), "change": matrix.change_html(res),
            "pick": gr.update(value=reco, choices=[r["strategy"] for r in rs] or strategies.ids()),
            "mem": mem, "lat": lat, "breakdown": breakdown, "cost": cost,
            "detail": matrix.detail_html(res, reco or (rs[0]["strategy"] if rs else None))}
@@ -612,7 +626,8 @@ def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:
     fig = charts.empty("", "fix the scenario to see the charts")
     out = {"scenario": scn, "result": None, "scenario_yaml": wizard.scenario_yaml(scn) if scn else "",
            "summary": err, "model_msg": msgs["model"], "data_msg": msgs["data"], "hw_msg": msgs["hardware"],
-           "goals_msg": msgs["goals"], "banner": err, "table": pd.DataFrame(columns=matrix.COLUMNS), "change": "",
+           "goals_msg": msgs["goals"], "banner": err, "top": "", "table": pd.DataFrame(columns=matrix.COLUMNS),
+           "infeasible": "", "change": "",
            "pick": gr.update(), "mem": fig, "lat": fig, "breakdown": fig, "cost": fig, "timing": "", "detail": ""}
     return [out[k] for k in PLAN_KEYS]
 
@@ -650,6 +665,4 @@ def _live(view_or_pair, run=None, force: bool = False) -> list:
 
 
 def _history():
-    import pandas as pd
-    return pd.DataFrame(runs.history_rows(),
-                        columns=["run", "name", "strategy", "model", "device", "status", "reason", "created", "duration"])
+    return runs.history_html(runs.history_rows())

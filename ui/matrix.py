@@ -12,11 +12,13 @@ import html
 import time
 
 from engine import charts, strategies
-from ui.common import duration, error_md, gb, num, usd
+from ui.common import GB, duration, error_md, gb, num, usd
 
-COLUMNS = ["#", "strategy", "family", "feasible", "why not", "train mem / GPU", "calibrate mem",
-           "serve mem / device", "ms/token", "retention [interval]", "accuracy from", "train time", "one-off cost",
-           "serve $/M tok", "score", "rules fired", "mem/speed calibration"]
+# fewer, wider columns (the details view has every figure with its source: calibration memory, train
+# time, rules fired, where accuracy comes from, the calibration status)
+COLUMNS = ["#", "strategy", "family", "fits", "peak memory / limit", "ms/token", "retention [interval]",
+           "one-off $", "serve $/M tok", "score", "why (or the binding limit)"]
+WIDTHS = ["3%", "13%", "10%", "4%", "17%", "6%", "11%", "6%", "6%", "5%", "19%"]
 
 
 def recommend(scenario: dict) -> tuple[dict | None, float, str]:
@@ -29,30 +31,29 @@ def recommend(scenario: dict) -> tuple[dict | None, float, str]:
 
 # ---- the advisor's entry -> the figures shown ------------------------------------------------
 
-def table(rs: list[dict]):
-    """The matrix as a pandas Styler: recommended row highlighted, infeasible rows greyed."""
+def table(rs: list[dict], show_infeasible: bool = False):
+    """The matrix as a pandas Styler: feasible strategies grouped by family (families in the order of
+    their best rank, rank order inside), the recommended row highlighted; the infeasible ones (grey,
+    rank order) only with ``show_infeasible`` (the page says how many there are and what binds them)."""
     import pandas as pd
-    data = []
-    for r in rs:
-        ret = "—" if r["retention"] is None else (
-            f"{r['retention']:.3f} [{num(r['ret_low'], '{:.3f}')}–{num(r['ret_high'], '{:.3f}')}]")
-        data.append({
-            "#": r["rank"], "strategy": r["strategy"], "family": r["family"],
-            "feasible": "✓" if r["feasible"] else "✗",
-            "why not": "; ".join(_short(t) for t in r["why_not"]),
-            "train mem / GPU": _vs(r["train_bytes"], r["train_limit"]),
-            "calibrate mem": gb(r["quant_bytes"]) if r["quant_bytes"] else "—",
-            "serve mem / device": _vs(r["serve_bytes"], r["serve_limit"]),
-            "ms/token": num(r["ms_per_token"], "{:.1f}") + (f" · {r['runtime']}" if r.get("runtime") else ""),
-            "retention [interval]": ret,
-            "accuracy from": r["acc_from"],
-            "train time": duration(r["train_time_s"]) if r["train_time_s"] else "—",
-            "one-off cost": usd(r["train_usd"]) if r["train_usd"] else "—",
-            "serve $/M tok": usd(r["serve_usd_mtok"]),
-            "score": num(r["score"], "{:.3f}"),
-            "rules fired": ", ".join(r["rules"]) or "—",
-            "mem/speed calibration": r["calibration"],
-        })
+    feas = [r for r in rs if r["feasible"]]
+    first = {}
+    for r in feas:
+        first.setdefault(r["family"], r["rank"])
+    shown = sorted(feas, key=lambda r: (first[r["family"]], r["rank"]))
+    if show_infeasible:
+        shown += [r for r in rs if not r["feasible"]]
+    data = [{
+        "#": r["rank"], "strategy": r["strategy"], "family": r["family"],
+        "fits": "✓" if r["feasible"] else "✗",
+        "peak memory / limit": memory_bar(r),
+        "ms/token": num(r["ms_per_token"], "{:.1f}") + (f" · {r['runtime']}" if r.get("runtime") else ""),
+        "retention [interval]": retention_text(r),
+        "one-off $": usd(r["train_usd"]) if r["train_usd"] else "—",
+        "serve $/M tok": usd(r["serve_usd_mtok"]),
+        "score": num(r["score"], "{:.2f}"),
+        "why (or the binding limit)": why_line(r, 90),
+    } for r in shown]
     df = pd.DataFrame(data, columns=COLUMNS)
     if not rs:
         return df
@@ -61,10 +62,42 @@ def table(rs: list[dict]):
     def style(s):
         if s["strategy"] == reco:
             return ["background-color: #e0e7ff; font-weight: 600"] * len(s)
-        if s["feasible"] == "✗":
-            return ["color: #9ca3af"] * len(s)
+        if s["fits"] == "✗":
+            return ["color: #6b7280; background-color: #f9fafb"] * len(s)
         return [""] * len(s)
     return df.style.apply(style, axis=1)
+
+
+def retention_text(r: dict) -> str:
+    if r["retention"] is None:
+        return "—"
+    return f"{r['retention']:.3f} [{num(r['ret_low'], '{:.3f}')}–{num(r['ret_high'], '{:.3f}')}]"
+
+
+def binding_stage(r: dict) -> dict | None:
+    """The stage whose memory is closest to (or furthest over) its device's limit."""
+    st = [s for s in r["stages"] if s.get("bytes") and s.get("limit")]
+    return max(st, key=lambda s: s["bytes"] / s["limit"]) if st else None
+
+
+def memory_bar(r: dict, width: int = 8) -> str:
+    """The tightest stage's memory against its device's limit as a text bar: '██████░░ 77% train 18.2/23.6 GB'."""
+    s = binding_stage(r)
+    if s is None:
+        return "—"
+    frac = s["bytes"] / s["limit"]
+    full = min(width, round(frac * width))
+    bar = "█" * full + "░" * (width - full) + ("▶" if frac > 1 else "")
+    return f"{bar} {100 * frac:.0f}% {s['stage']} {s['bytes'] / GB:.1f}/{gb(s['limit'])}"
+
+
+def why_line(r: dict, n: int = 140) -> str:
+    """One line: for a feasible strategy its first deciding reason (a rule or a goal it meets), for
+    an infeasible one the limit or goal that blocks it."""
+    if not r["feasible"]:
+        return _short(r["why_not"][0], n) if r["why_not"] else "not feasible"
+    told = [t for t in r["why"] if not t.startswith(("ok:", "score "))]
+    return _short((told or [t for t in r["why"] if not t.startswith("score ")] or ["—"])[0], n)
 
 
 def _short(text: str, n: int = 110) -> str:
@@ -138,9 +171,74 @@ def banner_html(result: dict | None, rs: list[dict]) -> str:
         return ""
     n_ok = sum(r["feasible"] for r in rs)
     reco = recommended(result)
-    return (f"<div class='tq-muted'>{len(rs)} strategies, {n_ok} feasible on this hardware. "
-            f"Recommended (highlighted): <b>{html.escape(str(reco))}</b>. Grey rows do not fit or break a goal; "
-            f"the reasons say which limit or rule decided.</div>")
+    if reco:
+        what = f"Recommended (highlighted): <b>{html.escape(str(reco))}</b>."
+    else:
+        w = result.get("what_would_change") or {}
+        what = ("<b>No strategy is feasible</b>" + (f": {html.escape(str(w.get('summary')))}" if w.get("summary")
+                                                   else "; the reasons below say which limit binds each one") + ".")
+    return (f"<div class='tq-muted'>{len(rs)} strategies, {n_ok} feasible on this hardware. {what} "
+            f"Click a row for everything about it.</div>")
+
+
+def top_html(result: dict | None, rs: list[dict], n: int = 3) -> str:
+    """The strategies that decide, as cards: fits (memory bars against each device), ms/token on the
+    serving device, retention with its interval, cost, score, and one line of why."""
+    if not result or not rs:
+        return ""
+    feas = [r for r in rs if r["feasible"]][:n]
+    if not feas:
+        best = rs[0]
+        return ("<div class='tq-cards' id='top-cards'><div class='tq-card tq-card-none'><b>No strategy is feasible"
+                f"</b><div class='tq-src'>closest: #{best['rank']} {html.escape(best['name'])}</div>"
+                f"<div>{html.escape(why_line(best, 200))}</div></div></div>")
+    reco = recommended(result)
+    cards = []
+    for r in feas:
+        bars = "".join(_bar_html(s) for s in r["stages"] if s.get("bytes") and s.get("limit"))
+        cost = (f"one-off {usd(r['train_usd'])}" if r["train_usd"] else "no one-off cost") + \
+            f" · serve {usd(r['serve_usd_mtok'])}/M tok"
+        cards.append(
+            f"<div class='tq-card{' tq-card-reco' if r['strategy'] == reco else ''}' data-strategy="
+            f"'{html.escape(r['strategy'], quote=True)}'>"
+            f"<div class='tq-card-head'><span class='tq-rank'>#{r['rank']}</span> <b>{html.escape(r['name'])}</b>"
+            f"{' <span class=tq-pill>recommended</span>' if r['strategy'] == reco else ''}</div>"
+            f"<div class='tq-src'>{html.escape(r['strategy'])} · {html.escape(str(r['family']))}</div>"
+            f"<div class='tq-card-nums'><span><i>fits</i><b>✓</b></span>"
+            f"<span><i>ms/token{(' · ' + html.escape(r['runtime'])) if r.get('runtime') else ''}</i>"
+            f"<b>{num(r['ms_per_token'], '{:.1f}')}</b></span>"
+            f"<span><i>retention</i><b>{num(r['retention'], '{:.3f}')}</b>"
+            f"<small>[{num(r['ret_low'], '{:.3f}')}–{num(r['ret_high'], '{:.3f}')}]</small></span>"
+            f"<span><i>score</i><b>{num(r['score'], '{:.2f}')}</b></span></div>"
+            f"{bars}<div class='tq-card-cost'>{html.escape(cost)}</div>"
+            f"<div class='tq-card-why'>{html.escape(why_line(r, 160))}</div></div>")
+    return f"<div class='tq-cards' id='top-cards'>{''.join(cards)}</div>"
+
+
+def _bar_html(s: dict) -> str:
+    frac = s["bytes"] / s["limit"]
+    color = "#16a34a" if frac <= 0.85 else "#d97706" if frac <= 1 else "#dc2626"
+    return (f"<div class='tq-mem'><span class='tq-mem-label'>{html.escape(str(s['stage']))}</span>"
+            f"<span class='tq-mem-track'><span class='tq-mem-fill' style='width:{min(100, 100 * frac):.0f}%;"
+            f"background:{color}'></span></span><span class='tq-mem-val'>{gb(s['bytes'])} / {gb(s['limit'])}"
+            f"</span></div>")
+
+
+def infeasible_html(result: dict | None, rs: list[dict], shown: bool = False) -> str:
+    """How many strategies are collapsed out of the table and what binds them, by limit or goal."""
+    bad = [r for r in rs if not r["feasible"]]
+    if not result or not bad:
+        return ""
+    groups: dict[str, list[dict]] = {}
+    for r in bad:
+        groups.setdefault(", ".join(r["blocked_by"]) or "other", []).append(r)
+    items = "".join(
+        f"<li><b>{html.escape(k)}</b> ({len(v)}): {', '.join(html.escape(x['strategy']) for x in v[:8])}"
+        f"{' …' if len(v) > 8 else ''} — <span class='tq-src'>e.g. {html.escape(why_line(v[0], 150))}</span></li>"
+        for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1])))
+    state = "shown in grey below the feasible ones" if shown else "hidden from the table (tick the box to list them)"
+    return (f"<div class='tq-infeasible' id='infeasible'><b>{len(bad)} infeasible</b> ({state}), by what binds "
+            f"them:<ul>{items}</ul></div>")
 
 
 def change_html(result: dict | None) -> str:
@@ -153,11 +251,20 @@ def change_html(result: dict | None) -> str:
         return ""
     if not isinstance(w, dict):
         return f"<div class='tq-change'><b>What would change the answer</b>{_ul([str(w)])}</div>"
-    items = [html.escape(str(w.get("summary") or ""))]
+    # the summary strings the items below together: keep only its parts that no item says again
+    later = [charts.reason_text(a) for a in w.get("alternatives") or []]
+    later += [charts.reason_text(w["runner_up"])] if w.get("runner_up") else []
+    summary = str(w.get("summary") or "")
+    if w.get("tightest"):                      # said as its own item below, with how much is used
+        summary = summary.split("the tightest limit")[0].rstrip("; ")
+    parts = [p for p in summary.split("; ") if p and not any(p[:40] in x for x in later)]
+    items = [html.escape("; ".join(parts))]
     for alt in w.get("alternatives") or []:
         items.append(html.escape(charts.reason_text(alt)))
     if w.get("runner_up"):
         items.append(html.escape(charts.reason_text(w["runner_up"])))
+    seen: set = set()                          # the summary often is the first alternative, word for word
+    items = [i for i in items if i and not (i in seen or seen.add(i))]
     if w.get("tightest"):
         t = w["tightest"]
         items.append(f"tightest limit of the recommendation: {html.escape(str(t.get('constraint')))} "

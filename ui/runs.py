@@ -309,18 +309,30 @@ def status_html(view: dict, run: dict | None) -> str:
     s = view.get("last_step") or {}
     stage = view.get("stage")
     idx, tot = view.get("stage_index"), view.get("stage_total")
-    stage_txt = f"{stage} ({idx + 1}/{tot})" if stage is not None and idx is not None and tot else (stage or "—")
+    prep = view.get("prepare") or {}
+    if stage is None and prep.get("what") and not prep.get("done") and st in ACTIVE:
+        stage_txt = "preparing" + (f" ({prep.get('step')}/{prep['total']})" if prep.get("total") else "")
+    else:
+        stage_txt = f"{stage} ({idx + 1}/{tot})" if stage is not None and idx is not None and tot else (stage or "—")
     step_txt = f"{s.get('step')}/{s.get('total')}" if s.get("total") else (str(s.get("step")) if s else "—")
     started = run.get("started") or view.get("started_ts")
     ended = run.get("ended") or view.get("ended_ts")
     elapsed = (ended or time.time()) - started if started else None
+    # the last measured loss and speed stay once their stage is over (evaluate has no steps)
+    points = view.get("points") or []
+    loss = s.get("loss") if isinstance(s.get("loss"), (int, float)) else (points[-1][1] if points else None)
+    tps = s.get("tokens_per_s") if isinstance(s.get("tokens_per_s"), (int, float)) else view.get("last_tokens_per_s")
+    last = "" if s else " (last)"
     cells = [("stage", stage_txt), ("step", step_txt),
-             ("loss", f"{s['loss']:.4f}" if isinstance(s.get("loss"), (int, float)) else "—"),
-             ("tokens/s", f"{s['tokens_per_s']:,.0f}" if isinstance(s.get("tokens_per_s"), (int, float)) else "—"),
+             ("loss" + (last if loss is not None else ""), f"{loss:.4f}" if isinstance(loss, (int, float)) else "—"),
+             ("tokens/s" + (last if tps is not None else ""), f"{tps:,.0f}" if isinstance(tps, (int, float)) else "—"),
              ("memory", gb(s.get("mem_bytes"), 2) if s.get("mem_bytes") is not None else "—"),
-             ("ETA", duration(s.get("eta_s")) if st == "running" and s.get("eta_s") is not None else "—"),
-             ("elapsed", duration(elapsed) if elapsed is not None else "—")]
+             ("ETA", duration(s.get("eta_s")) if st == "running" and s.get("eta_s") is not None else "—")]
     grid = "".join(f"<div class='tq-kv'><span>{k}</span><b>{html.escape(str(v))}</b></div>" for k, v in cells)
+    # elapsed: counted on in the browser while the run is active (ui.theme.CLIENT_JS), not only on events
+    live = f" data-start='{started:.3f}'" if started and not ended and st in ACTIVE else ""
+    grid += (f"<div class='tq-kv'><span>elapsed</span><b class='tq-elapsed'{live}>"
+             f"{html.escape(duration(elapsed) if elapsed is not None else '—')}</b></div>")
     reason = view.get("reason") or run.get("reason")
     reason_html = f"<div class='tq-reason'>{html.escape(redact(str(reason)))}</div>" if reason and st != "finished" else ""
     title = (f"<code>{html.escape(view['run_id'])}</code> · {html.escape(run.get('name') or '')} · "
@@ -339,11 +351,28 @@ def stages_html(view: dict, run: dict) -> str:
         names = []
     done = {d.get("index"): d for d in view.get("stages_done", [])}
     items = []
+    prep = view.get("prepare") or {}
+    if prep.get("what"):                       # before the first stage, never part of its time
+        what = html.escape(str(prep["what"]).split(" (")[0])
+        if prep.get("done"):
+            items.append(f"<li class='prep'>⚙ {what} — {duration(prep.get('duration_s'))}</li>")
+        elif view.get("status") in ACTIVE:
+            prog = f" ({prep.get('step')}/{prep['total']})" if prep.get("total") else ""
+            items.append(f"<li class='now'>▶ {what}{prog}</li>")
+        else:
+            items.append(f"<li class='stopped'>■ {what} — not finished</li>")
     for i, name in enumerate(names):
         if i in done:
             d = done[i]
-            items.append(f"<li class='done'>✓ {name} — {duration(d.get('duration_s'))}, peak "
-                         f"{gb(d.get('peak_mem_bytes'), 2)} <span class='tq-src'>({d.get('mem_source') or 'measured'})</span></li>")
+            mem = (f"peak {gb(d.get('peak_mem_bytes'), 2)} <span class='tq-src'>"
+                   f"({d.get('mem_source') or 'measured'})</span>")
+            if d.get("failed"):
+                items.append(f"<li class='failed'>✗ {name} — failed after {duration(d.get('duration_s'))}, {mem}</li>")
+            elif d.get("stopped"):
+                items.append(f"<li class='stopped'>■ {name} — stopped after {duration(d.get('duration_s'))}, "
+                             f"{mem}</li>")
+            else:
+                items.append(f"<li class='done'>✓ {name} — {duration(d.get('duration_s'))}, {mem}</li>")
         elif view.get("stage_index") == i and view.get("status") in ACTIVE:
             items.append(f"<li class='now'>▶ {name}</li>")
         else:
@@ -410,10 +439,36 @@ def history_rows(limit: int = 200) -> list[dict]:
         dur = (ended or time.time()) - started if started else None
         out.append({"run": r.get("id"), "name": r.get("name") or "", "strategy": r.get("strategy"),
                     "model": r.get("model"), "device": r.get("device") or "", "status": r.get("status"),
-                    "reason": redact(r.get("reason") or ""),
+                    "reason": _cut(redact(r.get("reason") or ""), 140),
                     "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])) if r.get("created") else "",
                     "duration": duration(dur) if dur is not None else "—"})
     return out
+
+
+HISTORY_COLUMNS = (("run", "15%"), ("name", "11%"), ("strategy", "10%"), ("model", "10%"), ("device", "6%"),
+                   ("status", "7%"), ("reason", "22%"), ("created", "12%"), ("duration", "7%"))
+
+
+def history_html(rows: list[dict]) -> str:
+    """The history as an HTML table with fixed column widths (a long reason wraps in its cell); each
+    run id links to its page (?run=ID re-attaches)."""
+    head = "".join(f"<th style='width:{w}'>{k}</th>" for k, w in HISTORY_COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(
+            f"<td><a href='?run={html.escape(str(r['run']), quote=True)}'>{html.escape(str(r['run']))}</a></td>"
+            if k == "run" else
+            f"<td{' class=st-' + html.escape(str(r.get(k))) if k == 'status' else ''}>"
+            f"{html.escape(str(r.get(k) or ''))}</td>"
+            for k, _ in HISTORY_COLUMNS) + "</tr>" for r in rows)
+    if not rows:
+        body = f"<tr><td colspan='{len(HISTORY_COLUMNS)}' class='tq-muted'>no runs yet</td></tr>"
+    return (f"<div class='tq-history'><div class='tq-history-title'>History (every run, newest first)</div>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+def _cut(text: str, n: int) -> str:
+    """A cell's text at most ``n`` characters (attach the run for the whole of it)."""
+    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 def run_choices() -> list[tuple[str, str]]:

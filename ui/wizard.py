@@ -220,6 +220,9 @@ def scenario_from_form(form: dict) -> dict:
         raise InputError(f"symptoms must be among {', '.join(SYMPTOMS)}; got {', '.join(bad)}", field="symptoms")
     if syms:
         scn["symptoms"] = syms
+    for k in ("name", "description"):            # an example's own words (not form fields)
+        if str(form.get(k) or "").strip():
+            scn[k] = str(form[k]).strip()
     return scn
 
 
@@ -251,6 +254,7 @@ def form_from_scenario(scn: dict) -> dict:
     tb = goals.get("target_weight_bits")
     form["target_bits"] = str(tb) if tb is not None else "any"
     form["symptoms"] = list(scn.get("symptoms") or [])
+    form["name"], form["description"] = scn.get("name") or "", scn.get("description") or ""
     return form
 
 
