@@ -279,7 +279,8 @@ def _view(fp: list[dict], xkey: str, xscale: float, limit) -> tuple[list, list]:
     lo, hi = min(r["retention"] for r in keep), max(r["retention"] for r in keep)
     pad = max(0.005, 0.3 * (hi - lo))
     xs = [r[xkey] / xscale for r in keep] + ([limit / xscale] if limit else [])
-    return [0, max(xs) * 1.1], [lo - pad, hi + pad]
+    x0 = min(r[xkey] / xscale for r in keep)
+    return [max(0.0, x0 - 0.15 * (max(xs) - x0)), max(xs) * 1.08], [lo - pad, hi + pad]
 
 
 def _vs_accuracy(rs, xkey, title, xtitle, limit, limit_label, uirev, xscale, hover_x) -> Fig:

@@ -218,3 +218,29 @@ def test_run_this_strategy_fills_a_launchable_form(page):
                            timeout=60_000)
     assert page.locator("#run_steps").is_visible()
     page.get_by_role("tab", name="1 · Scenario").click()
+
+
+def _luminance(rgb: str) -> float:
+    r, g, b = (int(x) / 255 for x in re.findall(r"\d+", rgb)[:3])
+    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def _contrast(a: str, b: str) -> float:
+    hi, lo = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_step_buttons_are_readable(page):
+    """The wizard's "Next: ... →" buttons stand out (WCAG 1.4.11: the button's border or fill at least
+    3:1 against what is around it) and their text reads (1.4.3: at least 4.5:1 on the button)."""
+    if not page.locator("#source").is_visible():
+        page.get_by_role("button", name="← Model").first.click()
+    button = page.get_by_role("button", name="Next: data →")
+    fg, bg, border, around = button.evaluate("""b => { let p = b.parentElement, c;
+      while (p && ((c = getComputedStyle(p).backgroundColor) === 'rgba(0, 0, 0, 0)' || c === 'transparent'))
+        p = p.parentElement;
+      const s = getComputedStyle(b);
+      return [s.color, s.backgroundColor, s.borderTopColor, p ? c : 'rgb(255, 255, 255)']; }""")
+    assert _contrast(fg, bg) >= 4.5, (fg, bg)
+    assert max(_contrast(bg, around), _contrast(border, around)) >= 3, (bg, border, around)

@@ -70,7 +70,7 @@ def _wizard_tab():
                     c["size_row"] = size_row
                     c["model_msg"] = gr.HTML(elem_id="model_msg")
                     with gr.Row():
-                        next1 = gr.Button("Next: data →", size="sm", scale=0, min_width=160)
+                        next1 = gr.Button("Next: data →", size="sm", scale=0, min_width=160, elem_classes=["tq-nav"])
                 with gr.Step("Data", id=2):
                     with gr.Row():
                         c["task"] = gr.Dropdown(list(wizard.TASKS), value=d["task"], label="Task", elem_id="task")
@@ -91,8 +91,8 @@ def _wizard_tab():
                                                      max_height=260, wrap=True)
                     c["dataset_path"] = gr.State("")
                     with gr.Row():
-                        back2 = gr.Button("← Model", size="sm", scale=0, min_width=160)
-                        next2 = gr.Button("Next: hardware →", size="sm", scale=0, min_width=160)
+                        back2 = gr.Button("← Model", size="sm", scale=0, min_width=160, elem_classes=["tq-nav"])
+                        next2 = gr.Button("Next: hardware →", size="sm", scale=0, min_width=160, elem_classes=["tq-nav"])
                 with gr.Step("Hardware", id=3):
                     with gr.Row():
                         c["gpu"] = gr.Dropdown(wizard.gpu_choices(), value=d["gpu"], label="Training GPU", elem_id="gpu")
@@ -106,8 +106,8 @@ def _wizard_tab():
                                                          elem_id="deploy_device")
                     c["hw_msg"] = gr.HTML(elem_id="hw_msg")
                     with gr.Row():
-                        back3 = gr.Button("← Data", size="sm", scale=0, min_width=160)
-                        next3 = gr.Button("Next: goals →", size="sm", scale=0, min_width=160)
+                        back3 = gr.Button("← Data", size="sm", scale=0, min_width=160, elem_classes=["tq-nav"])
+                        next3 = gr.Button("Next: goals →", size="sm", scale=0, min_width=160, elem_classes=["tq-nav"])
                 with gr.Step("Goals", id=4):
                     with gr.Row():
                         c["max_latency"] = gr.Number(value=d["max_latency"], label="Max latency, ms/token (0: no goal)",
@@ -123,7 +123,7 @@ def _wizard_tab():
                                                      label="What is wrong today (optional)", elem_id="symptoms")
                     c["goals_msg"] = gr.HTML(elem_id="goals_msg")
                     with gr.Row():
-                        back4 = gr.Button("← Hardware", size="sm", scale=0, min_width=160)
+                        back4 = gr.Button("← Hardware", size="sm", scale=0, min_width=160, elem_classes=["tq-nav"])
                         c["to_matrix"] = gr.Button("See the decision matrix →", variant="primary", size="sm",
                                                    elem_id="to_matrix", scale=0, min_width=220)
             for btn, step in ((next1, 2), (back2, 1), (next2, 3), (back3, 2), (next3, 4), (back4, 3)):

@@ -70,6 +70,10 @@ CSS = """
 .tq-history td { border-top: 1px solid #e5e7eb; padding: 3px 6px; vertical-align: top; overflow-wrap: anywhere; }
 .tq-history .st-failed { color: #b91c1c; } .tq-history .st-stopped { color: #b45309; }
 .tq-history .st-finished { color: #15803d; }
+/* the wizard's step buttons: readable (dark indigo on light indigo, contrast > 8:1), not grey on white */
+button.tq-nav { background: #eef2ff !important; color: #3730a3 !important; border: 1px solid #6366f1 !important;
+                font-weight: 600 !important; }
+button.tq-nav:hover { background: #e0e7ff !important; }
 .tq-log textarea { font-family: ui-monospace, monospace !important; font-size: 12px !important; }
 """
 
