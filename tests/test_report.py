@@ -455,6 +455,16 @@ def test_every_preset_scenario_reports(store, preset):
     assert all(f"\n## {t}\n" in md for _, t in report.SECTIONS)
 
 
+def test_unnamed_scenario_and_long_commands(store):
+    """A scenario without a name shows no `name: ''` (the dashboard's forms had none); the reproduce
+    commands wrap in the HTML instead of being cut at the box's edge."""
+    scn = {k: v for k, v in SCENARIO.items() if k not in ("name", "description")}
+    md = evidence.report(scn, runs="none", fmt="md")
+    assert "name: ''" not in md and "description: ''" not in md
+    html = evidence.report(scn, runs="none", fmt="html")
+    assert "white-space:pre-wrap" in html.split("</style>")[0]
+
+
 def test_size_and_family_scenario_has_no_runs_by_model(store):
     scn = {**SCENARIO, "model": {"params_b": 13, "family": "llama-2"}}
     md = evidence.report(scn, fmt="md")
