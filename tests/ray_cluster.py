@@ -33,6 +33,26 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def _bindable(port: int) -> bool:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def worker_range(taken: list[int], size: int = 200) -> int:
+    """The first port of ``size`` free ports in a row, none of them one of ``taken`` (Ray refuses a
+    worker port range that overlaps its other components' ports)."""
+    for base in range(20000, 60000 - size, size + 11):
+        if not any(base <= p < base + size for p in taken) and all(_bindable(p) for p in range(base, base + size)):
+            return base
+    raise RuntimeError("no free range of worker ports")
+
+
 class Cluster:
     def __init__(self):
         self.temp = Path(tempfile.mkdtemp(prefix="tqray", dir="/tmp"))   # short: Ray's socket paths
@@ -40,16 +60,15 @@ class Cluster:
         self.address = None
 
     def start(self, timeout: float = 120) -> str:
-        ports = free_ports(len(PORT_FLAGS) + 1)
+        ports = free_ports(len(PORT_FLAGS))
         dash = ports[1]
-        lo = ports[-1]
+        lo = worker_range(ports)
         bindir = str(Path(sys.executable).parent)
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
         cmd = [str(Path(bindir) / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--dashboard-host", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0",
                "--object-store-memory", str(80 * 10**6), "--temp-dir", str(self.temp), "--include-dashboard", "true",
-               "--disable-usage-stats", "--min-worker-port", str(20000 + lo % 20000),
-               "--max-worker-port", str(20000 + lo % 20000 + 200)]
+               "--disable-usage-stats", "--min-worker-port", str(lo), "--max-worker-port", str(lo + 199)]
         for flag, port in zip(PORT_FLAGS, ports):
             cmd += [flag, str(port)]
         self.log = open(self.temp / "ray-start.log", "wb")
