@@ -230,6 +230,31 @@ class Workload:
         return None
 
 
+    def run_train(self) -> dict:
+        """The ``train:`` section of a run config that trains exactly as this workload is estimated
+        (the inverse of ``from_spec`` for the training step): micro-batch, accumulation, checkpointing,
+        optimizer, loss, LoRA rank (and targets), sequence length, precision. ``packing: true``:
+        the estimate assumes full-length sequences with no padding, which is what packing gives a
+        run whose examples are shorter than ``seq_len``."""
+        out = {"seq_len": self.seq_len, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+               "grad_ckpt": self.grad_ckpt, "optimizer": self.optimizer, "loss": self.loss,
+               "lora_rank": self.lora_rank, "precision": self.precision, "packing": True}
+        if self.lora_targets is not None:
+            out["lora_targets"] = list(self.lora_targets)
+        return out
+
+
+def run_config(s: dict, model_ref, w: Workload) -> dict:
+    """The run config (engine.spec.run.RunSpec as a dict) of a strategy under a workload: what the
+    dashboard's run preview shows and Launch sends for a row of the decision matrix, so the run
+    trains with the configuration the advisor estimated (``Workload.from_spec`` of it gives back
+    the same planner requests)."""
+    out = {"name": f"{s['id']} on {model_ref}", "model": model_ref, "strategy": s["id"]}
+    if s.get("train"):
+        out["train"] = w.run_train()
+    return out
+
+
 def _stages(s: dict, name: str) -> list[dict]:
     return [st for st in s["stages"] if st["stage"] == name]
 

@@ -36,6 +36,8 @@ DEFAULT_RUN_LOSS = "chunked"        # what a run uses unless its config says oth
 # the optimizer of a training step: torch AdamW (the recipe), bitsandbytes AdamW8bit (blockwise 8-bit
 # states), PagedAdamW8bit / PagedAdamW (states in unified memory that page to the host under pressure)
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw")
+OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw-8bit": "8-bit AdamW", "paged-adamw-8bit": "paged 8-bit AdamW",
+                   "paged-adamw": "paged AdamW"}
 
 # LoRA targets by their llama names; each architecture maps them onto its own modules
 # (engine.models.lora_modules: phi3 qkv_proj/gate_up_proj, opt fc1/fc2, bloom query_key_value ...)

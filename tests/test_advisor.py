@@ -216,13 +216,20 @@ def test_13b_on_24gb_full_finetune_infeasible_qlora_feasible():
     full = row(out, "full-finetune")
     assert not full["feasible"] and "memory" in full["blocked_by"]
     b = next(x for x in full["blocked"] if x.get("stage") == "train")
-    planner = estimate_train("llama-2-13b", "full", seq_len=512, batch_size=4, gpu="rtx-4090-24gb")
+    st = next(x for x in full["estimates"]["stages"] if x["stage"] == "train")
+    # infeasible only after the knob search: the smallest configuration tried is named and is the planner's
+    assert st["request"]["optimizer"] == "paged-adamw-8bit" and st["request"]["grad_ckpt"]
+    planner = estimate_train("llama-2-13b", **st["request"])
     assert b["value"] == planner["device_bytes"] > limit and b["limit"] == limit
-    assert f"{planner['device_bytes'] / 1e9:.1f} GB per GPU > 25.4 GB" in b["text"]
+    assert f"{planner['device_bytes'] / 1e9:.1f} GB per GPU > 25.4 GB even at the smallest of 18" in b["text"]
+    assert st["config"]["text"] in b["text"]
+    default = estimate_train("llama-2-13b", "full", seq_len=512, batch_size=4, gpu="rtx-4090-24gb", loss="chunked")
+    assert planner["device_bytes"] < default["device_bytes"]
     assert not row(out, "lora")["feasible"]                        # 16-bit LoRA: 26 GB of weights alone
     q = row(out, "qlora")
     assert q["feasible"]
-    qp = estimate_train("llama-2-13b", "qlora", seq_len=512, batch_size=4, gpu="rtx-4090-24gb")
+    qst = next(x for x in q["estimates"]["stages"] if x["stage"] == "train")
+    qp = estimate_train("llama-2-13b", **qst["request"])
     assert q["estimates"]["train_device_bytes"] == qp["device_bytes"] < limit
     assert out["ranked"][0]["family"] == "quantize-then-finetune"
 
@@ -235,7 +242,8 @@ def test_multi_gpu_training_shards_model_states():
     eight = rec(scenario(model="llama-2-13b", examples=150000, hardware={"gpu": "a100-80gb", "count": 8}))
     assert not row(one, "full-finetune")["feasible"]
     st = next(s for s in row(eight, "full-finetune")["estimates"]["stages"] if s["stage"] == "train")
-    est = estimate_train("llama-2-13b", "full", seq_len=512, batch_size=4, gpu="a100-80gb")
+    est = estimate_train("llama-2-13b", **st["request"])          # the configuration the search chose
+    assert st["request"]["gpu"] == "a100-80gb"
     shard = {"weights", "adapters", "gradients", "optimizer_states", "optimizer_temp", "autocast_weight_cache"}
     per_gpu = (sum(v / 8 for k, v in est["breakdown"].items() if k in shard)
                + sum(v for k, v in est["breakdown"].items() if k not in shard)

@@ -226,3 +226,22 @@ def test_matrix_strategy_form_has_only_what_its_stages_use():
     assert "not feasible" in note and "GB" in note
     f, note = runs.from_matrix("ptq-awq-4bit", {**scn, "model": {"params_b": 8, "family": "llama-3"}}, res)
     assert f["model"] == "" and "missing: a model" in note
+
+
+def test_matrix_row_launches_the_training_configuration_the_advisor_found():
+    """LLaMA 30B (33B) QLoRA on one RTX 4090: the row fits at a searched configuration (not batch 4);
+    the launch form's run config (what the preview shows and Launch sends) trains exactly with it."""
+    from engine.advisor import recommend
+    scn = {"model": "llama-1-30b", "task": "chat", "examples": 5000, "measured": "none",
+           "hardware": {"gpu": "rtx-4090-24gb"}}
+    res = recommend(scn, what_if=False, runs=[])
+    row = next(r for r in res["ranked"] if r["strategy"] == "gptq-qlora")
+    assert row["feasible"] and row["run_config"]["train"]["batch_size"] < 4
+    f = runs.form_for_strategy("gptq-qlora", scn, res)
+    assert not f.get("run_preset")                   # no CPU demo of gptq-qlora: the scenario's model
+    spec = runs.spec_from_form(f)
+    assert spec["train"] == {k: v for k, v in row["run_config"]["train"].items()}
+    preview, _ = runs.spec_preview(f)
+    assert f"grad_accum: {row['run_config']['train']['grad_accum']}" in preview
+    with pytest.raises(InputError, match="train_config"):
+        runs.spec_from_form({**f, "train_config": "[1, 2]"})

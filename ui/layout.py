@@ -226,6 +226,10 @@ def _runs_tab():
                                                          label="Calibration samples (0: catalog)", precision=0,
                                                          elem_id="run_calib")
                     c["eval_examples"] = gr.Number(value=f0.get("eval_examples"), label="Eval examples (0: default)", precision=0, elem_id="run_eval")
+                # the advisor's training configuration of a matrix row (micro-batch, accumulation,
+                # optimizer ...): shown in the preview, sent as is
+                c["train_config"] = gr.Textbox(value=f0.get("train_config", ""), visible=False,
+                                               elem_id="run_train_config")
                 with gr.Row():
                     c["launch"] = gr.Button("Launch run", variant="primary", elem_id="launch", scale=1)
                     c["launch_msg"] = gr.HTML(elem_id="launch_msg")

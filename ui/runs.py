@@ -33,7 +33,7 @@ DEVICES = ("cpu", "auto", "cuda")
 BITS_CHOICES = ("catalog default", "2", "3", "4", "8")
 LAUNCH_FIELDS = ("run_preset", "name", "strategy", "model", "data_demo", "data_path", "device",
                  "steps", "learning_rate", "batch_size", "seq_len", "lora_rank", "bits", "group_size",
-                 "calibration_samples", "eval_examples")
+                 "calibration_samples", "eval_examples", "train_config")
 
 
 # ---- run presets and the launch form ----------------------------------------------------------
@@ -88,6 +88,7 @@ def form_from_spec(spec: dict) -> dict:
         "bits": str(quant["bits"]) if quant.get("bits") else "catalog default",
         "group_size": quant.get("group_size"), "calibration_samples": quant.get("calibration_samples"),
         "eval_examples": ev.get("max_examples"),
+        "train_config": "",
     }
 
 
@@ -134,6 +135,15 @@ def spec_from_form(form: dict) -> dict:
         spec["dataset"] = data
     shown = field_visibility(spec.get("strategy"))     # a field the strategy's stages never read is ignored
     train = dict(spec.get("train") or {})
+    extra = form.get("train_config")
+    if extra:                                 # the advisor's training configuration of a matrix row
+        try:
+            extra = yaml.safe_load(extra) if isinstance(extra, str) else extra
+        except yaml.YAMLError as e:
+            raise InputError(f"train_config is not valid YAML: {e}", field="train_config")
+        if not isinstance(extra, dict):
+            raise InputError("train_config must be a mapping of train settings", field="train_config")
+        train.update(extra)
     for key, kind in (("steps", int), ("learning_rate", float), ("batch_size", int), ("seq_len", int),
                       ("lora_rank", int)):
         if not shown.get(key, True):
@@ -527,10 +537,16 @@ def _advisor_config(result: dict | None, strategy_id: str) -> dict:
     import re
     entry = next((e for e in (result or {}).get("ranked") or [] if e.get("strategy") == strategy_id), None)
     out: dict = {}
+    # the training configuration the advisor's search chose for the row (micro-batch, accumulation,
+    # checkpointing, optimizer, LoRA rank): the form's own fields, the rest as train_config
+    train = dict(((entry or {}).get("run_config") or {}).get("train") or {})
     for st in ((entry or {}).get("estimates") or {}).get("stages") or []:
         if st.get("stage") == "train":
             req = st.get("request") or {}
             out.update({k: req[k] for k in ("seq_len", "batch_size", "lora_rank") if req.get(k)})
+            out.update({k: train.pop(k) for k in ("seq_len", "batch_size", "lora_rank") if train.get(k)})
+            if train:
+                out["train_config"] = yaml.safe_dump(train, default_flow_style=True, sort_keys=False).strip()
         elif st.get("stage") == "quantize":
             if st.get("bits"):
                 out["bits"] = str(st["bits"])
@@ -590,6 +606,8 @@ def from_matrix(strategy_id: str | None, scenario: dict | None, result: dict | N
     for k, shown in use.items():
         if not shown:
             form[k] = "catalog default" if k == "bits" else None
+    if not use["steps"]:                       # trains nothing: no training configuration either
+        form["train_config"] = None
     entry = next((e for e in (result or {}).get("ranked") or [] if e.get("strategy") == strategy_id), None)
     if entry is not None and not entry.get("feasible"):
         from engine import charts

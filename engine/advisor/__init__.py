@@ -79,9 +79,13 @@ def recommend(scenario, rules: list[dict] | None = None, what_if: bool = True, r
 def _assumptions(sc: Scenario) -> list[str]:
     cfg = settings()
     w = cfg["workload"]
-    out = [f"training: {w['train']['precision']}, sequence length {sc.seq_len}, batch {w['train']['batch_size']} per GPU, "
-           f"gradient checkpointing {'on' if w['train']['grad_ckpt'] else 'off'}, LoRA rank {w['train']['lora_rank']}, "
-           f"{sc.epochs:g} epoch(s) over {sc.examples} examples",
+    ranks = (f"LoRA rank {sc.lora_rank.max}..{sc.lora_rank.min} (largest that fits)" if sc.lora_rank
+             else f"LoRA rank {w['train']['lora_rank']}")
+    out = [f"training: {w['train']['precision']}, sequence length {sc.seq_len}, effective batch "
+           f"{w['train']['batch_size']} per GPU, {sc.epochs:g} epoch(s) over {sc.examples} examples; per strategy the "
+           f"fastest configuration that fits of micro-batch x accumulation, gradient checkpointing on/off, "
+           f"AdamW / 8-bit / paged 8-bit, {ranks} (default: batch {w['train']['batch_size']}, checkpointing "
+           f"{'on' if w['train']['grad_ckpt'] else 'off'}, AdamW)",
            f"serving: batch {w['serve']['batch_size']}, prompt {w['serve']['prompt_len']} tokens, "
            f"{w['serve']['new_tokens']} new tokens, greedy",
            f"GPTQ/AWQ calibration: {cfg['data']['calibration_samples']} texts of {w['calibration']['seq_len']} tokens "

@@ -3,6 +3,7 @@ merge, serve), accuracy (the prior, or the user's own measurement), cost, and th
 constraints that hold or block (memory, latency, accuracy, bits, data, format, deploy)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -11,6 +12,7 @@ from engine.advisor.rules import settings
 from engine.estimate import correction, cost, formats
 from engine.errors import InputError
 from engine.fmt import GB, gb
+from engine.vocab import OPTIMIZER_NAMES
 from engine.spec.scenario import Scenario
 
 # ---- planner calls (cached: estimates are pure functions of their inputs) ---------------------
@@ -136,18 +138,100 @@ def requests(s: dict, ctx: dict) -> dict[str, dict]:
     return strategies.planner_requests(s, ctx["arch"], ctx["workload"])
 
 
+def _train_candidates(s: dict, sc: Scenario, ctx: dict) -> list[list[strategies.Workload]]:
+    """The training configurations to try, in groups by LoRA rank (largest first), each group in
+    the order that breaks ties: micro-batch (largest first) with the accumulation that keeps the
+    effective batch, gradient checkpointing, optimizer (presets/rules/advisor.yaml ``search``)."""
+    w = ctx["workload"]
+    search = ctx["settings"]["workload"].get("search") or {}
+    eff = w.batch_size * w.grad_accum
+    micro = [b for b in range(eff, 0, -1) if eff % b == 0]
+    ckpts = search.get("grad_ckpt") or [w.grad_ckpt]
+    opts = search.get("optimizers") or [w.optimizer]
+    method = s.get("train_estimate", s.get("train"))
+    if method in ("lora", "qlora") and sc.lora_rank is not None:
+        lo, hi = sc.lora_rank.min, sc.lora_rank.max
+        ranks = sorted({lo, hi} | {2 ** k for k in range(13) if lo <= 2 ** k <= hi}, reverse=True)
+    else:
+        ranks = [w.lora_rank]
+    return [[dataclasses.replace(w, batch_size=b, grad_accum=eff // b, grad_ckpt=ck, optimizer=o, lora_rank=r)
+             for b in micro for ck in ckpts for o in opts] for r in ranks]
+
+
+def config_text(w: strategies.Workload, method: str) -> str:
+    """'micro-batch 1 x 4 accumulation, gradient checkpointing, paged 8-bit AdamW, LoRA rank 16'."""
+    parts = [f"micro-batch {w.batch_size} x {w.grad_accum} accumulation" if w.grad_accum > 1
+             else f"batch {w.batch_size}",
+             "gradient checkpointing" if w.grad_ckpt else "no gradient checkpointing",
+             OPTIMIZER_NAMES.get(w.optimizer, w.optimizer)]
+    if method in ("lora", "qlora"):
+        parts.append(f"LoRA rank {w.lora_rank}")
+    return ", ".join(parts)
+
+
 def _stage_train(s, sc, arch, ctx, kw) -> dict:
+    """The training step, at the fastest configuration that fits (``_train_candidates``; the
+    translator's request of the scenario's workload is the default it is compared with)."""
     method = kw["method"]
     tdev, count = ctx["train_device"], sc.hardware.count
-    est = _estimate("estimate_train", **kw)
-    src = _cli("train", arch.name, kw)
-    out = {"stage": "train", "method": method, "source": src, "device": tdev.id, "count": count,
-           "request": {k: v for k, v in kw.items() if k != "model"}}
+    limit = tdev.memory_bytes
+    base = _estimate("estimate_train", **kw)
+    out = {"stage": "train", "method": method, "device": tdev.id, "count": count}
     if s.get("estimate_note"):
         out["note"] = s["estimate_note"]
-    if "error" in est:
-        return {**out, "error": est["error"], "fits": False}
-    per = _shard(est, count, arch)
+    if "error" in base:
+        return {**out, "source": _cli("train", arch.name, kw), "request": {k: v for k, v in kw.items() if k != "model"},
+                "error": base["error"], "fits": False}
+    base_tps = base.get("tokens_per_s") or 0.0
+    tried, chosen = [], None
+    for group in _train_candidates(s, sc, ctx):
+        fits = []
+        for w in group:
+            req = strategies.planner_requests(s, arch, w)["train"]
+            est = _estimate("estimate_train", **req)
+            if "error" in est:
+                continue
+            item = {"w": w, "req": req, "est": est, "per": _shard(est, count, arch),
+                    "tps": est.get("tokens_per_s") or 0.0}
+            tried.append(item)
+            if item["per"]["device_bytes"] <= limit:
+                fits.append(item)
+        if fits:
+            best = max(x["tps"] for x in fits)            # within 2% counts as equal: the earlier in the order
+            chosen = next(x for x in fits if x["tps"] >= 0.98 * best)
+            break
+    if not tried:
+        return {**out, "source": _cli("train", arch.name, kw), "request": {k: v for k, v in kw.items() if k != "model"},
+                "error": "no training configuration could be estimated", "fits": False}
+    fits = chosen is not None
+    if not fits:
+        chosen = min(reversed(tried), key=lambda x: x["per"]["device_bytes"])   # equals: the most frugal
+    w, kw, est, per = chosen["w"], chosen["req"], chosen["est"], chosen["per"]
+    src = _cli("train", arch.name, kw)
+    desc = config_text(w, method)
+    default = ctx["workload"]
+    ratio = base_tps / chosen["tps"] if chosen["tps"] else None
+    same = (w == default)
+    if same:
+        speed = "the default configuration fits and is the fastest that does"
+    elif ratio is None:
+        speed = ""
+    elif ratio >= 1.005:
+        speed = f"{ratio:.1f}x slower than {config_text(default, method).split(',')[0]}" if ratio >= 1.05 \
+            else f"as fast as {config_text(default, method).split(',')[0]}"
+    else:
+        speed = f"{1 / ratio:.1f}x faster than the default ({config_text(default, method)})"
+    out.update(source=src, request={k: v for k, v in kw.items() if k != "model"},
+               config={"batch_size": w.batch_size, "grad_accum": w.grad_accum,
+                       "effective_batch": w.batch_size * w.grad_accum, "grad_ckpt": w.grad_ckpt,
+                       "optimizer": w.optimizer, "loss": w.loss, "lora_rank": w.lora_rank,
+                       "text": desc, "default": not same, "tried": len(tried), "speed": speed,
+                       "speed_vs_default": round(ratio, 3) if ratio else None,
+                       "default_device_bytes": _shard(base, count, arch)["device_bytes"],
+                       "default_tokens_per_s": base_tps * count * (
+                           ctx["settings"]["multi_gpu"]["scaling_efficiency"] if count > 1 else 1.0)},
+               run_train=w.run_train(), workload=w)
+    out["config"]["default"] = same
     if kw["loss"] != "reference":         # the engine beats DESIGN.md's recipe: say by how much
         ref = _estimate("estimate_train", **{**kw, "loss": "reference"})
         if "error" not in ref:
@@ -166,7 +250,9 @@ def _stage_train(s, sc, arch, ctx, kw) -> dict:
     if count > 1:
         entry = next((st for st in s["stages"] if st.get("stage") == "train"), {})
         out["launch"] = launch_plan(entry.get("method", method), count, per["device_bytes"], tdev.id)
-    out.update(per, limit_bytes=tdev.memory_bytes, fits=per["device_bytes"] <= tdev.memory_bytes,
+    if est.get("paging"):
+        out["paging"] = est["paging"]
+    out.update(per, limit_bytes=limit, fits=fits,
                tokens=tokens, tokens_per_s=total_tps, time_s=tokens / total_tps if total_tps else None,
                low_bytes=est.get("low"), high_bytes=est.get("high"))
     if tokens and tps:
@@ -335,10 +421,21 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
             else:
                 reasons.append({"kind": "estimate", "ok": None, "constraint": "memory", "stage": est["stage"],
                                 "text": f"{where}: not estimated ({est['error']})"})
+        elif est["fits"] is False and est["stage"] == "train" and est.get("config"):
+            c = est["config"]
+            block("memory", f"{where}: needs {gb(est['device_bytes'])} per GPU > {gb(est['limit_bytes'])} even at "
+                            f"the smallest of {c['tried']} configurations tried ({c['text']}) ({est['source']})",
+                  stage=est["stage"], value=est["device_bytes"], limit=est["limit_bytes"])
         elif est["fits"] is False and est["stage"] != "merge":
             block("memory", f"{where}: needs {gb(est['device_bytes'])} per GPU > {gb(est['limit_bytes'])} "
                             f"({est['source']})", stage=est["stage"], value=est["device_bytes"],
                   limit=est["limit_bytes"])
+        elif est["stage"] == "train" and est.get("config"):
+            c = est["config"]
+            ok("memory", f"{where}: fits at {c['text']}: {_fits_text(est)}" + (f", {c['speed']}" if c["speed"] else "")
+               + (f" (the default needs {gb(c['default_device_bytes'])})" if not c["default"] else "")
+               + (f"; {est['note']}" if est.get("note") else ""),
+               stage=est["stage"], value=est["device_bytes"], limit=est["limit_bytes"])
         else:
             ok("memory", f"{where}: {_fits_text(est)}" + (f"; {est['note']}" if est.get("note") else ""),
                stage=est["stage"], value=est["device_bytes"], limit=est["limit_bytes"])
@@ -455,7 +552,10 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
             ok("accuracy", f"{txt} (no accuracy goal)", value=r)
 
     train = next((x for x in stages if x["stage"] == "train"), None)
+    chosen_w = train.pop("workload", None) if train else None
+    model_ref = sc.model if isinstance(sc.model, str) else arch.name
     return {
+        "run_config": strategies.run_config(s, model_ref, chosen_w or ctx["workload"]),
         "strategy": s["id"], "name": s["name"], "family": s["family"], "scheme": t["scheme"],
         "summary": s.get("summary", ""), "traits": t,
         "feasible": not blocked, "blocked_by": sorted({b["constraint"] for b in blocked}), "blocked": blocked,

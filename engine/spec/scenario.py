@@ -15,6 +15,8 @@ team look at fine-tuning or quantization at all::
 
 Optional extras: ``name``, ``description``, ``seq_len`` (training sequence length, default
 512) and ``epochs`` (passes over the examples, default 1) for the time and cost estimates, and
+``lora_rank: {min, max}``: the LoRA ranks the advisor may choose from when it searches a
+training configuration that fits (default: the workload's rank alone), and
 ``measured``: which finished runs count as measured accuracy evidence (``store``, the default:
 the run store's finished runs of this model; ``none``; or a list of run ids), docs/advisor.md.
 ``deploy.gpu`` is the serving device: a GPU id, or for edge/phone a device of
@@ -77,6 +79,13 @@ class Goals(_Strict):
     target_weight_bits: Literal[WEIGHT_BITS] | None = None
 
 
+class LoraRank(_Strict):
+    """The LoRA ranks the advisor may pick from when it searches a training configuration that fits
+    (``lora_rank: {min: 8, max: 32}``): the largest power of two within the bounds that fits wins."""
+    min: int = Field(16, ge=1, le=4096)
+    max: int = Field(16, ge=1, le=4096)
+
+
 class Scenario(_Strict):
     name: str = ""
     description: str = ""
@@ -90,6 +99,7 @@ class Scenario(_Strict):
     goals: Goals = Field(default_factory=Goals)
     symptoms: list[Literal[SYMPTOMS]] = Field(default_factory=list)
     measured: Union[str, list[str]] = "store"
+    lora_rank: LoraRank | None = None            # None: the workload's rank (presets/rules/advisor.yaml)
 
     # ---- resolved views (cached per instance; the scenario is not mutated after parsing) -----
     def arch(self) -> models.ModelArch:
@@ -126,6 +136,7 @@ _ALLOWED = {
     "hardware": list(Hardware.model_fields),
     "deploy": list(Deploy.model_fields) + ["device"],
     "goals": list(Goals.model_fields),
+    "lora_rank": list(LoraRank.model_fields),
 }
 _VALUES = {"task": TASKS, "deploy.target": TARGETS, "goals.priority": PRIORITIES,
            "goals.target_weight_bits": WEIGHT_BITS, "symptoms": SYMPTOMS}
@@ -183,6 +194,8 @@ def parse_scenario(data) -> Scenario:
         rest = [_message(x)[1] for x in errs[1:]]
         raise InputError("bad scenario: " + "; ".join([first] + rest), field=field or None)
 
+    if sc.lora_rank is not None and sc.lora_rank.min > sc.lora_rank.max:
+        raise InputError(f"lora_rank: min {sc.lora_rank.min} > max {sc.lora_rank.max}", field="lora_rank.min")
     if isinstance(sc.measured, str) and sc.measured.strip().lower() not in MEASURED:
         raise InputError(f"measured: unknown value {sc.measured!r}; allowed: {', '.join(MEASURED)}, "
                          "or a list of run ids", field="measured")
