@@ -160,8 +160,18 @@ def _recommendation_section(d: dict) -> list:
         w = res.get("what_would_change") or {}
         return [text("No strategy is feasible on this hardware with these goals.", "verdict"),
                 text(w.get("summary") or "")]
-    out = [text(f"Recommended: {entry.get('name')} ({reco}, {entry.get('family')}), score "
-                f"{num(entry.get('score'), '{:.3f}')}.", "verdict"), text(entry.get("summary") or "", "muted")]
+    if res.get("meets_goals") is False:
+        near = res.get("near_miss") or {}
+        w = res.get("what_would_change") or {}
+        out = [text(f"No strategy meets every goal. Closest: {entry.get('name')} ({reco}, {entry.get('family')}), "
+                    f"score {num(entry.get('score'), '{:.3f}')}: it does NOT meet every goal.", "verdict"),
+               text(near.get("text") or "")]
+        if (w.get("relaxation") or {}).get("text"):
+            out.append(text("What would change the answer: " + w["relaxation"]["text"] + "."))
+        out.append(text(entry.get("summary") or "", "muted"))
+    else:
+        out = [text(f"Recommended: {entry.get('name')} ({reco}, {entry.get('family')}), score "
+                    f"{num(entry.get('score'), '{:.3f}')}.", "verdict"), text(entry.get("summary") or "", "muted")]
     reasons = entry.get("reasons") or []
     rules = sorted((r for r in reasons if r.get("kind") == "rule"), key=lambda r: -abs(r.get("delta") or 0))
     if rules:

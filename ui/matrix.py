@@ -155,10 +155,14 @@ def summary_html(result: dict | None, rs: list[dict]) -> str:
     if top["train_usd"]:
         figs.append(f"one-off {usd(top['train_usd'])} (train + calibrate)")
     reasons = [_short(t, 170) for t in top["why"] if not t.startswith("score ")]
+    head = "Recommended"
+    if result.get("meets_goals") is False:
+        head = "Closest (does NOT meet every goal)"
+        figs.insert(0, (result.get("near_miss") or {}).get("text", "does not meet every goal"))
     nxt = [r for r in rs if r["feasible"] and r["strategy"] != reco][:3]
     nxt_html = ("<div class='tq-top'>Next: " + ", ".join(
         f"{html.escape(r['strategy'])} ({num(r['score'], '{:.2f}')})" for r in nxt) + "</div>") if nxt else ""
-    return (f"<div class='tq-reco' id='reco'><h3>Recommended: {html.escape(top['name'])}</h3>"
+    return (f"<div class='tq-reco' id='reco'><h3>{head}: {html.escape(top['name'])}</h3>"
             f"<div class='tq-src'>{html.escape(str(top['strategy']))} · {html.escape(str(top['family']))} · "
             f"score {num(top['score'], '{:.3f}')}</div>"
             f"<div class='tq-figs'>{' · '.join(html.escape(f) for f in figs)}</div>"
@@ -171,7 +175,9 @@ def banner_html(result: dict | None, rs: list[dict]) -> str:
         return ""
     n_ok = sum(r["feasible"] for r in rs)
     reco = recommended(result)
-    if reco:
+    if reco and result.get("meets_goals") is False:     # the advisor always answers: the closest one
+        what = f"Closest, does NOT meet every goal: <b>{html.escape(str(reco))}</b>."
+    elif reco:
         what = f"Recommended (highlighted): <b>{html.escape(str(reco))}</b>."
     else:
         w = result.get("what_would_change") or {}

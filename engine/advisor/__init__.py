@@ -44,8 +44,10 @@ from engine.spec.scenario import Scenario
 def recommend(scenario, rules: list[dict] | None = None, what_if: bool = True, runs=None) -> dict:
     """The decision matrix for a scenario (a dict, a Scenario, or a path/preset id of a YAML file).
 
-    Returns the JSON of ``python -m engine recommend --json``: ``recommended`` (a strategy id,
-    or None when nothing is feasible), ``ranked`` (every strategy: strategy, family, feasible,
+    Returns the JSON of ``python -m engine recommend --json``: ``recommended`` (a strategy id: the
+    best feasible one, or when nothing meets every hard goal the closest one, ``meets_goals``
+    false and ``near_miss`` naming each goal it misses and by how much; None only when every
+    strategy is blocked by a format or deployment mismatch), ``ranked`` (every strategy: strategy, family, feasible,
     score, why, estimates, ...), ``rules_fired``, ``what_would_change``, ``assumptions``,
     ``measured_runs`` (the runs that counted as measured accuracy evidence).
 
@@ -65,6 +67,8 @@ def recommend(scenario, rules: list[dict] | None = None, what_if: bool = True, r
         "model": sc.arch().to_dict(),
         "facts": res["facts"],
         "recommended": res["recommended"],
+        "meets_goals": res["meets_goals"],
+        "near_miss": res["near_miss"],
         "ranked": [{k: v for k, v in r.items() if k not in ("traits", "priority")} for r in rows],
         "rules_fired": [{"id": r["id"], "topic": r["topic"], "rationale": r["rationale"], "source": r["source"]}
                         for r in res["fired"]],

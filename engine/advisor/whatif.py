@@ -109,10 +109,41 @@ def _tightest(row: dict) -> dict | None:
     return best
 
 
+def _relaxation(sc: Scenario, rules: list[dict], res: dict, tries: int = 4) -> dict | None:
+    """When nothing meets every goal: the smallest relaxation that makes some strategy feasible.
+    Candidates in order of their distance to the goals (rank.miss_distance); for each, the change
+    that lifts what blocks it, checked by ranking the changed scenario; the first that holds."""
+    from engine.advisor.rank import miss_distance
+    cands = []
+    for r in res["rows"]:
+        d = sum(miss_distance(b) for b in r["blocked"])
+        if not math.isinf(d):
+            cands.append((d, -r["score"], r))
+    cands.sort(key=lambda x: x[:2])
+    for d, _, row in cands[:tries]:
+        found = _change_for(row, sc, res)
+        if not found:
+            continue
+        change, text = found
+        try:
+            after = _rank(_apply(sc, change), rules, res["measured"])
+        except InputError:
+            continue
+        new = next(r for r in after["rows"] if r["strategy"] == row["strategy"])
+        if not new["feasible"]:
+            continue
+        return {"strategy": row["strategy"], "change": change, "distance": round(d, 4),
+                "recommended_after": after["recommended"], "rank_after": new["rank"],
+                "text": f"the smallest relaxation that makes something feasible: {' and '.join(text)} "
+                        f"({row['strategy']} feasible then; recommended then: {after['recommended']})"}
+    return None
+
+
 def _what_would_change(sc: Scenario, rules: list[dict], res: dict) -> dict:
     rows, rec = res["rows"], res["recommended"]
     rec_row = next((r for r in rows if r["strategy"] == rec), None)
     bar = rec_row["score"] if rec_row else -math.inf
+    relax = _relaxation(sc, rules, res) if not res.get("meets_goals", True) else None
     better = [r for r in rows if not r["feasible"] and r["score"] > bar]
     better.sort(key=lambda r: -r["score"])
     alternatives = []
@@ -165,6 +196,15 @@ def _what_would_change(sc: Scenario, rules: list[dict], res: dict) -> dict:
     tight = _tightest(rec_row) if rec_row else None
     if tight and not alternatives and not better:
         summary += f"; the tightest limit of {rec} is {tight['constraint']}: {tight['text']}"
+    if not res.get("meets_goals", True):
+        near = res.get("near_miss")
+        lead = ("nothing meets every goal"
+                + (f"; the closest is {near['strategy']} ("
+                   + ", ".join(f"{m['constraint']} misses by {100 * m['distance']:.0f}%" for m in near["misses"])
+                   + ")" if near else "")
+                + (f"; {relax['text']}" if relax else "; no change of a goal, GPU or data count makes any "
+                                                      "strategy feasible"))
+        summary = f"{lead}. {summary}"
     return {"binding": binding, "summary": summary, "alternatives": alternatives, "runner_up": runner_up,
-            "tightest": tight}
+            "tightest": tight, "relaxation": relax}
 

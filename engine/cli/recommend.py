@@ -24,7 +24,10 @@ def _run(args) -> int:
 
 def format_table(out: dict) -> str:
     """A plain-text view of the matrix for people at a terminal."""
-    lines = [f"recommended: {out['recommended']}", f"what would change: {out['what_would_change']['summary']}"
+    flag = ""
+    if out.get("meets_goals") is False and out.get("near_miss"):
+        flag = " (" + out["near_miss"]["text"] + ")"
+    lines = [f"recommended: {out['recommended']}{flag}", f"what would change: {out['what_would_change']['summary']}"
              if out.get("what_would_change") else "", ""]
     lines.append(f"{'#':>2} {'strategy':<22} {'family':<23} {'ok':<3} {'score':>6}  blocked by / top reason")
     for r in out["ranked"]:
