@@ -538,7 +538,9 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
                         "text": f"accuracy not estimated ({acc.get('error', 'no retention')})"})
     else:
         lo, hi = acc.get("low", r), acc.get("high", r)
-        txt = f"retention {r:.3f} [{lo:.3f}, {hi:.3f}]" + (f" measured (run {meas['run_id']})" if meas else "")
+        basis = ((acc.get("evidence") or {}).get("basis") or {}).get("text")
+        txt = f"retention {r:.3f} [{lo:.3f}, {hi:.3f}]" + (f" measured (run {meas['run_id']})" if meas else
+                                                           f", {basis}" if basis else "")
         if g.min_accuracy_retention is not None:
             if r < g.min_accuracy_retention:
                 block("accuracy", f"{txt} < goal {g.min_accuracy_retention:g} ({acc['source']})",

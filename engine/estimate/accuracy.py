@@ -564,7 +564,7 @@ def predict_row(model: Fit, r: Row) -> tuple[float, float, float]:
     ppl ratio for perplexity rows, the retention for accuracy rows (with the row's own chance)."""
     p = Point.of(r)
     y = model.predict(p)
-    spread, _ = _local_spread(model, p, _neighbours(model, p))
+    spread, _, _ = _prior_spread(model, p, y, _neighbours(model, p))
     z = spec()["fit"]["interval"]["z"]
     if r.metric_class == "ppl":
         return tuple(math.exp(damage_of(y + z * spread * t)) for t in (0, -1, 1))
@@ -607,6 +607,64 @@ def _local_spread(model: Fit, p: Point, neigh) -> tuple[float, float]:
     if p.family not in model.by_family:
         var += cfg["extrapolate_family"] ** 2
     return math.sqrt(var * (1.0 + 1.0 / (sw + 1.0))), sw
+
+
+def _prior_spread(model: Fit, p: Point, y: float, neigh) -> tuple[float, float, dict]:
+    """(spread of ln damage, effective count of rows near p, the evidence basis): the local spread,
+    widened by the distance from the evidence and a research method's maturity, never below the
+    spread of the rows it rests on, and for a method without rows of its own reaching the worst of them."""
+    spread, near = _local_spread(model, p, neigh)
+    basis = _evidence_basis(model, p, neigh)
+    spread = math.sqrt(spread ** 2 + basis.pop("extra_var"))
+    spread = max(spread, basis["floor_ln_damage"])
+    if basis["cover_ln_damage"] is not None:
+        spread = max(spread, (basis["cover_ln_damage"] - y) / spec()["fit"]["interval"]["z"])
+    return spread, near, basis
+
+
+def _evidence_basis(model: Fit, p: Point, neigh) -> dict:
+    """What the estimate rests on and how far it is from it (docs/accuracy.md "Honest intervals").
+
+    The nearest published row's squared configuration distance (method, bits, group, size, family,
+    fine-tuning, activations: ``_distance2``) beyond ``free_distance`` adds ``per_distance``^2 per
+    unit to the variance; a method of maturity research adds ``research_method``^2; the spread
+    is never below the spread of the residuals of the ``evidence_floor_rows`` nearest rows (their
+    values carried to the request: the evidence disagrees with itself at least that much); and a
+    method with no rows of its own gets an interval that reaches the worst of those rows
+    (``cover_ln_damage``: without its own evidence it cannot claim to beat all of it).
+    ``text``: 'extrapolated from N rows of <nearest>' or 'from N rows of <nearest>'."""
+    cfg = spec()["fit"]["interval"]
+    d2 = [(_distance2(p, model.points[i]), i) for _, i in neigh[:max(1, cfg.get("evidence_floor_rows", 8))]]
+    d2.sort()
+    d2_near = d2[0][0] if d2 else math.inf
+    extra = cfg.get("per_distance", 0.0) ** 2 * max(0.0, d2_near - cfg.get("free_distance", 0.0))
+    research = methods()[p.method].get("maturity") == "research"
+    if research:
+        extra += cfg.get("research_method", 0.0) ** 2
+    rest = [i for _, i in d2]
+    res = [model.y[i] - model.yhat[i] for i in rest]
+    floor = 0.0
+    if len(res) >= 2:
+        mean = sum(res) / len(res)
+        floor = math.sqrt(sum((r - mean) ** 2 for r in res) / (len(res) - 1))
+    near = model.rows[d2[0][1]] if d2 else None
+    same = [model.rows[i] for i in rest if near and (model.rows[i].method, model.rows[i].w_bits)
+            == (near.method, near.w_bits)]
+    label = ""
+    if near:
+        sizes = sorted({r.params_b for r in same})
+        fams = sorted({r.family for r in same})
+        label = (f"{near.method} {near.w_bits:g}-bit" + (f" {near.finetune}" if near.finetune not in ("", "none") else "")
+                 + f" ({', '.join(fams)}, {sizes[0]:g}" + (f"-{sizes[-1]:g}" if sizes[-1] != sizes[0] else "") + "B)")
+    extrapolated = (d2_near > cfg.get("free_distance", 0.0)) or p.method not in model.by_method
+    cover = max(model.y[i] for i in rest) if rest and p.method not in model.by_method else None
+    text = (f"{'extrapolated from' if extrapolated else 'from'} {len(same)} row{'s' if len(same) != 1 else ''} of "
+            f"{label}" + (f" (nearest at configuration distance {math.sqrt(d2_near):.1f})" if extrapolated else "")
+            + ("; research method: interval widened" if research else "")) if near else "no published rows"
+    return {"nearest_distance": round(math.sqrt(d2_near), 3) if d2 else None, "rows": len(same),
+            "nearest": label, "extrapolated": extrapolated, "research": research,
+            "floor_ln_damage": round(floor, 4), "cover_ln_damage": round(cover, 4) if cover is not None else None,
+            "extra_var": extra, "text": text}
 
 
 def _measured_metric(metric) -> str | None:
@@ -742,7 +800,7 @@ def estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=No
     cfg = spec()["fit"]
     y = model.predict(p)
     neigh = _neighbours(model, p)
-    spread, near = _local_spread(model, p, neigh)
+    spread, near, basis = _prior_spread(model, p, y, neigh)
 
     # measured runs: each pulls the estimate toward itself, by precision, as close as it is
     runs, skipped = _measured_rows(measured, {**req, "finetune": req["finetune"]})
@@ -805,6 +863,7 @@ def estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=No
             "mapping": {"k": round(m.k["zeroshot"], 4), "kappa": round(m.kappa, 3), "c": round(model.chance_ref, 4),
                         "pairs": m.pairs, "rms": round(m.rms, 4)},
             "spread_ln_damage": round(spread, 4),
+            "basis": basis,
         },
         "notes": notes,
     }
