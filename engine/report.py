@@ -36,7 +36,7 @@ from engine.errors import InputError
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = ("html", "md")
 SECTIONS = (("scenario", "The scenario"), ("recommendation", "Recommendation and why"),
-            ("matrix", "Decision matrix"), ("charts", "Trade-off charts"), ("runs", "Runs"),
+            ("comparison", "Baseline, quantize, fine-tune: the comparison"), ("matrix", "Decision matrix"), ("charts", "Trade-off charts"), ("runs", "Runs"),
             ("measured", "Measured vs estimated"), ("assumptions", "Assumptions"),
             ("change", "What would change the answer"), ("reproduce", "How to reproduce"))
 
@@ -192,6 +192,37 @@ def _recommendation_section(d: dict) -> list:
     if why:
         out.append(text(why[0], "muted"))
     return out
+
+
+def _comparison_section(d: dict) -> list:
+    """The table practitioners draw for a scenario: one row per approach (engine.advisor.compare)."""
+    from engine.advisor.compare import comparison
+    c = comparison(d["result"])
+    body, srcs = [], []
+    for r in c["rows"]:
+        if not r.get("strategy"):
+            body.append([r["approach"], "—", "", "", "", "", "", ""])
+            continue
+        ok = "yes" if r["feasible"] else "no: " + ", ".join(r["blocked_by"])
+        size = (f"{r['weights_bytes'] / GB:.1f} GB weights, {r['serve_device_bytes'] / GB:.1f} GB on {r['serve_device']}"
+                if r.get("weights_bytes") else "—")
+        lat = (f"{r['ms_per_token']:.0f} ms/token [{num(r['ms_low'], '{:.0f}')}, {num(r['ms_high'], '{:.0f}')}]"
+               if r.get("ms_per_token") else "—")
+        q = (f"{r['retention']:.3f} [{r['retention_low']:.3f}, {r['retention_high']:.3f}]"
+             + (f" ({r['quality_basis']})" if r.get("quality_basis") else "")) if r.get("retention") is not None else "—"
+        body.append([r["approach"], f"{r['strategy']} (rank {r['rank']})", ok, size, lat, q,
+                     usd(r["serve_usd_per_user_month"]) if r.get("serve_usd_per_user_month") is not None else "—",
+                     usd(r["train_usd"]) if r.get("train_usd") else ("none" if r.get("train_usd") == 0 else "—")])
+        for what, src in r["sources"].items():
+            if src:
+                srcs.append(f"{r['approach']} — {what.replace('_', ' ')}: {src}")
+    return [text("The approaches practitioners compare, each as the advisor's best-ranked strategy of its family, "
+                 "with the figures of the decision matrix. Quality is retention against the 16-bit model of the "
+                 "same approach (what quantization costs); what fine-tuning gains on your task is not estimated: "
+                 "measure it with a run. Serving cost per user-month at the stated load: " + c["load"]["text"] + "."),
+            table(["approach", "strategy", "meets every goal", "size", "latency (serving device)",
+                   "quality: retention [80% interval]", "serving USD per user-month", "one-off USD (training + calibration)"], body),
+            sub("Where each figure comes from"), items(srcs)]
 
 
 def _stage_mem(r: dict) -> str:
@@ -401,7 +432,8 @@ def _reproduce_section(d: dict) -> list:
 
 def document(d: dict, fmt: str = "html") -> list[tuple[str, str, list]]:
     """[(section id, title, blocks)] in the order of SECTIONS."""
-    make = {"scenario": _scenario_section, "recommendation": _recommendation_section, "matrix": _matrix_section,
+    make = {"scenario": _scenario_section, "recommendation": _recommendation_section,
+            "comparison": _comparison_section, "matrix": _matrix_section,
             "charts": lambda d: _charts_section(d, fmt), "runs": _runs_section, "measured": _measured_section,
             "assumptions": _assumptions_section, "change": _change_section, "reproduce": _reproduce_section}
     return [(sid, title, make[sid](d)) for sid, title in SECTIONS]
