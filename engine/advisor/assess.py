@@ -225,13 +225,12 @@ def _stage_train(s, sc, arch, ctx, kw) -> dict:
                config={"batch_size": w.batch_size, "grad_accum": w.grad_accum,
                        "effective_batch": w.batch_size * w.grad_accum, "grad_ckpt": w.grad_ckpt,
                        "optimizer": w.optimizer, "loss": w.loss, "lora_rank": w.lora_rank,
-                       "text": desc, "default": not same, "tried": len(tried), "speed": speed,
+                       "text": desc, "default": same, "tried": len(tried), "speed": speed,
                        "speed_vs_default": round(ratio, 3) if ratio else None,
                        "default_device_bytes": _shard(base, count, arch)["device_bytes"],
                        "default_tokens_per_s": base_tps * count * (
                            ctx["settings"]["multi_gpu"]["scaling_efficiency"] if count > 1 else 1.0)},
                run_train=w.run_train(), workload=w)
-    out["config"]["default"] = same
     if kw["loss"] != "reference":         # the engine beats DESIGN.md's recipe: say by how much
         ref = _estimate("estimate_train", **{**kw, "loss": "reference"})
         if "error" not in ref:
