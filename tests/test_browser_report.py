@@ -18,7 +18,8 @@ from test_report import RUN_ID, record_run
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium (dev.sh installs it)")]
 SHOTS = os.environ.get("TUNEQUANT_SCREENSHOTS")
-SECTIONS = ("The scenario", "Recommendation and why", "Decision matrix", "Trade-off charts", "Runs",
+SECTIONS = ("The scenario", "Recommendation and why", "Baseline, quantize, fine-tune: the comparison",
+            "Decision matrix", "Trade-off charts", "Runs",
             "Measured vs estimated", "Assumptions", "What would change the answer", "How to reproduce")
 
 
