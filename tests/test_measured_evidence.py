@@ -250,8 +250,9 @@ def test_matrix_shows_measured_and_estimated():
     pub = entry(out, "ptq-awq-4bit")["estimates"]["accuracy"]["evidence"]["published"]
     assert rs["ptq-awq-4bit"]["acc_kind"] == "estimated" and rs["ptq-awq-4bit"]["acc_from"] == f"estimated ({pub} published)"
     df = matrix.table(charts.rows(out)).data
-    cell = df.loc[df["strategy"] == "ptq-nf4", "accuracy from"].item()
-    assert cell.startswith("measured") and NF4 in cell
+    cell = df.loc[df["strategy"] == "ptq-nf4", "retention [interval]"].item()
+    assert "measured" in cell and NF4 in cell
+    assert "measured" not in df.loc[df["strategy"] == "ptq-awq-4bit", "retention [interval]"].item()
     d = matrix.detail_html(out, "ptq-nf4")
     assert f"href='?run={NF4}'" in d and ">measured<" in d
     assert "<b>estimated</b> from" in matrix.detail_html(out, "ptq-awq-4bit")

@@ -58,7 +58,8 @@ def test_defaults_and_synonyms():
 @pytest.mark.parametrize("data, field, words", [
     (bad(hardware__gpu="a100-81gb"), "hardware.gpu", ["a100-80gb", "rtx-4090-24gb"]),
     (bad(model=KeyError), "model", ["preset id", "params_b"]),
-    (bad(model="no-such-model"), "model", ["llama-3.1-8b"]),
+    (bad(model="no-such-model"), "model", ["not a preset", "Closest presets:"]),
+    (bad(model="llama-3.1-8bb"), "model", ["Closest presets: llama-3.1-8b"]),   # by closeness, not alphabet
     (bad(examples=-5), "examples", ["examples must be >= 0, got -5"]),
     (bad(task="poetry"), "task", ["classification", "retrieval", "generation", "structured-output", "chat"]),
     (bad(colour="blue"), "colour", ["unknown field", "examples", "hardware"]),

@@ -71,7 +71,10 @@ def table(rs: list[dict], show_infeasible: bool = False):
 def retention_text(r: dict) -> str:
     if r["retention"] is None:
         return "—"
-    return f"{r['retention']:.3f} [{num(r['ret_low'], '{:.3f}')}–{num(r['ret_high'], '{:.3f}')}]"
+    text = f"{r['retention']:.3f} [{num(r['ret_low'], '{:.3f}')}–{num(r['ret_high'], '{:.3f}')}]"
+    if r.get("acc_kind") == "measured":       # a figure from the user's own run, not the published prior
+        text += f" measured ({r.get('acc_run')})"
+    return text
 
 
 def binding_stage(r: dict) -> dict | None:
