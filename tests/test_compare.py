@@ -36,11 +36,16 @@ def test_one_row_per_approach_with_the_matrix_figures(hr):
         # serving cost per user-month = USD per million generated tokens (the planner's serving cost) x load
         sc = serving_cost(decode_tokens_per_s_per_sequence=serve["decode_tokens_per_s"], batch_size=1,
                           gpu="l4-24gb", max_latency_ms_per_token=60)
-        assert row["serve_usd_per_user_month"] == pytest.approx(sc["usd_per_million_tokens"] * per_user / 1e6)
+        # the serve stage's cost (its runtime's capacity at the latency goal, batched where the runtime
+        # batches) x the load; never dearer than one conversation at a time
+        usd_m = e["cost"]["serve_usd_per_million_tokens"]
+        assert row["serve_usd_per_user_month"] == pytest.approx(usd_m * per_user / 1e6)
+        assert usd_m <= sc["usd_per_million_tokens"] * (1 + 1e-9)
         assert row["train_usd"] == pytest.approx(e["cost"]["train_usd"] or 0.0)
         assert row["sources"]["size"].startswith("estimate infer --model llama-2-13b")
         assert row["sources"]["quality"].startswith("estimate accuracy")
-        assert "usd_per_million_tokens" in row["sources"]["serving_cost"]
+        assert any(w in row["sources"]["serving_cost"] for w in ("usd_per_million_tokens", "USD per million tokens"))
+        assert "None" not in row["sources"]["serving_cost"]
         if row["family"] not in ("no-change",):
             assert row["sources"]["training_cost"]
     qlora = c["rows"][-1]

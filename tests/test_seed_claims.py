@@ -50,8 +50,10 @@ def test_w4a16_saves_about_75_percent_of_memory():
     LM head stay 16-bit; of the GPU memory while generating (batch 1, 512 + 128 tokens) 67 % / 69 %
     (the CUDA context and the KV cache do not shrink)."""
     for model, w_save, d_save in (("llama-2-7b", 0.711, 0.671), ("llama-2-13b", 0.721, 0.694)):
-        b = estimate_infer(model, weights="bf16", gpu="a100-80gb")
-        q = estimate_infer(model, weights="gptq-4bit", gpu="a100-80gb")
+        # in transformers: vLLM (the A100's default runtime) reserves gpu_memory_utilization of the GPU
+        # whatever the weights, so its device memory does not show the saving
+        b = estimate_infer(model, weights="bf16", gpu="a100-80gb", runtime="transformers")
+        q = estimate_infer(model, weights="gptq-4bit", gpu="a100-80gb", runtime="transformers")
         assert 1 - q["weights_bytes"] / b["weights_bytes"] == pytest.approx(w_save, abs=0.01)
         assert 1 - q["device_bytes"] / b["device_bytes"] == pytest.approx(d_save, abs=0.015)
         assert 1 - q["weights_bytes"] / b["weights_bytes"] < 0.75

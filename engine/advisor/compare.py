@@ -38,8 +38,8 @@ def comparison(result: dict) -> dict:
             "size": serve.get("source"),
             "latency": serve.get("source"),
             "quality": acc.get("source"),
-            "serving_cost": (f"{sc.get('formula')}; {sc.get('price_source')}; x {per_user:,.0f} tokens per user-month"
-                             if sc.get("formula") else None),
+            "serving_cost": ("; ".join(str(x) for x in (sc.get("formula"), sc.get("price_source")) if x)
+                             + f"; x {per_user:,.0f} tokens per user-month" if sc.get("formula") else None),
             "training_cost": "; ".join(x for x in (train.get("source"), (train.get("cost") or {}).get("formula"),
                                                    (stages.get("quantize") or {}).get("source"),
                                                    ((stages.get("quantize") or {}).get("cost") or {}).get("formula"))
