@@ -78,7 +78,8 @@ def test_download_and_open_the_report_offline(app, browser, tmp_path):
     page.wait_for_timeout(500)
 
     html_path = download(page, "HTML", "every finished run", tmp_path)
-    assert html_path.name == "tunequant-report-qwen2.5-7b-classification.html"
+    # the example carries its name now (presets/scenarios/ticket-routing.yaml), and the file is named after it
+    assert html_path.name == "tunequant-report-Ticket-routing-classification-7B-on-a-T4.html"
     md_path = download(page, "Markdown", "no runs", tmp_path)
     md = md_path.read_text()
     assert md.startswith("# tunequant report: qwen2.5-7b, classification") and "no runs asked for" in md
