@@ -82,7 +82,7 @@ def test_download_and_open_the_report_offline(app, browser, tmp_path):
     assert html_path.name == "tunequant-report-Ticket-routing-classification-7B-on-a-T4.html"
     md_path = download(page, "Markdown", "no runs", tmp_path)
     md = md_path.read_text()
-    assert md.startswith("# tunequant report: qwen2.5-7b, classification") and "no runs asked for" in md
+    assert md.startswith("# tunequant report: Ticket routing (classification, 7B on a T4)") and "no runs asked for" in md
     assert not errors, errors
 
     # the downloaded HTML, opened from disk with the network switched off
