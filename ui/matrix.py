@@ -179,7 +179,8 @@ def banner_html(result: dict | None, rs: list[dict]) -> str:
     n_ok = sum(r["feasible"] for r in rs)
     reco = recommended(result)
     if reco and result.get("meets_goals") is False:     # the advisor always answers: the closest one
-        what = f"Closest, does NOT meet every goal: <b>{html.escape(str(reco))}</b>."
+        what = (f"<b>No strategy is feasible</b>; the closest, which does NOT meet every goal: "
+                f"<b>{html.escape(str(reco))}</b>.")
     elif reco:
         what = f"Recommended (highlighted): <b>{html.escape(str(reco))}</b>."
     else:
