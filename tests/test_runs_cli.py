@@ -14,10 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
+
 import yaml
+
+from engine.runs import executor
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOK = f"{ROOT / 'tests' / 'test_runs_executor.py'}:STAGES"
+# a stop ends within the executor's escalation (stop flag, SIGTERM after GRACE_S, SIGKILL after TERM_S)
+# plus the CLI's own exit; 30 s was shorter than that escalation and failed CI on a loaded machine
+STOP_BOUND_S = executor.GRACE_S + executor.TERM_S + 30
 
 
 @pytest.fixture
@@ -101,7 +107,7 @@ def test_runs_stop_stops_a_cli_run(tmp_path, home):
         stopped = cli(home, "runs", "stop", run_id, "--json")
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert json.loads(stopped.stdout)["status"] == "stopped"
-        out, _ = bg.communicate(timeout=30)
+        out, _ = bg.communicate(timeout=STOP_BOUND_S)
         assert bg.returncode == 1
         run = json.loads(out)
         assert run["id"] == run_id and run["status"] == "stopped" and run["artifacts"][0]["kind"] == "checkpoint"
@@ -120,7 +126,7 @@ def test_ctrl_c_during_run_stops_the_run(tmp_path, home):
         wait_running(home, bg)
         time.sleep(0.3)
         bg.send_signal(signal.SIGINT)
-        out, err = bg.communicate(timeout=30)
+        out, err = bg.communicate(timeout=STOP_BOUND_S)
         assert bg.returncode == 130, err
         assert json.loads(out)["status"] == "stopped" and "stopping run" in err
     finally:
