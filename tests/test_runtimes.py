@@ -274,12 +274,15 @@ def test_a_named_runtime_blocks_what_it_cannot_load_and_names_its_format():
     assert any("cannot run its export stage yet" in r["text"] for r in rows["ptq-gguf-q4_k_m"]["reasons"])
 
 
-def test_without_a_runtime_each_strategy_gets_the_targets_default_or_the_first_that_loads_it():
+def test_without_a_runtime_each_strategy_is_served_by_the_search_over_the_runtimes_that_load_it():
+    # deploy.runtime left out: the serving search (tests/test_serve_search.py) tries every runtime that
+    # loads the format on the device, the target's default first
     from engine import advisor
     out = advisor.recommend({**_sc(), "deploy": {"target": "gpu-server", "gpu": "l4-24gb"}}, what_if=False)
     rows = {r["strategy"]: r for r in out["ranked"]}
     serve = lambda sid: next(s for s in rows[sid]["estimates"]["stages"] if s["stage"] == "serve")
-    assert serve("ptq-awq-4bit")["runtime"] == "vllm" and "gpu-server" in serve("ptq-awq-4bit")["runtime_why"]
+    assert serve("ptq-awq-4bit")["runtime"] == "vllm" and "3 runtimes tried" in serve("ptq-awq-4bit")["runtime_why"]
+    assert [t["runtime"] for t in serve("ptq-awq-4bit")["config"]["tried"]] == ["vllm", "transformers", "tensorrt-llm"]
     assert serve("ptq-torchao-int4")["runtime"] == "transformers"          # vLLM does not load it
     assert serve("ptq-gguf-q4_k_m")["runtime"] == "llama.cpp"
     # vLLM's reservation is apart; the strategy is judged on what it needs

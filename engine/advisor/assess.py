@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 
 from engine import estimate, strategies
 from engine.advisor.rules import settings
@@ -128,7 +129,7 @@ def workload(sc: Scenario, cfg: dict, train_device, serve_device) -> strategies.
         train_gpu=train_device.id, calibration_seq_len=w["calibration"]["seq_len"],
         serve_batch_size=w["serve"]["batch_size"], prompt_len=w["serve"]["prompt_len"],
         new_tokens=w["serve"]["new_tokens"], serve_gpu=serve_device.id if serve_device else None,
-        serve_runtime=sc.deploy.runtime, serve_target=sc.deploy.target if serve_device else None,
+        serve_runtime=sc.deploy.runtime if isinstance(sc.deploy.runtime, str) else None, serve_target=sc.deploy.target if serve_device else None,
         max_ms_per_token=sc.goals.max_latency_ms_per_token)
 
 
@@ -293,16 +294,37 @@ def _stage_merge(s, sc, arch, ctx, kw) -> dict:
     return out
 
 
-def _stage_serve(s, sc, arch, ctx, kw) -> dict:
+def serve_candidates(s: dict, sc: Scenario, sdev) -> list[str]:
+    """The runtimes the serving search tries for a strategy (docs/advisor.md "Serving configuration
+    search"): the scenario's one named runtime alone; else those of its list (or, left open, every
+    runtime of presets/runtimes.yaml) that run on the serving device and load the strategy's format,
+    the target's default first (it wins ties), then in the format's ``runtimes`` order."""
+    from engine.estimate import runtimes
+    f = formats.get(s["deploy"])
+    spec = sc.deploy.runtime
+    if isinstance(spec, str):
+        return [spec] if spec in f.runtimes else []
+    allowed = list(spec) if spec else runtimes.ids()
+    default, _ = runtimes.default_runtime(sdev, sc.deploy.target)
+    order = ([default] if default in allowed else []) + [r for r in f.runtimes if r in allowed]
+    out = []
+    for rid in order:
+        if rid in f.runtimes and rid in runtimes.runtimes() and runtimes.get(rid).runs_on(sdev) and rid not in out:
+            out.append(rid)
+    return out
+
+
+def _serve_option(s, sc, arch, ctx, rid: str) -> dict:
+    """One serving configuration: the strategy's format in runtime ``rid`` at the workload's batch
+    (1), with the runtime's capacity at the latency goal (the largest batch meeting it) and its price."""
     sdev = ctx["serve_device"]
     w = ctx["settings"]["workload"]["serve"]
+    kw = strategies.planner_requests(s, arch, dataclasses.replace(ctx["workload"], serve_runtime=rid))["infer"]
     est = _estimate("estimate_infer", **kw)
-    out = {"stage": "serve", "weights": s["deploy"], "device": sdev.id,
+    out = {"stage": "serve", "weights": s["deploy"], "device": sdev.id, "runtime": rid,
            "source": _cli("infer", arch.name, kw)}
     if "error" in est:
         return {**out, "error": est["error"], "fits": False}
-    rt = est.get("runtime") or {}
-    out.update(runtime=rt.get("id"), runtime_why=rt.get("why"))
     tps = est.get("decode_tokens_per_s")
     slow, fast = est.get("decode_tokens_per_s_low"), est.get("decode_tokens_per_s_high")
     if est.get("calibration") is not None:
@@ -320,8 +342,10 @@ def _stage_serve(s, sc, arch, ctx, kw) -> dict:
                prefill_s=est.get("prefill_s"), decode_tokens_per_s=tps,
                decode_ms_per_token=1000.0 / tps if tps else None,
                decode_ms_per_token_low=1000.0 / fast if fast else None,
-               decode_ms_per_token_high=1000.0 / slow if slow else None)
+               decode_ms_per_token_high=1000.0 / slow if slow else None,
+               batch_size=kw["batch_size"])
     cap = est.get("serving") or {}
+    out["capacity"] = {k: cap.get(k) for k in ("batch", "tokens_per_s", "usd_per_million_tokens", "why")}
     if cap.get("usd_per_million_tokens") is not None:
         # the runtime's serving capacity: the largest batch meeting the latency goal, priced
         out["cost"] = {"usd_per_million_tokens": cap["usd_per_million_tokens"], "batch_size": cap["batch"],
@@ -330,6 +354,96 @@ def _stage_serve(s, sc, arch, ctx, kw) -> dict:
         out["cost"] = _estimate("serving_cost", decode_tokens_per_s_per_sequence=tps,
                                 batch_size=w["batch_size"], gpu=sdev.id,
                                 max_latency_ms_per_token=sc.goals.max_latency_ms_per_token)
+    return out
+
+
+def _pessimistic(o: dict, by: str) -> float:
+    """What the search compares: the slow end of the decode interval (by latency), or the serving
+    price at that end (by cost: the price scales with 1 / tokens/s). A runtime whose speed terms are
+    priors on this device kind has the wider interval, so it must be faster by more to win."""
+    ms, hi = o.get("decode_ms_per_token"), o.get("decode_ms_per_token_high")
+    if by == "cost":
+        usd = (o.get("cost") or {}).get("usd_per_million_tokens")
+        if usd is None:
+            return math.inf
+        return usd * (hi / ms if ms and hi else 1.0)
+    return hi or ms or math.inf
+
+
+def _stage_serve(s, sc, arch, ctx, cands: list[str]) -> dict:
+    """The serving configuration: every candidate runtime (``serve_candidates``) estimated; of those
+    that fit the device and meet the latency goal, the best by the priority (cost: the cheapest per
+    million tokens; accuracy, balanced: the fastest per token), compared at the pessimistic end of
+    their intervals, within 2% counting as equal (the earlier candidate wins: the target's default).
+    None meets the goals: the fastest that fits (latency blocks), else the smallest (memory blocks)."""
+    sdev, goal = ctx["serve_device"], sc.goals.max_latency_ms_per_token
+    opts = [_serve_option(s, sc, arch, ctx, rid) for rid in cands]
+    ok = [o for o in opts if not o.get("error")]
+    if not ok:
+        return opts[0]
+    fit = [o for o in ok if o["fits"]]
+    meet = [o for o in fit if goal is None or (o["decode_ms_per_token"] is not None and o["decode_ms_per_token"] <= goal)]
+    by = "cost" if sc.goals.priority == "cost" and any((o.get("cost") or {}).get("usd_per_million_tokens")
+                                                         for o in meet) else "latency"
+    if meet:
+        best = min(_pessimistic(o, by) for o in meet)
+        chosen = next(o for o in meet if _pessimistic(o, by) <= 1.02 * best)
+        outcome = "meets"
+    elif fit:
+        chosen = min(fit, key=lambda o: o["decode_ms_per_token"] or math.inf)
+        outcome = "fastest"
+    else:
+        chosen = min(ok, key=lambda o: o["device_bytes"] or math.inf)
+        outcome = "smallest"
+    out = dict(chosen)
+    fixed = isinstance(sc.deploy.runtime, str)
+    tried = [{"runtime": o["runtime"], "fits": o["fits"], "device_bytes": o.get("device_bytes"),
+              "ms_per_token": o.get("decode_ms_per_token"), "ms_per_token_high": o.get("decode_ms_per_token_high"),
+              "meets_latency": goal is None or (o.get("decode_ms_per_token") or math.inf) <= goal,
+              "max_batch_within_goal": (o.get("capacity") or {}).get("batch"),
+              "usd_per_million_tokens": (o.get("cost") or {}).get("usd_per_million_tokens"),
+              **({"error": o["error"]} if o.get("error") else {})} for o in opts]
+    ms = out.get("decode_ms_per_token")
+    cap = out.get("capacity") or {}
+    usd = (out.get("cost") or {}).get("usd_per_million_tokens")
+    n_cap = cap.get("batch")
+    text = (f"served with {out['runtime']} {s['deploy']} at batch {out['batch_size']}: "
+            + (f"{ms:.1f} ms/token" if ms is not None else "not estimated")
+            + (f" of {goal:g}" if goal is not None else "")
+            + (f"; up to {n_cap} concurrent sequence{'s' if n_cap != 1 else ''}"
+               + (" within the goal" if goal is not None else "") if n_cap else "")
+            + (f" ({usd:,.2f} USD per million tokens)" if usd is not None else ""))
+    if fixed:
+        why = short = "given"
+    elif len(opts) == 1:
+        why = short = f"the only runtime that loads {s['deploy']} on {sdev.id}" + (
+            f" of deploy.runtime: {', '.join(sc.deploy.runtime)}" if sc.deploy.runtime else "")
+    else:
+        unit = "USD per million tokens" if by == "cost" else "ms/token"
+
+        def fig(o):
+            if o.get("error"):
+                return f"{o['runtime']}: {o['error']}"
+            c, p = ((o.get("cost") or {}).get("usd_per_million_tokens"), _pessimistic(o, "cost")) if by == "cost" \
+                else (o["decode_ms_per_token"], _pessimistic(o, "latency"))
+            f = "{:.3f}" if by == "cost" else "{:.1f}"
+            return (f"{o['runtime']} " + (f.format(c) if c is not None else "unpriced")
+                    + (f" [{f.format(p)}]" if c is not None and p != c and math.isfinite(p) else "")
+                    + ("" if o["fits"] else ", does not fit")
+                    + ("" if goal is None or not o["fits"] or (o["decode_ms_per_token"] or math.inf) <= goal
+                       else ", misses the goal"))
+        crit = {"meets": ("the cheapest" if by == "cost" else "the fastest")
+                         + " at the pessimistic end of its interval [in brackets] that meets the goals",
+                "fastest": "the fastest that fits (none meets the latency goal)",
+                "smallest": "the smallest (none fits)"}[outcome]
+        short = f"{crit.split(' [')[0].split(' (')[0]} of {len(opts)} runtimes tried"
+        why = f"{crit}, of {len(opts)} runtimes tried ({unit}: " + "; ".join(fig(o) for o in opts) + ")"
+    out.update(runtime_why=short, config={"runtime": out["runtime"], "weights": s["deploy"],
+                                        "batch_size": out.get("batch_size"), "ms_per_token": ms,
+                                        "goal_ms_per_token": goal, "max_batch_within_goal": cap.get("batch"),
+                                        "usd_per_million_tokens": usd, "searched": not fixed,
+                                        "chosen_by": by if outcome == "meets" else outcome, "tried": tried,
+                                        "text": text, "why": why})
     return out
 
 
@@ -468,18 +582,18 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
                             f"{s['deploy']} weights cannot be deployed there")
     else:
         support = ctx["settings"]["serving"][sdev.kind]
-        loadable = True
         if sdev.kind not in formats.get(s["deploy"]).serve_on:
             block("format", f"{sdev.name} ({sdev.kind}) cannot run {s['deploy']} weights: {support['runtime']}")
-        rt_block = _runtime_block(s["deploy"], sdev, sc)
+        cands = serve_candidates(s, sc, sdev)
+        rt_block = None if cands else _runtime_block(s["deploy"], sdev, sc)
         if rt_block:
             block("format", rt_block)
-            loadable = False
+        loadable = bool(cands)
         if t["fp8"] and not sdev.has_fp8:
             block("format", f"FP8 needs FP8 tensor cores (Ada, Hopper, Blackwell); {sdev.id} has none")
         if t["gpu_only"] and sdev.kind not in ("gpu", "edge"):
             block("format", f"{s['deploy']} kernels need a CUDA GPU; {sdev.id} is a {sdev.kind}")
-        serve = _stage_serve(s, sc, arch, ctx, reqs["infer"]) if loadable else \
+        serve = _stage_serve(s, sc, arch, ctx, cands) if loadable else \
             {"stage": "serve", "weights": s["deploy"], "device": sdev.id, "fits": None, "skipped": rt_block}
         stages.append(serve)
         if serve.get("skipped"):
@@ -487,8 +601,11 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
         elif serve.get("error"):
             block("memory", f"serve on {sdev.id}: not estimated ({serve['error']})", stage="serve")
         elif not serve["fits"]:
-            block("memory", f"serve on {sdev.id}: needs {gb(serve['device_bytes'])} > {gb(serve['limit_bytes'])} "
-                            f"({serve['source']})", stage="serve", value=serve["device_bytes"],
+            n = len(serve["config"]["tried"])
+            block("memory", f"serve on {sdev.id}: needs {gb(serve['device_bytes'])} > {gb(serve['limit_bytes'])}"
+                            + (f" even at the smallest of {n} configurations tried ({serve['runtime']} at batch "
+                               f"{serve['batch_size']})" if n > 1 else f" with {serve['runtime']}")
+                            + f" ({serve['source']})", stage="serve", value=serve["device_bytes"],
                   limit=serve["limit_bytes"])
         else:
             ok("memory", f"serve on {sdev.id}" + (f" with {serve['runtime']} ({serve['runtime_why']})"
@@ -499,13 +616,20 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
             lo, hi = serve.get("decode_ms_per_token_low"), serve.get("decode_ms_per_token_high")
             txt = f"decode {ms:.1f} ms/token" + (f" [{lo:.1f}, {hi:.1f}]" if lo and hi else "") + f" on {sdev.id}" \
                 + (f" with {serve['runtime']}" if serve.get("runtime") else "")
+            n = len(serve["config"]["tried"])
             if goal is None:
-                ok("latency", f"{txt} (no latency goal)", value=ms)
+                ok("latency", f"{txt} (no latency goal); {serve['config']['text']}; {serve['config']['why']}",
+                   value=ms)
             elif ms > goal:
-                block("latency", f"{txt} > goal {goal:g} ms ({serve['source']})", value=ms, limit=goal)
+                block("latency", f"{txt} > goal {goal:g} ms"
+                      + ((f" even with the fastest that fits of {n} runtimes tried"
+                          if serve["config"]["chosen_by"] != "smallest" else
+                          f" with the smallest of {n} configurations tried (none fits)") if n > 1 else "")
+                      + f" ({serve['source']})", value=ms, limit=goal)
             else:
                 ok("latency", f"{txt} <= goal {goal:g} ms"
-                   + ("; the slow end of the interval misses it" if hi and hi > goal else ""), value=ms, limit=goal)
+                   + ("; the slow end of the interval misses it" if hi and hi > goal else "")
+                   + f"; {serve['config']['text']}; {serve['config']['why']}", value=ms, limit=goal)
         usd_m = (serve.get("cost") or {}).get("usd_per_million_tokens")
         if usd_m is not None:
             reasons.append({"kind": "estimate", "ok": True, "constraint": "cost",
@@ -567,6 +691,7 @@ def assess(s: dict, sc: Scenario, ctx: dict) -> dict:
             "train_device_bytes": train.get("device_bytes") if train else None,
             "serve_device_bytes": serve.get("device_bytes") if serve else None,
             "latency_ms_per_token": serve.get("decode_ms_per_token") if serve else None,
+            "serving": serve.get("config") if serve else None,
             "train_time_s": train.get("time_s") if train else None,
             "cost": _cost_summary(stages),
         },
@@ -578,6 +703,11 @@ def _runtime_block(fmt_id: str, sdev, sc: Scenario) -> str | None:
     named deploy.runtime must load it; left out, some runtime that runs on the device must."""
     from engine.estimate import runtimes
     f = formats.get(fmt_id)
+    if isinstance(sc.deploy.runtime, list):
+        if any(r in f.runtimes for r in sc.deploy.runtime):
+            return None
+        return (f"none of the runtimes of deploy.runtime ({', '.join(sc.deploy.runtime)}) loads {f.id} weights; "
+                f"{f.id} loads in {', '.join(f.runtimes)}")
     if sc.deploy.runtime:
         rt = runtimes.get(sc.deploy.runtime)
         if rt.id in f.runtimes:

@@ -22,10 +22,12 @@ the run store's finished runs of this model; ``none``; or a list of run ids), do
 ``deploy.gpu`` is the serving device: a GPU id, or for edge/phone a device of
 presets/hardware/targets.yaml (``deploy.device`` is accepted as a synonym). Left out, it is
 the training GPU (gpu-server, consumer-gpu) or the first device of that kind (edge, phone).
-``deploy.runtime`` (optional) is the serving runtime of presets/runtimes.yaml (vllm, llama.cpp,
-executorch, mlx, tensorrt-llm, transformers); named, every strategy is judged on it (a format it
-cannot load is infeasible); left out, each strategy is judged on the target's default runtime, or
-on the first runtime that loads its format on the device.
+``deploy.runtime`` (optional) says which serving runtimes of presets/runtimes.yaml (vllm, llama.cpp,
+executorch, mlx, tensorrt-llm, transformers) the advisor may serve with: one name fixes it (every
+strategy is judged on it; a format it cannot load is infeasible); a list lets it search among those;
+left out or ``any``, it searches every runtime that runs on the serving device and loads the
+strategy's format (docs/advisor.md "Serving configuration search"). Normalised: ``any`` -> None, a
+list of one -> that name, a list -> the runtime ids in the given order without repeats.
 
 Every error is an ``InputError`` naming the field and what would be valid.
 """
@@ -67,8 +69,8 @@ class Deploy(_Strict):
     """Where the model is served: the target class, the device and (optionally) the runtime."""
     target: Literal[TARGETS] = "gpu-server"
     gpu: str | None = None
-    runtime: str | None = None      # presets/runtimes.yaml; None: the target's default (per strategy, the
-                                    # first runtime that loads its format when the default does not)
+    runtime: str | list[str] | None = None   # presets/runtimes.yaml: one name fixes it; a list: search
+                                             # among those; None / "any": search every runtime on the device
 
 
 class Goals(_Strict):
@@ -238,18 +240,34 @@ def parse_scenario(data) -> Scenario:
                          f"known: {', '.join(suitable)}", field="deploy.gpu")
     sc.deploy.gpu = dev.id
     sc.hardware.gpu = sc.train_device().id
-    if sc.deploy.runtime is not None:
-        from engine.estimate import runtimes
+    sc.deploy.runtime = _runtimes_of(sc.deploy.runtime, dev)
+    return sc
+
+
+def _runtimes_of(value, dev) -> str | list[str] | None:
+    """``deploy.runtime`` checked and normalised: None (search every runtime; ``any`` too), one runtime
+    id (fixed), or a list of ids to search among (in the given order, no repeats). Each must be a
+    runtime of presets/runtimes.yaml that runs on the serving device."""
+    from engine.estimate import runtimes
+    if value is None or (isinstance(value, str) and value.strip().lower() == "any"):
+        return None
+    names = [value] if isinstance(value, str) else list(value)
+    if not names:
+        raise InputError("deploy.runtime: an empty list; name one runtime, a list of runtimes to search among, "
+                         f"or any (known: {', '.join(runtimes.ids())})", field="deploy.runtime")
+    out = []
+    for name in names:
         try:
-            rt = runtimes.get(sc.deploy.runtime)
+            rt = runtimes.get(name)
         except InputError as e:
             raise InputError(f"deploy.runtime: {e}", field="deploy.runtime")
         if not rt.runs_on(dev):
             ok = [r for r in runtimes.ids() if runtimes.get(r).runs_on(dev)]
             raise InputError(f"deploy.runtime: {rt.id} does not run on {dev.id} ({dev.kind}); runtimes there: "
                              f"{', '.join(ok)}", field="deploy.runtime")
-        sc.deploy.runtime = rt.id
-    return sc
+        if rt.id not in out:
+            out.append(rt.id)
+    return out[0] if len(out) == 1 else out
 
 
 def preset_ids() -> list[str]:
