@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 
 from engine.advisor.measured import evidence, measured_from_runs, measured_runs  # noqa: F401
+from engine.advisor.assess import pinned
 from engine.advisor.rank import _rank
 from engine.advisor.rules import (check_rules, facts, load_rules, matches, scenario_of,  # noqa: F401
                                   settings)
@@ -56,6 +57,11 @@ def recommend(scenario, rules: list[dict] | None = None, what_if: bool = True, r
     store, its caller does (engine.runs.evidence.recommend resolves the scenario's ``measured``
     field: the store's finished runs by default, none, or run ids).
     """
+    with pinned():                      # one read of the calibration in force per answer
+        return _recommend(scenario, rules, what_if, runs)
+
+
+def _recommend(scenario, rules, what_if, runs) -> dict:
     t0 = time.perf_counter()
     sc = scenario_of(scenario)
     rules = load_rules() if rules is None else check_rules(rules)

@@ -3,6 +3,9 @@ merge, serve), accuracy (the prior, or the user's own measurement), cost, and th
 constraints that hold or block (memory, latency, accuracy, bits, data, format, deploy)."""
 from __future__ import annotations
 
+import collections
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -38,11 +41,88 @@ def _call(fn: str, kwargs: tuple, calibration_state: tuple):
         return json.dumps({"error": str(e)})
 
 
+_PINNED: contextvars.ContextVar = contextvars.ContextVar("calibration_state", default=None)
+
+
+def calibration_state() -> tuple:
+    """The calibration in force (correction.state(): the fitted file and its mtime), read once per
+    recommend() while ``pinned`` holds it (a stat and a path resolution per planner call cost more
+    than the cached call itself)."""
+    s = _PINNED.get()
+    return s if s is not None else correction.state()
+
+
+@contextlib.contextmanager
+def pinned():
+    """Hold the calibration state for the duration of one answer (recommend and its what-if re-ranks)."""
+    token = _PINNED.set(correction.state())
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
+
+
 def _estimate(fn: str, **kw) -> dict:
     """A planner result the caller owns: decoded afresh from the cached JSON text, so no caller
     can change what the cache holds (and faster than a deep copy)."""
     key = tuple(sorted(((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()), key=lambda kv: kv[0]))
-    return json.loads(_call(fn, key, correction.state()))
+    return json.loads(_call(fn, key, calibration_state()))
+
+
+class Frozen:
+    """A hashable input of a search cache with its hash computed once (a ModelArch hashes slowly:
+    dozens of fields, hashed again on every lookup of a key that holds it)."""
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value):
+        self.value, self._hash = value, hash(value)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, Frozen) and (self.value is other.value or self.value == other.value)
+
+
+_SEARCHES: collections.OrderedDict = collections.OrderedDict()
+SEARCH_CACHE_SIZE = 4096
+
+
+def _memo(key: tuple, compute):
+    """The per-strategy searches (training configuration, serving configuration) cached by their
+    frozen inputs: the strategy (as JSON), the model, the workload, the devices, the settings, the
+    scenario fields the search reads and the calibration state. A warm recompute after an input the
+    search does not read (examples, symptoms, an accuracy goal) decodes one result per strategy
+    instead of re-running 18 training and up to 3 serving estimates. Least recently used dropped."""
+    hit = _SEARCHES.get(key)
+    if hit is not None:
+        _SEARCHES.move_to_end(key)
+        return hit
+    val = compute()
+    _SEARCHES[key] = val
+    if len(_SEARCHES) > SEARCH_CACHE_SIZE:
+        _SEARCHES.popitem(last=False)
+    return val
+
+
+SERVE_FIELDS = ("serve_batch_size", "prompt_len", "new_tokens", "serve_gpu", "serve_runtime", "serve_target",
+                "max_ms_per_token")
+
+
+def search_key(sc: Scenario, ctx: dict) -> tuple:
+    """What every search of one ranking shares (set once per _rank as ctx['key']): the model, the
+    settings, the calibration in force."""
+    return (Frozen(ctx["arch"]), json.dumps(ctx["settings"], sort_keys=True, default=str), calibration_state())
+
+
+def _train_workload(w: strategies.Workload) -> strategies.Workload:
+    """The workload without its serving fields: what the training search reads (a new latency goal
+    must not re-run it)."""
+    return dataclasses.replace(w, **{f: strategies.Workload.__dataclass_fields__[f].default for f in SERVE_FIELDS})
+
+
+def _strategy_key(s: dict) -> str:
+    return json.dumps(s, sort_keys=True, default=str)
 
 
 def _cli(kind: str, model_name: str, kw: dict) -> str:
@@ -171,8 +251,30 @@ def config_text(w: strategies.Workload, method: str) -> str:
 
 
 def _stage_train(s, sc, arch, ctx, kw) -> dict:
-    """The training step, at the fastest configuration that fits (``_train_candidates``; the
-    translator's request of the scenario's workload is the default it is compared with)."""
+    """The training step, at the fastest configuration that fits (``_train_search``, cached by its
+    inputs), with the time and cost of the scenario's examples on it."""
+    bounds = (sc.lora_rank.min, sc.lora_rank.max) if sc.lora_rank is not None else None
+    key = ("train", _strategy_key(s), ctx.get("key") or search_key(sc, ctx), _train_workload(ctx["workload"]),
+           ctx["train_device"].id, sc.hardware.count, bounds)
+    text, w = _memo(key, lambda: _train_search(s, sc, arch, ctx, kw))
+    out = json.loads(text)
+    if w is not None:                   # the chosen training knobs with this scenario's serving fields
+        out["workload"] = dataclasses.replace(w, **{f: getattr(ctx["workload"], f) for f in SERVE_FIELDS})
+    if out.get("error"):
+        return out
+    tokens = sc.examples * sc.seq_len * sc.epochs
+    total_tps = out["tokens_per_s"]
+    out.update(tokens=tokens, time_s=tokens / total_tps if total_tps else None)
+    if tokens and total_tps:
+        out["cost"] = _estimate("train_cost", tokens=tokens, tokens_per_s=total_tps, gpu=out["device"],
+                                gpu_count=sc.hardware.count)
+    return out
+
+
+def _train_search(s, sc, arch, ctx, kw) -> tuple[str, strategies.Workload | None]:
+    """The training configurations tried (``_train_candidates``; the translator's request of the
+    scenario's workload is the default it is compared with) and the fastest that fits: the stage
+    as JSON text (pure in the inputs of ``_stage_train``'s key) and the chosen Workload."""
     method = kw["method"]
     tdev, count = ctx["train_device"], sc.hardware.count
     limit = tdev.memory_bytes
@@ -181,8 +283,9 @@ def _stage_train(s, sc, arch, ctx, kw) -> dict:
     if s.get("estimate_note"):
         out["note"] = s["estimate_note"]
     if "error" in base:
-        return {**out, "source": _cli("train", arch.name, kw), "request": {k: v for k, v in kw.items() if k != "model"},
-                "error": base["error"], "fits": False}
+        return json.dumps({**out, "source": _cli("train", arch.name, kw),
+                           "request": {k: v for k, v in kw.items() if k != "model"},
+                           "error": base["error"], "fits": False}), None
     base_tps = base.get("tokens_per_s") or 0.0
     tried, chosen = [], None
     for group in _train_candidates(s, sc, ctx):
@@ -202,8 +305,9 @@ def _stage_train(s, sc, arch, ctx, kw) -> dict:
             chosen = next(x for x in fits if x["tps"] >= 0.98 * best)
             break
     if not tried:
-        return {**out, "source": _cli("train", arch.name, kw), "request": {k: v for k, v in kw.items() if k != "model"},
-                "error": "no training configuration could be estimated", "fits": False}
+        return json.dumps({**out, "source": _cli("train", arch.name, kw),
+                           "request": {k: v for k, v in kw.items() if k != "model"},
+                           "error": "no training configuration could be estimated", "fits": False}), None
     fits = chosen is not None
     if not fits:
         chosen = min(reversed(tried), key=lambda x: x["per"]["device_bytes"])   # equals: the most frugal
@@ -231,7 +335,7 @@ def _stage_train(s, sc, arch, ctx, kw) -> dict:
                        "default_device_bytes": _shard(base, count, arch)["device_bytes"],
                        "default_tokens_per_s": base_tps * count * (
                            ctx["settings"]["multi_gpu"]["scaling_efficiency"] if count > 1 else 1.0)},
-               run_train=w.run_train(), workload=w)
+               run_train=w.run_train())
     if kw["loss"] != "reference":         # the engine beats DESIGN.md's recipe: say by how much
         ref = _estimate("estimate_train", **{**kw, "loss": "reference"})
         if "error" not in ref:
@@ -241,7 +345,6 @@ def _stage_train(s, sc, arch, ctx, kw) -> dict:
                 said = (f"with the engine's chunked loss; the reference recipe (full fp32 logits) needs "
                         f"{gb(ref_dev)}" + ("" if ref_dev <= tdev.memory_bytes else ", which does not fit"))
                 out["note"] = f"{out['note'].rstrip('.')}; {said}" if out.get("note") else said
-    tokens = sc.examples * sc.seq_len * sc.epochs
     eff = ctx["settings"]["multi_gpu"]["scaling_efficiency"] if count > 1 else 1.0
     tps = est.get("tokens_per_s") or 0.0
     total_tps = tps * count * eff
@@ -252,13 +355,9 @@ def _stage_train(s, sc, arch, ctx, kw) -> dict:
         out["launch"] = launch_plan(entry.get("method", method), count, per["device_bytes"], tdev.id)
     if est.get("paging"):
         out["paging"] = est["paging"]
-    out.update(per, limit_bytes=limit, fits=fits,
-               tokens=tokens, tokens_per_s=total_tps, time_s=tokens / total_tps if total_tps else None,
+    out.update(per, limit_bytes=limit, fits=fits, tokens_per_s=total_tps,
                low_bytes=est.get("low"), high_bytes=est.get("high"))
-    if tokens and tps:
-        c = _estimate("train_cost", tokens=tokens, tokens_per_s=total_tps, gpu=tdev.id, gpu_count=count)
-        out["cost"] = c
-    return out
+    return json.dumps(out, default=str), w
 
 
 def _stage_quantize(s, sc, arch, ctx, kw) -> dict:
@@ -371,6 +470,15 @@ def _pessimistic(o: dict, by: str) -> float:
 
 
 def _stage_serve(s, sc, arch, ctx, cands: list[str]) -> dict:
+    """The serving search (``_serve_search``), cached by its inputs."""
+    rt = sc.deploy.runtime
+    key = ("serve", _strategy_key(s), ctx.get("key") or search_key(sc, ctx), ctx["workload"],
+           ctx["serve_device"].id, tuple(cands),
+           tuple(rt) if isinstance(rt, list) else rt, sc.goals.priority, sc.goals.max_latency_ms_per_token)
+    return json.loads(_memo(key, lambda: json.dumps(_serve_search(s, sc, arch, ctx, cands), default=str)))
+
+
+def _serve_search(s, sc, arch, ctx, cands: list[str]) -> dict:
     """The serving configuration: every candidate runtime (``serve_candidates``) estimated; of those
     that fit the device and meet the latency goal, the best by the priority (cost: the cheapest per
     million tokens; accuracy, balanced: the fastest per token), compared at the pessimistic end of

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from engine import strategies
-from engine.advisor.assess import assess, workload
+from engine.advisor.assess import assess, search_key, workload
 from engine.advisor.rules import facts, matches, settings
 from engine.advisor.score import _score, _why
 from engine.spec.scenario import Scenario
@@ -19,6 +19,7 @@ def _rank(sc: Scenario, rules: list[dict], measured: dict | None = None) -> dict
     tdev, sdev = sc.train_device(), sc.serve_device()
     ctx = {"arch": sc.arch(), "train_device": tdev, "serve_device": sdev, "settings": cfg,
            "workload": workload(sc, cfg, tdev, sdev), "measured": measured or {}}
+    ctx["key"] = search_key(sc, ctx)
     rows = [assess(s, sc, ctx) for s in strategies.catalog()]
     _score(rows, sc, rules, fired, cfg)
     order = {s: i for i, s in enumerate(strategies.ids())}

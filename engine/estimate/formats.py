@@ -16,6 +16,7 @@ counted on CPU.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -348,8 +349,22 @@ def weights_breakdown(arch: ModelArch, fmt="bf16", round_to: int = CUDA_BLOCK,
     other (final norm, learned positions), unquantized_experts (fused MoE experts a library
     leaves 16-bit), buffers (rotary inv_freq). ``dense_bytes`` overrides the 2 bytes of what
     stays unquantized (4 after peft's prepare_model_for_kbit_training upcast).
+    Pure in its inputs: cached by (architecture, format entry, rounding, dense bytes); a copy is
+    returned so no caller can change what the cache holds.
     """
     fmt = get(fmt)
+    try:
+        return dict(_breakdown_cached(arch, fmt, round_to, dense_bytes))
+    except TypeError:                     # an entry with a dict-valued field is not hashable: compute it
+        return _breakdown(arch, fmt, round_to, dense_bytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _breakdown_cached(arch: ModelArch, fmt: WeightFormat, round_to: int, dense_bytes: float | None) -> dict:
+    return _breakdown(arch, fmt, round_to, dense_bytes)
+
+
+def _breakdown(arch: ModelArch, fmt: WeightFormat, round_to: int, dense_bytes: float | None) -> dict[str, int]:
     if fmt.kind == "gguf":
         return gguf_breakdown(arch, fmt)
     check_group_size(arch, fmt)
