@@ -21,8 +21,9 @@ def store(tmp_path_factory):
     api.use_store(None)
 
 
-def test_the_six_demos_are_shipped():
-    assert DEMOS == ["demo-lora-2proc.yaml", "demo-lora-merge-gptq.yaml", "demo-ptq-gptq.yaml", "demo-ptq-nf4.yaml",
+def test_the_demos_are_shipped():
+    assert DEMOS == ["demo-gguf.yaml", "demo-lora-2proc.yaml", "demo-lora-merge-gptq.yaml", "demo-ptq-gptq.yaml",
+                     "demo-ptq-nf4.yaml",
                      "demo-qat.yaml", "demo-qlora.yaml"]
     import yaml
     from engine import demo_presets
@@ -45,6 +46,12 @@ def test_demo_run_finishes_with_real_metrics(store, name):
     assert after["perplexity"] > 1 and before["perplexity"] > 1
     if {"quantize", "convert"} & set(stages):
         assert after["size_on_disk_bytes"] < before["size_on_disk_bytes"]      # the demos that quantize
+    if "export" in stages:                      # the quantized artifact is the exported file, measured in its runtime
+        ev = next(s for s in res["stages"] if s["stage"] == "evaluate")["result"]
+        deployed = next(m for m in ev["runtimes"] if m["role"] == "deploy")
+        assert not deployed.get("skipped"), deployed.get("skipped")
+        assert deployed["size_on_disk_bytes"] < before["size_on_disk_bytes"]
+        assert deployed["perplexity"] > 1 and deployed["decode_tokens_per_s"] > 0
     if run["spec"].get("resources", {}).get("processes"):                      # demo-lora-2proc
         train = res["stages"][0]
         assert train["processes"] == 2 and len(train["ranks"]) == 2
