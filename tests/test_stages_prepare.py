@@ -25,7 +25,8 @@ def test_good_runs_pass_and_report():
     assert out["device"] == "cpu" and out["model"] == "micro-llama"
     assert out["dataset"] == {"format": "classification", "task": "classification", "rows": 600, "valid_rows": 600}
     for strategy in ("qlora", "lora-merge-gptq-4bit", "qat-int8", "ptq-nf4", "ptq-gptq-4bit", "ptq-awq-4bit",
-                     "full-then-int8", "gptq-qlora", "qa-lora", "bf16-baseline"):
+                     "full-then-int8", "gptq-qlora", "qa-lora", "bf16-baseline", "ptq-gguf-q4_k_m",
+                     "lora-merge-gguf-q4_k_m"):
         prepare(spec(strategy=strategy))
     assert prepare(spec(model="llama-3.2-1b", strategy="qlora"))["model"] == "llama-3.2-1b"
 
@@ -66,6 +67,19 @@ def test_settings_the_model_or_device_cannot_take():
         prepare(spec(train={"seq_len": 4096}))
     with pytest.raises(InputError, match="awq quantizes to 4 bits"):
         prepare(spec(strategy="ptq-awq-4bit", quantize={"bits": 8}))
+
+
+def test_a_strategy_with_pending_stages_is_refused_and_the_catalog_lists_only_what_cannot_run():
+    from engine import strategies
+    from engine.runs.stages import STAGES
+    with pytest.raises(InputError, match="cannot run its export stage yet") as e:
+        prepare(spec(strategy="qat-8da4w-executorch"))
+    assert e.value.field == "strategy"
+    pending = {s["id"]: s["pending_stages"] for s in strategies.catalog() if s.get("pending_stages")}
+    assert pending == {"qat-8da4w-executorch": ["export"]}     # the GGUF exports run now (docs/stages.md)
+    for s in strategies.catalog():                              # every stage a runnable strategy names is registered
+        if not s.get("pending_stages"):
+            assert {st["stage"] for st in s["stages"]} <= set(STAGES), s["id"]
 
 
 def test_prepare_imports_no_torch():

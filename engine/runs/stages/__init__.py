@@ -57,6 +57,10 @@ def prepare(spec) -> dict:
     if unknown:
         raise InputError(f"strategy {spec.strategy} has stage(s) {', '.join(unknown)} this engine does not run",
                          field="strategy")
+    if strategy.get("pending_stages"):           # the catalog says this engine cannot run them yet
+        raise InputError(f"strategy {spec.strategy}: the engine cannot run its {', '.join(strategy['pending_stages'])} "
+                         "stage yet (presets/strategies.yaml pending_stages); it is estimated and ranked, not launchable",
+                         field="strategy")
     from engine.runs.context import stage_entry
     for i, name in enumerate(stages):
         entry = stage_entry(strategy, i, spec)
