@@ -27,6 +27,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -194,6 +195,7 @@ class Executor:
                              "or a ray:// address", field="address")
         if address and executor in (None, "ray"):
             return self._launch_ray(spec, stages, address)
+        spec = self.resolve_resume(spec)
         strategy = strategies.get(spec.strategy)
         hook = self._stage_hook(stages)            # a file: made absolute for the worker
         table, prepare = load_stages(hook)
@@ -210,6 +212,17 @@ class Executor:
                                                    "device": device, "stages": [s["stage"] for s in strategy["stages"]]})
         self._start_worker(run_id)
         return run_id
+
+    def resolve_resume(self, spec: RunSpec) -> RunSpec:
+        """``train.resume_from_checkpoint: RUN_ID`` -> that run's workdir (its last checkpoint is resumed)."""
+        want = spec.train.resume_from_checkpoint
+        if not want or not re.fullmatch(r"r-\d{8}-\d{6}-[0-9a-f]+", want) or Path(want).exists():
+            return spec
+        run = self.store.get_run(want)
+        if run is None:
+            raise InputError(f"train.resume_from_checkpoint: no run {want!r} in {self.store.path}",
+                             field="train.resume_from_checkpoint")
+        return spec.model_copy(update={"train": spec.train.model_copy(update={"resume_from_checkpoint": run["workdir"]})})
 
     def _stage_hook(self, stages: str | None):
         hook = stages or os.environ.get("TUNEQUANT_STAGES") or None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.errors import InputError
 from engine.vocab import DEFAULT_RUN_LOSS, LORA_TARGETS, LOSS_MODES, OPTIMIZERS, RUN_PRECISIONS
@@ -36,7 +36,8 @@ class TrainParams(_Strict):
     batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
     seq_len: int = Field(512, gt=0)
-    grad_ckpt: bool = True
+    # gradient (activation) checkpointing, non-reentrant; `gradient_checkpointing` (the HF/LLaMA-Factory name) too
+    grad_ckpt: bool = Field(True, validation_alias=AliasChoices("grad_ckpt", "gradient_checkpointing"))
     lora_rank: int = Field(16, gt=0)
     lora_alpha: float | None = None            # default 2 * rank (the reference recipe)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -54,6 +55,14 @@ class TrainParams(_Strict):
     # pack whole examples into sequences of seq_len (each keeps its own positions and attends
     # only to itself): fewer padded positions per step
     packing: bool = False
+    # training checkpoints (stages/checkpoint.py): every save_steps optimizer steps (and when stopped) the
+    # trainable weights + optimizer state (torch.distributed.checkpoint; sharded per rank under FSDP) go to
+    # <run workdir>/checkpoints/checkpoint-<step>/; save_total_limit keeps the last K
+    save_steps: int | None = Field(None, gt=0)
+    save_total_limit: int | None = Field(None, gt=0)
+    # continue from a checkpoint: its folder, a run's workdir or a run id (the last checkpoint there);
+    # the same method, model, batch_size, sequences per step, seq_len and seed
+    resume_from_checkpoint: str | None = None
 
 
 class QuantParams(_Strict):

@@ -98,6 +98,16 @@ def prepare(spec) -> dict:
                                  f"{' and '.join(MULTI_PROCESS_METHODS)} fine-tunes; strategy {spec.strategy} trains "
                                  f"{method} (4-bit and fake-quantized weights are not sharded here); drop resources "
                                  "or pick a full or LoRA strategy", field="resources")
+    if spec.train.resume_from_checkpoint or spec.train.save_steps:
+        trains = [stage_entry(strategy, i, spec) for i, n in enumerate(stages) if n == "train"]
+        if not trains:
+            raise InputError(f"train.save_steps / resume_from_checkpoint: strategy {spec.strategy} has no train stage",
+                             field="train.resume_from_checkpoint" if spec.train.resume_from_checkpoint else "train.save_steps")
+        if spec.train.resume_from_checkpoint:
+            from engine.runs.stages import checkpoint
+            where = checkpoint.find(spec.train.resume_from_checkpoint)
+            checkpoint.check_resume(checkpoint.read_state(where), spec, trains[0].get("method", "lora"),
+                                    spec.world_size, spec.train.steps)
     if spec.train.seq_len > arch.max_positions:
         raise InputError(f"train.seq_len {spec.train.seq_len} is longer than {arch.name} supports "
                          f"({arch.max_positions} positions)", field="train.seq_len")

@@ -45,7 +45,8 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0):
 
 def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 1, max_grad_norm: float = 1.0,
         params=None, on_step=None, should_stop=None, weight_decay: float = 0.0, autocast_dtype=None,
-        device: str = "cpu", mem_fn=None, loss_fn=None, optimizer: str = "adamw", sync=None) -> dict:
+        device: str = "cpu", mem_fn=None, loss_fn=None, optimizer: str = "adamw", sync=None,
+        checkpoint=None) -> dict:
     """Train ``model`` for ``steps`` optimizer steps of ``accum`` micro-batches each (their mean
     loss, so the update is the full batch's); returns losses, tokens/s and whether it stopped.
 
@@ -56,7 +57,12 @@ def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 
     ``sync(loss, tokens, positions, mem) -> (loss, tokens, positions, extra)``: several processes
     training one model (FSDP, stages/fsdp.py): called once per step on every rank, it returns the
     mean loss and the summed tokens/positions over the ranks, and ``extra`` for the step event
-    (each rank's memory)."""
+    (each rank's memory).
+
+    ``checkpoint`` (stages/checkpoint.py ``Checkpointer``): with a resume checkpoint, the weights and
+    the optimizer state are loaded from it and the loop continues at its step (the caller has
+    skipped the micro-batches it consumed; ``losses`` then holds the earlier steps' too); a
+    checkpoint is saved every ``checkpoint.every`` steps and when the loop stops early."""
     import torch
     from engine.runs.stages.loss import reference_loss
     loss_fn = loss_fn or reference_loss
@@ -64,10 +70,15 @@ def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 
     if not params:
         raise InputError("nothing to train: the model has no trainable parameters", field="train")
     opt = make_optimizer(optimizer, params, lr, weight_decay)
-    losses, tokens, positions, t0 = [], 0, 0, time.perf_counter()
+    losses, start = [], 0
+    if checkpoint is not None and checkpoint.resume is not None:
+        back = checkpoint.load(model, opt)
+        start, losses = int(back["step"]), list(back.get("losses") or [])
+    tokens, positions, t0 = 0, 0, time.perf_counter()
     stopped = False
-    done = 0
-    for step in range(steps):
+    done = start
+    last_saved = start
+    for step in range(start, steps):
         if should_stop is not None and should_stop():
             stopped = True
             break
@@ -103,9 +114,16 @@ def fit(model, batch_iter, steps: int, lr: float, warmup: int = 0, accum: int = 
             el = time.perf_counter() - t0
             on_step({"step": done, "total": steps, "loss": step_loss, "lr": cur_lr,
                      "tokens_per_s": tokens / el if el > 0 else None,
-                     "eta_s": el / done * (steps - done), "mem_bytes": mem, **extra})
+                     "eta_s": el / (done - start) * (steps - done), "mem_bytes": mem, **extra})
+        if checkpoint is not None and checkpoint.due(done):
+            checkpoint.save(done, model, opt, {"total_steps": steps, "losses": losses}, "every")
+            last_saved = done
+    if checkpoint is not None and checkpoint.every and stopped and done > last_saved:
+        checkpoint.save(done, model, opt, {"total_steps": steps, "losses": losses}, "stopped")
     wall = time.perf_counter() - t0
     del opt
     return {"steps": done, "total": steps, "losses": losses, "tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 1) if wall > 0 and done else None, "stopped": stopped,
-            "positions": positions, "positions_per_s": round(positions / wall, 1) if wall > 0 and done else None}
+            "start_step": start,
+            "tokens_per_s": round(tokens / wall, 1) if wall > 0 and done > start else None, "stopped": stopped,
+            "positions": positions,
+            "positions_per_s": round(positions / wall, 1) if wall > 0 and done > start else None}

@@ -276,6 +276,7 @@ def train(ctx) -> dict:
             f"{tp.batch_size}x{tp.grad_accum} sequences{f' x {world} processes' if dist else ''} "
             f"(<= {tp.seq_len} tokens), lr {tp.learning_rate:g}, "
             f"optimizer {tp.optimizer}, {'gradient checkpointing, ' if tp.grad_ckpt else ''}device {ctx.device}")
+    ck, resumed = checkpointer(ctx, method, world, steps)
     sync = None
     if dist:
         from engine.runs.stages import fsdp
@@ -292,6 +293,8 @@ def train(ctx) -> dict:
     base_cfg = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
     additive = getattr(base_cfg, "_attn_implementation", "sdpa") == "eager"    # eager adds the mask to the scores
     it = common.batches(pairs, tp.batch_size, ctx.spec.seed, tok.pad_token_id, ctx.device, additive)
+    if resumed:    # the micro-batches the checkpoint's steps consumed, of every rank: the stream goes on after them
+        it = itertools.islice(it, resumed["step"] * resumed["sequences_per_step"] // tp.batch_size, None)
     if dist:       # every rank walks the same shuffled stream and takes every world-th micro-batch: one step
         it = itertools.islice(it, rank, None, world)    # sees the world x accum micro-batches one process would
     first = next(it)
@@ -309,7 +312,7 @@ def train(ctx) -> dict:
     hist = fit(model, it, steps=steps, lr=tp.learning_rate, warmup=tp.warmup_steps, accum=tp.grad_accum,
                max_grad_norm=tp.max_grad_norm, on_step=on_step, should_stop=ctx.should_stop,
                autocast_dtype=autocast, device=ctx.device, mem_fn=lambda: common.mem_now(ctx.device), loss_fn=loss_fn,
-               optimizer=tp.optimizer, sync=sync)
+               optimizer=tp.optimizer, sync=sync, checkpoint=ck)
     model.eval()
     if hist["stopped"]:
         ctx.warn(f"stopped after {hist['steps']} of {steps} steps; saving what was trained")
@@ -326,6 +329,11 @@ def train(ctx) -> dict:
            "mean_batch_len": round(hist["positions"] / max(1, hist["steps"] * tp.grad_accum * tp.batch_size), 1),
            "loss_first": _mean(hist["losses"][:k]), "loss_last": _mean(hist["losses"][-k:]),
            "losses": [round(x, 4) for x in hist["losses"]], **out}
+    if ck is not None:
+        res["checkpoints"] = ck.saved
+        if resumed:
+            res["resumed_from"] = {"path": str(ck.resume), "step": resumed["step"],
+                                   "processes": resumed.get("processes", 1)}
     for name in ("loss_first", "loss_last"):
         if res[name] is not None:
             ctx.emit("metric", name=f"train.{name}", value=res[name], unit="nats/token")
@@ -335,6 +343,29 @@ def train(ctx) -> dict:
     if ctx.device == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def checkpointer(ctx, method: str, world: int, steps: int):
+    """(Checkpointer or None, the resume checkpoint's trainer state or None) for train.save_steps /
+    train.resume_from_checkpoint (stages/checkpoint.py)."""
+    tp = ctx.spec.train
+    if not tp.save_steps and not tp.resume_from_checkpoint:
+        return None, None
+    from engine.runs.stages import checkpoint as ckp
+    where = ckp.find(tp.resume_from_checkpoint) if tp.resume_from_checkpoint else None
+    state = ckp.read_state(where) if where else None
+    if state:
+        ckp.check_resume(state, ctx.spec, method, world, steps)
+    meta = {**ckp.identity(ctx.spec, method, world), "processes": world, "grad_accum": tp.grad_accum,
+            "strategy": ctx.spec.strategy, "run_id": ctx.run_id}
+    adapters = method in ("lora", "qlora") or bool(ctx.stage.get("lora"))
+    ck = ckp.Checkpointer(ctx.workdir, tp.save_steps, tp.save_total_limit, meta, resume=where, log=ctx.log,
+                          artifact=lambda p, kind: common.artifact(ctx, p, kind), lora=adapters)
+    if tp.save_steps:
+        ctx.log(f"checkpoints every {tp.save_steps} steps ({'the adapters' if adapters else 'every weight'} and the "
+                f"optimizer state, torch.distributed.checkpoint{', sharded per rank' if world > 1 else ''}) in "
+                f"{ck.folder}" + (f", the last {tp.save_total_limit} kept" if tp.save_total_limit else ""))
+    return ck, state
 
 
 def _mean(xs):
