@@ -111,6 +111,10 @@ def test_the_search_turns_an_infeasible_verdict_feasible():
     assert set(tried) == {"vllm", "transformers"} and not tried["vllm"]["meets_latency"]
     assert tried["vllm"]["ms_per_token"] == pytest.approx(_serve(_row(fixed, "qlora"))["decode_ms_per_token"])
     assert "vllm 86.8 [144.6], misses the goal" in s["config"]["why"]
+    # the CLI's table says how the recommendation is served
+    from engine.cli.recommend import format_table
+    rec = _row(searched, searched["recommended"])
+    assert f"serving: {rec['estimates']['serving']['text']}" in format_table({**searched, "what_would_change": None})
 
 
 def _hr(**goals):
@@ -172,6 +176,11 @@ def test_a_list_restricts_the_search_and_blocks_what_none_of_it_loads():
     assert "format" in ao["blocked_by"]
     assert any(b["text"].startswith("none of the runtimes of deploy.runtime (vllm, llama.cpp) loads torchao-int4")
                for b in ao["blocked"])
+    # a list's order is the order of the candidates (the earlier wins a tie)
+    out = recommend({**SC, "deploy": {**SC["deploy"], "runtime": ["tensorrt-llm", "transformers", "vllm"]}},
+                    what_if=False)
+    assert [t["runtime"] for t in _serve(_row(out, "ptq-gptq-4bit"))["config"]["tried"]] == \
+        ["tensorrt-llm", "transformers", "vllm"]
     # one named runtime: only it is used (the existing behaviour)
     out = recommend({**SC, "deploy": {**SC["deploy"], "runtime": "tensorrt-llm"}}, what_if=False)
     s = _serve(_row(out, "ptq-gptq-4bit"))

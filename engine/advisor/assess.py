@@ -395,17 +395,20 @@ def _stage_merge(s, sc, arch, ctx, kw) -> dict:
 
 def serve_candidates(s: dict, sc: Scenario, sdev) -> list[str]:
     """The runtimes the serving search tries for a strategy (docs/advisor.md "Serving configuration
-    search"): the scenario's one named runtime alone; else those of its list (or, left open, every
-    runtime of presets/runtimes.yaml) that run on the serving device and load the strategy's format,
-    the target's default first (it wins ties), then in the format's ``runtimes`` order."""
+    search"): the scenario's one named runtime alone; else those of its list (in its order), or,
+    left open, every runtime of presets/runtimes.yaml, the target's default first (it wins ties),
+    then in the format's ``runtimes`` order; only those that run on the serving device and load the
+    strategy's format."""
     from engine.estimate import runtimes
     f = formats.get(s["deploy"])
     spec = sc.deploy.runtime
     if isinstance(spec, str):
         return [spec] if spec in f.runtimes else []
-    allowed = list(spec) if spec else runtimes.ids()
-    default, _ = runtimes.default_runtime(sdev, sc.deploy.target)
-    order = ([default] if default in allowed else []) + [r for r in f.runtimes if r in allowed]
+    if spec:                                            # a list: in its order (the first wins ties)
+        order = list(spec)
+    else:
+        default, _ = runtimes.default_runtime(sdev, sc.deploy.target)
+        order = [default] + list(f.runtimes)
     out = []
     for rid in order:
         if rid in f.runtimes and rid in runtimes.runtimes() and runtimes.get(rid).runs_on(sdev) and rid not in out:

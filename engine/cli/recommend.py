@@ -27,8 +27,13 @@ def format_table(out: dict) -> str:
     flag = ""
     if out.get("meets_goals") is False and out.get("near_miss"):
         flag = " (" + out["near_miss"]["text"] + ")"
-    lines = [f"recommended: {out['recommended']}{flag}", f"what would change: {out['what_would_change']['summary']}"
-             if out.get("what_would_change") else "", ""]
+    lines = [f"recommended: {out['recommended']}{flag}"]
+    rec = next((r for r in out["ranked"] if r["strategy"] == out["recommended"]), None)
+    serving = ((rec or {}).get("estimates") or {}).get("serving")
+    if serving:                               # the serving configuration the search chose
+        lines.append(f"serving: {serving['text']}")
+    lines += [f"what would change: {out['what_would_change']['summary']}" if out.get("what_would_change") else "",
+              ""]
     lines.append(f"{'#':>2} {'strategy':<22} {'family':<23} {'ok':<3} {'score':>6}  blocked by / top reason")
     for r in out["ranked"]:
         first = ", ".join(r["blocked_by"]) if r["blocked_by"] else (r["why"][0][:70] if r["why"] else "")
