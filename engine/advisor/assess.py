@@ -475,8 +475,8 @@ def _pessimistic(o: dict, by: str) -> float:
 def _stage_serve(s, sc, arch, ctx, cands: list[str]) -> dict:
     """The serving search (``_serve_search``), cached by its inputs."""
     rt = sc.deploy.runtime
-    key = ("serve", _strategy_key(s), ctx.get("key") or search_key(sc, ctx), ctx["workload"],
-           ctx["serve_device"].id, tuple(cands),
+    key = ("serve", _strategy_key(s), repr(formats.get(s["deploy"])), ctx.get("key") or search_key(sc, ctx),
+           ctx["workload"], ctx["serve_device"].id, tuple(cands),
            tuple(rt) if isinstance(rt, list) else rt, sc.goals.priority, sc.goals.max_latency_ms_per_token)
     return json.loads(_memo(key, lambda: json.dumps(_serve_search(s, sc, arch, ctx, cands), default=str)))
 
