@@ -26,11 +26,22 @@ def home(tmp_path, monkeypatch):
     monkeypatch.delenv("TUNEQUANT_DB", raising=False)
     monkeypatch.setenv("TUNEQUANT_CALIBRATION", "off")          # the file is written to the home all the same
     monkeypatch.setenv("TUNEQUANT_PUBLIC_DEMO", "0")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))        # files under tmp_path count as the app's uploads
     return h
 
 
+def uploaded(src: Path) -> str:
+    """``src`` as Gradio hands an upload to a handler: a copy in its upload folder."""
+    import os
+    import shutil
+    dest = Path(os.environ["GRADIO_TEMP_DIR"]) / "seed-upload" / src.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return str(dest)
+
+
 def seed(home: Path) -> dict:
-    view, msg = U.import_upload(str(RECORDED))
+    view, msg = U.import_upload(uploaded(RECORDED))
     assert f"Imported {N_RECORDS} new record(s) of {N_RECORDS}" in msg, msg
     assert (home / "calibration.json").exists() and (home / "calibration_records.jsonl").exists()
     return view
@@ -95,13 +106,13 @@ def test_export_import_round_trip_into_another_home(home, tmp_path, monkeypatch)
     other.mkdir()
     monkeypatch.setenv("TUNEQUANT_HOME", str(other))
     assert U.render()["records"] == 0
-    view2, msg = U.import_upload(str(path))
+    view2, msg = U.import_upload(uploaded(path))          # downloaded, then uploaded into the other app
     assert f"Imported {N_RECORDS} new record(s)" in msg and str(other / "calibration.json") in msg
     second = U.fitted()
     assert U.factor_rows(second) == U.factor_rows(first) and U.error_rows(second) == U.error_rows(first)
     assert view2["errors"].equals(view["errors"])
     # importing it again adds nothing
-    _, msg = U.import_upload(str(path))
+    _, msg = U.import_upload(uploaded(path))
     assert "Imported 0 new record(s) of 95" in msg and "95 already there" in msg
 
 
@@ -152,7 +163,7 @@ def test_bad_upload_is_refused_inline_and_changes_nothing(home, tmp_path, name, 
 
 def test_public_demo_refuses_imports(home, monkeypatch):
     monkeypatch.setenv("TUNEQUANT_PUBLIC_DEMO", "1")
-    view, msg = U.import_upload(str(RECORDED))
+    view, msg = U.import_upload(uploaded(RECORDED))
     assert "off in the public demo" in msg and "nothing was imported" in msg
     assert not (home / "calibration_records.jsonl").exists() and view["records"] == 0
 

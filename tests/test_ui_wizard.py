@@ -12,6 +12,7 @@ from ui import common, wizard
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path / "ws"))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))        # files under tmp_path count as the app's uploads
     return tmp_path / "ws"
 
 

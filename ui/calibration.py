@@ -26,7 +26,7 @@ from pathlib import Path
 
 from engine import calibration as cal
 from engine.errors import InputError
-from ui.common import error_md, ok_md, public_demo, unexpected_md
+from ui.common import error_md, ok_md, public_demo, unexpected_md, upload_source
 
 MAX_IMPORT_BYTES = 20_000_000         # a records file is ~1 kB per record
 COUNT_COLUMNS = ["device", "term", "records", "runs", "from the run store", "imported", "in the fit"]
@@ -196,6 +196,7 @@ def import_upload(path) -> tuple[dict, str]:
                                   "change every visitor's estimates. Import them on your own instance, or with "
                                   "`python -m engine calibrate --import FILE` — nothing was imported.")
     try:
+        src = upload_source(src, "import")
         if not src.is_file():
             raise InputError(f"import: the upload {name!r} is gone; upload it again", field="import")
         size = src.stat().st_size

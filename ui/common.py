@@ -62,6 +62,47 @@ def confine(path: str | os.PathLike, field: str) -> Path:
     return p
 
 
+def upload_roots() -> list[Path]:
+    """Where an uploaded file may come from: Gradio's upload folder (``GRADIO_TEMP_DIR``, default
+    ``<tmp>/gradio``: what Gradio itself received) and the workspace."""
+    import tempfile
+    gradio_dir = os.environ.get("GRADIO_TEMP_DIR") or str(Path(tempfile.gettempdir()) / "gradio")
+    return [Path(gradio_dir).expanduser().resolve(), workspace()]
+
+
+def upload_source(src: str | os.PathLike, field: str) -> Path:
+    """The resolved path of a file handed to a handler as an upload, if it lies inside
+    ``upload_roots()`` (symlinks resolved); any other server path is refused, so an API call with
+    a FileData path of its own choosing cannot make the app read, show or copy that file."""
+    p = Path(os.path.expanduser(str(src))).resolve()
+    if not any(p == r or r in p.parents for r in upload_roots()):
+        raise InputError(f"{field}: {Path(str(src)).name!r} was not uploaded to this app; upload the file "
+                         f"(the app reads only its own uploads and files inside the workspace)", field=field)
+    return p
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def user_model(ref: str, field: str = "model") -> str:
+    """A model reference typed by a user: a demo model, a preset (or its hub id) or a hub id
+    ``org/name`` stay as they are; anything else is a path (``engine/../../x``, ``~/m``, a name
+    that exists on disk) and must resolve, symlinks included, inside the workspace: returned
+    absolute (``confine``) so the engine never resolves it against its own working directory."""
+    from engine import models
+    ref = str(ref).strip()
+    if not ref or ref.startswith("demo:"):
+        return ref
+    ps = models.presets()
+    if ref.lower() in ps or ref.lower() in {str(p.get("hub_id", "")).lower() for p in ps.values()}:
+        return ref
+    parts = ref.replace("\\", "/").split("/")
+    hub_like = bool(_HUB_ID.match(ref)) and not any(x in ("", ".", "..") for x in parts)
+    if hub_like and not Path(ref).exists() and not (workspace() / ref).exists():
+        return ref
+    return str(confine(ref, field))
+
+
 def save_upload(src: str | os.PathLike | None, kind: str, max_bytes: int, suffixes: tuple[str, ...],
                 field: str) -> Path | None:
     """Copy an uploaded file (Gradio's temp path) into ``workspace/uploads/<kind>/``.
@@ -71,7 +112,7 @@ def save_upload(src: str | os.PathLike | None, kind: str, max_bytes: int, suffix
     """
     if not src:
         return None
-    src = Path(src)
+    src = upload_source(src, field)
     if not src.is_file():
         raise InputError(f"{field}: the upload {src.name!r} is gone; upload it again", field=field)
     size = src.stat().st_size
@@ -97,16 +138,7 @@ def _safe_name(name: str) -> str:
 
 # ---- secrets ----------------------------------------------------------------------------
 
-_TOKEN_RE = re.compile(r"\b(hf_[A-Za-z0-9]{8,}|api_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{16,})")
-_BEARER_RE = re.compile(r"(?i)(authorization:\s*bearer\s+|token[\"']?\s*[:=]\s*[\"']?)([^\s\"',]+)")
-
-
-def redact(text: str) -> str:
-    """Hide access tokens (Hugging Face, API keys, bearer headers) in text shown or logged."""
-    if not text:
-        return text
-    text = _TOKEN_RE.sub(lambda m: m.group(0)[:3] + "***", text)
-    return _BEARER_RE.sub(lambda m: m.group(1) + "***", text)
+from engine.secrets_mask import redact   # noqa: E402,F401  (one mask for the app, the store and the logs)
 
 
 # ---- messages -----------------------------------------------------------------------------

@@ -499,8 +499,8 @@ def build_app() -> gr.Blocks:
 
         live_outputs = [R["view"], R["status"], R["loss"], R["metrics"], R["log"], R["timer"]]
 
-        def do_launch(*vals):
-            run_id, msg = runs.launch(dict(zip(runs.LAUNCH_FIELDS, vals)))
+        def do_launch(request: gr.Request, *vals):
+            run_id, msg = runs.launch(dict(zip(runs.LAUNCH_FIELDS, vals)), owner=_session(request))
             if not run_id:
                 return [msg, gr.update(), gr.update()] + [gr.update() for _ in live_outputs] + [None]
             live = _live(runs.attach(run_id), force=True)
@@ -527,8 +527,8 @@ def build_app() -> gr.Blocks:
         R["timer"].tick(tick, R["view"], live_outputs + [R["history"], C["pick"], R["picker"]], show_progress="hidden",
                         concurrency_limit=None)
 
-        def do_stop(view):
-            msg = runs.stop((view or {}).get("run_id"))
+        def do_stop(view, request: gr.Request):
+            msg = runs.stop((view or {}).get("run_id"), session=_session(request), admin_token=_admin_token(request))
             return [msg, gr.Timer(active=True)]
         R["stop"].click(do_stop, R["view"], [R["stop_msg"], R["timer"]])
 
@@ -578,6 +578,21 @@ def build_app() -> gr.Blocks:
 
 
 # ---- handler bodies (kept out of build_app so tests can call them) -------------------------------------
+
+def _session(request) -> str | None:
+    """The browser session of an event (who launched a run)."""
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+def _admin_token(request) -> str | None:
+    """The admin token of an event: the x-tunequant-admin header or the page's ?admin= parameter."""
+    if request is None:
+        return None
+    try:
+        return request.headers.get(runs.ADMIN_HEADER) or request.query_params.get("admin")
+    except Exception:
+        return None
+
 
 def _recompute(form: dict, mem_view: str = charts.MEMORY_VIEWS[0], shown=None, show_all: bool = False) -> list:
     """Wizard form -> scenario -> advisor -> every plan output, in PLAN_KEYS order."""

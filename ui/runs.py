@@ -11,6 +11,7 @@ The launch form builds one dict (``spec_from_form``); the YAML preview shows tha
 from __future__ import annotations
 
 import html
+import os
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from engine.spec.run import RunSpec
 from engine import demo_presets
 from engine.runs import api
 from engine.runs.distributed import launch_plan
-from ui.common import confine, duration, error_md, gb, ok_md, public_demo, redact
+from ui.common import confine, duration, error_md, gb, ok_md, public_demo, redact, user_model
 
 ACTIVE = ("queued", "running")
 LOG_TAIL = 200            # log lines kept in the view
@@ -174,9 +175,7 @@ def spec_from_form(form: dict) -> dict:
     if not spec.get("strategy"):
         raise InputError(f"strategy is required; one of {', '.join(strategies.ids())}", field="strategy")
     strategies.get(spec["strategy"])          # unknown ids list the known ones
-    model = spec["model"]
-    if model.startswith(("/", ".", "~")):
-        spec["model"] = str(confine(model, "model"))
+    spec["model"] = user_model(spec["model"], "model")     # any path resolves inside the workspace
     RunSpec.parse(spec)                       # every field checked; the message names the bad one
     return spec
 
@@ -224,13 +223,22 @@ def ray_address() -> str | None:
     return os.environ.get("TUNEQUANT_RAY_ADDRESS", "").strip() or None
 
 
-def launch(form: dict) -> tuple[str | None, str]:
-    """Start the run the form describes: (run id or None, inline message)."""
+# who launched each run from this app (a browser session): in the public demo only that session,
+# or someone holding TUNEQUANT_ADMIN_TOKEN, may stop it
+_OWNERS: dict[str, str] = {}
+ADMIN_HEADER = "x-tunequant-admin"
+
+
+def launch(form: dict, owner: str | None = None) -> tuple[str | None, str]:
+    """Start the run the form describes: (run id or None, inline message). ``owner``: the
+    launching session (Gradio's session hash), the one that may stop it in the public demo."""
     try:
         spec = spec_from_form(form)
         check_allowed(spec)
         addr = ray_address()
         run_id = api.launch(spec, executor_kind="ray" if addr else None, address=addr)
+        if owner:
+            _OWNERS[run_id] = owner
     except InputError as e:
         return None, error_md(e)
     except Exception as e:  # the engine refused for another reason: say it inline
@@ -239,9 +247,27 @@ def launch(form: dict) -> tuple[str | None, str]:
                          f"it keeps running if you close the tab (this page's URL re-attaches).")
 
 
-def stop(run_id: str | None) -> str:
+def is_admin(token: str | None) -> bool:
+    """``token`` equals TUNEQUANT_ADMIN_TOKEN (unset: nobody is admin)."""
+    import hmac
+    want = os.environ.get("TUNEQUANT_ADMIN_TOKEN") or ""
+    return bool(want) and bool(token) and hmac.compare_digest(str(token), want)
+
+
+def may_stop(run_id: str, session: str | None, admin_token: str | None = None) -> bool:
+    """Outside the public demo anyone at the app may stop any run (it is the operator's own app);
+    in the public demo only the session that launched the run, or the admin token."""
+    if not public_demo() or is_admin(admin_token):
+        return True
+    return bool(session) and _OWNERS.get(run_id) == session
+
+
+def stop(run_id: str | None, session: str | None = None, admin_token: str | None = None) -> str:
     if not run_id:
         return error_md("no run selected")
+    if not may_stop(run_id, session, admin_token):
+        return error_md(f"public demo: run {run_id} was launched by another visitor; only the page that "
+                        f"launched it (or the operator, with the admin token) can stop it")
     try:
         api.stop(run_id)
     except InputError as e:

@@ -16,7 +16,7 @@ from engine import hardware, models
 from engine.errors import InputError
 from engine.presets import PRESETS_DIR
 from engine.spec.scenario import PRIORITIES, SYMPTOMS, TARGET_KINDS, TARGETS, TASKS  # noqa: F401  (one place)
-from ui.common import (MAX_CONFIG_BYTES, MAX_DATASET_BYTES, confine, error_md, gb, ok_md, save_upload,
+from ui.common import (MAX_CONFIG_BYTES, MAX_DATASET_BYTES, confine, error_md, gb, ok_md, save_upload, user_model,
                        unexpected_md, workspace)
 
 BITS = ("any", "2", "3", "4", "8", "16")
@@ -141,14 +141,17 @@ def model_ref(form: dict):
             raise InputError("model: type a hub id (org/name) or a model folder in the workspace", field="model")
         if ref.lower() in models.presets():
             return ref
-        # a path (absolute, relative to the workspace, or a config.json) vs a hub id "org/name"
-        # (a first folder that exists in the workspace, e.g. models/..., says local too)
-        looks_local = (ref.startswith(("/", ".", "~")) or Path(ref).suffix == ".json" or ref.count("/") != 1
+        # a hub id "org/name", or a path (absolute, relative to the workspace, a config.json, with ..):
+        # every path resolves, symlinks included, inside the workspace (ui.common.user_model)
+        if Path(ref).suffix == ".json":
+            return str(confine(ref, "model"))
+        # a first folder that exists in the workspace (e.g. models/...) says local too
+        looks_local = (ref.startswith(("/", ".", "~")) or ref.count("/") != 1
                        or (workspace() / ref).exists() or (workspace() / ref.split("/")[0]).is_dir())
         if not looks_local:
             return ref
-        path = confine(ref, "model")
-        if not path.exists():
+        path = Path(user_model(ref, "model"))
+        if not path.is_absolute() or not path.exists():
             raise InputError(f"model: folder not found: {ref} is not in the workspace; put the model folder "
                              f"there (with its config.json), or type a hub id (org/name)", field="model")
         return str(path)

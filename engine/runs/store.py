@@ -16,12 +16,14 @@ Pure Python (sqlite3); imports no torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from engine.secrets_mask import redact_tokens
 from engine.workspace import home  # noqa: F401  (store.home: where the store and the runs live)
 
 STATUSES = ("queued", "running", "finished", "failed", "stopped", "interrupted")
@@ -112,8 +114,20 @@ def _retry_busy(fn, seconds: float = 60.0):
             pause = min(pause * 2, 0.5)
 
 
+def finite(obj):
+    """``obj`` with every NaN/inf float replaced by None (what JSON can hold; docs/runs.md)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def _dumps(obj) -> str:
-    return json.dumps(obj, default=str, allow_nan=True)
+    """Strict JSON (non-finite numbers as null) with access tokens masked."""
+    return redact_tokens(json.dumps(finite(obj), default=str, allow_nan=False))
 
 
 class RunStore:
@@ -188,8 +202,8 @@ class RunStore:
             db.execute(
                 "INSERT INTO runs (id, name, strategy, model, device, status, created, workdir, stages_hook, spec,"
                 " executor) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (run_id, spec.get("name") or "", spec["strategy"], spec["model"], device, time.time(),
-                 str(wd), stages_hook, _dumps(spec), _dumps(executor) if executor else None))
+                (run_id, redact_tokens(spec.get("name") or ""), spec["strategy"], redact_tokens(spec["model"]),
+                 device, time.time(), str(wd), stages_hook, _dumps(spec), _dumps(executor) if executor else None))
         return self.get_run(run_id)
 
     def mirror_event(self, run_id: str, remote_seq: int, type: str, payload: dict, ts: float | None = None) -> bool:
@@ -242,6 +256,7 @@ class RunStore:
             now = time.time()
             if result is None and row["result"]:
                 result = json.loads(row["result"])
+            reason = redact_tokens(reason)
             db.execute("UPDATE runs SET status=?, reason=?, ended=?, result=? WHERE id=?",
                        (status, reason, now, _dumps(result) if result is not None else None, run_id))
             for type, payload in before:

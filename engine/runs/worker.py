@@ -32,6 +32,7 @@ from engine.runs import faults
 from engine.runs.context import StageContext, stage_entry
 from engine.runs.executor import gpu_slots, load_stages, pid_alive
 from engine.runs.store import RunStore
+from engine.secrets_mask import redact_tokens
 from engine.spec.run import RunSpec
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "torchao", "gptqmodel", "optimum",
@@ -462,8 +463,26 @@ class Worker:
         return 0 if status == "finished" else 1
 
 
+class _Masked:
+    """The worker's stdout/stderr (worker.log) with access tokens masked (engine.secrets_mask)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        return self._stream.write(redact_tokens(text))
+
+    def writelines(self, lines):
+        for ln in lines:
+            self.write(ln)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    sys.stdout, sys.stderr = _Masked(sys.stdout), _Masked(sys.stderr)
     if len(argv) != 1:
         sys.stderr.write("usage: python -m engine.runs.worker RUN_ID\n")
         return 2

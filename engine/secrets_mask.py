@@ -1,0 +1,39 @@
+"""Access tokens never written or shown: ``redact(text)`` masks every Hugging Face token shape
+(``hf_`` followed by letters and digits, any length), API keys (``api_``, ``sk-``, GitHub
+``gh*_``) and bearer/``token=`` values. The run store, the worker's log, reports, exports and
+the app's messages pass through it (docs/guarantees.md)."""
+from __future__ import annotations
+
+import re
+
+# names of libraries and settings that start with hf_ (not tokens): hf_hub_download, hf_transfer, ...
+_NOT_TOKENS = frozenset({"hub", "transfer", "xet", "api", "home", "token", "device", "quantizer", "model",
+                         "config", "dataset", "datasets", "utils", "file", "repo", "url", "cache", "endpoint"})
+_TOKEN_RE = re.compile(r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]+|api_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}"
+                       r"|gh[pousr]_[A-Za-z0-9]{16,})")
+_BEARER_RE = re.compile(r"(?i)(authorization:\s*bearer\s+|token[\"']?\s*[:=]\s*[\"']?)([^\s\"',]+)")
+MASK = "***"
+
+
+def _mask(m: re.Match) -> str:
+    tok = m.group(0)
+    if tok.startswith("hf_") and tok[3:].lower() in _NOT_TOKENS:
+        return tok
+    return tok[:3] + MASK
+
+
+def redact_tokens(text):
+    """``text`` with token shapes masked (hf_..., api_..., sk-..., gh*_...); what the run store,
+    events.jsonl and the worker's log get (JSON text stays valid JSON)."""
+    if not text or not isinstance(text, str):
+        return text
+    return _TOKEN_RE.sub(_mask, text)
+
+
+def redact(text):
+    """``text`` with access tokens masked, bearer headers and ``token=...`` values too (what the
+    app shows); non-strings are returned as they are."""
+    if not text or not isinstance(text, str):
+        return text
+    text = redact_tokens(text)
+    return _BEARER_RE.sub(lambda m: m.group(1) + MASK if m.group(2) != MASK else m.group(0), text)
