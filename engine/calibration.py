@@ -18,6 +18,7 @@ Pure Python (json, math); reads no database: the caller hands it the runs: never
 from __future__ import annotations
 
 import json
+import os
 import math
 import statistics
 import time
@@ -398,8 +399,10 @@ def export(path, runs=(), about: dict | None = None, records: list[dict] | None 
            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(about or {}),
            "machines": [json.loads(m) for m in sorted(machines)], "records": recs}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+    if path.parent != Path(".") and not path.parent.is_dir():
+        raise InputError(f"--export: the folder {path.parent} does not exist; create it or choose another path",
+                         field="export")
+    write_text_safely(path, json.dumps(doc, indent=1, default=str) + "\n", "export")
     return {"path": str(path), "records": len(recs), "runs": len({r["run_id"] for r in recs})}
 
 
@@ -495,25 +498,66 @@ def import_(path, runs=(), refit: bool = True) -> dict:
     return out
 
 
-def write_fit(recs: list[dict], out=None) -> tuple[str, dict]:
+def _previous_records(path: Path) -> int:
+    """How many records the fitted file at ``path`` was fitted on (0: none, or no readable file)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return int(doc.get("records") or 0) if isinstance(doc, dict) else 0
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
+def write_text_safely(path, text: str, what: str = "file") -> None:
+    """Write ``text`` to ``path`` without ever leaving it half-written: a new file beside it, then a
+    rename over it; the previous version is kept as ``<name>.bak`` (one backup). An unwritable place
+    is an InputError naming it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        if path.is_file():
+            bak = path.with_name(path.name + ".bak")
+            try:
+                os.replace(path, bak)
+            except OSError:
+                pass
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise InputError(f"cannot write the {what} {path} ({e.strerror or e}); choose a writable place",
+                         field="out")
+
+
+def write_fit(recs: list[dict], out=None, allow_empty: bool = False) -> tuple[str, dict]:
     """Fit + evaluate ``recs`` and write the fitted JSON (default: fitted_path(), or
-    $TUNEQUANT_HOME/calibration.json while calibration is off)."""
+    $TUNEQUANT_HOME/calibration.json while calibration is off): a new file, then a rename, the
+    previous one kept as ``calibration.json.bak``. A refit with no records over a file fitted on
+    some is refused (a mistyped store would wipe every factor) unless ``allow_empty``."""
+    path = Path(out) if out else (fitted_path() or home() / "calibration.json")
+    before = _previous_records(path)
+    if not recs and before and not allow_empty:
+        raise InputError(f"refit refused: no records to fit (an empty or wrong run store?), and {path} holds a fit "
+                         f"of {before} record(s) that this would drop; nothing was written. Check --store, or pass "
+                         f"--allow-empty to fit nothing on purpose (the old file is then kept as {path.name}.bak)",
+                         field="store")
     fitted = fit(recs)
     fitted["evaluation"] = evaluate(recs)
-    path = Path(out) if out else (fitted_path() or home() / "calibration.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: v for k, v in fitted.items() if k != "_index"}, indent=1, default=str) + "\n",
-                    encoding="utf-8")
+    write_text_safely(path, json.dumps({k: v for k, v in fitted.items() if k != "_index"}, indent=1, default=str)
+                      + "\n", "fitted calibration")
     return str(path), fitted
 
 
-def calibrate(runs=(), import_file=None, export_file=None, out=None, store=None) -> dict:
+def calibrate(runs=(), import_file=None, export_file=None, out=None, store=None, allow_empty: bool = False) -> dict:
     """Import (optional), refit from ``runs`` (the run store's finished runs, read by the caller)
     + the imported records, write the fitted JSON, evaluate, export (optional): what
     `python -m engine calibrate` does. ``store``: where the runs came from (said in the result)."""
     imported = import_(import_file, refit=False) if import_file else None
     recs = all_records(runs)
-    path, fitted = write_fit(recs, out)
+    path, fitted = write_fit(recs, out, allow_empty=allow_empty)
     res = {"path": path, "store": None if store is None else str(store), "records": len(recs),
            "runs": fitted["runs"], "devices": fitted["devices"], "evaluation": fitted["evaluation"],
            "factors": [{k: f[k] for k in ("device", "versions", "term", "variant", "factor", "gmean", "spread", "runs",

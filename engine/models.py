@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from engine import demo_presets
+from engine import demo_presets, safeload
 from engine.errors import InputError
 from engine.presets import load_dir
 from engine.vocab import ATTENTION_TARGETS, LORA_TARGETS, MODEL_FAMILIES as FAMILIES
@@ -205,9 +205,16 @@ def family_of(cfg: dict, name: str = "") -> str:
 def arch_from_config(cfg: dict, name: str = "", source: str = "", family: str = "",
                      hub_id: str = "") -> ModelArch:
     """Build a ModelArch from a Hugging Face ``config.json`` dict."""
-    if "text_config" in cfg and "hidden_size" not in cfg:   # multimodal wrapper: take the text tower
+    if not isinstance(cfg, dict):
+        raise InputError(f"config of {name or 'model'} must be a JSON object, not a {type(cfg).__name__}",
+                         field="model")
+    if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:   # multimodal wrapper: the text tower
         cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
+    _check_sizes(cfg, name)
+    cfg = {k: (int(v) if k in _SIZE_FIELDS and isinstance(v, float) else v) for k, v in cfg.items()}
     mt = cfg.get("model_type", "")
+    if not isinstance(mt, str):
+        raise InputError(f"config of {name or 'model'}: model_type must be a string, got {mt!r}", field="model")
     h = _get(cfg, "hidden_size", "n_embd", "d_model")
     layers = _get(cfg, "num_hidden_layers", "n_layer", "num_layers")
     heads = _get(cfg, "num_attention_heads", "n_head", "num_heads")
@@ -339,11 +346,39 @@ def from_size(params_b: float, family: str) -> ModelArch:
 
 
 def _read_config(path: Path) -> dict:
+    text = safeload.read_text(path, "config.json", field="model")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        cfg = safeload.loads_json(text, f"config.json {path}", field="model")
     except json.JSONDecodeError as e:
         raise InputError(f"{path} is not valid JSON: {e}", field="model")
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path} must hold a JSON object (a model's config.json), not a {type(cfg).__name__}",
+                         field="model")
+    return cfg
+
+
+# the config.json fields the architecture is built from: each must be a whole number in this range
+_SIZE_FIELDS = {"hidden_size": 2**20, "n_embd": 2**20, "d_model": 2**20, "num_hidden_layers": 10_000,
+                "n_layer": 10_000, "num_layers": 10_000, "num_attention_heads": 65_536, "n_head": 65_536,
+                "num_heads": 65_536, "vocab_size": 2**24, "num_key_value_heads": 65_536, "head_dim": 65_536,
+                "intermediate_size": 2**22, "ffn_dim": 2**22, "n_inner": 2**22,
+                "max_position_embeddings": 2**26, "n_positions": 2**26, "seq_length": 2**26,
+                "num_local_experts": 65_536, "num_experts": 65_536, "num_experts_per_tok": 65_536,
+                "moe_intermediate_size": 2**22}
+
+
+def _check_sizes(cfg: dict, name: str) -> None:
+    """Refuse a config whose size fields are not whole numbers in range (a string, NaN, 1e400,
+    -64): the estimates built on them would be meaningless (negative memory that "fits")."""
+    for k, high in _SIZE_FIELDS.items():
+        v = cfg.get(k)
+        if v is None:
+            continue
+        ok = safeload.finite_number(v) and float(v).is_integer()
+        if not ok or not (1 <= v <= high) and not (k in ("num_local_experts", "num_experts",
+                                                           "num_experts_per_tok") and v == 0):
+            raise InputError(f"config of {name or 'model'}: {k} must be a whole number from 1 to {high:,}, "
+                             f"got {v!r}", field="model")
 
 
 def closest_presets(ref: str, n: int = 6) -> list[str]:

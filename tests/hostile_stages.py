@@ -4,6 +4,7 @@
     chatty     emits 4000 log events of 200 bytes (grows the store: the disk-full test)
     slow       0.1 s per step, polls the stop flag
     nan        the loss becomes NaN at step 3
+    naneval    reports an evaluation with NaN / inf figures (nested in the payload)
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def _train(ctx):
     if "chatty" in mode:
         for i in range(4000):
             ctx.emit("log", message=f"line {i} " + "x" * 200)
+    if "naneval" in mode:
+        ctx.emit("eval", name="after", metrics={"perplexity": float("nan"), "accuracy": float("inf")})
+        ctx.emit("metric", name="speed", value=float("-inf"), unit="tokens/s")
     loss = 4.0
     for i in range(n):
         if ctx.should_stop():

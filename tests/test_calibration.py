@@ -347,6 +347,7 @@ def test_bench_output_imports_as_records():
 
 def test_cli_calibrate_json_and_bad_import(home, capsys, tmp_path):
     from engine.cli import main
+    (tmp_path / "none.sqlite").touch()            # an empty store (a missing one is an error: tests/test_store_faults.py)
     assert main(["calibrate", "--store", str(tmp_path / "none.sqlite"), "--import", str(RECORDED[0]),
                  "--export", str(tmp_path / "out.json"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -25,7 +25,7 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "torchao", "gptqmodel"
 # module name prefix -> layer (the longest matching prefix decides)
 LAYERS = {
     "engine": 0, "engine.errors": 0, "engine.presets": 0, "engine.fmt": 0, "engine.workspace": 0,
-    "engine.secrets_mask": 0,
+    "engine.secrets_mask": 0, "engine.safeload": 0,
     "engine.vocab": 1, "engine.quant": 1, "engine.record": 1,
     "engine.models": 1, "engine.hardware": 1, "engine.demo_presets": 1, "engine.strategies": 1,
     "engine.spec": 1, "engine.estimate": 1,

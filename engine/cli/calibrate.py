@@ -42,9 +42,14 @@ def table(res: dict) -> str:
 
 
 def _run(args) -> int:
+    from engine.errors import InputError
     from engine.runs import store
     path = store.db_path(args.store)
-    res = calibration.calibrate(store.finished_runs(path), args.import_file, args.export, store=path)
+    if args.store is not None and not path.is_file():
+        raise InputError(f"--store: no run store at {path}; give the path of a runs.sqlite (default "
+                         f"$TUNEQUANT_DB or $TUNEQUANT_HOME/runs.sqlite)", field="store")
+    res = calibration.calibrate(store.finished_runs(path), args.import_file, args.export, store=path,
+                                allow_empty=args.allow_empty)
     if args.json:
         emit(res)
     else:
@@ -58,5 +63,7 @@ def register(sub) -> None:
     p.add_argument("--import", dest="import_file", default=None,
                    help="merge records from a calibration export or a bench/measurements/*.json file")
     p.add_argument("--export", default=None, help="write every record (store + imported) to this JSON file")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="refit even when there are no records (it replaces a fit of some; the old file stays as .bak)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run)

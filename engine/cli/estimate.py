@@ -122,6 +122,9 @@ def _coerce(kind: str, raw: dict) -> dict:
     out = {}
     for key, (flag, typ, default) in table.items():
         val = raw.get(key, default)
+        if key == "model" and isinstance(val, dict):        # {params_b, family} (README), or config.json fields
+            out[key] = val
+            continue
         if val is None:
             if key in REQUIRED[kind]:
                 raise InputError(f"{kind}: {key} ({flag}) is required", field=key)
@@ -195,8 +198,12 @@ def _run_batch(args) -> int:
             result = _call(kind, _coerce(kind, req))
         except json.JSONDecodeError as e:
             result = {"error": f"line is not JSON: {e}"}
+        except RecursionError:
+            result = {"error": "line is nested too deeply to be a request"}
         except InputError as e:
             result = e.to_json()
+        except Exception as e:          # one bad request never aborts the batch: its line says why
+            result = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
         emit(result)
     return 0
 

@@ -10,6 +10,7 @@ import json
 import sys
 
 from engine.errors import InputError
+from engine.safeload import finite
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -24,8 +25,9 @@ class Parser(argparse.ArgumentParser):
 def emit(obj, as_json: bool = True, out=None) -> None:
     """Print a result: one JSON object (compact, one line) or an indented human view."""
     out = out or sys.stdout
+    obj = finite(obj)                    # valid JSON everywhere: NaN/inf print as null
     if as_json:
-        out.write(json.dumps(obj, default=str) + "\n")
+        out.write(json.dumps(obj, default=str, allow_nan=False) + "\n")
     else:
-        out.write(json.dumps(obj, indent=2, default=str) + "\n")
+        out.write(json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n")
     out.flush()

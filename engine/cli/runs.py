@@ -79,7 +79,10 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_list(args) -> int:
+    from engine.errors import InputError
     from engine.runs import api
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be 1 or more (leave it out for every run), got {args.limit}", field="limit")
     runs = api.list_runs(status=args.status, limit=args.limit)
     emit({"runs": [{k: r.get(k) for k in ROW_KEYS} for r in runs]}, as_json=args.json)
     return 0
@@ -108,6 +111,13 @@ def _cmd_artifacts(args) -> int:
 def _cmd_push(args) -> int:
     from engine.runs import api, artifacts
     emit(artifacts.push_to_hub(api.get_run(args.run_id), args.repo, private=not args.public), as_json=args.json)
+    return 0
+
+
+def _cmd_rebuild(args) -> int:
+    from engine.runs import store
+    res = store.rebuild(args.store)
+    emit(res, as_json=args.json)
     return 0
 
 
@@ -150,4 +160,8 @@ def register(sub) -> None:
     pp.add_argument("--public", action="store_true")
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(func=_cmd_push)
+    bp = rsub.add_parser("rebuild", help="rebuild the run store from the runs' events.jsonl logs (the old file is kept)")
+    bp.add_argument("--store", default=None, help="the store file (default $TUNEQUANT_DB or $TUNEQUANT_HOME/runs.sqlite)")
+    bp.add_argument("--json", action="store_true")
+    bp.set_defaults(func=_cmd_rebuild)
 

@@ -31,6 +31,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import safeload
 from engine.errors import InputError
 
 FORMATS = ("text", "instruction", "chat", "classification")
@@ -91,6 +92,7 @@ def read_rows(path: str | Path) -> tuple[list, list[dict]]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError(f"dataset file {str(path)!r} not found", field="dataset.path")
+    safeload.check_size(p, "dataset", safeload.max_dataset_bytes(), "TUNEQUANT_MAX_DATASET_BYTES", "dataset.path")
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -113,7 +115,7 @@ def read_rows(path: str | Path) -> tuple[list, list[dict]]:
     stripped = text.lstrip()
     if stripped.startswith("["):                     # a JSON array of objects
         try:
-            data = json.loads(text)
+            data = safeload.loads_json(text, f"dataset {p.name}", field="dataset.path")
         except json.JSONDecodeError as e:
             raise InputError(f"dataset {p.name} is not valid JSON: {e}", field="dataset.path")
         return list(data), problems
@@ -123,7 +125,7 @@ def read_rows(path: str | Path) -> tuple[list, list[dict]]:
             continue
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):      # RecursionError: nested hundreds deep
             bad.append(i)
             rows.append(None)
     if bad:
@@ -177,6 +179,14 @@ def _row_problem(row, fmt: str) -> str | None:
         if not msgs[-1]["content"].strip():
             return "empty"
         return None
+    texts = [k for k in REQUIRED[fmt] if k != "label"] + (["input"] if fmt == "instruction" and "input" in row
+                                                           and row["input"] is not None else [])
+    if any(not isinstance(row[k], str) for k in texts):
+        return "not-text"
+    label = row.get("label")
+    if fmt == "classification" and (isinstance(label, (list, dict)) or
+                                    (isinstance(label, float) and not label == label)):
+        return "not-text"
     if any(not str(row[k]).strip() for k in REQUIRED[fmt]):
         return "empty"
     return None
@@ -184,6 +194,8 @@ def _row_problem(row, fmt: str) -> str | None:
 
 _ROW_MESSAGES = {
     "not-object": "are not JSON objects",
+    "not-text": "have a value that is not text in {fields} (a number, NaN, a list or an object; text fields take "
+                "strings, a label a string or a whole number)",
     "missing": "lack a required field ({fields})",
     "empty": "have an empty required field ({fields})",
     "bad-message": "have a message that is not {{\"role\": system|user|assistant, \"content\": text}}",

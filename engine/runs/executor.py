@@ -40,7 +40,7 @@ from pathlib import Path
 from engine import strategies
 from engine.errors import InputError
 from engine.runs import faults
-from engine.runs.store import ACTIVE, FINAL, RunStore
+from engine.runs.store import ACTIVE, FINAL, STORE_FAILURE_MARK, RunStore
 from engine.spec.run import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -149,6 +149,7 @@ class Executor:
         self._procs: dict[str, subprocess.Popen] = {}
         self._followers: dict[str, threading.Thread] = {}
         self._closing = threading.Event()
+        self._unrecorded: dict[str, str] = {}    # runs whose end the store refused to record: why
         self._lock = threading.Lock()
         if recover:
             self.recover()
@@ -209,7 +210,8 @@ class Executor:
         run_id = run_id or new_run_id()
         self.store.create_run(run_id, spec.to_dict(), device, hook)
         self.store.append_event(run_id, "queued", {"strategy": spec.strategy, "model": spec.model,
-                                                   "device": device, "stages": [s["stage"] for s in strategy["stages"]]})
+                                                   "device": device, "stages": [s["stage"] for s in strategy["stages"]],
+                                                   "spec": spec.to_dict()})   # `runs rebuild` reads it back
         self._start_worker(run_id)
         return run_id
 
@@ -296,9 +298,16 @@ class Executor:
     # -- noticing the end of a worker ---------------------------------------
     def _reap(self, run_id: str, proc: subprocess.Popen) -> None:
         rc = proc.wait()
-        self._worker_gone(run_id, rc)
-        with self._lock:
-            self._procs.pop(run_id, None)
+        try:
+            self._worker_gone(run_id, rc)
+        except Exception as e:        # the store refuses writes (disk full): the run still ends, here
+            cause = store_failure(self.store.workdir(run_id)) or \
+                f"the run store could not be written ({e}); the worker ended with code {rc}"
+            with self._lock:
+                self._unrecorded[run_id] = cause
+        finally:
+            with self._lock:
+                self._procs.pop(run_id, None)
 
     def _worker_gone(self, run_id: str, returncode: int | None, status: str = "failed") -> None:
         """The worker is gone; if it did not end its run, end it now (stopped if a stop was asked)."""
@@ -312,6 +321,10 @@ class Executor:
             self.store.finish(run_id, "stopped", "stopped on request" + how)
             return
         _end_ranks(run)          # a multi-process stage's ranks live in sessions of their own
+        cause = store_failure(Path(run["workdir"]))
+        if cause:                          # the worker could not record its own end: say why it ended
+            self.store.finish(run_id, "failed", cause)
+            return
         reason = faults.exit_reason(returncode) if status == "failed" else \
             f"the worker process (pid {run.get('pid')}) was gone when the engine restarted"
         error = {"stage": self._current_stage(run_id), "kind": "worker-died", "message": reason,
@@ -357,6 +370,10 @@ class Executor:
         run = self.store.get_run(run_id)
         if run is None:
             raise InputError(f"unknown run id {run_id!r}; `python -m engine runs list` shows the runs", field="run_id")
+        with self._lock:
+            cause = self._unrecorded.get(run_id)
+        if cause and run["status"] in ACTIVE:        # ended, but the store could not take it
+            return {**run, "status": "failed", "reason": cause}
         return self._check(run)
 
     def list_runs(self, status: str | None = None, limit: int | None = None) -> list[dict]:
@@ -463,6 +480,17 @@ def _end_ranks(run: dict | None) -> int:
         time.sleep(0.05)
         alive = [p for p in alive if pid_alive(p, run["id"])]
     return found
+def store_failure(workdir: Path) -> str | None:
+    """The cause a worker wrote to its worker.log when the store refused to record its end."""
+    try:
+        with open(Path(workdir) / "worker.log", "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 65536))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    hits = [ln[len(STORE_FAILURE_MARK):].strip() for ln in tail.splitlines() if ln.startswith(STORE_FAILURE_MARK)]
+    return hits[-1] if hits else None
 
 
 def _killpg(pgid: int, sig: int) -> None:

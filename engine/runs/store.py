@@ -16,13 +16,14 @@ Pure Python (sqlite3); imports no torch.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from engine.errors import InputError
+from engine.safeload import finite
 from engine.secrets_mask import redact_tokens
 from engine.workspace import home  # noqa: F401  (store.home: where the store and the runs live)
 
@@ -72,6 +73,58 @@ CREATE TRIGGER IF NOT EXISTS runs_no_delete BEFORE DELETE ON runs
 """
 
 
+class StoreError(InputError):
+    """The run store cannot be used as it is (missing or read-only folder, a file that is not a
+    run store, damaged, truncated, or a disk that refuses writes): one message saying what to do.
+    An InputError, so the CLI exits 2 with it and the app shows it instead of a traceback."""
+
+
+class StoreWriteError(StoreError):
+    """A write to the store failed (disk full, file size limit, I/O error, read-only file)."""
+
+
+# the line a worker prints to worker.log when it cannot record its run's end in the store: whoever
+# notices the dead worker later ends the run failed with this cause (executor._worker_gone)
+STORE_FAILURE_MARK = "TUNEQUANT-STORE-WRITE-FAILED: "
+SQLITE_MAGIC = b"SQLite format 3\x00"
+REBUILD_HINT = "`python -m engine runs rebuild` rebuilds it from the runs' events.jsonl logs"
+
+
+def check_file(path: Path, runs_dir: Path | None = None) -> None:
+    """Refuse a store file that is not a usable run store (cheap: the header, the size it says
+    it has, and the two tables): zero bytes while runs have event logs, a foreign or damaged
+    file, a truncated one, a foreign SQLite database. A missing file is fine (a new store)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise StoreError(f"run store {path} is a directory, not a file; set TUNEQUANT_DB to a file path")
+    runs_dir = runs_dir or path.parent / "runs"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except PermissionError:
+        raise StoreError(f"run store {path} cannot be read (permission denied); fix its permissions or point "
+                         f"TUNEQUANT_HOME at a folder you own")
+    if size == 0:
+        logs = list(runs_dir.glob("*/events.jsonl")) if runs_dir.is_dir() else []
+        if logs:
+            raise StoreError(f"run store {path} is empty (0 bytes) but {len(logs)} run(s) have event logs under "
+                             f"{runs_dir}; the database was lost or truncated: {REBUILD_HINT}")
+        return
+    if not head.startswith(SQLITE_MAGIC):
+        raise StoreError(f"{path} is not a tunequant run store (not an SQLite database: foreign or damaged "
+                         f"file); move it away, or {REBUILD_HINT}")
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(head[28:32], "big")
+    valid = head[24:28] == head[92:96]
+    if valid and pages and size < pages * page:
+        raise StoreError(f"run store {path} is truncated ({size} bytes; its header says {pages * page}); "
+                         f"{REBUILD_HINT}")
+
+
 def default_db_path() -> Path:
     return Path(os.environ.get("TUNEQUANT_DB") or home() / "runs.sqlite").expanduser().resolve()
 
@@ -90,10 +143,21 @@ def finished_runs(store=None) -> list[dict]:
     path = db_path(store)
     if not path.is_file():
         return []
+    check_file(path)
+    if path.stat().st_size == 0:
+        return []                                    # a new, empty store (no event logs beside it)
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     con.row_factory = sqlite3.Row
     try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            return []
+        if not {"runs", "events"} <= tables:
+            raise StoreError(f"{path} is an SQLite database of something else (tables: {', '.join(sorted(tables))}), "
+                             f"not a tunequant run store")
         rows = con.execute("SELECT * FROM runs WHERE status = 'finished' ORDER BY created, id").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path} is not a readable tunequant run store ({e}); {REBUILD_HINT}")
     finally:
         con.close()
     return [RunStore._row(r) for r in rows]
@@ -114,15 +178,17 @@ def _retry_busy(fn, seconds: float = 60.0):
             pause = min(pause * 2, 0.5)
 
 
-def finite(obj):
-    """``obj`` with every NaN/inf float replaced by None (what JSON can hold; docs/runs.md)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
+def _store_problem(path: Path, e: Exception) -> str:
+    """A person's message for an SQLite error on the store file."""
+    msg = str(e).lower()
+    if "locked" in msg or "busy" in msg:
+        return f"run store {path} stayed locked by another process for over a minute ({e}); retry"
+    if "readonly" in msg or "read-only" in msg or "unable to open" in msg:
+        return (f"run store {path} cannot be opened for writing ({e}); fix the permissions, or set TUNEQUANT_HOME to "
+                f"a writable folder")
+    if "full" in msg or "disk i/o" in msg or "too large" in msg or isinstance(e, OSError):
+        return f"run store {path}: the disk refused a write ({e}); free disk space and retry"
+    return f"run store {path} is damaged ({e}); {REBUILD_HINT}"
 
 
 def _dumps(obj) -> str:
@@ -137,20 +203,38 @@ class RunStore:
     def __init__(self, path: str | Path | None = None, runs_dir: str | Path | None = None):
         self.path = Path(path).expanduser().resolve() if path else default_db_path()
         self.runs_dir = Path(runs_dir).expanduser().resolve() if runs_dir else self.path.parent / "runs"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the run store's folder {self.path.parent} ({e.strerror}); set "
+                             f"TUNEQUANT_HOME to a writable folder (or TUNEQUANT_DB to a writable file)")
+        check_file(self.path, self.runs_dir)
         self._local = threading.local()
-        db = self._db()
-        # idempotent, and several processes may open the store at once: create only what is
-        # missing, retrying while another process holds the lock (see _retry_busy)
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='events'").fetchone():
-            _retry_busy(lambda: db.executescript(SCHEMA))
-        cols = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
-        if "executor" not in cols:              # a store made before runs could execute elsewhere
-            def add():
-                if "executor" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:
-                    db.execute("ALTER TABLE runs ADD COLUMN executor TEXT")
-            _retry_busy(add)
+        try:
+            db = self._db()
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and not {"runs", "events"} <= tables:
+                raise StoreError(f"{self.path} is an SQLite database of something else (tables: "
+                                 f"{', '.join(sorted(tables))}), not a tunequant run store; point TUNEQUANT_DB "
+                                 f"elsewhere or move it away")
+            # idempotent, and several processes may open the store at once: create only what is
+            # missing, retrying while another process holds the lock (see _retry_busy)
+            if "events" not in tables:
+                _retry_busy(lambda: db.executescript(SCHEMA))
+            cols = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+            if "executor" not in cols:              # a store made before runs could execute elsewhere
+                def add():
+                    if "executor" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:
+                        db.execute("ALTER TABLE runs ADD COLUMN executor TEXT")
+                _retry_busy(add)
+            if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK):
+                raise StoreError(f"run store {self.path} is read-only (the file or its folder is not writable); "
+                                 f"runs could not be recorded: fix the permissions or set TUNEQUANT_HOME to a "
+                                 f"writable folder")
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise StoreError(_store_problem(self.path, e))
 
     # -- connections -------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -169,20 +253,41 @@ class RunStore:
         return db
 
     class _Tx:
-        def __init__(self, db):
-            self.db = db
+        def __init__(self, db, path=None):
+            self.db, self.path = db, path
+
+        def _failed(self, e):
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            return StoreWriteError(_store_problem(self.path, e))
 
         def __enter__(self):
-            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise self._failed(e) from e
             return self.db
 
         def __exit__(self, exc_type, exc, tb):
-            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            if exc_type is None:
+                try:
+                    self.db.execute("COMMIT")
+                except sqlite3.OperationalError as e:
+                    raise self._failed(e) from e
+                return False
+            if isinstance(exc, (sqlite3.OperationalError, OSError)):    # disk full, size limit, I/O
+                raise self._failed(exc) from exc
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
             return False
 
     def _write(self):
         """A write transaction (takes the write lock at once, so read-then-write is atomic)."""
-        return self._Tx(self._db())
+        return self._Tx(self._db(), self.path)
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -342,3 +447,108 @@ class RunStore:
     def event_counts(self, run_id: str) -> dict[str, int]:
         rows = self._db().execute("SELECT type, COUNT(*) FROM events WHERE run_id=? GROUP BY type", (run_id,))
         return {r[0]: r[1] for r in rows}
+
+
+# -- rebuilding the database from the runs' event logs -----------------------------------------------
+def _read_log(path: Path) -> list[dict]:
+    """The events of one events.jsonl, in seq order (a torn last line, from a crash, is skipped)."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for ln in f:
+            try:
+                ev = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and isinstance(ev.get("seq"), int) and ev.get("type"):
+                out.append(ev)
+    seen, events = set(), []
+    for ev in sorted(out, key=lambda e: e["seq"]):
+        if ev["seq"] not in seen:
+            seen.add(ev["seq"])
+            events.append(ev)
+    return events
+
+
+def _row_from_events(run_id: str, workdir: Path, events: list[dict]) -> dict:
+    """The runs row an event log implies: what launched it, when, how it ended, what it measured."""
+    by = {}
+    for ev in events:
+        by.setdefault(ev["type"], []).append(ev)
+    q = (by.get("queued") or [{}])[0].get("payload") or {}
+    started = (by.get("started") or [None])[0]
+    fin = (by.get("finished") or [None])[-1]
+    spec = q.get("spec") if isinstance(q.get("spec"), dict) else \
+        {"model": q.get("model") or "?", "strategy": q.get("strategy") or "?", "device": q.get("device") or "cpu"}
+    result = {"stages": [], "metrics": {}, "eval": {}, "artifacts": []}
+    for ev in events:
+        p = ev.get("payload") or {}
+        if ev["type"] == "stage_finished":
+            result["stages"].append(p)
+        elif ev["type"] == "metric" and p.get("name"):
+            result["metrics"][p["name"]] = {"value": p.get("value"), "unit": p.get("unit")}
+        elif ev["type"] == "eval":
+            result["eval"][p.get("name") or f"eval{len(result['eval'])}"] = p.get("metrics")
+        elif ev["type"] == "artifact":
+            result["artifacts"].append({"path": str(p.get("path")), "kind": p.get("kind")})
+        elif ev["type"] == "error" and p.get("kind"):
+            result["error"] = {k: p.get(k) for k in ("stage", "kind", "message", "reason", "suggestions")}
+    if fin is not None:
+        status = (fin.get("payload") or {}).get("status") or "failed"
+        reason = (fin.get("payload") or {}).get("reason")
+    else:
+        status, reason = "interrupted", "rebuilt from events.jsonl: the log ends before the run ended"
+    return {"id": run_id, "name": spec.get("name") or "", "strategy": spec.get("strategy") or "?",
+            "model": spec.get("model") or "?", "device": q.get("device") or spec.get("device") or "cpu",
+            "status": status if status in STATUSES else "failed", "reason": reason,
+            "created": events[0]["ts"], "started": started["ts"] if started else None,
+            "ended": fin["ts"] if fin else events[-1]["ts"],
+            "pid": (started.get("payload") or {}).get("pid") if started else None,
+            "workdir": str(workdir), "spec": {**spec, "rebuilt_from": "events.jsonl"}, "result": result}
+
+
+def rebuild(path=None, runs_dir=None) -> dict:
+    """Rebuild the run store from every ``runs/<id>/events.jsonl`` (the append-only second copy of
+    each run's events): a new database is written beside the old one and renamed over it; the
+    old file (and its -wal/-shm) is kept as ``<name>.broken-<time>``. Returns what was done.
+    What only the database held is not in the logs: a run's library versions, machine and the
+    planner's estimate (and, for runs launched before the spec was logged, its name and spec)."""
+    path = db_path(path)
+    runs_dir = Path(runs_dir).resolve() if runs_dir else path.parent / "runs"
+    logs = sorted(runs_dir.glob("*/events.jsonl")) if runs_dir.is_dir() else []
+    tmp = path.with_name(f".{path.name}.rebuild-{os.getpid()}")
+    for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        if p.exists():
+            p.unlink()
+    try:
+        con = sqlite3.connect(tmp, isolation_level=None)
+        con.executescript(SCHEMA)
+        runs, events = 0, 0
+        con.execute("BEGIN")
+        for log in logs:
+            evs = _read_log(log)
+            if not evs:
+                continue
+            row = _row_from_events(log.parent.name, log.parent, evs)
+            con.execute("INSERT INTO runs (id, name, strategy, model, device, status, reason, created, started, ended,"
+                        " pid, workdir, spec, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (row["id"], row["name"], row["strategy"], row["model"], row["device"], row["status"],
+                         row["reason"], row["created"], row["started"], row["ended"], row["pid"], row["workdir"],
+                         _dumps(row["spec"]), _dumps(row["result"])))
+            for ev in evs:
+                con.execute("INSERT INTO events (run_id, seq, ts, type, payload) VALUES (?, ?, ?, ?, ?)",
+                            (row["id"], ev["seq"], ev["ts"], ev["type"], _dumps(ev.get("payload") or {})))
+            runs, events = runs + 1, events + len(evs)
+        con.execute("COMMIT")
+        con.close()
+    except (OSError, sqlite3.Error) as e:
+        raise StoreError(f"could not rebuild the run store at {path} ({e}); nothing was changed")
+    kept = None
+    if path.exists():
+        kept = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, kept)
+        for side in ("-wal", "-shm"):
+            if Path(f"{path}{side}").exists():
+                os.replace(f"{path}{side}", f"{kept}{side}")
+    os.replace(tmp, path)
+    return {"path": str(path), "runs": runs, "events": events, "logs": len(logs),
+            "old_file": str(kept) if kept else None}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import math
 import os
 import platform
 import re
@@ -31,7 +32,7 @@ from engine.runs.events import STAGE_TYPES, check as check_event
 from engine.runs import faults
 from engine.runs.context import StageContext, stage_entry
 from engine.runs.executor import gpu_slots, load_stages, pid_alive
-from engine.runs.store import RunStore
+from engine.runs.store import STORE_FAILURE_MARK, RunStore, StoreWriteError
 from engine.secrets_mask import redact_tokens
 from engine.spec.run import RunSpec
 
@@ -40,6 +41,10 @@ LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "tor
 STOP_POLL_S = 0.25
 # the presets/hardware/targets.yaml entry CPU runs are estimated for (speed and weights comparable)
 CPU_PRESET = "cpu-x86-pytorch"
+
+
+class NonFiniteLoss(RuntimeError):
+    """A training step reported a NaN/inf loss: the run cannot learn anything from here on."""
 
 
 class StopRun(BaseException):
@@ -260,6 +265,10 @@ class Worker:
 
     def stage_emit(self, type: str, **payload) -> None:
         """What stages call: also collects metrics, evaluations and artifacts into the result."""
+        loss = payload.get("loss") if type == "step" else None
+        if isinstance(loss, float) and not math.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {'NaN' if loss != loss else loss} at step {payload.get('step')}; "
+                                f"lower the learning rate (or check the data) and run again")
         payload = check_event(type, payload, allowed=STAGE_TYPES)
         if type == "metric" and payload.get("name"):
             self.result["metrics"][payload["name"]] = {"value": payload.get("value"), "unit": payload.get("unit")}
@@ -389,6 +398,8 @@ class Worker:
                     return self._end("stopped", f"stopped on request during stage {stage}")
             stage = None
             return self._end("finished", None)
+        except StoreWriteError as e:
+            return self._store_failed(e, stage)
         except StopRun:
             if self._current is not None:                # measure what the interrupted stage did
                 self._stage_done(*self._current, None, stopped=True)
@@ -419,6 +430,23 @@ class Worker:
                           progress=lambda k, n: self.emit("prepare", what=what, step=k, total=n, done=False))
         self.emit("prepare", what=what, done=True, duration_s=round(time.perf_counter() - t0, 3))
 
+    def _store_failed(self, e: StoreWriteError, stage: str | None) -> int:
+        """The store refused a write (disk full, size limit, I/O error): stop the run here and end it
+        failed with that cause; if even that write fails, say it in worker.log (STORE_FAILURE_MARK),
+        where whoever notices the dead worker reads it (executor._worker_gone)."""
+        self._finishing = True
+        where = f" during stage {stage}" if stage else ""
+        reason = f"the run store could not be written{where}: {e}"
+        sys.stderr.write(f"{STORE_FAILURE_MARK}{reason}\n")
+        sys.stderr.flush()
+        for _ in range(3):
+            try:
+                self.store.finish(self.run_id, "failed", reason)
+                return 1
+            except StoreWriteError:
+                time.sleep(0.2)
+        return 3
+
     def _stage_done(self, stage, index, mem, t0, out, stopped=False) -> None:
         self._current = None
         measured = {"stage": stage, "index": index, "duration_s": round(time.perf_counter() - t0, 3),
@@ -435,6 +463,8 @@ class Worker:
                   traceback=tb, suggestions=suggestions)
 
     def _fail(self, e, stage, spec, strategy, machine, mem, t0, index) -> int:
+        if isinstance(e, StoreWriteError):
+            raise e
         tb = traceback.format_exc()
         sys.stderr.write(f"run {self.run_id}: stage {stage} raised\n{tb}")
         sys.stderr.flush()

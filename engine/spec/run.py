@@ -10,14 +10,23 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.errors import InputError
+from engine.safeload import load_yaml_file
 from engine.vocab import DEFAULT_RUN_LOSS, LORA_TARGETS, LOSS_MODES, OPTIMIZERS, RUN_PRECISIONS
 
 
+# the largest values a run takes (beyond them a run is meaningless here, and the message says the limit)
+MAX_SEQ_LEN = 1_048_576
+MAX_LORA_RANK = 4096
+MAX_BATCH = 65_536
+MAX_STEPS = 10_000_000
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and inf are refused everywhere (a learning rate of .inf trains nothing)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataSpec(_Strict):
@@ -30,15 +39,15 @@ class DataSpec(_Strict):
 
 
 class TrainParams(_Strict):
-    steps: int | None = Field(None, gt=0)      # wins over epochs when set
-    epochs: float = Field(1.0, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
-    batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    seq_len: int = Field(512, gt=0)
+    steps: int | None = Field(None, gt=0, le=MAX_STEPS)      # wins over epochs when set
+    epochs: float = Field(1.0, gt=0, le=10_000)
+    learning_rate: float = Field(2e-4, gt=0, le=10)
+    batch_size: int = Field(4, gt=0, le=MAX_BATCH)
+    grad_accum: int = Field(1, gt=0, le=MAX_BATCH)
+    seq_len: int = Field(512, gt=0, le=MAX_SEQ_LEN)
     # gradient (activation) checkpointing, non-reentrant; `gradient_checkpointing` (the HF/LLaMA-Factory name) too
     grad_ckpt: bool = Field(True, validation_alias=AliasChoices("grad_ckpt", "gradient_checkpointing"))
-    lora_rank: int = Field(16, gt=0)
+    lora_rank: int = Field(16, gt=0, le=MAX_LORA_RANK)
     lora_alpha: float | None = None            # default 2 * rank (the reference recipe)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
@@ -68,8 +77,8 @@ class TrainParams(_Strict):
 class QuantParams(_Strict):
     """Overrides of the strategy's quantize stage (None: keep the catalog's value)."""
     bits: int | None = Field(None, ge=2, le=8)
-    group_size: int | None = None              # -1 or None: per-channel where the method allows
-    calibration_samples: int | None = Field(None, gt=0)
+    group_size: int | None = Field(None, ge=-1, le=MAX_SEQ_LEN)   # -1 or None: per-channel where the method allows
+    calibration_samples: int | None = Field(None, gt=0, le=1_000_000)
     double_quant: bool | None = None
 
 
@@ -84,9 +93,9 @@ class EvalSpec(_Strict):
     task_accuracy: bool = True
     latency: bool = True
     before_and_after: bool = True              # evaluate the starting model too
-    max_examples: int = Field(64, gt=0)
-    prompt_len: int = Field(64, gt=0)
-    new_tokens: int = Field(32, gt=0)
+    max_examples: int = Field(64, gt=0, le=10_000_000)
+    prompt_len: int = Field(64, gt=0, le=MAX_SEQ_LEN)
+    new_tokens: int = Field(32, gt=0, le=MAX_SEQ_LEN)
     runtime: bool = True                       # measure exported artifacts in their runtime (llama.cpp ...)
 
 
@@ -155,11 +164,15 @@ class RunSpec(_Strict):
         p = Path(path)
         if not p.is_file():
             raise InputError(f"run config {str(path)!r} not found", field="config")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise InputError(f"run config {p} is not valid YAML/JSON: {e}", field="config")
-        return cls.parse(data)
+        return cls.parse(load_yaml_file(p, "run config", field="config"))
+
+    @field_validator("quantize")
+    @classmethod
+    def _group(cls, q):
+        if q.group_size == 0:
+            raise ValueError("group_size 0 has no meaning: give a group size (32, 64, 128, ...) or -1 for "
+                             "per-channel")
+        return q
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine import hardware, models
 from engine.errors import InputError
+from engine.safeload import load_yaml_file
 from engine.presets import PRESETS_DIR
 
 TASKS = ("classification", "retrieval", "generation", "structured-output", "chat")
@@ -286,10 +287,7 @@ def load_scenario(path: str | Path) -> Scenario:
         else:
             raise InputError(f"scenario file {str(path)!r} not found (presets: {', '.join(preset_ids())})",
                              field="scenario")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise InputError(f"scenario file {p} is not valid YAML/JSON: {e}", field="scenario")
+    data = load_yaml_file(p, "scenario file", field="scenario")
     if isinstance(data, dict) and isinstance(data.get("model"), str):
         ref = data["model"].strip()
         if ref.lower() not in models.presets() and not Path(ref).expanduser().is_absolute() \
