@@ -243,3 +243,47 @@ def test_report_out_never_creates_folders(tmp_path, capsys):
     assert "does not exist" in refused(capsys, "report", "--scenario", "ticket-routing", "--runs", "none",
                                        "--out", str(target), "--json")
     assert not (tmp_path / "nonexistent").exists()
+
+
+# ---- stop inside long library loops (GPTQ layer by layer, the demo model's build) ---------------------
+
+def _stop_after(n: int):
+    """A should_stop that says "stop" from its n-th call on (a stop asked while the loop runs)."""
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] >= n
+    return should_stop, calls
+
+
+def test_gptq_quantization_stops_between_layers(micro_home, tmp_path, tmp_path_factory, monkeypatch):
+    """gptqmodel quantizes layer by layer; with a stop asked after the first layer's forward the
+    stage leaves at the next layer (StageStopped) and writes no quantized model."""
+    from engine import strategies
+    from engine.runs.context import StageContext, StageStopped
+    from engine.runs.stages import STAGES
+    from engine.spec.run import RunSpec
+    monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path_factory.getbasetemp() / "tq-home"))   # micro_home's model
+    rs = RunSpec.parse({"model": "demo:micro-llama", "strategy": "ptq-gptq-4bit", "device": "cpu",
+                        "train": {"seq_len": 64}, "dataset": {"demo": "tickets", "max_examples": 40}})
+    should_stop, calls = _stop_after(3)       # 1: the stage's own check before it starts; 2: layer 0; 3: layer 1
+    ctx = StageContext(run_id="t", spec=rs, strategy=strategies.get("ptq-gptq-4bit"),
+                       stage={"stage": "quantize", "method": "gptq", "bits": 4, "group_size": 64,
+                              "calibration_samples": 8}, index=0, workdir=tmp_path, state={}, device="cpu",
+                       should_stop=should_stop)
+    with pytest.raises(StageStopped, match="between decoder layers"):
+        STAGES["quantize"](ctx)
+    assert calls["n"] == 3
+    assert not (tmp_path / "quantized-gptq-4bit").exists()
+
+
+def test_demo_model_build_stops_during_pretraining(tmp_path, monkeypatch):
+    from engine.runs import demo
+    from engine.runs.context import StageStopped
+    monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path / "fresh"))
+    should_stop, calls = _stop_after(5)       # the corpus and tokenizer checks, then pretraining steps
+    with pytest.raises(StageStopped, match="pretraining"):
+        demo.ensure_model("micro-llama", should_stop=should_stop)
+    assert not demo.is_built("micro-llama")
+    assert not list(demo.model_dir("micro-llama").parent.glob("*.building-*"))     # nothing half-built left

@@ -33,6 +33,11 @@ from typing import Callable
 from engine.spec.run import RunSpec
 
 
+class StageStopped(Exception):
+    """Raised from deep inside a long library call (a GPTQ layer, the demo model's build) when a
+    stop was asked: the worker records the stage as stopped and ends the run ``stopped``."""
+
+
 @dataclass
 class StageContext:
     run_id: str

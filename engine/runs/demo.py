@@ -43,6 +43,7 @@ from pathlib import Path
 
 from engine.demo_presets import PREFIX, datasets, gguf_source, hf_config, is_demo, model_name, models  # noqa: F401
 from engine.errors import InputError
+from engine.runs.context import StageStopped
 from engine.workspace import FileLock, home
 
 BUILD_VERSION = 1          # bump when the build procedure changes (rebuilds every cached model)
@@ -279,7 +280,11 @@ def ensure_model(name: str, log=None, should_stop=None, progress=None) -> Path:
         for old in out.parent.glob(f"{out.name}.building-*"):     # a build that was killed
             shutil.rmtree(old, ignore_errors=True)
         tmp = out.parent / f"{out.name}.building-{os.getpid()}"
-        build(name, tmp, log=log, should_stop=should_stop, progress=progress)
+        try:
+            build(name, tmp, log=log, should_stop=should_stop, progress=progress)
+        except BaseException:                    # stopped or failed: no half-built model stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     return out
@@ -293,6 +298,10 @@ def build(name: str, out: Path, log=None, should_stop=None, progress=None) -> di
 
     from engine.runs.stages.loop import fit, seed_everything
     log = log or (lambda msg: None)
+
+    def check_stop(where: str) -> None:           # between the phases: a stop never waits for the whole build
+        if should_stop is not None and should_stop():
+            raise StageStopped(f"the demo model build was stopped on request ({where})")
     p = models()[model_name(name)]
     t0 = time.perf_counter()
     pre = p["pretrain"]
@@ -303,7 +312,9 @@ def build(name: str, out: Path, log=None, should_stop=None, progress=None) -> di
     if c.get("generated"):                # generated stories: structure a small model learns precisely
         g_ds = datasets()[c["generated"]]
         gen = stories(g_ds, c["generated_rows"], g_ds["pretrain_seed"])
+    check_stop("after the corpus")
     tok = build_tokenizer(docs + gen + _task_text(c["task_text_rows"]), p["tokenizer"]["vocab_size"])
+    check_stop("after the tokenizer")
     texts = docs + gen
     random.Random(pre["seed"]).shuffle(texts)
     ids: list[int] = []
@@ -346,6 +357,7 @@ def build(name: str, out: Path, log=None, should_stop=None, progress=None) -> di
     model.train()
     hist = fit(model, batch_iter(), steps=pre["steps"], lr=pre["learning_rate"], warmup=pre["warmup_steps"],
                on_step=on_step, should_stop=should_stop, weight_decay=0.1)
+    check_stop(f"pretraining, step {hist['steps']}")        # a stopped pretraining is not a built model
     model.eval()
     with torch.no_grad():
         losses = [model(input_ids=val[i:i + 16], labels=val[i:i + 16]).loss.item() for i in range(0, len(val), 16)]

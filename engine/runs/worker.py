@@ -30,7 +30,7 @@ from pathlib import Path
 from engine import strategies
 from engine.runs.events import STAGE_TYPES, check as check_event
 from engine.runs import faults
-from engine.runs.context import StageContext, stage_entry
+from engine.runs.context import StageContext, StageStopped, stage_entry
 from engine.runs.executor import gpu_slots, load_stages, pid_alive
 from engine.runs.store import STORE_FAILURE_MARK, RunStore, StoreWriteError
 from engine.secrets_mask import redact_tokens
@@ -390,6 +390,9 @@ class Worker:
                 self._current = (stage, i, mem, t0)
                 try:
                     out = table[stage](ctx)
+                except StageStopped:                            # left between layers on a stop request
+                    self._stage_done(stage, i, mem, t0, None, stopped=True)
+                    return self._end("stopped", f"stopped on request during stage {stage}")
                 except (Exception, MemoryError) as e:
                     return self._fail(e, stage, spec, strategy, machine, mem, t0, i)
                 self._current = None

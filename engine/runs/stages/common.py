@@ -55,7 +55,7 @@ def base_model(ctx) -> str:
             name = demo.model_name(ref)
             if not demo.is_built(name):
                 ctx.log(f"preparing the demo model {name} (once; cached under {demo.cache_dir()})")
-            path = demo.ensure_model(name, log=ctx.log)
+            path = demo.ensure_model(name, log=ctx.log, should_stop=ctx.should_stop)
             info = demo.build_info(name)
             if info and info.get("val_perplexity"):
                 ctx.log(f"demo model {name}: {info.get('params', 0) / 1e6:.2f}M parameters, held-out perplexity "
@@ -485,3 +485,29 @@ def base_dtype(ctx):
     import torch
     base = ctx.state.get("base_dir")
     return saved_dtype(base) if base and Path(base).is_dir() else torch.bfloat16
+
+
+@contextlib.contextmanager
+def stop_between_layers(ctx, model):
+    """While inside: every decoder layer's forward first checks the run's stop flag and raises
+    StageStopped when a stop was asked (a library's layer-by-layer loop, e.g. gptqmodel's
+    quantize, then ends at the next layer instead of finishing every layer)."""
+    import torch
+    from engine.runs.context import StageStopped
+    layers = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks") and len(mod):
+            layers = mod
+            break
+    handles = []
+
+    def check(module, args):
+        if ctx.should_stop():
+            raise StageStopped("stopped on request between decoder layers")
+    if layers is not None:
+        handles = [layer.register_forward_pre_hook(check) for layer in layers]
+    try:
+        yield layers
+    finally:
+        for h in handles:
+            h.remove()
