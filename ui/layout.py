@@ -18,7 +18,11 @@ from ui import calibration, compare, matrix, report, runs, wizard
 from ui.common import MAX_UPLOAD, error_md, ok_md, public_demo, unexpected_md
 from ui.theme import CLIENT_JS, CSS, THEME
 
-LAUNCH_KW = {"theme": THEME, "css": CSS, "js": CLIENT_JS, "max_file_size": MAX_UPLOAD}
+# max_threads bounds the worker threads that run handlers (Gradio's default is 40): enough for
+# recompute's 8 + a launch + a calibration + the timers' polls, so 20 concurrent planners queue
+# instead of growing the pool (bench/app_load.py)
+MAX_THREADS = 16
+LAUNCH_KW = {"theme": THEME, "css": CSS, "js": CLIENT_JS, "max_file_size": MAX_UPLOAD, "max_threads": MAX_THREADS}
 # what _recompute returns, in order (the outputs of every wizard change)
 PLAN_KEYS = ("scenario", "result", "scenario_yaml", "summary", "model_msg", "data_msg", "hw_msg", "goals_msg",
              "banner", "top", "table", "infeasible", "change", "pick", "mem", "lat", "breakdown", "cost", "timing",
