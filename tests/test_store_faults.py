@@ -168,3 +168,21 @@ def test_a_read_only_store_is_one_message(tmp_path):
         assert "read-only" in msg or "cannot be opened for writing" in msg
     finally:
         os.chmod(home / "runs.sqlite", 0o644)
+
+
+def test_the_app_shows_a_lost_store_as_a_banner_not_an_error(tmp_path):
+    """A zero-byte runs.sqlite beside runs' event logs: the page loads, its banner says what is
+    wrong and what to do, the runs screens show no runs (no Gradio error)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from browser_app import serve_app
+    from gradio_client import Client
+    home = tmp_path / "home"
+    one_run(tmp_path, home)
+    (home / "runs.sqlite").write_bytes(b"")
+    for side in ("-wal", "-shm"):
+        Path(f"{home / 'runs.sqlite'}{side}").unlink(missing_ok=True)
+    with serve_app(home) as app:
+        out = Client(app["url"], verbose=False).predict(api_name="/on_load")
+    banner = out[-1]
+    assert "run store cannot be used" in banner and "runs rebuild" in banner and "tq-error" in banner
+    assert (home / "runs.sqlite").stat().st_size == 0           # nothing was silently recreated

@@ -24,7 +24,10 @@ STAGE_COLORS = ("#2563eb", "#059669", "#d97706", "#7c3aed", "#dc2626")
 
 def run_choices() -> list[tuple[str, str]]:
     """Runs to pick, finished ones first (newest first within each group)."""
-    rs = api.list_runs()
+    try:
+        rs = api.list_runs()
+    except InputError:                   # the run store cannot be used: the page's banner says why
+        return []
     rs.sort(key=lambda r: (r.get("status") != "finished", -(r.get("created") or 0)))
     return [(f"{r['id']} · {r['status']} · {r['strategy']} · {r.get('name') or r['model']}", r["id"]) for r in rs]
 

@@ -315,6 +315,7 @@ def _calibration_tab():
 def build_app() -> gr.Blocks:
     with gr.Blocks(title="tunequant — fine-tuning × quantization planner", fill_width=True) as demo:
         _header()
+        store_banner = gr.HTML(elem_id="store_banner")   # the run store cannot be used: why, what to do
         with gr.Tabs(selected="wizard", elem_id="tabs") as tabs:
             with gr.Tab("1 · Scenario", id="wizard", elem_id="tab-wizard"):
                 W = _wizard_tab()
@@ -573,11 +574,17 @@ def build_app() -> gr.Blocks:
         def on_load(request: gr.Request):
             run_id = (request.query_params.get("run") if request else None) or None
             ch = runs.run_choices()
-            live = _live(runs.attach(run_id) if run_id else runs.new_view(None), force=True)
+            try:
+                live = _live(runs.attach(run_id) if run_id else runs.new_view(None), force=True)
+            except InputError:                   # an unknown run, or a store that cannot be used
+                live = _live(runs.new_view(None), force=True)
             tab = gr.Tabs(selected="runs") if run_id else gr.update()
+            problem = runs.store_problem()
+            banner = error_md(f"The run store cannot be used: {problem}. Planning works; runs, compare and "
+                              f"calibration need the store.") if problem else ""
             return [gr.update(choices=ch, value=run_id), _history(),
-                    gr.update(choices=compare.run_choices())] + live + [tab]
-        demo.load(on_load, None, [R["picker"], R["history"], C["pick"]] + live_outputs + [tabs])
+                    gr.update(choices=compare.run_choices())] + live + [tab, banner]
+        demo.load(on_load, None, [R["picker"], R["history"], C["pick"]] + live_outputs + [tabs, store_banner])
     return demo
 
 

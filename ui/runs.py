@@ -467,10 +467,28 @@ def _fmt(v) -> str:
     return str(v)[:120]
 
 
+def store_problem() -> str | None:
+    """Why the run store cannot be used (a home that cannot be created, a read-only, lost, foreign,
+    damaged or truncated runs.sqlite), with what to do; None when it is fine. The page shows it as
+    a banner; the runs screens then show no runs instead of an error."""
+    try:
+        api.list_runs(limit=1)
+    except InputError as e:
+        return str(e)
+    return None
+
+
+def _runs_or_none() -> list[dict]:
+    try:
+        return api.list_runs()
+    except InputError:                   # the store cannot be used: store_problem() says why, once
+        return []
+
+
 def history_rows(limit: int = 200) -> list[dict]:
     """Every run, newest first: id, name, strategy, model, device, status, reason, created, duration."""
     out = []
-    for r in api.list_runs()[:limit]:
+    for r in _runs_or_none()[:limit]:
         started, ended = r.get("started"), r.get("ended")
         dur = (ended or time.time()) - started if started else None
         out.append({"run": r.get("id"), "name": r.get("name") or "", "strategy": r.get("strategy"),
