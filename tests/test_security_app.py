@@ -211,24 +211,28 @@ def test_every_hf_token_length_is_masked(tok):
 
 
 def test_a_planted_token_is_in_no_file_the_engine_writes(ws, monkeypatch, tmp_path):
-    """HF_TOKEN (a short one) in the environment; the stage prints it, logs it and fails with it;
-    the run's name carries it too. Nothing under the workspace holds it afterwards: the store,
-    events.jsonl, worker.log, the report and the compare exports."""
+    """HF_TOKEN (a short one) in the environment; a stage prints it, logs it and fails with it; two
+    runs carry it in their names. Nothing written afterwards holds it: the store, events.jsonl,
+    worker.log, the scenario report (with every run) and the compare exports (CSV, JSON)."""
     tok = "hf_Zq9short"
     monkeypatch.setenv("HF_TOKEN", tok)
-    from engine.runs.executor import Executor
-    from engine.runs.store import RunStore
-    ex = Executor(RunStore(ws / "runs.sqlite"))
-    rid = ex.launch({"name": f"leak {tok}", "model": "tiny-test", "strategy": "lora", "device": "cpu",
-                     "train": {"steps": 2}}, stages=HOOK)
-    run = ex.wait(rid, timeout=120)
-    assert run["status"] == "failed" and "hub refused token" in run["reason"]
-    from ui import compare
-    compare.render([rid])
-    from engine.runs import evidence
-    monkeypatch.setattr("engine.runs.api._executor", ex, raising=False)
-    written = [p for p in ws.rglob("*") if p.is_file()]
+    from engine.runs import api
+    monkeypatch.setattr(api, "_executor", None)          # restored after the test (use_store sets it)
+    api.use_store(ws / "runs.sqlite")
+    spec = {"model": "tiny-test", "strategy": "lora", "device": "cpu", "train": {"steps": 2}}
+    leak = api.launch({**spec, "name": f"leak {tok}"}, stages=HOOK)
+    ok = [api.launch({**spec, "name": f"fine {tok} {i}"}, stages=HOOK) for i in range(2)]
+    runs_ = [api.wait(r, timeout=120) for r in [leak] + ok]
+    assert runs_[0]["status"] == "failed" and "hub refused token" in runs_[0]["reason"]
+    assert [r["status"] for r in runs_[1:]] == ["finished", "finished"]
+    from ui import compare, report
+    out = compare.render(ok)
+    exports = [Path(p) for p in out[-2:] if p]
+    assert len(exports) == 2
+    path, msg = report.write(wizard.scenario_from_form(wizard.DEFAULT_FORM), "html", "all")
+    assert path, msg
+    written = [p for p in ws.rglob("*") if p.is_file()] + exports + [Path(path)]
     assert any(p.name == "worker.log" for p in written) and any(p.name == "events.jsonl" for p in written)
     for p in written:
         assert tok.encode() not in p.read_bytes(), p
-    assert "hf_***" in (Path(run["workdir"]) / "worker.log").read_text()
+    assert "hf_***" in (Path(runs_[0]["workdir"]) / "worker.log").read_text()
