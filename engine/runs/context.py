@@ -38,6 +38,15 @@ class StageStopped(Exception):
     stop was asked: the worker records the stage as stopped and ends the run ``stopped``."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """A training step's loss became NaN/inf: nothing is learnt from there on, the run fails."""
+
+    @classmethod
+    def at(cls, step, loss) -> "NonFiniteLoss":
+        return cls(f"loss became {'NaN' if loss != loss else loss} at step {step}; lower the learning rate "
+                   f"(or check the data) and run again")
+
+
 @dataclass
 class StageContext:
     run_id: str

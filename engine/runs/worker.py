@@ -30,7 +30,7 @@ from pathlib import Path
 from engine import strategies
 from engine.runs.events import STAGE_TYPES, check as check_event
 from engine.runs import faults
-from engine.runs.context import StageContext, StageStopped, stage_entry
+from engine.runs.context import NonFiniteLoss, StageContext, StageStopped, stage_entry
 from engine.runs.executor import gpu_slots, load_stages, pid_alive
 from engine.runs.store import STORE_FAILURE_MARK, RunStore, StoreWriteError
 from engine.secrets_mask import redact_tokens
@@ -41,10 +41,6 @@ LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "tor
 STOP_POLL_S = 0.25
 # the presets/hardware/targets.yaml entry CPU runs are estimated for (speed and weights comparable)
 CPU_PRESET = "cpu-x86-pytorch"
-
-
-class NonFiniteLoss(RuntimeError):
-    """A training step reported a NaN/inf loss: the run cannot learn anything from here on."""
 
 
 class StopRun(BaseException):
@@ -267,8 +263,7 @@ class Worker:
         """What stages call: also collects metrics, evaluations and artifacts into the result."""
         loss = payload.get("loss") if type == "step" else None
         if isinstance(loss, float) and not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {'NaN' if loss != loss else loss} at step {payload.get('step')}; "
-                                f"lower the learning rate (or check the data) and run again")
+            raise NonFiniteLoss.at(payload.get("step"), loss)
         payload = check_event(type, payload, allowed=STAGE_TYPES)
         if type == "metric" and payload.get("name"):
             self.result["metrics"][payload["name"]] = {"value": payload.get("value"), "unit": payload.get("unit")}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from engine.errors import InputError
 from engine.vocab import DEFAULT_QAT_SCHEME, QAT_SCHEMES, TRAIN_METHODS
+from engine.runs.context import NonFiniteLoss
 from engine.runs.stages import common
 from engine.runs.stages.loop import fit, lr_at, seed_everything  # noqa: F401  (lr_at: the schedule fit follows)
 from engine.runs.stages.loss import make_loss
@@ -285,6 +286,8 @@ def train(ctx) -> dict:
     last = [0.0]
 
     def on_step(s):
+        if not math.isfinite(s["loss"]):           # every step, not only the ones emitted
+            raise NonFiniteLoss.at(s["step"], s["loss"])
         now = time.perf_counter()
         if s["step"] in (1, s["total"]) or now - last[0] >= EMIT_EVERY_S:
             last[0] = now
