@@ -93,6 +93,7 @@ def _call(url: str, name: str, data: list) -> str:
     return httpx.get(url + f"gradio_api/call/{name}/{eid}", timeout=120).text
 
 
+@pytest.mark.slow        # starts the app (~15 s); Gradio 6 refuses these paths itself too
 def test_api_endpoints_never_read_a_server_file(tmp_path, secret):
     """/dataset_uploaded, /recompute (the config.json upload) and /cal_import with a FileData
     path of the caller's choosing: the file is not shown, not copied, not imported."""
@@ -161,6 +162,7 @@ def _launch_values(name: str) -> list:
     return [form[k] for k in runs.LAUNCH_FIELDS]
 
 
+@pytest.mark.slow        # starts the app and a run (~15 s); the rule itself: test_public_demo_admin_token_...
 def test_public_demo_visitor_cannot_stop_anothers_run(tmp_path):
     from gradio_client import Client
     home = tmp_path / "apphome"

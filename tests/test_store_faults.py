@@ -170,6 +170,7 @@ def test_a_read_only_store_is_one_message(tmp_path):
         os.chmod(home / "runs.sqlite", 0o644)
 
 
+@pytest.mark.slow        # starts the app (~15 s); the handlers alone: test_the_runs_screens_say_a_lost_store
 def test_the_app_shows_a_lost_store_as_a_banner_not_an_error(tmp_path):
     """A zero-byte runs.sqlite beside runs' event logs: the page loads, its banner says what is
     wrong and what to do, the runs screens show no runs (no Gradio error)."""
@@ -186,3 +187,19 @@ def test_the_app_shows_a_lost_store_as_a_banner_not_an_error(tmp_path):
     banner = out[-1]
     assert "run store cannot be used" in banner and "runs rebuild" in banner and "tq-error" in banner
     assert (home / "runs.sqlite").stat().st_size == 0           # nothing was silently recreated
+
+
+def test_the_runs_screens_say_a_lost_store(tmp_path, monkeypatch):
+    """The dashboard's handlers on a zero-byte store beside event logs: the banner's message, and
+    empty run lists instead of an exception."""
+    home = tmp_path / "home"
+    (home / "runs" / "r-x").mkdir(parents=True)
+    (home / "runs" / "r-x" / "events.jsonl").write_text("{}\n")
+    (home / "runs.sqlite").write_bytes(b"")
+    monkeypatch.setenv("TUNEQUANT_HOME", str(home))
+    monkeypatch.delenv("TUNEQUANT_DB", raising=False)
+    from engine.runs import api
+    monkeypatch.setattr(api, "_executor", None)
+    from ui import compare, runs
+    assert "runs rebuild" in runs.store_problem()
+    assert runs.history_rows() == [] and runs.run_choices() == [] and compare.run_choices() == []
