@@ -283,7 +283,7 @@ def test_demo_model_build_stops_during_pretraining(tmp_path, monkeypatch):
     from engine.runs.context import StageStopped
     monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path / "fresh"))
     should_stop, calls = _stop_after(5)       # the corpus and tokenizer checks, then pretraining steps
-    with pytest.raises(StageStopped, match="pretraining"):
+    with pytest.raises(StageStopped, match="stopped on request"):
         demo.ensure_model("micro-llama", should_stop=should_stop)
     assert not demo.is_built("micro-llama")
     assert not list(demo.model_dir("micro-llama").parent.glob("*.building-*"))     # nothing half-built left

@@ -488,10 +488,11 @@ def base_dtype(ctx):
 
 
 @contextlib.contextmanager
-def stop_between_layers(ctx, model):
-    """While inside: every decoder layer's forward first checks the run's stop flag and raises
-    StageStopped when a stop was asked (a library's layer-by-layer loop, e.g. gptqmodel's
-    quantize, then ends at the next layer instead of finishing every layer)."""
+def stop_between_layers(should_stop, model, backward: bool = False):
+    """While inside: every decoder layer's forward (and with ``backward``, its backward) first
+    checks ``should_stop()`` and raises StageStopped when a stop was asked: a library's
+    layer-by-layer loop (gptqmodel's quantize) or a long training step then ends at the next
+    layer instead of finishing every layer."""
     import torch
     from engine.runs.context import StageStopped
     layers = None
@@ -501,11 +502,13 @@ def stop_between_layers(ctx, model):
             break
     handles = []
 
-    def check(module, args):
-        if ctx.should_stop():
+    def check(*_):
+        if should_stop():
             raise StageStopped("stopped on request between decoder layers")
     if layers is not None:
         handles = [layer.register_forward_pre_hook(check) for layer in layers]
+        if backward:
+            handles += [layer.register_full_backward_pre_hook(check) for layer in layers]
     try:
         yield layers
     finally:
