@@ -5,8 +5,8 @@ and memory keep growing (a leak) or level off.
     python bench/app_load.py --clients 20 --rounds 6 --json out.json
 
 Starts app.py in its own temporary TUNEQUANT_HOME (public demo off), opens ``--clients``
-gradio_client sessions and, each round, has every client call ``/recompute`` (the wizard's
-planner: scenario -> advisor -> matrix + four charts) at the same time, each with another
+gradio_client sessions and, each round, has every client call ``/edit_seq_len`` (the wizard's
+planner on an edit: scenario -> advisor -> matrix + four charts) at the same time, each with another
 sequence length so no two answers are the same (``--same``: the same 20 each round, so the
 planner's bounded caches, engine/advisor/assess.py's 8192 planner answers among them, stop
 growing and only a leak would still grow). After each round it reads the app process's
@@ -67,7 +67,6 @@ def main() -> int:
     args = ap.parse_args()
     from gradio_client import Client
     from engine.charts import MEMORY_VIEWS
-    from ui import wizard
     home = Path(tempfile.mkdtemp(prefix="tq-load-"))
     proc = start_app(home, args.port)
     url = f"http://127.0.0.1:{args.port}/"
@@ -78,12 +77,10 @@ def main() -> int:
         clients = [Client(url, verbose=False) for _ in range(args.clients)]
 
         def plan(i: int, r: int):
-            form = dict(wizard.DEFAULT_FORM, seq_len=256 + 16 * i + r)
-            vals = [form[k] for k in wizard.FIELDS if k != "dataset_file"]
             t0 = time.perf_counter()
-            try:
-                out = clients[i].predict(*vals, MEMORY_VIEWS[0], [], api_name="/recompute")
-                ok = "tq-error" not in str(out[3])
+            try:                 # a person editing the sequence length: the whole plan recomputes
+                out = clients[i].predict(256 + 16 * i + r, MEMORY_VIEWS[0], [], api_name="/edit_seq_len")
+                ok = "tq-error" not in str(out)
                 return time.perf_counter() - t0, None if ok else str(out[3])[:200]
             except Exception as e:
                 return time.perf_counter() - t0, f"{type(e).__name__}: {e}"[:200]

@@ -95,7 +95,7 @@ def _call(url: str, name: str, data: list) -> str:
 
 @pytest.mark.slow        # starts the app (~15 s); Gradio 6 refuses these paths itself too
 def test_api_endpoints_never_read_a_server_file(tmp_path, secret):
-    """/dataset_uploaded, /recompute (the config.json upload) and /cal_import with a FileData
+    """/dataset_uploaded, /edit_config_file (the config.json upload, recomputed) and /cal_import with a FileData
     path of the caller's choosing: the file is not shown, not copied, not imported."""
     home = tmp_path / "apphome"
     home.mkdir()
@@ -106,12 +106,9 @@ def test_api_endpoints_never_read_a_server_file(tmp_path, secret):
         for path in (str(secret), f"/tmp/gradio/../..{secret}", str(home / "app.log")):
             out = _call(u, "dataset_uploaded", [{"path": path, "meta": FILEDATA}, 100])
             assert "TOPSECRET" not in out
-        form = dict(wizard.DEFAULT_FORM, source=wizard.SRC_UPLOAD,
-                    config_file={"path": str(cfg), "meta": FILEDATA})
-        vals = [form[k] if k != "dataset_file" else "" for k in wizard.FIELDS]
-        del vals[wizard.FIELDS.index("dataset_file")]          # a gr.State: not an API parameter
         from engine.charts import MEMORY_VIEWS
-        out = _call(u, "recompute", vals + [MEMORY_VIEWS[0], []])
+        _call(u, "edit_source", [wizard.SRC_UPLOAD, MEMORY_VIEWS[0], []])
+        out = _call(u, "edit_config_file", [{"path": str(cfg), "meta": FILEDATA}, MEMORY_VIEWS[0], []])
         assert "event: error" in out or "not uploaded" in out       # refused by Gradio, or by the handler
         assert "TOPSECRET" not in out
         out = _call(u, "cal_import", [{"path": str(secret), "meta": FILEDATA}])

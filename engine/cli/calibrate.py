@@ -48,6 +48,12 @@ def _run(args) -> int:
     if args.store is not None and not path.is_file():
         raise InputError(f"--store: no run store at {path}; give the path of a runs.sqlite (default "
                          f"$TUNEQUANT_DB or $TUNEQUANT_HOME/runs.sqlite)", field="store")
+    if args.export:
+        from pathlib import Path
+        folder = Path(args.export).expanduser().parent
+        if not folder.is_dir():                  # never create folders for a typo
+            raise InputError(f"--export: the folder {folder} does not exist; create it or choose another path",
+                             field="export")
     res = calibration.calibrate(store.finished_runs(path), args.import_file, args.export, store=path,
                                 allow_empty=args.allow_empty)
     if args.json:

@@ -355,7 +355,7 @@ def build(name: str, out: Path, log=None, should_stop=None, progress=None) -> di
                 f"({s['tokens_per_s']:.0f} tokens/s)")
 
     model.train()
-    from engine.runs.stages.common import stop_between_layers
+    from engine.runs.stages.hooks import stop_between_layers
     with stop_between_layers(should_stop or (lambda: False), model, backward=True):   # a step takes seconds
         hist = fit(model, batch_iter(), steps=pre["steps"], lr=pre["learning_rate"], warmup=pre["warmup_steps"],
                    on_step=on_step, should_stop=should_stop, weight_decay=0.1)

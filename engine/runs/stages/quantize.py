@@ -25,6 +25,7 @@ from pathlib import Path
 from engine import quant
 from engine.errors import InputError
 from engine.runs.stages import common
+from engine.runs.stages.hooks import stop_between_layers
 
 
 def settings(stage: dict) -> dict:
@@ -97,7 +98,7 @@ def _gptqmodel(ctx, s: dict, src: str, out: Path) -> dict:
     ctx.log(f"{s['method']}: {s['bits']}-bit, group {s['group_size']}, {len(calib)} calibration samples "
             f"(gptqmodel, device {ctx.device})")
     model = GPTQModel.load(src, qc, device="cuda:0" if ctx.device == "cuda" else "cpu")
-    with common.stop_between_layers(ctx.should_stop, model):      # a stop leaves at the next decoder layer
+    with stop_between_layers(ctx.should_stop, model):      # a stop leaves at the next decoder layer
         model.quantize(calib, batch_size=min(8, max(1, len(calib))), backend=backend, tokenizer=tok)
     model.save(str(out))
     common.save_tokenizer(ctx, out)
