@@ -152,9 +152,11 @@ def finished_runs(store=None) -> list[dict]:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
             return []
-        if not {"runs", "events"} <= tables:
+        if not tables & {"runs", "events"}:
             raise StoreError(f"{path} is an SQLite database of something else (tables: {', '.join(sorted(tables))}), "
                              f"not a tunequant run store")
+        if "runs" not in tables:                     # another process is creating it: no runs yet
+            return []
         rows = con.execute("SELECT * FROM runs WHERE status = 'finished' ORDER BY created, id").fetchall()
     except sqlite3.DatabaseError as e:
         raise StoreError(f"{path} is not a readable tunequant run store ({e}); {REBUILD_HINT}")
@@ -214,7 +216,7 @@ class RunStore:
         try:
             db = self._db()
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if tables and not {"runs", "events"} <= tables:
+            if tables and not tables & {"runs", "events"}:    # (one of them alone: another process is creating it)
                 raise StoreError(f"{self.path} is an SQLite database of something else (tables: "
                                  f"{', '.join(sorted(tables))}), not a tunequant run store; point TUNEQUANT_DB "
                                  f"elsewhere or move it away")
