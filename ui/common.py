@@ -98,8 +98,9 @@ def user_model(ref: str, field: str = "model") -> str:
         return ref
     parts = ref.replace("\\", "/").split("/")
     hub_like = bool(_HUB_ID.match(ref)) and not any(x in ("", ".", "..") for x in parts)
-    if hub_like and not Path(ref).exists() and not (workspace() / ref).exists():
-        return ref
+    exists = Path(ref).exists() or (workspace() / ref).exists()
+    if (hub_like or "/" not in ref and not ref.startswith((".", "~"))) and not exists:
+        return ref                   # a hub id, or a name that is nothing on disk (the engine says unknown)
     return str(confine(ref, field))
 
 
