@@ -366,7 +366,10 @@ class Worker:
             self.store.update_run(self.run_id, machine=machine)
             self.store.update_run(self.run_id, estimate=planner_estimate(spec, strategy, machine.get("device_preset")))
             table, _ = load_stages(self.run.get("stages_hook"))
-            self._prepare(spec)
+            try:
+                self._prepare(spec)
+            except StageStopped:                                # the demo build left between phases or steps
+                return self._end("stopped", "stopped on request while preparing the demo model")
             state: dict = {}
             entries = strategy["stages"]
             for i in range(len(entries)):
@@ -422,9 +425,9 @@ class Worker:
         what = f"build the demo model {name} (once; cached under {demo.cache_dir()})"
         t0 = time.perf_counter()
         self.emit("prepare", what=what, step=0, total=None, done=False)
-        # not interruptible by the stop flag (a build cut short would be cached as the demo model): a stop
-        # waits for it or escalates to SIGTERM, which leaves only a .building-* folder the next build clears
-        demo.ensure_model(name, log=lambda m: self.emit("log", message=m),
+        # the stop flag is checked between the build's phases and at every pretraining step; a stopped
+        # build removes its .building-* folder, so nothing half-built is ever cached as the demo model
+        demo.ensure_model(name, log=lambda m: self.emit("log", message=m), should_stop=self.should_stop,
                           progress=lambda k, n: self.emit("prepare", what=what, step=k, total=n, done=False))
         self.emit("prepare", what=what, done=True, duration_s=round(time.perf_counter() - t0, 3))
 
