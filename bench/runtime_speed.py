@@ -4,13 +4,15 @@
     python bench/runtime_speed.py --fit      # also the fitted bw_efficiency per runtime x device kind
     python bench/runtime_speed.py --markdown # the table as docs/estimates.md shows it
 
-For each row: the runtime's decode step (engine/estimate/runtimes.py decode_step) for the row's model,
+For each decode or request-latency row: the runtime's decode step (engine/estimate/runtimes.py decode_step) for the row's model,
 format, batch and context on the row's device (a preset id, or a device built from the row's bandwidth
 and kind when the device is not a preset). ``in-sample`` uses presets/runtimes.yaml's efficiency;
 ``LOSO`` refits the bw_efficiency of the row's runtime x device kind without the row's source (the
 median over the other sources' rows of the efficiency each implies, host time per token as in the
 registry) and predicts the left-out rows; a group with no other source keeps the registry's prior
-(marked). Fold error = max(est/meas, meas/est). Prints figures; never passes or fails.
+(marked). Time-to-first-token rows (``ttft_s``, batch 1) check the prefill model (runtimes.prefill):
+its fold error, and with --fit the prefill efficiency each compute-bound row implies. Fold error =
+max(est/meas, meas/est). Prints figures; never passes or fails.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from engine.estimate import runtimes as R                 # noqa: E402
 CSV = Path(__file__).resolve().parents[1] / "presets" / "evidence" / "runtime_speed.csv"
 
 
-METRICS = ("decode_tokens_per_s", "request_latency_s")
+METRICS = ("decode_tokens_per_s", "request_latency_s", "ttft_s")
+DECODE = ("decode_tokens_per_s", "request_latency_s")      # the rows that say something about a decode step
 
 
 def rows() -> list[dict]:
@@ -55,6 +58,8 @@ def predict(r: dict, override: dict | None = None) -> float:
     prefill, as vLLM's benchmark_latency times a whole generate)."""
     rt = R.get(r["runtime"])
     arch, dev, b = models.resolve(r["model"]), device(r), int(r["batch"])
+    if r["metric"] == "ttft_s":
+        return R.prefill(arch, r["format"], dev, rt, b, int(r["prompt_len"]), override)["prefill_s"]
     st = R.decode_step(arch, r["format"], dev, rt, b, context(r), override)
     if r["metric"] == "request_latency_s":
         pf = R.prefill(arch, r["format"], dev, rt, b, int(r["prompt_len"]), override)["prefill_s"]
@@ -81,6 +86,19 @@ def implied_efficiency(r: dict) -> float:
     return moved / (dev.bandwidth_gbs * 1e9 * t) if t > 0 else float("inf")
 
 
+def implied_prefill_efficiency(r: dict) -> float | None:
+    """The prefill efficiency that reproduces a TTFT row, when the row is compute-bound (None when the
+    weights' read or the host time decides it: then no efficiency explains the figure)."""
+    rt, dev, arch = R.get(r["runtime"]), device(r), models.resolve(r["model"])
+    c = R.constants(rt, r["format"], dev)
+    p = R.prefill(arch, r["format"], dev, rt, int(r["batch"]), int(r["prompt_len"]), {"prefill_efficiency": 1.0, "bw_efficiency": 1e9})
+    host = c["host_s_per_token"] + arch.num_layers * c["host_s_per_layer"]
+    at_peak = p["prefill_s"] - host                       # the compute time at 100 % of the peak (weights free)
+    weights = F.bytes_read_per_token(arch, r["format"]) / (dev.bandwidth_gbs * 1e9 * c["bw_efficiency"])
+    t = float(r["value"]) - host
+    return at_peak / t if t > weights and at_peak / c["prefill_efficiency"] > 2 * weights else None
+
+
 def group(r: dict) -> tuple[str, str, str]:
     """What one bw_efficiency covers: runtime x device kind x format class (a class the registry
     does not list for that device falls back to its `default`: then the rows pool over classes)."""
@@ -101,13 +119,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     rs = rows()
     for r in rs:
-        r["implied"] = implied_efficiency(r)
+        r["implied"] = implied_efficiency(r) if r["metric"] in DECODE else None
     out = []
     for r in rs:
         meas = float(r["value"])
         ins = predict(r)
-        others = [x for x in rs if group(x) == group(r) and x["source_id"] != r["source_id"]]
-        if others:
+        others = [x for x in rs if x["metric"] in DECODE and group(x) == group(r) and x["source_id"] != r["source_id"]]
+        if others and r["metric"] in DECODE:
             eff = statistics.median(x["implied"] for x in others)
             loso, how = predict(r, {"bw_efficiency": eff}), f"refit on {len({x['source_id'] for x in others})} other source(s)"
         else:
@@ -116,11 +134,14 @@ def main(argv=None) -> int:
                     "fold_loso": fold(loso, meas)})
     single = [o for o in out if o["batch"] == "1" and o["metric"] == "decode_tokens_per_s"]
     latency = [o for o in out if o["metric"] == "request_latency_s"]
+    ttft = [o for o in out if o["metric"] == "ttft_s"]
+    label = {"decode_tokens_per_s": ("decode tok/s", "tok/s"), "request_latency_s": ("latency s", "lat s"),
+             "ttft_s": ("first token s", "ttft s")}
     if a.markdown:
         print("| runtime | model | device | format | batch | metric | measured | estimate | fold | LOSO estimate | LOSO fold | source |")
         print("|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---|")
         for o in out:
-            metric = "decode tok/s" if o["metric"] == "decode_tokens_per_s" else "latency s"
+            metric = label[o["metric"]][0]
             print(f"| {o['runtime']} | {o['model']} | {o['device'] or o['device_name']} | {o['format']} | {o['batch']} | {metric} | "
                   f"{float(o['value']):.3g} | {o['in_sample']:.3g} | {o['fold_in']:.2f} | {o['loso']:.3g}"
                   f"{'*' if o['how'].startswith('registry') else ''} | {o['fold_loso']:.2f} | [{o['source_id']}]({o['source_url']}) |")
@@ -128,7 +149,7 @@ def main(argv=None) -> int:
         print(f"{'runtime':12} {'model':14} {'device':26} {'format':12} {'B':>3} {'metric':8} {'meas':>7} {'est':>7} "
               f"{'fold':>5} {'LOSO':>7} {'fold':>5}  how")
         for o in out:
-            metric = "tok/s" if o["metric"] == "decode_tokens_per_s" else "lat s"
+            metric = label[o["metric"]][1]
             print(f"{o['runtime']:12} {o['model']:14} {(o['device'] or o['device_name'])[:26]:26} {o['format']:12} "
                   f"{o['batch']:>3} {metric:8} {float(o['value']):7.3g} {o['in_sample']:7.3g} {o['fold_in']:5.2f} "
                   f"{o['loso']:7.3g} {o['fold_loso']:5.2f}  {o['how']}")
@@ -140,10 +161,22 @@ def main(argv=None) -> int:
             g = [o[key] for o in latency]
             print(f"{name}: {len(g)} request-latency rows (batch 1-16), median fold error {statistics.median(g):.2f}x, "
                   f"worst {max(g):.2f}x")
+    if ttft:
+        f = [o["fold_in"] for o in ttft]
+        print(f"time to first token: {len(f)} rows (batch 1, prefill model), median fold error "
+              f"{statistics.median(f):.2f}x, worst {max(f):.2f}x (one source per runtime: in-sample)")
     if a.fit:
+        print("\nfitted prefill efficiency (compute-bound time-to-first-token rows):")
+        for rid in sorted({o["runtime"] for o in ttft}):
+            imp = [(o, implied_prefill_efficiency(o)) for o in ttft if o["runtime"] == rid]
+            vals = [v for _, v in imp if v is not None]
+            reg = R.constants(R.get(rid), imp[0][0]["format"], device(imp[0][0]))["prefill_efficiency"]
+            print(f"  {rid:12} " + (f"{statistics.median(vals):.3f}  (rows {len(vals)} of {len(imp)}, range "
+                                    f"{min(vals):.2f}-{max(vals):.2f}; registry {reg:.2f})" if vals else
+                                    f"no compute-bound row (registry {reg:.2f})"))
         print("\nfitted bw_efficiency (median of the efficiency each row implies; host_s_per_token as in the registry):")
-        for g in sorted({group(r) for r in rs}):
-            grp = [r for r in rs if group(r) == g]
+        for g in sorted({group(r) for r in rs if r["metric"] in DECODE}):
+            grp = [r for r in rs if r["metric"] in DECODE and group(r) == g]
             imp = [r["implied"] for r in grp]
             reg = R.constants(R.get(g[0]), grp[0]["format"], device(grp[0]))["bw_efficiency"]
             print(f"  {g[0]:12} {g[1]:7} {g[2]:8} {statistics.median(imp):.3f}  (rows {len(imp)}, range "
