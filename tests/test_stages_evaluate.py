@@ -82,3 +82,66 @@ def test_baseline_evaluates_once(micro_home, tmp_path):
     assert ev["after"]["compute_dtype"] == "float32" or common.cpu_has_fast_bf16()
     if ev["after"]["compute_dtype"] == "float32":
         assert ev["after"]["weights_bytes"] == 426_624 * 4 + 2 * 16 * 4
+
+
+def test_lm_eval_run_task_equals_label_loglikelihoods_by_hand(micro_home, tmp_path):
+    """evaluate.harness: ["run"] runs lm-evaluation-harness on the run's own held-out rows as a local
+    multiple-choice task; its acc is the share of rows whose label has the highest log-likelihood
+    after the prompt, which this test computes by hand on the same model."""
+    pytest.importorskip("lm_eval")
+    import torch
+    from transformers import AutoModelForCausalLM
+    from engine.runs import demo
+    out = run_inline({"model": "demo:micro-llama", "strategy": "bf16-baseline", "device": "cpu",
+                      "dataset": {"demo": "tickets", "max_examples": 40},
+                      "evaluate": {**EVAL, "latency": False, "task_accuracy": False, "harness": ["run"]}}, tmp_path)
+    ev = out["stages"]["evaluate#0"]
+    h = ev["after"]["harness"]["run"]
+    assert h["kind"] == "run" and h["task"] == "tunequant_classification" and h["n"] == 5
+    assert h["source"].startswith("lm-eval ")
+    lines = (tmp_path / "harness" / "heldout.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    import yaml
+    labels = yaml.safe_load((tmp_path / "harness" / "tunequant_classification.yaml").read_text())["doc_to_choice"]
+    path = str(demo.model_dir("micro-llama"))
+    tok = common.load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    right = 0
+    with torch.no_grad():
+        for r in rows:
+            ctx_ids = tok(r["prompt"])["input_ids"]
+            scores = []
+            for lbl in labels:       # the harness encodes context + continuation together, then splits
+                whole = tok(r["prompt"] + lbl)["input_ids"]
+                cont = whole[len(ctx_ids):]
+                ids = torch.tensor([whole])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                scores.append(sum(logp[len(ctx_ids) - 1 + i, t].item() for i, t in enumerate(cont)))
+            right += labels[max(range(len(labels)), key=scores.__getitem__)] == labels[r["label_index"]]
+    assert h["acc"] == pytest.approx(right / len(rows))
+    assert 0 <= h["acc_norm"] <= 1 and "acc_stderr" in h
+    names = [e["name"] for e in out["events"] if e["type"] == "metric"]
+    assert "after.harness.run.acc" in names
+
+
+@pytest.mark.slow            # about a minute: the harness indexes its thousands of task configs first
+def test_lm_eval_hub_task_offline_is_reported_not_fatal(micro_home, tmp_path, monkeypatch):
+    """A named harness task needs its dataset from the Hub: offline the run still finishes and the
+    task says why it did not run."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = run_inline({"model": "demo:micro-llama", "strategy": "bf16-baseline", "device": "cpu",
+                      "dataset": {"demo": "tickets", "max_examples": 40},
+                      "evaluate": {**EVAL, "latency": False, "task_accuracy": False, "perplexity": False,
+                                   "harness": ["arc_easy"], "harness_limit": 2}}, tmp_path)
+    h = out["stages"]["evaluate#0"]["after"]["harness"]["arc_easy"]
+    assert "error" in h and "arc_easy needs its dataset from the Hugging Face Hub" in h["error"], h
+
+
+def test_harness_task_names_are_checked():
+    from engine.errors import InputError
+    from engine.spec.run import RunSpec
+    with pytest.raises(InputError, match="harness task names"):
+        RunSpec.parse({"model": "demo:micro-llama", "strategy": "lora", "dataset": {"demo": "tickets"},
+                       "evaluate": {"harness": ["../../etc/passwd"]}})

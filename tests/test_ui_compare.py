@@ -28,7 +28,12 @@ def _evaluate(ctx):
     bits = ctx.spec.quantize.bits or 16
     ctx.emit("eval", name="before", metrics={"perplexity": 10.0, "accuracy": 0.9})
     ctx.emit("eval", name="after", metrics={"perplexity": 10.0 + (8 - min(bits, 8)) * 0.5, "accuracy": 0.85,
-                                            "decode_tokens_per_s": 40.0})
+                                            "decode_tokens_per_s": 40.0,
+                                            "harness": {"run": {"acc": 0.8 - 0.01 * (16 - bits), "acc_stderr": 0.1,
+                                                                "n": 5, "task": "tunequant_classification",
+                                                                "kind": "run", "source": "lm-eval 0.4.13"},
+                                                        "arc_easy": {"error": "offline"}}})
+    ctx.emit("metric", name="after.harness.run.acc", value=0.8 - 0.01 * (16 - bits), unit="lm-eval")
     ctx.emit("metric", name="size_on_disk", value=1000 * bits, unit="bytes")
     return {}
 
@@ -78,6 +83,11 @@ def test_side_by_side_and_choices(finished):
     assert row.loc["size_on_disk (bytes)", a] == "4,000"
     assert row.loc["cost (USD)", a] == "—"                     # CPU run: no GPU price (said in the export)
     assert any(r["quantity"] == "cost" and r["source"] == "CPU run: no GPU price" for r in compare.long_rows(items))
+    # lm-eval scores: one row per score (not again from its metric event), with the harness as source
+    assert row.loc["after: lm-eval run acc", a] == "0.68" and row.loc["after: lm-eval run acc", b] == "0.8"
+    lm = [r for r in compare.long_rows(items) if "harness" in r["quantity"] or "lm-eval" in r["quantity"]]
+    assert {r["quantity"] for r in lm} == {"after: lm-eval run acc"}
+    assert lm[0]["source"].endswith("(lm-eval 0.4.13, 5 documents)")
 
 
 def test_measured_vs_estimated_only_where_comparable(finished):
@@ -108,6 +118,8 @@ def test_render_charts_and_exports(finished):
     assert {t["name"] for t in ppl} == {"before perplexity", "after perplexity"}
     after = next(t for t in ppl if t["name"] == "after perplexity")
     assert after["x"] == [f"gptq 4<br>{a[-6:]}", f"lora<br>{b[-6:]}"] and after["y"] == [12.0, 10.0]
+    lm = next(t for t in quality["data"] if t["name"] == "after lm-eval run acc")
+    assert lm["y"] == [pytest.approx(0.68), pytest.approx(0.8)] and lm["yaxis"] == "y2"
     assert {t["name"] for t in speed["data"]} >= {"train", "evaluate", "quantize"}
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))

@@ -93,6 +93,22 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def harness_scores(metrics: dict) -> list[tuple[str, dict]]:
+    """(task, {metric: value}) of an evaluation's lm-eval results (engine/runs/stages/harness.py),
+    stderr and bookkeeping left out; a task that did not run has no scores."""
+    out = []
+    for task, vals in (metrics.get("harness") or {}).items():
+        scores = {k: v for k, v in vals.items() if isinstance(v, float) and not k.endswith("_stderr")}
+        if scores:
+            out.append((task, scores))
+    return out
+
+
+def vals_source(metrics: dict, task: str) -> str:
+    h = (metrics.get("harness") or {}).get(task) or {}
+    return f"{h.get('source', 'lm-eval')}, {h.get('n')} documents"
+
+
 def long_rows(items: list[dict]) -> list[dict]:
     """Every measurement as (run, quantity, value, unit, source): the CSV export and the table."""
     rows = []
@@ -121,7 +137,12 @@ def long_rows(items: list[dict]) -> list[dict]:
                 if isinstance(v, (dict, list)):
                     continue
                 add(f"{name}: {k}", v)
+            for task, vals in harness_scores(metrics):
+                for k, v in vals.items():
+                    add(f"{name}: lm-eval {task} {k}", v, "", f"{src} ({vals_source(metrics, task)})")
         shown = {f"{name}.{k}" for name, metrics in m["evals"].items() for k in metrics}
+        shown |= {f"{name}.harness.{task}.{k}" for name, metrics in m["evals"].items()
+                  for task, vals in harness_scores(metrics) for k in vals}
         for k, (v, unit) in m["metrics"].items():
             if k not in shown and not isinstance(v, (dict, list)):
                 add(k, v, unit)
@@ -234,6 +255,12 @@ def charts(items: list[dict]):
         q.traces.append({"type": "bar", "x": ids, "y": [it["m"]["evals"].get(n, {}).get(k) for it in items],
                          "name": f"{n} {k}", "xaxis": "x2", "yaxis": "y2",
                          "hovertemplate": "%{x}: %{y:.3f}<extra>measured</extra>"})
+    lm_keys = sorted({(n, t, k) for it in items for n, ms in it["m"]["evals"].items()
+                      for t, vals in harness_scores(ms) for k in vals if k in ("acc", "acc_norm", "exact_match")})
+    for n, t, k in lm_keys:                # lm-eval's scores beside the stage's own (fractions too)
+        q.traces.append({"type": "bar", "x": ids, "xaxis": "x2", "yaxis": "y2", "name": f"{n} lm-eval {t} {k}",
+                         "y": [dict(harness_scores(it["m"]["evals"].get(n, {}))).get(t, {}).get(k) for it in items],
+                         "hovertemplate": "%{x}: %{y:.3f}<extra>lm-eval</extra>"})
     s = side_by_side("Memory and time (measured)", "cmp-speed", ("peak memory per stage (GB)",
                                                                 "wall time per stage (s)"), 380,
                      barmode="group", margin={"l": 55, "r": 20, "t": 60, "b": 40}, legend={"y": -0.25})

@@ -97,6 +97,18 @@ class EvalSpec(_Strict):
     prompt_len: int = Field(64, gt=0, le=MAX_SEQ_LEN)
     new_tokens: int = Field(32, gt=0, le=MAX_SEQ_LEN)
     runtime: bool = True                       # measure exported artifacts in their runtime (llama.cpp ...)
+    # lm-evaluation-harness tasks (engine/runs/stages/harness.py): "run" = the run's own held-out rows as
+    # a local task (offline); any other name is a harness task whose dataset comes from the Hub
+    harness: list[str] = Field(default_factory=list, max_length=16)
+    harness_limit: int | None = Field(None, gt=0, le=100_000)   # documents per task (default max_examples)
+
+    @model_validator(mode="after")
+    def _harness_names(self):
+        import re
+        bad = [t for t in self.harness if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}", t)]
+        if bad:
+            raise ValueError(f"harness task names are letters, digits, _ . - (e.g. run, hellaswag): {bad[0]!r}")
+        return self
 
 
 class Resources(_Strict):

@@ -17,6 +17,8 @@ For each model:
   weights_bytes         the loaded model's parameters and buffers as stored (packed sizes of
                         quantized tensors, inner tensors of torchao's)
   size_on_disk_bytes    weight files of the model dir (plus the adapter's, if any)
+  harness               lm-evaluation-harness scores of the tasks in ``evaluate.harness`` (the run's
+                        own held-out rows as a local task, or named harness tasks): stages/harness.py
 Each model is an ``eval`` event with all of these and ``metric`` events for the headline numbers;
 ``compare`` gives after/before ratios.
 """
@@ -213,6 +215,9 @@ def measure(ctx, which: dict, tok, ds, examples) -> dict:
                                      lambda prompt, max_new: generate(model, tok, prompt, max_new)))
         if es.latency and not ctx.should_stop():
             out.update(latency(model, tok, examples, es.prompt_len, es.new_tokens))
+        if es.harness and not ctx.should_stop():
+            from engine.runs.stages import harness
+            out["harness"] = harness.run(ctx, model, tok, ds, examples)
     out["peak_mem_bytes"], out["mem_source"] = pm.peak, pm.source
     size = common.weights_bytes_on_disk(which["dir"]) if Path(which["dir"]).is_dir() else None
     if which.get("adapter"):
@@ -256,6 +261,10 @@ def evaluate(ctx) -> dict:
         for key, unit in HEADLINE.items():
             if m.get(key) is not None:
                 ctx.emit("metric", name=f"{name}.{key}", value=m[key], unit=unit)
+        for task, vals in (m.get("harness") or {}).items():
+            for key, val in vals.items():
+                if isinstance(val, float) and not key.endswith("_stderr"):
+                    ctx.emit("metric", name=f"{name}.harness.{task}.{key}", value=val, unit="lm-eval")
     exports = ctx.state.get("exports") or []
     if es.runtime and exports and not ctx.should_stop():
         results["runtimes"] = measure_runtimes(ctx, exports, tok, ds, examples, results.get("after") or {})
@@ -268,6 +277,11 @@ def evaluate(ctx) -> dict:
         for key in ("accuracy", "json_valid_rate", "field_match", "exact_match"):
             if a.get(key) is not None and b.get(key) is not None:
                 cmp[f"{key}_delta"] = round(a[key] - b[key], 4)
+        for task, av in (a.get("harness") or {}).items():      # lm-eval scores: after - before
+            bv = (b.get("harness") or {}).get(task) or {}
+            for key, val in av.items():
+                if isinstance(val, float) and isinstance(bv.get(key), float) and not key.endswith("_stderr"):
+                    cmp[f"harness.{task}.{key}_delta"] = round(val - bv[key], 6)
         results["compare"] = cmp
         for key, val in cmp.items():
             ctx.emit("metric", name=f"compare.{key}", value=val, unit="ratio" if key.endswith("ratio") else "fraction")
