@@ -86,6 +86,45 @@ def test_qlora_on_nf4_base(micro_home, tmp_path):
     assert "nf4" in after["model"] and "adapter" in after["model"] and math.isfinite(after["perplexity"])
 
 
+def test_qlora_backpropagates_through_the_4bit_base_after_an_eval_forward(micro_home, tmp_path):
+    """The QLoRA model the train stage builds must pass gradients through its NF4 matmuls even
+    after the chunked loss's check (an eval-mode forward without grad): on an AVX512-BF16 CPU
+    bitsandbytes then repacked the weights into an inference layout whose matmul (gemv_4bit) has
+    no autograd formula, the gradient reached the adapters only through their own branches and the
+    residual stream, and QLoRA on the real demo model gave the same losses at any learning rate.
+    The adapters' gradients must equal those of the same model that never ran in eval mode."""
+    import torch
+    from engine.runs.stages.train import _qlora_model, seed_everything
+    from engine.runs.stages.loss import chunked_loss, make_loss
+    rs = RunSpec.parse(spec("qlora", train={"grad_ckpt": False}))
+    strat = strategies.get("qlora")
+    ctx = StageContext(run_id="t", spec=rs, strategy=strat, stage={"stage": "train", "method": "qlora"}, index=1,
+                       workdir=tmp_path, state={}, device="cpu", emit=lambda type, **p: None)
+    tok = common.load_tokenizer(common.base_model(ctx))
+    ds = common.dataset(ctx)
+    batch = common.collate(common.encode_all(tok, ds.train[:4], 64), tok.pad_token_id, "cpu")
+
+    def built():
+        seed_everything(0)
+        return _qlora_model(ctx)
+
+    def grads(model):
+        model.train()
+        chunked_loss(model, batch).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    ref = grads(built())                                     # never evaluated: bitsandbytes' autograd path
+    model = built()
+    _, mode, why = make_loss(model, "chunked", None, batch)  # the check runs the model in eval mode
+    assert mode == "chunked" and why is None
+    got = grads(model)
+    assert got.keys() == ref.keys() and len(got) == 2 * 2 * 7          # A and B of 7 projections x 2 layers
+    first_b = [n for n in got if ".layers.0." in n and "lora_B" in n]
+    assert first_b and all(float(ref[n].abs().max()) > 0 for n in first_b)
+    for n in got:
+        assert torch.allclose(got[n], ref[n], rtol=1e-3, atol=1e-6), n
+
+
 def test_full_finetune_then_int8(micro_home, tmp_path):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM

@@ -147,8 +147,33 @@ def _qlora_model(ctx):
             ctx.warn(f"group-aligned (QA-LoRA) adapters need a GPTQ base with a group size; the base here is "
                      f"{base['quant'].get('method')}: trained plain LoRA adapters instead")
     model = get_peft_model(model, lora_config(ctx, model, **extra))
+    trainable_4bit(model)
     ctx.state["adapter_base"] = base
     return model
+
+
+def trainable_4bit(model) -> int:
+    """Keep a bitsandbytes 4-bit base differentiable; returns how many layers were unpacked.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.49+) repacks a Linear4bit's weight into an
+    inference layout the first time the layer runs in eval mode on an input without grad (the
+    chunked loss's check against the reference does exactly that), and from then on computes the
+    layer with ``gemv_4bit``, which has no autograd formula: the gradient stops at every 4-bit
+    matmul and only the adapters' own branches and the residual stream carry it, so QLoRA barely
+    learns (same losses at any learning rate). A model that trains turns the repacking off and
+    undoes any that happened (the served/evaluated model still gets it)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.nn import Linear4bit
+    n = 0
+    for mod in model.modules():
+        if not isinstance(mod, Linear4bit):
+            continue
+        mod.support_avx512bf16_for_cpu = False
+        w = mod.weight
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+            n += 1
+    return n
 
 
 # ---- QAT (the schemes: engine.vocab.QAT_SCHEMES) ----------------------------------------------------
