@@ -80,13 +80,15 @@ def side_by_side(title: str, uirevision: str, titles: tuple[str, str], height: i
     return fig
 
 
-def vline(fig: Fig, x: float, label: str, color: str = "#b91c1c") -> None:
-    """A dashed vertical line across the plot (a memory limit, a latency goal) with its label."""
+def vline(fig: Fig, x: float, label: str, color: str = "#b91c1c", axis: str = "x") -> None:
+    """A dashed vertical line across the plot (a memory limit, a latency goal) with its label;
+    ``axis``: the x axis it belongs to (x2 for the right panel of ``side_by_side``)."""
+    yref = "paper" if axis == "x" else f"y{axis[1:]} domain"
     fig.layout.setdefault("shapes", []).append(
-        {"type": "line", "x0": x, "x1": x, "y0": 0, "y1": 1, "xref": "x", "yref": "paper",
+        {"type": "line", "x0": x, "x1": x, "y0": 0, "y1": 1, "xref": axis, "yref": yref,
          "line": {"color": color, "dash": "dash", "width": 1.5}})
     fig.layout.setdefault("annotations", []).append(
-        {"text": label, "x": x, "y": 1.0, "xref": "x", "yref": "paper", "xanchor": "right", "yanchor": "bottom",
+        {"text": label, "x": x, "y": 1.0, "xref": axis, "yref": yref, "xanchor": "right", "yanchor": "bottom",
          "showarrow": False, "font": {"color": color, "size": 11}})
 
 
@@ -434,6 +436,120 @@ def cost_chart(rs: list[dict]) -> Fig:
                        "xaxis": "x2", "yaxis": "y2"})
     for ax in ("xaxis", "xaxis2"):
         fig.layout[ax].update(tickangle=-45, tickfont={"size": 10})
+    return fig
+
+
+# ---- runtimes compared for one strategy -------------------------------------------------------------
+
+RUNTIME_COLORS = {"loads": "#4f46e5", "nearest": "#c7d2fe"}
+
+
+def infer_request(source: str) -> dict:
+    """The keywords of ``estimate_infer`` in an advisor serve stage's ``source`` (the CLI request
+    ``estimate infer --model M --weights W --batch-size 1 ...``), numbers as numbers; ``model`` left
+    out (the caller knows the scenario's model reference, the command names the architecture)."""
+    toks = str(source or "").split()
+    out: dict = {}
+    i = 0
+    while i < len(toks):
+        t = toks[i]
+        if t.startswith("--") and i + 1 < len(toks) and not toks[i + 1].startswith("--"):
+            key, val = t[2:].replace("-", "_"), toks[i + 1]
+            try:
+                val = int(val)
+            except ValueError:
+                try:
+                    val = float(val)
+                except ValueError:
+                    pass
+            out[key] = val
+            i += 2
+        else:
+            i += 1
+    out.pop("model", None)
+    return out
+
+
+def runtime_comparison(cmp: dict, goal_ms=None, device_name: str = "target", strategy: str = "",
+                       chosen: str | None = None) -> Fig:
+    """Decode ms/token (left, with the interval and the latency goal) and device memory (right, with
+    the device's memory) of one strategy in every runtime on the serving device (``cmp``:
+    engine.estimate.compare_runtimes). Solid bars: runtimes that load the strategy's format; light
+    bars: another runtime serving its nearest format (the strategy exported for it); hatched: does
+    not fit; outlined: ``chosen`` (the runtime the matrix's figure is for). Hover: the formula, the
+    runtime's evidence and the command that gives the same numbers."""
+    title = f"Runtimes for {strategy or cmp.get('weights')} on {device_name}"
+    ok = [e for e in cmp.get("runtimes") or [] if e.get("ms_per_token") is not None]
+    failed = [e for e in cmp.get("runtimes") or [] if e.get("error")]
+    if not ok:
+        why = "; ".join(f"{e['runtime']}: {e['error']}" for e in failed) or "no runtime runs on this device"
+        return empty(title, _wrap(why, 90, 4), "runtimes", 360)
+    fig = side_by_side(title, "runtimes", ("decode, ms per token (batch 1)", "device memory, GB"),
+                       height=max(300, 120 + 46 * len(ok)), hoverlabel={"align": "left", "font": {"size": 11}},
+                       margin={"l": 200, "r": 20, "t": 60, "b": 60}, barmode="overlay")
+    fig.layout["yaxis"].update(autorange="reversed")
+    fig.layout["yaxis2"].update(autorange="reversed", showticklabels=False)
+    fig.layout["xaxis"]["title"] = {"text": "ms/token"}
+    fig.layout["xaxis2"]["title"] = {"text": "GB"}
+
+    def label(e):
+        return f"{e['runtime']} · {e['weights']}"
+
+    def hover(e):
+        iv = (f" [{e['ms_per_token_low']:.1f}–{e['ms_per_token_high']:.1f}]"
+              if e.get("ms_per_token_low") and e.get("ms_per_token_high") else "")
+        mem = (f"{e['device_bytes'] / GB:.2f} GB of {e['limit_bytes'] / GB:.1f} GB"
+               + ("" if e["fits"] else " — does not fit")
+               + (f" (reserves {e['reserved_bytes'] / GB:.1f} GB)" if e.get("reserved_bytes") and
+                  e["reserved_bytes"] > e["device_bytes"] * 1.01 else ""))
+        return (f"<b>{e['runtime']}</b> {e['weights']} — {e['why']}"
+                + (" · the runtime the matrix assumed" if e["runtime"] == chosen else "")
+                + f"<br>{e['ms_per_token']:.2f} ms/token{iv}"
+                + (f", {e['bound']}-bound" if e.get("bound") else "") + f"; {mem}"
+                + f"<br>{_wrap(e.get('formula') or '', 95, 3)}"
+                + f"<br>evidence: {_wrap(e.get('evidence') or '—', 95, 2)}"
+                + f"<br>{_wrap(e['source'], 95, 2)}")
+    for kind, name in (("loads", f"loads {cmp.get('weights')}"), ("nearest", "its nearest format (another export)")):
+        es = [e for e in ok if (kind == "loads") == bool(e["loads"])]
+        if not es:
+            continue
+        color = RUNTIME_COLORS[kind]
+        marker = {"color": color,
+                  "line": {"color": ["#111827" if e["runtime"] == chosen else color for e in es],
+                           "width": [2.5 if e["runtime"] == chosen else 0.5 for e in es]},
+                  "pattern": {"shape": ["" if e["fits"] else "/" for e in es], "fgcolor": "#b91c1c"}}
+        hv = [hover(e) for e in es]
+        fig.traces.append({
+            "type": "bar", "orientation": "h", "name": name, "legendgroup": kind, "y": [label(e) for e in es],
+            "x": [e["ms_per_token"] for e in es], "customdata": [e["runtime"] for e in es],
+            "marker": marker, "hovertext": hv, "hoverinfo": "text", "xaxis": "x", "yaxis": "y",
+            "error_x": {"type": "data", "symmetric": False, "thickness": 1, "width": 3, "color": "#374151",
+                        "array": [max(0.0, (e.get("ms_per_token_high") or e["ms_per_token"]) - e["ms_per_token"])
+                                  for e in es],
+                        "arrayminus": [max(0.0, e["ms_per_token"] - (e.get("ms_per_token_low") or e["ms_per_token"]))
+                                       for e in es]}})
+        fig.traces.append({
+            "type": "bar", "orientation": "h", "name": name, "legendgroup": kind, "showlegend": False,
+            "y": [label(e) for e in es], "x": [(e.get("device_bytes") or 0) / GB for e in es],
+            "customdata": [e["runtime"] for e in es], "marker": marker, "hovertext": hv, "hoverinfo": "text",
+            "xaxis": "x2", "yaxis": "y2"})
+    if goal_ms:
+        vline(fig, float(goal_ms), f"goal {float(goal_ms):g} ms/token")
+    limit = next((e["limit_bytes"] for e in ok if e.get("limit_bytes")), None)
+    if limit:
+        vline(fig, limit / GB, f"{device_name} {limit / GB:.0f} GB", axis="x2")
+    notes = []
+    if chosen and any(e["runtime"] == chosen for e in ok):
+        notes.append(f"outlined: {chosen}, the runtime of the matrix's figure")
+    if any(not e["fits"] for e in ok):
+        notes.append("hatched: does not fit the device")
+    if failed:
+        notes.append("not estimated: " + "; ".join(f"{e['runtime']} ({e['error'][:60]})" for e in failed))
+    if notes:
+        fig.layout.setdefault("annotations", []).append(
+            {"text": _wrap(" · ".join(notes), 140, 2), "x": 0, "y": -0.12, "xref": "paper", "yref": "paper",
+             "xanchor": "left", "yanchor": "top", "showarrow": False, "font": {"size": 10.5, "color": "#6b7280"}})
+        fig.layout["legend"] = {**fig.layout["legend"], "y": -0.3}
     return fig
 
 

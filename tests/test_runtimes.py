@@ -317,3 +317,47 @@ def test_published_gguf_perplexity_ratios_lie_in_their_strategies_interval():
         assert est["ppl_low"] <= float(r["value"]) <= est["ppl_high"], (r["model"], r["format"], est["ppl_ratio"])
         checked += 1
     assert checked == 4                                   # q4_k_m and q8_0 on Llama 2 7B and Llama 3 8B
+
+
+# ---- one strategy in every runtime on the device (the dashboard's runtime chart) --------------------
+
+def test_compare_runtimes_serves_the_format_where_it_loads_and_the_nearest_format_elsewhere():
+    from engine.estimate import compare_runtimes
+    c = compare_runtimes("llama-3.1-8b", "gguf-q4_k_m", "rtx-4090-24gb", target="consumer-gpu",
+                         batch_size=1, prompt_len=512, new_tokens=128, max_ms_per_token=30)
+    by = {e["runtime"]: e for e in c["runtimes"]}
+    dev = hardware.get("rtx-4090-24gb")
+    assert set(by) == {rid for rid in R.ids() if R.get(rid).runs_on(dev)}        # executorch, mlx: not on a GPU
+    assert c["default"] == "llama.cpp" and by["llama.cpp"]["default"] and by["llama.cpp"]["loads"]
+    assert c["runtimes"][0]["runtime"] == "llama.cpp"                              # what loads the format first
+    for rid, e in by.items():
+        assert e["weights"] == ("gguf-q4_k_m" if rid == "llama.cpp" else R.nearest_format(R.get(rid), "gguf-q4_k_m"))
+        assert e["loads"] == (rid == "llama.cpp")
+        # each bar is the planner's figure for that runtime, and the command in the hover gives it
+        ref = estimate_infer("llama-3.1-8b", e["weights"], gpu="rtx-4090-24gb", runtime=rid, batch_size=1,
+                             prompt_len=512, new_tokens=128, max_ms_per_token=30)
+        assert e["ms_per_token"] == pytest.approx(1000 / ref["decode_tokens_per_s"])
+        assert e["ms_per_token_low"] < e["ms_per_token"] < e["ms_per_token_high"]
+        assert e["device_bytes"] == ref.get("required_bytes", ref["device_bytes"]) and e["fits"]
+        assert f"--weights {e['weights']} --runtime {rid} --gpu rtx-4090-24gb" in e["source"]
+        assert e["formula"] and e["evidence"] == R.get(rid).evidence
+    assert "does not load gguf-q4_k_m: awq-4bit is its nearest format" in by["vllm"]["why"]
+    only = compare_runtimes("llama-3.1-8b", "gguf-q4_k_m", "rtx-4090-24gb", nearest=False)
+    assert [e["runtime"] for e in only["runtimes"]] == ["llama.cpp"]
+    phone = compare_runtimes("llama-3.2-1b", "executorch-8da4w", "iphone-15-pro-8gb", target="phone")
+    assert "vllm" not in {e["runtime"] for e in phone["runtimes"]} and phone["default"] == "executorch"
+
+
+def test_the_comparison_of_the_advisors_serve_request_repeats_the_matrix_figure():
+    """The runtime chart asks the planner the serve stage's own request (parsed from its source): the
+    bar of the runtime the advisor used is the matrix's ms/token."""
+    from engine import advisor, charts
+    from engine.estimate import compare_runtimes
+    sc = {"model": "llama-3.1-8b", "task": "chat", "examples": 2000, "hardware": {"gpu": "rtx-4090-24gb"},
+          "deploy": {"target": "gpu-server", "gpu": "l4-24gb"}, "goals": {"max_latency_ms_per_token": 30}}
+    rs = charts.rows(advisor.recommend(sc, what_if=False))
+    for r in [x for x in rs if x["ms_per_token"] is not None][:6]:
+        kw = charts.infer_request(r["serve_source"])
+        c = compare_runtimes(sc["model"], **kw)
+        e = next(e for e in c["runtimes"] if e["runtime"] == r["runtime"])
+        assert e["loads"] and e["ms_per_token"] == pytest.approx(r["ms_per_token"]), r["strategy"]

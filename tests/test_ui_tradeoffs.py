@@ -125,3 +125,37 @@ def test_points_that_matter_are_named_the_recommendation_marked_and_the_view_on_
     assert lo3 < 0.8
     assert any(tr["name"].startswith("× does not fit") for tr in fig.traces)   # the symbol explained
     assert fig.layout["hoverlabel"]["font"]["size"] == 11
+
+
+def test_runtime_comparison_chart():
+    """One bar per runtime on the device in each panel, the latency goal and the device's memory as
+    dashed lines, the interval as error bars, the chosen runtime outlined, the formula, the evidence
+    and the planner command in the hover."""
+    from engine.estimate import compare_runtimes
+    c = compare_runtimes("llama-3.1-8b", "awq-4bit", "l4-24gb", target="gpu-server", max_ms_per_token=30)
+    fig = tradeoffs.runtime_comparison(c, 30, "NVIDIA L4", "ptq-awq-4bit", chosen="vllm")
+    json.loads(fig.to_json())
+    lat = [t for t in fig.traces if t["xaxis"] == "x"]
+    mem = [t for t in fig.traces if t["xaxis"] == "x2"]
+    ys = [y for t in lat for y in t["y"]]
+    assert sorted(ys) == sorted(f"{e['runtime']} · {e['weights']}" for e in c["runtimes"])
+    assert [y for t in mem for y in t["y"]] == ys
+    by = {e["runtime"]: e for e in c["runtimes"]}
+    for t in lat:
+        for rid, x, hi, text, w in zip(t["customdata"], t["x"], t["error_x"]["array"], t["hovertext"],
+                                       t["marker"]["line"]["width"]):
+            assert x == by[rid]["ms_per_token"] and x + hi == pytest.approx(by[rid]["ms_per_token_high"])
+            assert by[rid]["source"][:60] in text.replace("<br>", " ") and "evidence:" in text
+            assert (w > 1) == (rid == "vllm")
+    loads = next(t for t in lat if t["legendgroup"] == "loads")
+    assert set(loads["customdata"]) == {"transformers", "vllm", "tensorrt-llm"}      # what loads awq-4bit on an L4
+    nearest = next(t for t in lat if t["legendgroup"] == "nearest")
+    assert nearest["customdata"] == ["llama.cpp"] and nearest["marker"]["color"] != loads["marker"]["color"]
+    for t in mem:
+        assert [v * GB for v in t["x"]] == pytest.approx([by[r]["device_bytes"] for r in t["customdata"]])
+    shapes = fig.layout["shapes"]
+    assert [(s["xref"], s["x0"]) for s in shapes] == [("x", 30.0), ("x2", pytest.approx(by["vllm"]["limit_bytes"] / GB))]
+    assert any("goal 30 ms/token" in a["text"] for a in fig.layout["annotations"])
+    # nothing to compare: a message, never an empty axis
+    empty = tradeoffs.runtime_comparison({"weights": "bf16", "runtimes": []}, 30, "x")
+    assert not empty.traces and "no runtime runs on this device" in empty.layout["annotations"][0]["text"]

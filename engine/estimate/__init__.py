@@ -12,6 +12,8 @@ Public API (what the CLI, the advisor and the UI call):
     estimate_quantize(model, method, bits=4, group_size=128, calibration_samples=128,
                       seq_len=2048, gpu=None) -> dict
     estimate_merge(model, base="bf16", lora_rank=16, gpu=None) -> dict
+    compare_runtimes(model, weights, gpu, target=None, nearest=True, **infer) -> dict
+                     # the same request in every runtime on the device (the dashboard's runtime chart)
     weights_formats() -> list[str]
 
 ``model`` is anything engine.models.resolve accepts; ``gpu`` is a device id of
@@ -277,6 +279,64 @@ def _infer_hf(arch, dev, fmt, batch_size, prompt_len, new_tokens, calibration) -
         "source": "formula: engine/estimate/memory.py + latency.py; formats presets/estimate/formats.yaml "
                   "(layouts checked against bitsandbytes/gptqmodel/torchao); speed constants presets/estimate/speed.yaml",
     }, "infer", calibration, dev, libraries=libs)
+
+
+def compare_runtimes(model, weights, gpu, target=None, nearest=True, **infer) -> dict:
+    """One serving request (``estimate_infer``'s keywords, ``runtime`` aside) in every runtime of
+    presets/runtimes.yaml that runs on the device: those that load ``weights`` serve it as it is
+    (``loads``: True); with ``nearest``, each other runtime there serves its nearest format in bits
+    (runtimes.nearest_format: what the same strategy exported for that runtime would be; ``loads``:
+    False). Per runtime: decode ms/token with its interval, what it needs on the device (vLLM's
+    reservation apart), whether that fits, the decode formula, the runtime's evidence and the CLI
+    command that gives the same figures. ``default``: the runtime the target / device serves the
+    format with when none is named (runtimes.choose). Entries: those loading the format first, then
+    by ms/token; a runtime whose estimate fails keeps its entry with ``error``."""
+    dev = _memory.device(gpu)
+    fmt = _formats.get(weights)
+    infer = {k: v for k, v in infer.items() if k not in ("runtime", "model", "weights", "gpu", "target")}
+    try:
+        default = _runtimes.choose(dev, fmt, None, target)[0].id
+    except InputError:
+        default = None
+    out = []
+    for rt in _runtimes.runtimes().values():
+        if not rt.runs_on(dev):
+            continue
+        loads = rt.id in fmt.runtimes
+        use = fmt.id if loads else (_runtimes.nearest_format(rt, fmt) if nearest else None)
+        if use is None:
+            continue
+        kw = dict(infer) if loads else {k: v for k, v in infer.items() if k != "group_size"}
+        name = model if isinstance(model, str) else getattr(model, "name", str(model))
+        cli = (f"python -m engine estimate infer --model {name} --weights {use} --runtime {rt.id} --gpu {dev.id} "
+               + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in kw.items() if v is not None and k != "calibration"))
+        entry = {"runtime": rt.id, "name": rt.name, "weights": use, "loads": loads, "default": rt.id == default,
+                 "evidence": rt.evidence, "source": cli.strip(),
+                 "why": (f"loads {fmt.id}" if loads else
+                         f"does not load {fmt.id}: {use} is its nearest format ({_formats.get(use).bits:g} bits)")}
+        try:
+            e = estimate_infer(model, weights=use, gpu=dev.id, runtime=rt.id, **kw)
+        except InputError as err:
+            out.append({**entry, "error": str(err)})
+            continue
+        tps, lo, hi = e["decode_tokens_per_s"], e.get("decode_tokens_per_s_low"), e.get("decode_tokens_per_s_high")
+        dec = e.get("decode") or e.get("hf_generate") or {}
+        cap = e.get("serving") or {}
+        entry.update(
+            ms_per_token=1000.0 / tps if tps else None,
+            ms_per_token_low=1000.0 / hi if hi else None, ms_per_token_high=1000.0 / lo if lo else None,
+            decode_tokens_per_s=tps, prefill_s=e.get("prefill_s"),
+            weights_bytes=e.get("weights_bytes"), device_bytes=e.get("required_bytes", e.get("device_bytes")),
+            reserved_bytes=e.get("device_bytes"), limit_bytes=dev.memory_bytes,
+            fits=bool(e.get("fits", e.get("device_bytes", 0) <= dev.memory_bytes)),
+            formula=dec.get("formula", ""), memory_formula=(e.get("runtime_memory") or {}).get("formula", ""),
+            bound=dec.get("bound"), calibration=(e.get("calibration") or {}).get("applied", False),
+            capacity={k: cap.get(k) for k in ("batch", "tokens_per_s", "usd_per_million_tokens", "why")} if cap else {})
+        out.append(entry)
+    out.sort(key=lambda x: (not x["loads"], x.get("ms_per_token") is None, x.get("ms_per_token") or 0))
+    return {"weights": fmt.id, "device": dev.id, "device_kind": dev.kind, "default": default,
+            "inputs": {"model": model if isinstance(model, str) else getattr(model, "name", None), **infer},
+            "runtimes": out}
 
 
 def estimate_quantize(model, method, bits=4, group_size=128, calibration_samples=128, seq_len=2048,
