@@ -212,3 +212,33 @@ def test_a_multi_gpu_row_shows_its_launch_plan():
     assert r["launch"]["processes"] == 8
     assert "launch: 8 processes, FSDP full shard (ZeRO-3)" in full and "local: torchrun" in full and "ray:" in full
     assert "no executor of this engine" in matrix.detail_html(res, "qlora")
+
+
+def test_the_wizards_runtime_recomputes_the_matrix_and_the_runtime_chart_follows_it():
+    """deploy.runtime picked in the wizard: every row's latency is for that runtime (a format it cannot
+    load is infeasible), and the runtime chart of the shown strategy outlines it, its bar the row's figure."""
+    base = {**wizard.DEFAULT_FORM, "target": "gpu-server", "deploy_device": "l4-24gb", "max_latency": 30}
+    auto, fixed = recompute(base), recompute({**base, "runtime": "llama.cpp"})
+    assert fixed["scenario"]["deploy"]["runtime"] == "llama.cpp" and "runtime: llama.cpp" in fixed["scenario_yaml"]
+    rows = {r["strategy"]: r for r in charts.rows(fixed["result"])}
+    assert {r["runtime"] for r in rows.values() if r["ms_per_token"] is not None} == {"llama.cpp"}
+    assert "format" in rows["ptq-awq-4bit"]["blocked_by"]                 # llama.cpp does not load AWQ
+    assert {r["runtime"] for r in charts.rows(auto["result"]) if r["ms_per_token"] is not None} != {"llama.cpp"}
+    sid = fixed["rt_pick"]["value"]
+    assert sid in fixed["rt_pick"]["choices"] and rows[sid]["ms_per_token"] is not None
+    fig = fixed["runtimes"]
+    lat = [t for t in fig["data"] if t["xaxis"] == "x"]
+    bars = {rid: (x, w) for t in lat for rid, x, w in zip(t["customdata"], t["x"], t["marker"]["line"]["width"])}
+    assert bars["llama.cpp"][0] == pytest.approx(rows[sid]["ms_per_token"]) and bars["llama.cpp"][1] > 1
+    assert sid in fig["layout"]["title"]["text"] and "NVIDIA L4" in fig["layout"]["title"]["text"]
+    # a strategy picked for the chart; a hosted row has nothing to compare
+    other = layout._runtime_chart(charts.rows(fixed["result"]), fixed["scenario"], "ptq-gguf-q8_0")
+    assert "ptq-gguf-q8_0" in other["layout"]["title"]["text"]
+    hosted = layout._runtime_chart(charts.rows(fixed["result"]), fixed["scenario"], "hosted-api")
+    assert not hosted["data"] and "no serving estimate" in hosted["layout"]["annotations"][0]["text"]
+    # a device change keeps a runtime that runs there and drops one that does not
+    f, upd = layout._runtime_for_device({**base, "runtime": "vllm", "deploy_device": "iphone-15-pro-8gb",
+                                         "target": "phone"})
+    assert f["runtime"] == "auto" and "vllm" not in [k for _, k in upd["choices"]]
+    f, upd = layout._runtime_for_device({**base, "runtime": "llama.cpp"})
+    assert f["runtime"] == "llama.cpp" and upd["value"] == "llama.cpp"

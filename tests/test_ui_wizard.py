@@ -161,3 +161,29 @@ def test_dataset_upload_is_validated_with_a_preview(tmp_path, home):
 def test_redact_hides_tokens():
     s = common.redact("loading with token hf_abcdefghijklmnopqrstuvwxyz0123 and Authorization: Bearer sk-xyz123")
     assert "hf_abcdefghij" not in s and "sk-xyz123" not in s and "hf_***" in s
+
+
+def test_runtime_picker_offers_what_runs_on_the_serving_device_and_flows_into_the_scenario():
+    from engine import hardware
+    from engine.estimate import runtimes as R
+    for dev, target in (("l4-24gb", "gpu-server"), ("rtx-4090-24gb", "consumer-gpu"), ("iphone-15-pro-8gb", "phone")):
+        ch = wizard.runtime_choices(dev, target)
+        assert ch[0][1] == wizard.RUNTIME_AUTO
+        assert [k for _, k in ch[1:]] == [r for r in R.ids() if R.get(r).runs_on(hardware.get(dev))]
+        default = R.default_runtime(hardware.get(dev), target)[0]
+        assert f"default here: {default}" in ch[0][0] and dict((k, l) for l, k in ch)[default].endswith("(the default here)")
+    assert "vllm" not in [k for _, k in wizard.runtime_choices("iphone-15-pro-8gb", "phone")]
+    assert wizard.runtime_choices(None) == [("auto — the advisor chooses", "auto")]
+    form = {**wizard.DEFAULT_FORM, "target": "gpu-server", "deploy_device": "l4-24gb", "runtime": "vllm"}
+    scn = wizard.scenario_from_form(form)
+    assert scn["deploy"] == {"target": "gpu-server", "gpu": "l4-24gb", "runtime": "vllm"}
+    assert parse_scenario(scn).deploy.runtime == "vllm"
+    assert wizard.form_from_scenario(scn)["runtime"] == "vllm"                   # round trip (examples)
+    assert "runtime" not in wizard.scenario_from_form({**form, "runtime": "auto"})["deploy"]
+    assert wizard.form_from_scenario({**scn, "deploy": {"target": "gpu-server"}})["runtime"] == "auto"
+    with pytest.raises(InputError, match="serving runtime mlx does not run on l4-24gb") as e:
+        wizard.scenario_from_form({**form, "runtime": "mlx"})
+    assert e.value.field == "deploy.runtime" and wizard.group_of(e.value.field) == "hardware"
+    # a hosted API has no device: the runtime is not asked
+    hosted = wizard.scenario_from_form({**form, "target": "hosted-api", "runtime": "vllm"})
+    assert "runtime" not in hosted["deploy"]

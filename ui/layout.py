@@ -11,10 +11,10 @@ import time
 
 import gradio as gr
 
-from engine import charts, strategies
+from engine import charts, hardware, strategies
 from engine.errors import InputError
 from engine.runs import api
-from ui import calibration, compare, matrix, report, runs, wizard
+from ui import artifacts, calibration, compare, matrix, report, runs, wizard
 from ui.common import MAX_UPLOAD, error_md, ok_md, public_demo, unexpected_md
 from ui.theme import CLIENT_JS, CSS, THEME
 
@@ -26,7 +26,7 @@ LAUNCH_KW = {"theme": THEME, "css": CSS, "js": CLIENT_JS, "max_file_size": MAX_U
 # what _recompute returns, in order (the outputs of every wizard change)
 PLAN_KEYS = ("scenario", "result", "scenario_yaml", "summary", "model_msg", "data_msg", "hw_msg", "goals_msg",
              "banner", "top", "table", "infeasible", "change", "pick", "mem", "lat", "breakdown", "cost", "timing",
-             "detail")
+             "detail", "rt_pick", "runtimes")
 POLL_S = 1.0          # the attached run's events
 HISTORY_S = 5.0       # the history table
 URL_RUN_JS = """(run_id) => {
@@ -108,6 +108,9 @@ def _wizard_tab():
                         c["deploy_device"] = gr.Dropdown(wizard.all_device_choices(), value=d["deploy_device"],
                                                          label="Serving device (its kind must suit the target)",
                                                          elem_id="deploy_device")
+                        c["runtime"] = gr.Dropdown(wizard.runtime_choices(d["deploy_device"], d["target"]),
+                                                   value=d["runtime"], label="Serving runtime (those that run on "
+                                                   "the device)", elem_id="runtime")
                     c["hw_msg"] = gr.HTML(elem_id="hw_msg")
                     with gr.Row():
                         back3 = gr.Button("← Data", size="sm", scale=0, min_width=160, elem_classes=["tq-nav"])
@@ -186,6 +189,9 @@ def _tradeoffs_tab():
     with gr.Row():
         c["breakdown"] = gr.Plot(label="Memory per stage", show_label=False, elem_id="plot_breakdown")
         c["cost"] = gr.Plot(label="Cost", show_label=False, elem_id="plot_cost")
+    c["rt_pick"] = gr.Dropdown(choices=strategies.ids(), label="Strategy compared across serving runtimes "
+                               "(the recommended one until you pick)", elem_id="runtime_pick")
+    c["runtimes"] = gr.Plot(label="Runtimes", show_label=False, elem_id="plot_runtimes")
     c["timing"] = gr.HTML(elem_id="tradeoffs_timing")
     return c
 
@@ -255,6 +261,24 @@ def _runs_tab():
                                     column_widths=["18%", "36%", "32%", "14%"])
     c["log"] = gr.Textbox(label="Log tail", lines=10, max_lines=10, autoscroll=True, interactive=False,
                           elem_id="run_log", elem_classes=["tq-log"])
+    # the attached run's artifacts (python -m engine runs artifacts ID): download, push to the Hub
+    with gr.Accordion("Artifacts of this run (download, push to the Hub)", open=True, elem_id="run_artifacts_box"):
+        c["art_msg"] = gr.HTML(elem_id="art_msg")
+        c["art_table"] = gr.Dataframe(headers=artifacts.COLUMNS, interactive=False, wrap=True, max_height=260,
+                                      elem_id="run_artifacts", show_label=False,
+                                      column_widths=["4%", "20%", "14%", "10%", "10%", "8%", "28%", "6%"])
+        with gr.Row(equal_height=True):
+            c["art_pick"] = gr.Dropdown(choices=[], label="Artifact", elem_id="art_pick", scale=3)
+            c["art_get"] = gr.Button("Prepare download", elem_id="art_get", scale=1, min_width=150)
+            c["art_download"] = gr.DownloadButton("Download", visible=False, elem_id="art_download", scale=1,
+                                                  variant="primary", min_width=150)
+        c["art_get_msg"] = gr.HTML(elem_id="art_get_msg")
+        with gr.Row(equal_height=True):
+            c["art_repo"] = gr.Textbox(label="Hub model repo (owner/name)", elem_id="art_repo", scale=2)
+            c["art_token"] = gr.Textbox(label="Hugging Face write token (blank: the server's HF_TOKEN; used once, "
+                                        "never shown or stored)", type="password", elem_id="art_token", scale=2)
+            c["art_push"] = gr.Button("Push to the Hub", elem_id="art_push", scale=1, min_width=150)
+        c["art_push_msg"] = gr.HTML(elem_id="art_push_msg")
     # an HTML table with fixed column widths: a long reason wraps in its column instead of widening the
     # page (Gradio's Dataframe sized its columns to their content: 1380 px at a 1280 px window)
     c["history"] = gr.HTML(runs.history_html([]), elem_id="run_history")
@@ -343,7 +367,8 @@ def build_app() -> gr.Blocks:
                                                                                "data_msg", "hw_msg", "goals_msg")},
                  "banner": M["banner"], "top": M["top"], "table": M["table"], "infeasible": M["infeasible"],
                  "change": M["change"], "pick": M["pick"],
-                 "detail": M["detail"], **{k: T[k] for k in ("mem", "lat", "breakdown", "cost", "timing")}}
+                 "detail": M["detail"], **{k: T[k] for k in ("mem", "lat", "breakdown", "cost", "timing", "rt_pick",
+                                                             "runtimes")}}
         plan_outputs = [where[k] for k in PLAN_KEYS]
         plan_kw = {"trigger_mode": "always_last", "show_progress": "hidden", "concurrency_limit": 8}
 
@@ -361,7 +386,7 @@ def build_app() -> gr.Blocks:
             edited.__name__ = f"edit_{key}"
             return edited
         for k in wizard.FIELDS:
-            if k in ("hub_id", "config_file", "dataset_file", "target"):
+            if k in ("hub_id", "config_file", "dataset_file", "target", "deploy_device"):
                 continue
             W[k].input(edit(k), [form, W[k]] + plan_extra, [form] + plan_outputs, **plan_kw)
         gr.on([W["hub_id"].submit, W["hub_id"].blur], edit("hub_id"), [form, W["hub_id"]] + plan_extra,
@@ -377,14 +402,25 @@ def build_app() -> gr.Blocks:
         W["source"].change(show_source, W["source"], [W["preset"], W["hub_id"], W["config_file"], W["size_row"]],
                            queue=False)
 
-        # -- serving target: devices of that kind; one recompute with both fields set
+        # -- serving target: devices of that kind; one recompute with both fields set. Target or device:
+        # the runtimes that run on the device (a runtime that does not goes back to auto)
         def target_chosen(f, target, view, shown, show_all):
             f = {**(f or wizard.DEFAULT_FORM), "target": target}
             ids = [k for _, k in wizard.device_choices(target)]
             f["deploy_device"] = f.get("deploy_device") if f.get("deploy_device") in ids else (ids[0] if ids else None)
-            return [gr.update(value=f["deploy_device"], interactive=bool(ids))] + recompute(f, view, shown, show_all)
-        W["target"].input(target_chosen, [form, W["target"]] + plan_extra, [W["deploy_device"], form] + plan_outputs,
-                          **plan_kw)
+            f, rt = _runtime_for_device(f)
+            return ([gr.update(value=f["deploy_device"], interactive=bool(ids)), rt]
+                    + recompute(f, view, shown, show_all))
+        W["target"].input(target_chosen, [form, W["target"]] + plan_extra,
+                          [W["deploy_device"], W["runtime"], form] + plan_outputs, **plan_kw)
+
+        def device_chosen(f, device, view, shown, show_all):
+            f, rt = _runtime_for_device({**(f or wizard.DEFAULT_FORM), "deploy_device": device})
+            if f.get("name") and not f["name"].endswith(" (edited)"):
+                f["name"] += " (edited)"
+            return [rt] + recompute(f, view, shown, show_all)
+        W["deploy_device"].input(device_chosen, [form, W["deploy_device"]] + plan_extra,
+                                 [W["runtime"], form] + plan_outputs, **plan_kw)
 
         # -- dataset upload: validate and preview next to the file; the example count changes only when
         # the person says so (a sample is not the dataset, and the count can flip the recommendation)
@@ -423,7 +459,8 @@ def build_app() -> gr.Blocks:
             except InputError as e:
                 return [error_md(e) if o is W["example_note"] else gr.skip() for o in ex_outputs]
             note = ok_md(f"<b>{name}</b>: {wizard.example_summary(wizard.example_scenarios()[name])}")
-            return ([f[k] for k in ex_fields] + [None, None, "", gr.update(value=None, visible=False),
+            f, rt = _runtime_for_device(f)
+            return ([rt if k == "runtime" else f[k] for k in ex_fields] + [None, None, "", gr.update(value=None, visible=False),
                                                   gr.update(visible=False), note] + recompute(f, view, shown,
                                                                                              show_all))
         # .select: once per pick (a dropdown's .input also fires again when it loses focus)
@@ -484,6 +521,9 @@ def build_app() -> gr.Blocks:
             return _charts(charts.rows(res), scn, view, shown)
         gr.on([T["mem_view"].change, T["shown"].change], charts_only, [result, scenario, T["mem_view"], T["shown"]],
               [T["mem"], T["lat"], T["breakdown"], T["cost"]], trigger_mode="always_last", show_progress="hidden")
+        T["rt_pick"].input(lambda sid, res, scn: _runtime_chart(charts.rows(res), scn, sid),
+                           [T["rt_pick"], result, scenario], T["runtimes"], trigger_mode="always_last",
+                           show_progress="hidden")
 
         # -- runs: preset -> form; form -> preview; launch; attach; poll; stop; history
         def preset_chosen(name):
@@ -520,17 +560,36 @@ def build_app() -> gr.Blocks:
             if not run_id:
                 return _live(runs.new_view(None), force=True)
             return _live(runs.attach(run_id), force=True)
+        art_outputs = [R["art_msg"], R["art_table"], R["art_pick"], R["art_download"], R["art_get_msg"]]
         (R["picker"].input(do_attach, R["picker"], live_outputs)
-         .then(None, R["picker"], None, js=URL_RUN_JS))
+         .then(None, R["picker"], None, js=URL_RUN_JS)
+         .then(_artifacts, R["view"], art_outputs, show_progress="hidden"))
+        R["launch"].click(lambda: _artifacts(None), None, art_outputs, show_progress="hidden", queue=False)
+
+        def art_get(view, index):
+            path, msg = artifacts.download(_attached_run(view), index)
+            if not path:
+                return gr.DownloadButton(visible=False), msg
+            return gr.DownloadButton(f"Download {path.rsplit('/', 1)[-1]}", value=path, visible=True), msg
+        R["art_get"].click(art_get, [R["view"], R["art_pick"]], [R["art_download"], R["art_get_msg"]],
+                           concurrency_limit=2)
+        R["art_pick"].input(lambda: (gr.DownloadButton(visible=False), ""), None,
+                            [R["art_download"], R["art_get_msg"]], queue=False)
+
+        def art_push(view, repo, token):
+            # the token box is emptied whatever happens: it is used for this one push and kept nowhere
+            return artifacts.push(_attached_run(view), repo, token), ""
+        R["art_push"].click(art_push, [R["view"], R["art_repo"], R["art_token"]], [R["art_push_msg"], R["art_token"]],
+                            concurrency_limit=1, concurrency_id="push")
 
         def tick(view):
             live = _live(*_poll(view))
             if live[0].get("status") != (view or {}).get("status"):      # queued -> running -> finished ...
                 return live + [_history(), gr.update(choices=compare.run_choices()),
-                               gr.update(choices=runs.run_choices())]
-            return live + [gr.skip(), gr.skip(), gr.skip()]
-        R["timer"].tick(tick, R["view"], live_outputs + [R["history"], C["pick"], R["picker"]], show_progress="hidden",
-                        concurrency_limit=None)
+                               gr.update(choices=runs.run_choices())] + _artifacts(live[0])
+            return live + [gr.skip(), gr.skip(), gr.skip()] + [gr.skip() for _ in art_outputs]
+        R["timer"].tick(tick, R["view"], live_outputs + [R["history"], C["pick"], R["picker"]] + art_outputs,
+                        show_progress="hidden", concurrency_limit=None)
 
         def do_stop(view, request: gr.Request):
             msg = runs.stop((view or {}).get("run_id"), session=_session(request), admin_token=_admin_token(request))
@@ -584,7 +643,8 @@ def build_app() -> gr.Blocks:
                               f"calibration need the store.") if problem else ""
             return [gr.update(choices=ch, value=run_id), _history(),
                     gr.update(choices=compare.run_choices())] + live + [tab, banner]
-        demo.load(on_load, None, [R["picker"], R["history"], C["pick"]] + live_outputs + [tabs, store_banner])
+        (demo.load(on_load, None, [R["picker"], R["history"], C["pick"]] + live_outputs + [tabs, store_banner])
+         .then(_artifacts, R["view"], art_outputs, show_progress="hidden"))
     return demo
 
 
@@ -631,6 +691,7 @@ def _recompute(form: dict, mem_view: str = charts.MEMORY_VIEWS[0], shown=None, s
     rs = charts.rows(res)
     mem, lat, breakdown, cost = _charts(rs, scn, mem_view, shown)
     reco = matrix.recommended(res)
+    rt_sid = reco or next((r["strategy"] for r in rs if r["ms_per_token"] is not None), None)
     out = {"scenario": scn, "result": res, "scenario_yaml": wizard.scenario_yaml(scn),
            "summary": matrix.summary_html(res, rs), "model_msg": msgs["model"], "data_msg": msgs["data"],
            "hw_msg": msgs["hardware"], "goals_msg": msgs["goals"], "banner": matrix.banner_html(res, rs),
@@ -638,7 +699,10 @@ def _recompute(form: dict, mem_view: str = charts.MEMORY_VIEWS[0], shown=None, s
            "infeasible": matrix.infeasible_html(res, rs, show_all), "change": matrix.change_html(res),
            "pick": gr.update(value=reco, choices=[r["strategy"] for r in rs] or strategies.ids()),
            "mem": mem, "lat": lat, "breakdown": breakdown, "cost": cost,
-           "detail": matrix.detail_html(res, reco or (rs[0]["strategy"] if rs else None))}
+           "detail": matrix.detail_html(res, reco or (rs[0]["strategy"] if rs else None)),
+           "rt_pick": gr.update(value=rt_sid, choices=[r["strategy"] for r in rs if r["ms_per_token"] is not None]
+                                or strategies.ids()),
+           "runtimes": _runtime_chart(rs, scn, rt_sid)}
     total_ms = (time.perf_counter() - t0) * 1000
     out["timing"] = f"<div class='tq-src'>advisor {ms:.0f} ms · whole update {total_ms:.0f} ms of server time</div>"
     return [out[k] for k in PLAN_KEYS]
@@ -658,8 +722,40 @@ def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:
            "summary": err, "model_msg": msgs["model"], "data_msg": msgs["data"], "hw_msg": msgs["hardware"],
            "goals_msg": msgs["goals"], "banner": err, "top": "", "table": pd.DataFrame(columns=matrix.COLUMNS),
            "infeasible": "", "change": "",
-           "pick": gr.update(), "mem": fig, "lat": fig, "breakdown": fig, "cost": fig, "timing": "", "detail": ""}
+           "pick": gr.update(), "mem": fig, "lat": fig, "breakdown": fig, "cost": fig, "timing": "", "detail": "",
+           "rt_pick": gr.update(), "runtimes": fig}
     return [out[k] for k in PLAN_KEYS]
+
+
+def _runtime_for_device(f: dict) -> tuple[dict, dict]:
+    """(the form with a runtime that runs on its serving device, else auto; the runtime dropdown's
+    update: those runtimes as choices)."""
+    ch = wizard.runtime_choices(f.get("deploy_device") if f.get("target") != "hosted-api" else None, f.get("target"))
+    ids = [k for _, k in ch]
+    if f.get("runtime") not in ids:
+        f = {**f, "runtime": wizard.RUNTIME_AUTO}
+    return f, gr.update(choices=ch, value=f["runtime"], interactive=len(ch) > 1)
+
+
+def _runtime_chart(rs: list[dict], scn: dict | None, strategy_id: str | None):
+    """The runtime comparison of one strategy (engine.estimate.compare_runtimes on the matrix row's own
+    serve request; engine.charts.runtime_comparison), or a message why there is none."""
+    title = "Serving runtimes compared"
+    r = next((x for x in rs if x["strategy"] == strategy_id), None)
+    if not r or not scn:
+        return charts.empty(title, "pick a strategy to compare its serving runtimes", "runtimes", 300)
+    if r["ms_per_token"] is None or not r.get("serve_source"):
+        return charts.empty(title, f"{strategy_id} has no serving estimate here (a hosted API, or see the matrix "
+                                   "for why)", "runtimes", 300)
+    from engine.estimate import compare_runtimes
+    dev_id = (scn.get("deploy") or {}).get("gpu")
+    try:
+        cmp = compare_runtimes(scn["model"], **charts.infer_request(r["serve_source"]))
+        dev = hardware.get(dev_id)
+    except InputError as e:
+        return charts.empty(title, str(e)[:200], "runtimes", 300)
+    goal = (scn.get("goals") or {}).get("max_latency_ms_per_token")
+    return charts.runtime_comparison(cmp, goal, dev.name, strategy_id, chosen=r.get("runtime"))
 
 
 def _charts(rs: list[dict], scn: dict | None, view: str, shown) -> list:
@@ -692,6 +788,29 @@ def _live(view_or_pair, run=None, force: bool = False) -> list:
     return [view, runs.status_html(view, run), runs.loss_figure(view),
             pd.DataFrame(metrics, columns=["where", "metric", "value", "unit"]),
             "\n".join(view.get("log", [])[-60:]), gr.Timer(active=active)]
+
+
+def _attached_run(view: dict | None) -> dict | None:
+    rid = (view or {}).get("run_id")
+    if not rid:
+        return None
+    try:
+        return api.get_run(rid)
+    except InputError:
+        return None
+
+
+def _artifacts(view: dict | None) -> list:
+    """The artifacts outputs for the attached run: message, table, picker, a hidden download button and
+    an empty message (a new run's list replaces the last one's download)."""
+    import pandas as pd
+    run = _attached_run(view)
+    try:
+        rows, ch, msg = artifacts.table(run), artifacts.choices(run), artifacts.summary(run)
+    except Exception as e:                      # a run record the list cannot read: said, never a traceback
+        rows, ch, msg = [], [], unexpected_md(e, "listing the artifacts")
+    return [msg, pd.DataFrame(rows, columns=artifacts.COLUMNS), gr.update(choices=ch, value=ch[0][1] if ch else None),
+            gr.DownloadButton(visible=False), ""]
 
 
 def _history():

@@ -29,7 +29,7 @@ MODEL_SOURCES = (SRC_PRESET, SRC_HUB, SRC_UPLOAD, SRC_SIZE)
 # the form, in the order the Gradio inputs are wired
 FIELDS = ("source", "preset", "hub_id", "config_file", "params_b", "family",
           "task", "examples", "seq_len", "epochs", "dataset_file",
-          "gpu", "gpu_count", "target", "deploy_device",
+          "gpu", "gpu_count", "target", "deploy_device", "runtime",
           "max_latency", "min_retention", "priority", "target_bits", "symptoms")
 
 DEFAULT_FORM = {
@@ -37,6 +37,7 @@ DEFAULT_FORM = {
     "params_b": None, "family": "llama-3",
     "task": "generation", "examples": 5000, "seq_len": 512, "epochs": 1, "dataset_file": None,
     "gpu": "rtx-4090-24gb", "gpu_count": 1, "target": "consumer-gpu", "deploy_device": "rtx-4090-24gb",
+    "runtime": "auto",
     "max_latency": 50, "min_retention": 0.97, "priority": "balanced", "target_bits": "4", "symptoms": [],
 }
 
@@ -44,7 +45,7 @@ DEFAULT_FORM = {
 _GROUP_OF = {"model": "model", "params_b": "model", "family": "model", "hub_id": "model", "config_file": "model",
              "task": "data", "examples": "data", "seq_len": "data", "epochs": "data", "dataset": "data", "dataset_file": "data",
              "hardware": "hardware", "gpu": "hardware", "count": "hardware", "gpu_count": "hardware",
-             "deploy": "hardware", "target": "hardware", "deploy_device": "hardware",
+             "deploy": "hardware", "target": "hardware", "deploy_device": "hardware", "runtime": "hardware",
              "goals": "goals", "max_latency_ms_per_token": "goals", "min_accuracy_retention": "goals",
              "priority": "goals", "target_weight_bits": "goals", "symptoms": "goals"}
 GROUPS = ("model", "data", "hardware", "goals")
@@ -85,6 +86,29 @@ def all_device_choices() -> list[tuple[str, str]]:
     order = {"gpu": 0, "edge": 1, "laptop": 2, "cpu": 3, "phone": 4}
     ids = sorted(devs, key=lambda k: (order.get(devs[k].kind, 9), devs[k].memory_bytes))
     return [(f"{devs[k].name} ({k}) · {devs[k].kind}", k) for k in ids]
+
+
+RUNTIME_AUTO = "auto"          # deploy.runtime left out: the advisor's serving search picks per strategy
+
+
+def runtime_choices(device: str | None, target: str | None = None) -> list[tuple[str, str]]:
+    """The serving runtimes (presets/runtimes.yaml) that run on ``device``, after "auto" (deploy.runtime
+    left out: the advisor's serving search serves each strategy with the runtime that loads its format
+    on the device and meets the goals best, the target's default winning ties; docs/advisor.md). No
+    device (a hosted API): "auto" alone."""
+    from engine.estimate import runtimes
+    try:
+        dev = hardware.get(device) if device else None
+    except InputError:
+        dev = None
+    if dev is None:
+        return [("auto — the advisor chooses", RUNTIME_AUTO)]
+    default, _ = runtimes.default_runtime(dev, target)
+    out = [(f"auto — the advisor picks each strategy's best runtime (default here: {default})", RUNTIME_AUTO)]
+    for rt in runtimes.runtimes().values():
+        if rt.runs_on(dev):
+            out.append((f"{rt.id}" + (" (the default here)" if rt.id == default else ""), rt.id))
+    return out
 
 
 def preset_choices() -> list[tuple[str, str]]:
@@ -203,6 +227,13 @@ def scenario_from_form(form: dict) -> dict:
             raise InputError(f"serving device for {f['target']} must be one of {', '.join(allowed)}",
                              field="deploy.gpu")
         deploy["gpu"] = f["deploy_device"]
+        rt = f.get("runtime") or RUNTIME_AUTO
+        if rt != RUNTIME_AUTO:
+            ok = [k for _, k in runtime_choices(f["deploy_device"])]
+            if rt not in ok:
+                raise InputError(f"serving runtime {rt} does not run on {f['deploy_device']}; there: "
+                                 f"{', '.join(ok)}", field="deploy.runtime")
+            deploy["runtime"] = rt
     scn["deploy"] = deploy
     goals = {}
     lat = _number(f["max_latency"], "goals.max_latency_ms_per_token", float, 0, 1e6, required=False)
@@ -250,6 +281,8 @@ def form_from_scenario(scn: dict) -> dict:
     form["target"] = dep.get("target", form["target"])
     choices = [k for _, k in device_choices(form["target"])]
     form["deploy_device"] = dep.get("gpu") or dep.get("device") or (choices[0] if choices else None)
+    rt = dep.get("runtime")
+    form["runtime"] = rt if isinstance(rt, str) and rt.strip().lower() != "any" else RUNTIME_AUTO
     goals = scn.get("goals") or {}
     form["max_latency"] = goals.get("max_latency_ms_per_token")
     form["min_retention"] = goals.get("min_accuracy_retention")

@@ -293,6 +293,7 @@ def compare_runtimes(model, weights, gpu, target=None, nearest=True, **infer) ->
     by ms/token; a runtime whose estimate fails keeps its entry with ``error``."""
     dev = _memory.device(gpu)
     fmt = _formats.get(weights)
+    arch = _arch(model)
     infer = {k: v for k, v in infer.items() if k not in ("runtime", "model", "weights", "gpu", "target")}
     try:
         default = _runtimes.choose(dev, fmt, None, target)[0].id
@@ -307,15 +308,14 @@ def compare_runtimes(model, weights, gpu, target=None, nearest=True, **infer) ->
         if use is None:
             continue
         kw = dict(infer) if loads else {k: v for k, v in infer.items() if k != "group_size"}
-        name = model if isinstance(model, str) else getattr(model, "name", str(model))
-        cli = (f"python -m engine estimate infer --model {name} --weights {use} --runtime {rt.id} --gpu {dev.id} "
+        cli = (f"python -m engine estimate infer --model {arch.name} --weights {use} --runtime {rt.id} --gpu {dev.id} "
                + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in kw.items() if v is not None and k != "calibration"))
         entry = {"runtime": rt.id, "name": rt.name, "weights": use, "loads": loads, "default": rt.id == default,
                  "evidence": rt.evidence, "source": cli.strip(),
                  "why": (f"loads {fmt.id}" if loads else
                          f"does not load {fmt.id}: {use} is its nearest format ({_formats.get(use).bits:g} bits)")}
         try:
-            e = estimate_infer(model, weights=use, gpu=dev.id, runtime=rt.id, **kw)
+            e = estimate_infer(arch, weights=use, gpu=dev.id, runtime=rt.id, **kw)
         except InputError as err:
             out.append({**entry, "error": str(err)})
             continue
@@ -335,7 +335,7 @@ def compare_runtimes(model, weights, gpu, target=None, nearest=True, **infer) ->
         out.append(entry)
     out.sort(key=lambda x: (not x["loads"], x.get("ms_per_token") is None, x.get("ms_per_token") or 0))
     return {"weights": fmt.id, "device": dev.id, "device_kind": dev.kind, "default": default,
-            "inputs": {"model": model if isinstance(model, str) else getattr(model, "name", None), **infer},
+            "inputs": {"model": arch.name, **infer},
             "runtimes": out}
 
 
