@@ -10,7 +10,9 @@ from __future__ import annotations
 # training methods (estimate train --method, a strategy's `train:`, the train stage's method)
 TRAIN_METHODS = ("full", "lora", "qlora", "qat")
 # what the train stage runs in several processes under FSDP (run spec resources: processes / gpus)
-MULTI_PROCESS_METHODS = ("full", "lora")
+# (QLoRA: the 4-bit base replicated per rank, the rest sharded; QAT: fake-quantized linears sharded like any linear;
+# QAT + LoRA is not: its end-of-training merge needs the whole model in one process)
+MULTI_PROCESS_METHODS = ("full", "lora", "qlora", "qat")
 # what a strategy's accuracy request says its weights were fine-tuned with (estimate accuracy --finetune)
 FINETUNES = ("none", *TRAIN_METHODS)
 # what the training estimate models (the reference recipe: bf16 weights and states, or fp32 weights

@@ -84,8 +84,8 @@ def test_launch_plan_is_the_command_the_worker_runs():
 
 
 def test_refused_at_launch(ex, monkeypatch):
-    with pytest.raises(InputError, match="runs full and lora fine-tunes; strategy qlora trains qlora") as e:
-        ex.launch(spec("qlora"))
+    with pytest.raises(InputError, match="strategy qat-lora is QAT \\+ LoRA, whose adapters are merged") as e:
+        ex.launch(spec("qat-lora"))
     assert e.value.field == "resources"
     with pytest.raises(InputError, match="does not train"):
         ex.launch(spec("ptq-nf4"))

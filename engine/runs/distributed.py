@@ -34,7 +34,7 @@ from engine.runs.faults import RankFailed, exit_reason
 
 RANK_MODULE = "engine.runs.stages.rank"
 # what the train stage leaves in ctx.state for the next stages (handed to the ranks and back)
-STATE_KEYS = ("base_dir", "model_dir", "quant", "tokenizer_dir", "adapter_dir", "adapter_base")
+STATE_KEYS = ("base_dir", "model_dir", "quant", "tokenizer_dir", "adapter_dir", "adapter_base", "qat")
 SHARDING = "FSDP2 full sharding (fully_shard per decoder layer + the whole model)"
 POLL_S = 0.2
 STOP_TERM_S = 5.0          # after a stop: SIGTERM to the launcher, then SIGKILL to everything left after this

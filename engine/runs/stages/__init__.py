@@ -93,11 +93,16 @@ def prepare(spec) -> dict:
                              "train; only the train stage runs in several processes", field="resources")
         for entry in trains:
             method = entry.get("method", "lora")
-            if method not in MULTI_PROCESS_METHODS or entry.get("lora") and method != "lora":
+            if method not in MULTI_PROCESS_METHODS:
                 raise InputError(f"resources ask for {spec.world_size} processes: multi-process (FSDP) training runs "
-                                 f"{' and '.join(MULTI_PROCESS_METHODS)} fine-tunes; strategy {spec.strategy} trains "
-                                 f"{method} (4-bit and fake-quantized weights are not sharded here); drop resources "
-                                 "or pick a full or LoRA strategy", field="resources")
+                                 f"{', '.join(MULTI_PROCESS_METHODS)} fine-tunes; strategy {spec.strategy} trains "
+                                 f"{method}; drop resources", field="resources")
+            if method == "qat" and entry.get("lora"):
+                raise InputError(f"resources ask for {spec.world_size} processes: strategy {spec.strategy} is QAT + LoRA, "
+                                 "whose adapters are merged into the fake-quantized base at the end of training (peft "
+                                 "merge_and_unload on the whole model in one process), which FSDP keeps sharded over the "
+                                 "ranks; run it in one process, or use full QAT (qat-int8, qat-int4-weight) with "
+                                 "resources", field="resources")
     if spec.train.resume_from_checkpoint or spec.train.save_steps:
         trains = [stage_entry(strategy, i, spec) for i, n in enumerate(stages) if n == "train"]
         if not trains:

@@ -23,6 +23,12 @@ def shard(ctx, model):
     if ctx.device == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # bitsandbytes 4-bit weights (QLoRA) stay whole on every rank: FSDP2 would turn a Params4bit into a plain
+    # DTensor and lose its quantization state, and their packed uint8 storage cannot carry gradients'
+    # floating dtype; the frozen 4-bit base is replicated, the adapters and the rest sharded
+    packed = {p for p in model.parameters() if type(p).__name__ == "Params4bit"}
+    if packed:
+        kw["ignored_params"] = packed
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in base.modules() if type(m).__name__ in names]
     if not layers:
@@ -35,7 +41,9 @@ def shard(ctx, model):
     d = ctx.state["_dist"]
     ctx.log(f"FSDP2 full sharding over {d['world']} processes ({d['backend']}): {len(layers)} decoder layers + "
             f"the rest of the model as {len(layers) + 1} units"
-            + ("; bf16 parameters, fp32 gradient reduction" if ctx.device == "cuda" else ""))
+            + ("; bf16 parameters, fp32 gradient reduction" if ctx.device == "cuda" else "")
+            + (f"; the {len(packed)} bitsandbytes 4-bit weights replicated on every rank (FSDP2 ignored_params: "
+               f"{sum(p.numel() * p.element_size() for p in packed) / 2**20:.1f} MiB each)" if packed else ""))
     return model
 
 
@@ -59,11 +67,13 @@ def save(ctx, method: str, model, tok, save_fn) -> dict:
     once with the single-process save (``save_fn``); every rank gets the same result back."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    if method not in ("full", "lora"):
+    from engine.vocab import MULTI_PROCESS_METHODS
+    if method not in MULTI_PROCESS_METHODS:
         from engine.errors import InputError
-        raise InputError(f"multi-process training saves full and lora runs; got {method}", field="resources")
+        raise InputError(f"multi-process training saves {', '.join(MULTI_PROCESS_METHODS)} runs; got {method}",
+                         field="resources")
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                               ignore_frozen_params=(method == "lora")))
+                                                               ignore_frozen_params=method in ("lora", "qlora")))
     box = [None]
     if dist.get_rank() == 0:
         box[0] = save_fn(ctx, method, model, tok, state_dict=sd)

@@ -431,10 +431,13 @@ def _save(ctx, method: str, model, tok, state_dict=None) -> dict:
         common.artifact(ctx, adapter, "adapter")
         model = model.merge_and_unload()
     out = wd / "qat-trained"
-    sd = {k: v for k, v in model.state_dict().items() if "fake_quantizer" not in k}
+    sd = {k: v for k, v in (model.state_dict() if state_dict is None else state_dict).items()
+          if "fake_quantizer" not in k}
     model.save_pretrained(out, state_dict=sd)
     tok.save_pretrained(out)
-    q["model"] = model                               # the live fake-quantized model, for convert
+    if state_dict is None:
+        q["model"] = model                           # the live fake-quantized model, for convert
+    # (several processes: convert reloads the gathered weights from qat-trained/ and prepares them again)
     q["trained_dir"] = str(out)
     ctx.state.update(model_dir=str(out), quant=None, adapter_dir=None)
     return {"qat_trained_dir": common.artifact(ctx, out, "model"), "qat": q["what"]}
