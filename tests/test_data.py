@@ -171,3 +171,32 @@ def test_no_torch_on_import():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_template_renders_each_prompt_as_a_user_turn(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    monkeypatch.setenv("TUNEQUANT_HOME", str(tmp_path))
+    t = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", bos_token="<s>")
+    ds = data.load(DataSpec(demo="tickets", max_examples=20))
+    assert data.with_chat_template(ds, tok) is ds                      # no template: the plain prompts stay
+    tok.chat_template = CHATML
+    chat = data.with_chat_template(ds, tok)
+    assert chat.chat_template and data.with_chat_template(chat, tok) is chat and len(chat.eval) == len(ds.eval)
+    for raw, ex in zip(ds.train + ds.eval, chat.train + chat.eval):
+        text = raw.prompt.split("### Text:\n", 1)[1].split("\n\n### Label:", 1)[0]
+        assert ex.prompt == ("<|im_start|>user\nRoute the message to one queue: billing, shipping, technical, account "
+                             f"or feature_request.\n\n{text}<|im_end|>\n<|im_start|>assistant\n")
+        assert (ex.completion, ex.label) == (raw.completion, raw.label)
+    js = data.with_chat_template(data.load(DataSpec(demo="json-extraction", max_examples=10)), tok)
+    ex = js.train[0]
+    assert ex.prompt.startswith('<|im_start|>user\nExtract the order as JSON with the keys "name"') and ex.fields
+    assert ex.prompt.endswith("<|im_end|>\n<|im_start|>assistant\n") and json.loads(ex.completion) == ex.fields
+    text = data.load(DataSpec(demo="python-docs", max_examples=10))
+    assert data.with_chat_template(text, tok) is text                  # plain text has no prompt to render

@@ -145,3 +145,14 @@ def test_harness_task_names_are_checked():
     with pytest.raises(InputError, match="harness task names"):
         RunSpec.parse({"model": "demo:micro-llama", "strategy": "lora", "dataset": {"demo": "tickets"},
                        "evaluate": {"harness": ["../../etc/passwd"]}})
+
+
+def test_the_label_is_read_from_the_first_line_or_word_of_the_reply():
+    from engine.runs.stages.scoring import answer_label
+    labels = ["billing", "shipping", "feature_request"]
+    assert answer_label("billing", labels) == "billing"
+    assert answer_label("  Billing.\nThe customer was charged twice", labels) == "billing"
+    assert answer_label("**shipping**", labels) == "shipping"
+    assert answer_label("feature_request - they want dark mode", labels) == "feature_request"
+    assert answer_label("The queue is billing", labels) == "The queue is billing"      # not a label: counts wrong
+    assert answer_label("", labels) == ""

@@ -64,12 +64,29 @@ def render(row: dict, fmt: str) -> tuple[str, str]:
     raise InputError(f"unknown dataset format {fmt!r}; known: {', '.join(FORMATS)}", field="dataset.format")
 
 
+def messages(row: dict, fmt: str) -> list[dict] | None:
+    """The prompt of one row as chat messages (what a chat template renders), None for plain text.
+    Classification and instruction rows are one user turn: the instruction, then the text/input."""
+    if fmt == "text":
+        return None
+    if fmt == "classification":
+        head = f"{str(row['instruction']).strip()}\n\n" if row.get("instruction") else ""
+        return [{"role": "user", "content": head + str(row["text"])}]
+    if fmt == "instruction":
+        inp = str(row.get("input") or "").strip()
+        return [{"role": "user", "content": str(row["instruction"]).strip() + (f"\n\n{inp}" if inp else "")}]
+    if fmt == "chat":
+        return [{"role": m["role"], "content": str(m["content"])} for m in row["messages"][:-1]]
+    return None
+
+
 @dataclass
 class Example:
     prompt: str
     completion: str
     label: str | None = None           # classification
     fields: dict | None = None         # structured output: the reference JSON object
+    messages: list | None = None       # the prompt as chat messages (with_chat_template renders them)
 
 
 @dataclass
@@ -80,10 +97,12 @@ class Dataset:
     eval: list[Example]
     labels: list[str] = field(default_factory=list)
     source: str = ""
+    chat_template: bool = False        # prompts rendered by the model's chat template (with_chat_template)
 
     def summary(self) -> dict:
         return {"format": self.format, "task": self.task, "train_rows": len(self.train),
-                "eval_rows": len(self.eval), "labels": self.labels, "source": self.source}
+                "eval_rows": len(self.eval), "labels": self.labels, "source": self.source,
+                "chat_template": self.chat_template}
 
 
 # ---- reading ---------------------------------------------------------------------------
@@ -254,7 +273,31 @@ def _example(row: dict, fmt: str) -> Example:
     prompt, completion = render(row, fmt)
     return Example(prompt=prompt, completion=completion,
                    label=str(row["label"]).strip() if fmt == "classification" else None,
-                   fields=_as_json_object(completion) if fmt in ("instruction", "chat") else None)
+                   fields=_as_json_object(completion) if fmt in ("instruction", "chat") else None,
+                   messages=messages(row, fmt))
+
+
+def with_chat_template(ds: "Dataset", tok) -> "Dataset":
+    """The dataset with every prompt rendered by the tokenizer's chat template (the user turn(s),
+    then the assistant header: ``add_generation_prompt``), as TRL and LLaMA-Factory train and
+    evaluate a chat model; the completion stays the answer, and the training/eval code appends the
+    tokenizer's EOS (a chat model's end-of-turn token) after it. Returns ``ds`` itself when the
+    tokenizer has no chat template or the rows are plain text. A BOS the template writes is left
+    out when the tokenizer adds one itself, so the prompt tokenizes the same as the template."""
+    if not getattr(tok, "chat_template", None) or ds.format == "text" or ds.chat_template:
+        return ds
+    bos = getattr(tok, "bos_token", None)
+    adds_bos = bool(bos) and tok("", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
+
+    def one(ex: Example) -> Example:
+        if not ex.messages:
+            return ex
+        text = tok.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
+        if adds_bos and text.startswith(bos):
+            text = text[len(bos):]
+        return Example(prompt=text, completion=ex.completion, label=ex.label, fields=ex.fields, messages=ex.messages)
+    return Dataset(format=ds.format, task=ds.task, train=[one(e) for e in ds.train], eval=[one(e) for e in ds.eval],
+                   labels=ds.labels, source=ds.source, chat_template=True)
 
 
 def validate_rows(rows: list, fmt: str = "auto", tokenizer=None, source: str = "") -> dict:

@@ -78,14 +78,23 @@ def base_model(ctx) -> str:
 
 
 def dataset(ctx):
-    """The run's dataset (read, checked and split once per run)."""
+    """The run's dataset (read, checked and split once per run), its prompts rendered by the
+    model's chat template where the tokenizer has one (data.with_chat_template: training,
+    calibration and evaluation all see the same prompts). Call it after ``base_model``."""
+    from engine.runs import data
     if "dataset" not in ctx.state:
-        from engine.runs import data
         ds = data.load(ctx.spec.dataset)
         ctx.state["dataset"] = ds
         ctx.log(f"dataset {Path(ds.source).name}: {ds.format} ({ds.task}), {len(ds.train)} training rows, "
                 f"{len(ds.eval)} held-out rows")
-    return ctx.state["dataset"]
+    ds = ctx.state["dataset"]
+    if ctx.state.get("tokenizer_dir") and not ctx.state.get("_chat_checked"):
+        ctx.state["_chat_checked"] = True
+        templated = data.with_chat_template(ds, load_tokenizer(ctx.state["tokenizer_dir"]))
+        if templated is not ds:
+            ctx.log("prompts rendered with the model's chat template (the user turn, then the assistant's header)")
+            ctx.state["dataset"] = ds = templated
+    return ds
 
 
 def current_model(ctx) -> str:

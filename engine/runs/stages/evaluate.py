@@ -236,8 +236,8 @@ def measure(ctx, which: dict, tok, ds, examples) -> dict:
 def evaluate(ctx) -> dict:
     common.quiet_libraries()
     es = ctx.spec.evaluate
-    ds = common.dataset(ctx)
     base = common.base_model(ctx)
+    ds = common.dataset(ctx)
     tok = common.load_tokenizer(ctx.state["tokenizer_dir"])
     examples = ds.eval[:es.max_examples]
     after = final_model(ctx)

@@ -17,8 +17,26 @@ def first_json_object(text: str):
     return obj if isinstance(obj, dict) else None
 
 
+PUNCT = " \t.,:;!?\"'`*()[]"
+
+
+def answer_label(text: str, labels: list[str]) -> str:
+    """The label a generated reply gives: its first line without surrounding quotes, markup or
+    punctuation ("Billing.", "**billing**"), matched to a known label case-insensitively; failing
+    that, its first word when that is a label ("billing - the customer was charged twice");
+    otherwise the cleaned first line as it stands (not a valid label)."""
+    line = text.strip().split("\n")[0].strip().strip(PUNCT)
+    by_lower = {lbl.lower(): lbl for lbl in labels}
+    if line.lower() in by_lower:
+        return by_lower[line.lower()]
+    words = line.split()
+    first = words[0].strip(PUNCT).lower() if words else ""
+    return by_lower.get(first, line)
+
+
 def task_accuracy(tok, ds, examples, should_stop, gen) -> dict:
-    """Classification exact match, or structured-output validity and field match. ``gen(prompt,
+    """Classification accuracy (the label answer_label reads from the reply equals the reference),
+    or structured-output validity and field match. ``gen(prompt,
     max_new_tokens) -> text`` generates greedily (the evaluate stage passes HF ``generate``, the
     runtime evaluation its runtime's)."""
     if ds.task == "classification":
@@ -28,7 +46,7 @@ def task_accuracy(tok, ds, examples, should_stop, gen) -> dict:
         for ex in examples:
             if should_stop():
                 break
-            pred = gen(ex.prompt, max_new).strip().split("\n")[0].strip()
+            pred = answer_label(gen(ex.prompt, max_new), ds.labels)
             right += pred == ex.label
             valid += pred in ds.labels
             done += 1

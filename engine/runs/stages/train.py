@@ -271,8 +271,8 @@ def train(ctx) -> dict:
     method = ctx.stage.get("method", "lora")
     tp = ctx.spec.train
     world, rank = (dist["world"], dist["rank"]) if dist else (1, 0)
-    ds = common.dataset(ctx)
     common.base_model(ctx)
+    ds = common.dataset(ctx)
     seed_everything(ctx.spec.seed)
     common.quiet_libraries()
     tok = common.load_tokenizer(ctx.state["tokenizer_dir"])
