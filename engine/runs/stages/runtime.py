@@ -79,12 +79,14 @@ def _llama_cpp(ctx, export: dict, tok, ds, examples) -> dict:
         out["load_s"] = round(time.perf_counter() - t0, 3)
         out["weights_bytes"] = int(llama_cpp.llama_model_size(llm.model))
         n_vocab = llm.n_vocab()
-        # the tokenizer the GGUF carries, against the run's HF tokenizer, on the held-out text
+        # the tokenizer the GGUF carries, against the run's HF tokenizer, on the held-out text; the HF
+        # tokenizer reads special-token text (a chat template's <|im_start|> ...) as those tokens, so
+        # llama.cpp is asked to as well (special=True)
         same = 0
         for ex in examples:
             text = ex.prompt + ex.completion
             hf = tok(text, add_special_tokens=True)["input_ids"]
-            same += llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) == hf
+            same += llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == hf
         out["tokenizer_agreement"] = round(same / len(examples), 4) if examples else None
         if es.perplexity:
             nll, n = 0.0, 0
