@@ -495,3 +495,18 @@ def base_dtype(ctx):
     base = ctx.state.get("base_dir")
     return saved_dtype(base) if base and Path(base).is_dir() else torch.bfloat16
 
+
+def cpu_threads() -> int:
+    """Threads a CPU runtime evaluation uses (llama.cpp, ExecuTorch): the cores, at most 8."""
+    import os
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def prompt_ids(tok, examples, prompt_len: int) -> list[int]:
+    """``prompt_len`` real held-out tokens (the ones the HF latency measurement uses)."""
+    ids: list[int] = tok("", add_special_tokens=True)["input_ids"]
+    for ex in examples * (1 + prompt_len // 8):
+        if len(ids) >= prompt_len:
+            break
+        ids += tok(ex.prompt + ex.completion, add_special_tokens=False)["input_ids"]
+    return ids[:prompt_len]

@@ -10,8 +10,9 @@ quantize stage's HANDLERS):
     vllm        a GPTQ/AWQ checkpoint of the quantize stage (gptqmodel's format, the one vLLM loads)
                 with ``vllm_manifest.json``: the vLLM quantization method and kernel that will serve it
                 and what that kernel needs
-    executorch  refused with what is missing: executorch is not installed (it would resolve beside the
-                pinned stack, pip --dry-run) and the 8da4w ``.pte`` export is not written yet
+    executorch  an 8da4w ``.pte`` (torchao int8 dynamic activations + int4 group weights, XNNPACK) through
+                torch.export and executorch's ``to_edge_transform_and_lower`` (stages/executorch_pte.py);
+                where executorch is not installed, refused at launch saying what is missing
 
 A target is ``handler(ctx, settings, src_dir, out_dir) -> dict`` returning at least ``exports``: a list
 of {"format", "runtime", "path", "role": deploy|source, "size_on_disk_bytes", ...}; they go into
@@ -60,7 +61,12 @@ def settings(stage: dict) -> dict:
 
 def check(stage: dict, device: str) -> dict:
     """Refuse an export that cannot work before the run starts."""
-    return settings(stage)
+    s = settings(stage)
+    if s["target"] == "executorch":
+        why = executorch_status()
+        if why:
+            raise InputError(why, field="strategy")
+    return s
 
 
 # ---- gguf -------------------------------------------------------------------------------------
@@ -205,23 +211,14 @@ def _link_or_copy(a, b):
 
 # ---- executorch -----------------------------------------------------------------------------------
 def executorch_status() -> str | None:
-    """None when executorch imports; else what is missing (the stage's message)."""
-    try:
-        import executorch  # noqa: F401
-    except Exception as e:
-        return (f"executorch is not installed ({type(e).__name__}: {e}). It is not part of the project's install: "
-                "executorch 1.5.1 resolves beside the pinned stack (pip --dry-run: torch 2.13 and torchao 0.18 kept, "
-                "23 more packages including coremltools, scikit-learn and scipy), but this engine's 8da4w .pte export "
-                "is not written or tested yet. The ExecuTorch strategy is not runnable here")
-    return None
+    """None when executorch's exporter and runtime import; else what is missing (the stage's message)."""
+    from engine.runs.stages.executorch_pte import status
+    return status()
 
 
 def _executorch(ctx, s: dict, src: str, out: Path) -> dict:
-    why = executorch_status()
-    if why:
-        raise InputError(why, field="strategy")
-    raise InputError("executorch is importable, but this engine's .pte export is not written yet (8da4w through "
-                     "executorch's LLM export)", field="strategy")
+    from engine.runs.stages.executorch_pte import export_8da4w
+    return export_8da4w(ctx, s, src, out)
 
 
 # one handler per target: (ctx, settings, source model dir, output dir) -> {"exports": [...], ...}

@@ -10,7 +10,9 @@ a device it does not have, is recorded as skipped with the reason.
                 token for token; plus how often llama.cpp's own tokenizer (from the GGUF) splits the
                 held-out text exactly as the HF tokenizer does
     vllm        needs a CUDA GPU and vLLM: skipped here with the reason
-    executorch  needs executorch: skipped here with the reason
+    executorch  the .pte loaded in ExecuTorch's runtime on the CPU (stages/executorch_pte.py: perplexity,
+                prefill, decode by full-context recompute as the .pte has no KV cache, size, peak RSS);
+                skipped with the reason where executorch is not installed
 
 Measured (llama.cpp): perplexity / nll_per_token / scored_tokens (exp of the mean NLL of the held-out
 answer tokens, as the HF evaluation), accuracy or JSON validity (greedy generation, as the HF
@@ -23,7 +25,6 @@ Python and libraries included, as on the HF side), threads.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ HEADLINE = ("perplexity", "accuracy", "json_valid_rate", "prefill_ms", "decode_t
 
 
 def threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    return common.cpu_threads()
 
 
 def _log_softmax_at(logits, target: int) -> float:
@@ -44,14 +45,7 @@ def _log_softmax_at(logits, target: int) -> float:
     return float(logits[target] - m - math.log(float(np.sum(np.exp(logits - m)))))
 
 
-def _prompt_ids(tok, examples, prompt_len: int) -> list[int]:
-    """The same real held-out tokens the HF latency measurement uses."""
-    ids: list[int] = tok("", add_special_tokens=True)["input_ids"]
-    for ex in examples * (1 + prompt_len // 8):
-        if len(ids) >= prompt_len:
-            break
-        ids += tok(ex.prompt + ex.completion, add_special_tokens=False)["input_ids"]
-    return ids[:prompt_len]
+_prompt_ids = common.prompt_ids
 
 
 def _llama_cpp(ctx, export: dict, tok, ds, examples) -> dict:
@@ -171,8 +165,8 @@ def _vllm(ctx, export, tok, ds, examples) -> dict:
 
 
 def _executorch(ctx, export, tok, ds, examples) -> dict:
-    from engine.runs.stages.export import executorch_status
-    return {"skipped": executorch_status() or "the ExecuTorch runtime measurement is not wired yet"}
+    from engine.runs.stages.executorch_pte import measure
+    return measure(ctx, export, tok, ds, examples)
 
 
 # one handler per runtime: (ctx, export entry, tokenizer, dataset, held-out examples) -> measurements
