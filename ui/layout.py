@@ -16,6 +16,7 @@ from engine.errors import InputError
 from engine.runs import api
 from ui import artifacts, calibration, compare, matrix, report, runs, wizard
 from ui.common import MAX_UPLOAD, error_md, ok_md, public_demo, unexpected_md
+from ui.session import SessionForms
 from ui.theme import CLIENT_JS, CSS, THEME
 
 # max_threads bounds the worker threads that run handlers (Gradio's default is 40): enough for
@@ -375,14 +376,30 @@ def build_app() -> gr.Blocks:
         # -- scenario -> advisor -> matrix + charts (one handler: they never disagree)
         def recompute(f, view, shown, show_all=False):
             return [f] + _recompute(f or dict(wizard.DEFAULT_FORM), view, shown, show_all)
-        demo.load(recompute, [form] + plan_extra, [form] + plan_outputs, **plan_kw)
+
+        def plan(request, f, change, view, shown, show_all, reset=False):
+            """change(the session's latest form) -> (new form, outputs before the form's); then the
+            plan of that form; written only if no later change of the session started meanwhile
+            (ui/session.py: a slow first recompute must not overwrite an example picked meanwhile)."""
+            sid = _session(request)
+            f, extra, n = FORMS.begin(sid, f, change, reset=reset)
+            out = extra + recompute(f, view, shown, show_all)
+            return out if FORMS.latest(sid, n) else [gr.skip() for _ in out]
+
+        def on_plan_load(f, view, shown, show_all, request: gr.Request = None):
+            return plan(request, f, lambda base: (dict(f or wizard.DEFAULT_FORM), []), view, shown, show_all,
+                        reset=True)
+        demo.load(on_plan_load, [form] + plan_extra, [form] + plan_outputs, **plan_kw)
+
+        def edited_form(base, key, value):
+            f = {**base, key: value}
+            if f.get("name") and not f["name"].endswith(" (edited)"):
+                f["name"] += " (edited)"                     # no longer the example as it was written
+            return f
 
         def edit(key):
-            def edited(f, value, view, shown, show_all):
-                f = {**(f or wizard.DEFAULT_FORM), key: value}
-                if f.get("name") and not f["name"].endswith(" (edited)"):
-                    f["name"] += " (edited)"                 # no longer the example as it was written
-                return recompute(f, view, shown, show_all)
+            def edited(f, value, view, shown, show_all, request: gr.Request = None):
+                return plan(request, f, lambda base: (edited_form(base, key, value), []), view, shown, show_all)
             edited.__name__ = f"edit_{key}"
             return edited
         for k in wizard.FIELDS:
@@ -404,21 +421,23 @@ def build_app() -> gr.Blocks:
 
         # -- serving target: devices of that kind; one recompute with both fields set. Target or device:
         # the runtimes that run on the device (a runtime that does not goes back to auto)
-        def target_chosen(f, target, view, shown, show_all):
-            f = {**(f or wizard.DEFAULT_FORM), "target": target}
-            ids = [k for _, k in wizard.device_choices(target)]
-            f["deploy_device"] = f.get("deploy_device") if f.get("deploy_device") in ids else (ids[0] if ids else None)
-            f, rt = _runtime_for_device(f)
-            return ([gr.update(value=f["deploy_device"], interactive=bool(ids)), rt]
-                    + recompute(f, view, shown, show_all))
+        def target_chosen(f, target, view, shown, show_all, request: gr.Request = None):
+            def change(base):
+                f = {**base, "target": target}
+                ids = [k for _, k in wizard.device_choices(target)]
+                f["deploy_device"] = (f.get("deploy_device") if f.get("deploy_device") in ids
+                                      else (ids[0] if ids else None))
+                f, rt = _runtime_for_device(f)
+                return f, [gr.update(value=f["deploy_device"], interactive=bool(ids)), rt]
+            return plan(request, f, change, view, shown, show_all)
         W["target"].input(target_chosen, [form, W["target"]] + plan_extra,
                           [W["deploy_device"], W["runtime"], form] + plan_outputs, **plan_kw)
 
-        def device_chosen(f, device, view, shown, show_all):
-            f, rt = _runtime_for_device({**(f or wizard.DEFAULT_FORM), "deploy_device": device})
-            if f.get("name") and not f["name"].endswith(" (edited)"):
-                f["name"] += " (edited)"
-            return [rt] + recompute(f, view, shown, show_all)
+        def device_chosen(f, device, view, shown, show_all, request: gr.Request = None):
+            def change(base):
+                f, rt = _runtime_for_device(edited_form(base, "deploy_device", device))
+                return f, [rt]
+            return plan(request, f, change, view, shown, show_all)
         W["deploy_device"].input(device_chosen, [form, W["deploy_device"]] + plan_extra,
                                  [W["runtime"], form] + plan_outputs, **plan_kw)
 
@@ -439,10 +458,11 @@ def build_app() -> gr.Blocks:
                                  [W["dataset_msg"], W["data_preview"], W["use_rows"], W["dataset_rows"],
                                   W["dataset_path"], R["data_path"]])
 
-        def use_rows(f, n, view, shown, show_all):
+        def use_rows(f, n, view, shown, show_all, request: gr.Request = None):
             if not n:
                 return [gr.update(), gr.update(visible=False)] + [gr.skip() for _ in range(1 + len(plan_outputs))]
-            return [n, gr.update(visible=False)] + edit("examples")(f, n, view, shown, show_all)
+            return plan(request, f, lambda base: (edited_form(base, "examples", n), [n, gr.update(visible=False)]),
+                        view, shown, show_all)
         W["use_rows"].click(use_rows, [form, W["dataset_rows"]] + plan_extra,
                             [W["examples"], W["use_rows"], form] + plan_outputs)
 
@@ -451,18 +471,20 @@ def build_app() -> gr.Blocks:
         ex_outputs = ([W[k] for k in ex_fields] + [W["config_file"], W["dataset_file"], W["dataset_msg"],
                       W["data_preview"], W["use_rows"], W["example_note"], form] + plan_outputs)
 
-        def load_example(name, view, shown, show_all):
+        def load_example(name, view, shown, show_all, request: gr.Request = None):
             if not name:
                 return [gr.skip() for _ in ex_outputs]
             try:
-                f = wizard.load_example(name)
+                ex = wizard.load_example(name)
             except InputError as e:
                 return [error_md(e) if o is W["example_note"] else gr.skip() for o in ex_outputs]
             note = ok_md(f"<b>{name}</b>: {wizard.example_summary(wizard.example_scenarios()[name])}")
-            f, rt = _runtime_for_device(f)
-            return ([rt if k == "runtime" else f[k] for k in ex_fields] + [None, None, "", gr.update(value=None, visible=False),
-                                                  gr.update(visible=False), note] + recompute(f, view, shown,
-                                                                                             show_all))
+
+            def change(base):                                # an example replaces the whole form
+                f, rt = _runtime_for_device(ex)
+                return f, ([rt if k == "runtime" else f[k] for k in ex_fields]
+                           + [None, None, "", gr.update(value=None, visible=False), gr.update(visible=False), note])
+            return plan(request, None, change, view, shown, show_all)
         # .select: once per pick (a dropdown's .input also fires again when it loses focus)
         W["example"].select(load_example, [W["example"]] + plan_extra, ex_outputs, **plan_kw)
         W["to_matrix"].click(lambda: gr.Tabs(selected="matrix"), outputs=tabs, queue=False)
@@ -646,6 +668,10 @@ def build_app() -> gr.Blocks:
         (demo.load(on_load, None, [R["picker"], R["history"], C["pick"]] + live_outputs + [tabs, store_banner])
          .then(_artifacts, R["view"], art_outputs, show_progress="hidden"))
     return demo
+
+
+# every session's wizard form and its latest plan computation (ui/session.py)
+FORMS = SessionForms(wizard.DEFAULT_FORM)
 
 
 # ---- handler bodies (kept out of build_app so tests can call them) -------------------------------------
