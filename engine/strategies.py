@@ -65,6 +65,20 @@ def by_family() -> dict[str, list[str]]:
     return out
 
 
+def multi_process_problem(train_stage: dict) -> str | None:
+    """Why a train stage cannot run in several processes (torchrun + FSDP2), or None when it can.
+    One rule for the runs layer (which refuses such a launch) and the advisor (whose multi-GPU rows
+    say which executor can run them)."""
+    from engine.vocab import MULTI_PROCESS_METHODS
+    method = train_stage.get("method", "lora")
+    if method not in MULTI_PROCESS_METHODS:
+        return f"multi-process (FSDP) training runs {', '.join(MULTI_PROCESS_METHODS)} fine-tunes, not {method}"
+    if method == "qat" and train_stage.get("lora"):
+        return ("QAT + LoRA merges its adapters into the fake-quantized base at the end of training (peft "
+                "merge_and_unload on the whole model in one process), which FSDP keeps sharded over the ranks")
+    return None
+
+
 def quantize_methods(s: dict) -> list:
     """The registry entries (engine/quant.py) of the strategy's quantize stages, in pipeline order."""
     return [quant.get(st.get("method")) for st in s["stages"] if st["stage"] == "quantize"]

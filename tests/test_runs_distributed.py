@@ -84,7 +84,7 @@ def test_launch_plan_is_the_command_the_worker_runs():
 
 
 def test_refused_at_launch(ex, monkeypatch):
-    with pytest.raises(InputError, match="strategy qat-lora is QAT \\+ LoRA, whose adapters are merged") as e:
+    with pytest.raises(InputError, match="strategy qat-lora cannot train that way: QAT \\+ LoRA merges its adapters") as e:
         ex.launch(spec("qat-lora"))
     assert e.value.field == "resources"
     with pytest.raises(InputError, match="does not train"):

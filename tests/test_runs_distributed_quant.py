@@ -46,7 +46,7 @@ def run_stages(s: RunSpec, workdir: Path, upto: str) -> dict:
 def test_qat_lora_stays_refused_with_the_reason():
     prepare(spec("qlora"))
     prepare(spec("qat-int8"))
-    with pytest.raises(InputError, match="QAT \\+ LoRA, whose adapters are merged into the fake-quantized base") as e:
+    with pytest.raises(InputError, match="strategy qat-lora cannot train that way: QAT \\+ LoRA merges its adapters into the fake-quantized base") as e:
         prepare(spec("qat-lora"))
     assert e.value.field == "resources"
 

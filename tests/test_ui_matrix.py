@@ -211,7 +211,8 @@ def test_a_multi_gpu_row_shows_its_launch_plan():
     r = next(x for x in per if x["strategy"] == "full-finetune")
     assert r["launch"]["processes"] == 8
     assert "launch: 8 processes, FSDP full shard (ZeRO-3)" in full and "local: torchrun" in full and "ray:" in full
-    assert "no executor of this engine" in matrix.detail_html(res, "qlora")
+    assert "local: torchrun" in matrix.detail_html(res, "qlora")          # QLoRA runs under FSDP2 now
+    assert "no executor of this engine (QAT + LoRA merges its adapters" in matrix.detail_html(res, "qat-lora")
 
 
 def test_the_wizards_runtime_recomputes_the_matrix_and_the_runtime_chart_follows_it():

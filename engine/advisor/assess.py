@@ -178,17 +178,15 @@ def _shard(est: dict, count: int, arch) -> dict:
                         f"+{gb(gathered)} for {mg['gathered_layers']} gathered 16-bit layers"}
 
 
-def launch_plan(method: str, count: int, per_gpu_bytes: float, device_id: str) -> dict:
+def launch_plan(train_stage: dict, count: int, per_gpu_bytes: float, device_id: str) -> dict:
     """How a multi-GPU training row would run: processes, sharding, per-GPU memory, the
     interconnect assumed, and which executor can run it (or why none can)."""
-    from engine.vocab import MULTI_PROCESS_METHODS
     mg = settings()["multi_gpu"]
+    why = strategies.multi_process_problem(train_stage)
     plan = {"processes": count, "sharding": mg["scheme"], "per_gpu_bytes": per_gpu_bytes, "gpu": device_id,
             "interconnect": mg["interconnect"], "resources": {"gpus": count}, "executors": []}
-    if method not in MULTI_PROCESS_METHODS:
-        plan["not_runnable"] = (f"the engine trains {' and '.join(MULTI_PROCESS_METHODS)} under FSDP; {method} over "
-                                f"{count} GPUs is an estimate only (its 4-bit or fake-quantized weights are not sharded "
-                                "here)")
+    if why:
+        plan["not_runnable"] = f"{why}: over {count} GPUs this is an estimate only, no executor of this engine runs it"
     elif count > mg["gpus_per_node"]:
         plan["not_runnable"] = (f"{count} GPUs is more than one machine holds ({mg['gpus_per_node']}); the engine "
                                 "shards within one machine (torchrun --standalone)")
@@ -352,7 +350,7 @@ def _train_search(s, sc, arch, ctx, kw) -> tuple[str, strategies.Workload | None
         out["calibration"] = est["calibration"]
     if count > 1:
         entry = next((st for st in s["stages"] if st.get("stage") == "train"), {})
-        out["launch"] = launch_plan(entry.get("method", method), count, per["device_bytes"], tdev.id)
+        out["launch"] = launch_plan({"method": method, **entry}, count, per["device_bytes"], tdev.id)
     if est.get("paging"):
         out["paging"] = est["paging"]
     out.update(per, limit_bytes=limit, fits=fits, tokens_per_s=total_tps,

@@ -18,7 +18,7 @@ from engine.runs.stages.export import export
 from engine.runs.stages.merge import merge
 from engine.runs.stages.quantize import quantize
 from engine.runs.stages.train import train
-from engine.vocab import MULTI_PROCESS_METHODS, QAT_SCHEMES, TRAIN_METHODS
+from engine.vocab import QAT_SCHEMES, TRAIN_METHODS
 
 STAGES = {"train": train, "merge": merge, "quantize": quantize, "convert": convert, "export": export,
           "evaluate": evaluate}
@@ -92,17 +92,12 @@ def prepare(spec) -> dict:
             raise InputError(f"resources ask for {spec.world_size} processes, but strategy {spec.strategy} does not "
                              "train; only the train stage runs in several processes", field="resources")
         for entry in trains:
-            method = entry.get("method", "lora")
-            if method not in MULTI_PROCESS_METHODS:
-                raise InputError(f"resources ask for {spec.world_size} processes: multi-process (FSDP) training runs "
-                                 f"{', '.join(MULTI_PROCESS_METHODS)} fine-tunes; strategy {spec.strategy} trains "
-                                 f"{method}; drop resources", field="resources")
-            if method == "qat" and entry.get("lora"):
-                raise InputError(f"resources ask for {spec.world_size} processes: strategy {spec.strategy} is QAT + LoRA, "
-                                 "whose adapters are merged into the fake-quantized base at the end of training (peft "
-                                 "merge_and_unload on the whole model in one process), which FSDP keeps sharded over the "
-                                 "ranks; run it in one process, or use full QAT (qat-int8, qat-int4-weight) with "
-                                 "resources", field="resources")
+            why = strategies.multi_process_problem(entry)
+            if why:
+                raise InputError(f"resources ask for {spec.world_size} processes, but strategy {spec.strategy} cannot "
+                                 f"train that way: {why}; run it in one process (drop resources)"
+                                 + ("" if entry.get("method") != "qat" else ", or use full QAT (qat-int8, "
+                                    "qat-int4-weight) with resources"), field="resources")
     if spec.train.resume_from_checkpoint or spec.train.save_steps:
         trains = [stage_entry(strategy, i, spec) for i, n in enumerate(stages) if n == "train"]
         if not trains:
