@@ -160,5 +160,7 @@ def test_real_model_smoke_from_the_gguf(tmp_path, monkeypatch):
     assert len(steps) == 3 and all(math.isfinite(s["loss"]) for s in steps)
     ev = out["stages"]["evaluate#3"]
     b, a = ev["before"], ev["after"]
-    assert 1 < b["perplexity"] < 1000 and 1 < a["perplexity"] < 1000
+    # the answer perplexity of the zero-shot instruct model in its chat template is in the thousands
+    # (it answers the customer instead of naming a queue); three LoRA steps at lr 1e-3 bring it down
+    assert math.isfinite(b["perplexity"]) and 1 < a["perplexity"] < b["perplexity"]
     assert a["size_on_disk_bytes"] < 0.7 * b["size_on_disk_bytes"]         # int8 linears vs bf16
