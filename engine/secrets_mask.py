@@ -8,9 +8,12 @@ import re
 
 # names of libraries and settings that start with hf_ (not tokens): hf_hub_download, hf_transfer, ...
 _NOT_TOKENS = frozenset({"hub", "transfer", "xet", "api", "home", "token", "device", "quantizer", "model",
-                         "config", "dataset", "datasets", "utils", "file", "repo", "url", "cache", "endpoint"})
+                         "config", "dataset", "datasets", "utils", "file", "repo", "url", "cache", "endpoint",
+                         "generate"})          # hf_generate: the planner's Hugging Face generate estimate
+# a token is a value, never a key: a shape followed by `":` / `':` is a JSON or dict key of the record
+# itself (estimate.infer.hf_generate was stored as "hf_***" and read back as missing)
 _TOKEN_RE = re.compile(r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]+|api_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}"
-                       r"|gh[pousr]_[A-Za-z0-9]{16,})")
+                       r"|gh[pousr]_[A-Za-z0-9]{16,})(?![A-Za-z0-9]*[\"']\s*:)")
 _BEARER_RE = re.compile(r"(?i)(authorization:\s*bearer\s+|token[\"']?\s*[:=]\s*[\"']?)([^\s\"',]+)")
 MASK = "***"
 

@@ -209,6 +209,16 @@ def test_every_hf_token_length_is_masked(tok):
     assert "hf_hub_download" in common.redact("hf_hub_download failed")
 
 
+def test_the_records_own_keys_are_not_masked():
+    """A key of the record is never a token: the planner's estimate keeps its hf_generate (the store
+    used to save it as "hf_***", and the estimate read back had no decode figures); values still are."""
+    from engine.secrets_mask import redact_tokens
+    rec = {"estimate": {"infer": {"hf_generate": {"decode_tokens_per_s": 41.7}}}, "note": "hf_Zq9short leaked"}
+    back = json.loads(redact_tokens(json.dumps(rec)))
+    assert back["estimate"]["infer"]["hf_generate"] == {"decode_tokens_per_s": 41.7}
+    assert back["note"] == "hf_*** leaked"
+
+
 def test_a_planted_token_is_in_no_file_the_engine_writes(ws, monkeypatch, tmp_path):
     """HF_TOKEN (a short one) in the environment; a stage prints it, logs it and fails with it; two
     runs carry it in their names. Nothing written afterwards holds it: the store, events.jsonl,
