@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -78,3 +79,15 @@ def pick(page, elem_id: str, value: str) -> None:
     box.fill(value)
     page.get_by_role("option", name=value, exact=True).first.click()
     page.wait_for_timeout(300)
+
+
+def wait_text(page, selector: str, pattern: str, timeout_s: float = 60) -> str:
+    """Wait until the element's text matches the regex; return the text (or fail with the last text)."""
+    loc = page.locator(selector).first
+    deadline, text = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        text = loc.inner_text() if loc.count() else ""
+        if re.search(pattern, text):
+            return text
+        page.wait_for_timeout(250)
+    raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text[:600]!r}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_app import CHROMIUM, ROOT, launch_chromium, open_page, pick, serve_app
+from browser_app import CHROMIUM, ROOT, launch_chromium, open_page, pick, serve_app, wait_text
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium (dev.sh installs it)")]
@@ -70,19 +70,6 @@ def fill(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
     box.fill(str(value))
     box.press("Tab")
-
-
-def wait_text(page, selector: str, pattern: str, timeout_s: float = 60) -> str:
-    """Wait until the element's text matches the regex; return the text."""
-    loc = page.locator(selector).first
-    deadline = time.monotonic() + timeout_s
-    text = ""
-    while time.monotonic() < deadline:
-        text = loc.inner_text() if loc.count() else ""
-        if re.search(pattern, text):
-            return text
-        page.wait_for_timeout(250)
-    raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text[:500]!r}")
 
 
 def launch(page, name: str, strategy: str, steps: int) -> str:

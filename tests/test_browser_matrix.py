@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_app import CHROMIUM, launch_chromium, pick, serve_app
+from browser_app import CHROMIUM, launch_chromium, pick, serve_app, wait_text
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium (dev.sh installs it)")]
@@ -59,17 +59,6 @@ def page(app):
         yield pg
         assert not errors, errors
         browser.close()
-
-
-def wait_text(page, selector: str, pattern: str, timeout_s: float = 60) -> str:
-    loc = page.locator(selector).first
-    deadline, text = time.monotonic() + timeout_s, ""
-    while time.monotonic() < deadline:
-        text = loc.inner_text() if loc.count() else ""
-        if re.search(pattern, text):
-            return text
-        page.wait_for_timeout(250)
-    raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text[:600]!r}")
 
 
 def feasible_count(page) -> tuple[int, int]:
