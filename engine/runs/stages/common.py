@@ -502,6 +502,28 @@ def cpu_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def runtime_latency(prefill, greedy, ids: list[int], new_tokens: int, before=lambda: None) -> dict:
+    """Prefill and decode speed of a runtime's own loop (llama.cpp, ExecuTorch): ``prefill(ids)`` once
+    as a warm-up, then 3 timed (``before()`` untimed ahead of each: a cache reset), median in ms;
+    ``greedy(ids, n, stop_at_eos=False, stamps=list)`` stamps each generated token, and decode
+    tokens/s is (stamped tokens - 1) over first to last stamp."""
+    import statistics
+    before()
+    prefill(ids)
+    times = []
+    for _ in range(3):
+        before()
+        t0 = time.perf_counter()
+        prefill(ids)
+        times.append(time.perf_counter() - t0)
+    stamps: list[float] = []
+    made = greedy(ids, new_tokens, stop_at_eos=False, stamps=stamps)
+    decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    return {"prompt_tokens": len(ids), "new_tokens": len(made),
+            "prefill_ms": round(statistics.median(times) * 1e3, 3),
+            "decode_tokens_per_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None}
+
+
 def prompt_ids(tok, examples, prompt_len: int) -> list[int]:
     """``prompt_len`` real held-out tokens (the ones the HF latency measurement uses)."""
     ids: list[int] = tok("", add_special_tokens=True)["input_ids"]

@@ -20,7 +20,6 @@ perplexity and the prefill time are what a KV-cache program would give; the deco
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -192,19 +191,7 @@ def measure(ctx, export: dict, tok, ds, examples) -> dict:
             out.update(task_accuracy(tok, ds, examples, ctx.should_stop, gen))
         if es.latency and not ctx.should_stop():
             ids = common.prompt_ids(tok, examples, min(es.prompt_len, max_len - es.new_tokens))
-            logits(ids)                                        # warm-up
-            times = []
-            for _ in range(3):
-                t1 = time.perf_counter()
-                logits(ids)
-                times.append(time.perf_counter() - t1)
-            stamps: list[float] = []
-            made = greedy(ids, es.new_tokens, stop_at_eos=False, stamps=stamps)
-            decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
-            out.update({"prompt_tokens": len(ids), "new_tokens": len(made),
-                        "prefill_ms": round(statistics.median(times) * 1e3, 3),
-                        "decode_tokens_per_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None,
-                        "decode_mode": NO_KV_CACHE})
+            out.update(common.runtime_latency(logits, greedy, ids, es.new_tokens), decode_mode=NO_KV_CACHE)
     out["peak_mem_bytes"], out["mem_source"] = pm.peak, pm.source
     out["size_on_disk_bytes"] = Path(export["path"]).stat().st_size
     return out

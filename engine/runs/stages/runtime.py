@@ -25,7 +25,6 @@ Python and libraries included, as on the HF side), threads.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -133,20 +132,7 @@ def _llama_cpp(ctx, export: dict, tok, ds, examples) -> dict:
             out.update(task_accuracy(tok, ds, examples, ctx.should_stop, gen))
         if es.latency and not ctx.should_stop():
             ids = _prompt_ids(tok, examples, es.prompt_len)
-            llm.reset()
-            llm.eval(ids)                                     # warm-up
-            times = []
-            for _ in range(3):
-                llm.reset()
-                t0 = time.perf_counter()
-                llm.eval(ids)
-                times.append(time.perf_counter() - t0)
-            stamps: list[float] = []
-            made = greedy(ids, es.new_tokens, stop_at_eos=False, stamps=stamps)
-            decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
-            out.update({"prompt_tokens": len(ids), "new_tokens": len(made),
-                        "prefill_ms": round(statistics.median(times) * 1e3, 3),
-                        "decode_tokens_per_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None})
+            out.update(common.runtime_latency(llm.eval, greedy, ids, es.new_tokens, before=llm.reset))
         del llm
     out["peak_mem_bytes"], out["mem_source"] = pm.peak, pm.source
     out["size_on_disk_bytes"] = Path(export["path"]).stat().st_size
