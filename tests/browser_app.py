@@ -63,9 +63,9 @@ def launch_chromium(playwright):
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
 
 
-def open_page(browser, url: str, errors: list, **kw):
-    """A 1500x1000 page on `url` that appends the page's uncaught errors to `errors`."""
-    page = browser.new_page(viewport={"width": 1500, "height": 1000}, **kw)
+def open_page(browser, url: str, errors: list, viewport: dict | None = None, **kw):
+    """A page on `url` (1500x1000 unless `viewport`) that appends the page's uncaught errors to `errors`."""
+    page = browser.new_page(viewport=viewport or {"width": 1500, "height": 1000}, **kw)
     page.set_default_timeout(30_000)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(url)
@@ -91,3 +91,19 @@ def wait_text(page, selector: str, pattern: str, timeout_s: float = 60) -> str:
             return text
         page.wait_for_timeout(250)
     raise AssertionError(f"{selector} never matched {pattern!r}; last text: {text[:600]!r}")
+
+
+@contextlib.contextmanager
+def planned_page(url: str, **kw):
+    """A chromium page on the app at `url`, once its first plan is on screen (the summary filled);
+    at the end, no uncaught page error may have happened."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        errors: list = []
+        page = open_page(browser, url, errors, **kw)
+        page.wait_for_function("() => { const e = document.querySelector('#summary'); "
+                               "return e && e.innerText.trim().length > 0; }", timeout=60_000)
+        yield page
+        assert not errors, errors
+        browser.close()

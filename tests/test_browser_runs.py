@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_app import CHROMIUM, launch_chromium, pick, serve_app, wait_text
+from browser_app import CHROMIUM, pick, planned_page, serve_app, wait_text
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium (dev.sh installs it)")]
@@ -29,20 +29,9 @@ def app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(app):
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        browser = launch_chromium(p)
-        errors: list = []
-        pg = browser.new_page(viewport={"width": WIDTH, "height": 900})
-        pg.set_default_timeout(30_000)
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.goto(app["url"])
-        pg.wait_for_function("() => { const e = document.querySelector('#summary'); "
-                             "return e && e.innerText.trim().length > 0; }", timeout=60_000)
+    with planned_page(app["url"], viewport={"width": WIDTH, "height": 900}) as pg:
         pg.get_by_role("tab", name="4 · Runs").click()
         yield pg
-        assert not errors, errors
-        browser.close()
 
 
 def store(app):
