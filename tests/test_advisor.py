@@ -265,6 +265,39 @@ def test_multi_gpu_training_shards_model_states():
     assert "launch" not in next(s for s in row(one, "full-finetune")["estimates"]["stages"] if s["stage"] == "train")
 
 
+def test_multi_gpu_qlora_keeps_the_4bit_base_whole_on_every_gpu():
+    """FSDP2 in the engine leaves bitsandbytes' 4-bit weights out of the sharding (engine/runs/stages/fsdp.py:
+    ignored_params): each GPU holds the whole NF4 base, only the rest of the model states is divided."""
+    from engine.estimate import estimate_train
+    from engine.models import resolve
+    eight = rec(scenario(hardware={"gpu": "a100-80gb", "count": 8}))
+    st = next(s for s in row(eight, "qlora")["estimates"]["stages"] if s["stage"] == "train")
+    est = estimate_train("llama-3.1-8b", **st["request"])
+    arch = resolve("llama-3.1-8b")
+    # by hand: NF4 with double quantization is 4 bits per weight + one uint8 absmax per block of 64
+    # + one fp32 second-level absmax per 256 blocks, over Llama 3.1 8B's 32 x 218,103,808 block-linear weights
+    n = 32 * 218_103_808
+    assert arch.linear_params == n
+    nf4 = n * (0.5 + 1 / 64 + 4 / (64 * 256))                       # 3,600,416,768 B
+    b = st["breakdown"]
+    assert b["replicated_4bit_base"] == pytest.approx(nf4, rel=2e-4)   # + per-tensor constants and 512 B blocks
+    # the rest of the model states (fp32 embeddings, lm_head and norms after the k-bit upcast; adapters; AdamW) / 8
+    assert b["weights"] == pytest.approx((est["breakdown"]["weights"] - b["replicated_4bit_base"]) / 8)
+    assert b["optimizer_states"] == pytest.approx(est["breakdown"]["optimizer_states"] / 8)
+    assert b["activations"] == est["breakdown"]["activations"]
+    # FSDP gathers what it sharded: two layers' adapters (not 16-bit linears: the base is not sharded)
+    assert b["fsdp_gathered_layers"] == pytest.approx(2 * est["breakdown"]["adapters"] / 32)
+    assert st["peak_allocated_bytes"] == pytest.approx(sum(b.values()))
+    # what the old rule (base sharded too) missed: 7/8 of the 4-bit weights per GPU
+    old = (sum(v / 8 for k, v in est["breakdown"].items()
+               if k in ("weights", "adapters", "optimizer_states"))
+           + sum(v for k, v in est["breakdown"].items() if k not in ("weights", "adapters", "optimizer_states"))
+           + 2 * arch.linear_params_per_layer * 2)
+    assert st["peak_allocated_bytes"] - old == pytest.approx(7 / 8 * nf4 + b["fsdp_gathered_layers"]
+                                                             - 2 * arch.linear_params_per_layer * 2, rel=1e-3)
+    assert "4-bit base" in st["sharding"] and "whole on every GPU" in st["sharding"]
+
+
 def test_serving_memory_latency_accuracy_bits_and_formats_decide():
     big = rec(scenario(model="llama-3.1-70b", examples=0, hardware={"gpu": "h100-80gb"},
                        deploy={"target": "gpu-server", "gpu": "h100-80gb"}))

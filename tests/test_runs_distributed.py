@@ -163,6 +163,22 @@ def test_the_estimate_recorded_is_per_rank():
     assert est["tokens_per_s"] == pytest.approx(one["tokens_per_s"] * 2 * 0.9)
 
 
+def test_the_qlora_estimate_per_rank_keeps_the_4bit_base_whole():
+    """The QLoRA ranks hold the whole NF4 base (FSDP2 ignored_params): the recorded per-rank estimate does too
+    (the advisor's rule, engine/advisor/assess.py _shard; hand-computed figures in tests/test_advisor.py)."""
+    from engine import models, strategies
+    from engine.estimate import formats
+    from engine.runs import worker
+    s = RunSpec.parse(spec("qlora"))
+    est = worker.planner_estimate(s, strategies.get("qlora"), worker.CPU_PRESET)["train"]
+    one = est["unsharded"]
+    b = est["breakdown"]
+    wb = formats.weights_breakdown(models.resolve("demo:micro-llama"), "nf4", dense_bytes=4)
+    assert b["replicated_4bit_base"] == wb["block_linears"] + wb["quant_scales"] > 0
+    assert est["peak_allocated_bytes"] == pytest.approx(sum(b.values()))
+    assert one["peak_allocated_bytes"] > est["peak_allocated_bytes"] > b["replicated_4bit_base"]
+
+
 # -- real runs --------------------------------------------------------------------------------------
 def test_two_process_lora_run_end_to_end(ex):
     rid = ex.launch(spec("lora", steps=3))

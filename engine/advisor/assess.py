@@ -13,7 +13,7 @@ import math
 
 from engine import estimate, strategies
 from engine.advisor.rules import settings
-from engine.estimate import correction, cost, formats
+from engine.estimate import correction, cost, formats, memory
 from engine.errors import InputError
 from engine.fmt import GB, gb
 from engine.vocab import OPTIMIZER_NAMES
@@ -149,22 +149,50 @@ def _fits_text(st: dict) -> str:
     return txt
 
 
+def replicated_base_bytes(est: dict, arch) -> int:
+    """Bytes of the frozen base that FSDP leaves whole on every rank: a 4-bit base (QLoRA's
+    bitsandbytes ``Params4bit``, ignored by FSDP2 in engine/runs/stages/fsdp.py because sharding
+    loses their quantization state): its packed block linears and their quantization constants,
+    as the planner counted them in the ``weights`` part. 0 for a 16-bit base (FSDP shards it)."""
+    inp = est.get("inputs") or {}
+    try:
+        rc = memory.recipe(inp.get("method", "lora"), inp.get("precision", "bf16"))
+    except InputError:
+        return 0
+    if not rc.base_4bit:
+        return 0
+    wb = formats.weights_breakdown(arch, "nf4", dense_bytes=rc.dense)      # as memory.train_memory counts it
+    return wb["block_linears"] + wb["quant_scales"]
+
+
 def _shard(est: dict, count: int, arch) -> dict:
     """Per-GPU memory of a training step on ``count`` GPUs under FSDP full sharding.
 
-    The planner's breakdown names each part; model states (settings multi_gpu.sharded_parts)
-    are divided by the GPU count, every other part (activations, logits and loss, the layer
-    being recomputed, workspaces) stays whole on each GPU, and FSDP's
-    gathered layers (16-bit weights of ``gathered_layers`` blocks) are added."""
+    The one rule for the advisor's multi-GPU rows and a multi-process run's recorded per-rank
+    estimate (engine/runs/worker.py). The planner's breakdown names each part; model states
+    (settings multi_gpu.sharded_parts) are divided by the GPU count, except a 4-bit base's packed
+    linears (``replicated_base_bytes``: whole on every rank, as the engine runs QLoRA); every
+    other part (activations, logits and loss, the layer being recomputed, workspaces) stays whole
+    on each GPU, and FSDP's gathered layers (the sharded parameters of ``gathered_layers``
+    blocks: their 16-bit weights, or a 4-bit base's adapters) are added."""
     peak, device = est["peak_allocated_bytes"], est["device_bytes"]
     lo, hi = est.get("device_low", device), est.get("device_high", device)
     if count == 1:
         return {"peak_allocated_bytes": peak, "device_bytes": device, "device_low": lo, "device_high": hi,
                 "breakdown": est.get("breakdown", {}), "sharding": "single GPU"}
     mg = settings()["multi_gpu"]
-    parts = {name: (b / count if name in mg["sharded_parts"] else b)
-             for name, b in (est.get("breakdown") or {}).items()}
-    gathered = mg["gathered_layers"] * arch.linear_params_per_layer * 2
+    breakdown = dict(est.get("breakdown") or {})
+    whole = replicated_base_bytes(est, arch) if "weights" in breakdown else 0
+    if whole:
+        breakdown["weights"] -= whole
+    parts = {name: (b / count if name in mg["sharded_parts"] else b) for name, b in breakdown.items()}
+    if whole:
+        parts["replicated_4bit_base"] = whole
+        gathered = mg["gathered_layers"] * breakdown.get("adapters", 0) / max(arch.num_layers, 1)
+        what = "layers' adapters"
+    else:
+        gathered = mg["gathered_layers"] * arch.linear_params_per_layer * 2
+        what = "16-bit layers"
     parts["fsdp_gathered_layers"] = gathered
     per_peak = sum(parts.values())
     # the CUDA context stays whole on each GPU; the allocator slack is a fraction of each GPU's peak
@@ -174,8 +202,9 @@ def _shard(est: dict, count: int, arch) -> dict:
     scale = per_device / device          # the planner's interval, scaled with the sharded total
     return {"peak_allocated_bytes": per_peak, "device_bytes": per_device, "device_low": lo * scale,
             "device_high": hi * scale, "breakdown": parts,
-            "sharding": f"{mg['scheme']} over {count} GPUs: model states / {count}, activations per GPU, "
-                        f"+{gb(gathered)} for {mg['gathered_layers']} gathered 16-bit layers"}
+            "sharding": f"{mg['scheme']} over {count} GPUs: model states / {count}"
+                        + (f" except the 4-bit base ({gb(whole)}, whole on every GPU)" if whole else "")
+                        + f", activations per GPU, +{gb(gathered)} for {mg['gathered_layers']} gathered {what}"}
 
 
 def launch_plan(train_stage: dict, count: int, per_gpu_bytes: float, device_id: str) -> dict:
