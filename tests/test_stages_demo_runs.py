@@ -34,6 +34,16 @@ def test_the_demos_are_shipped():
     assert demo_presets.gguf_source("smollm2-135m")
 
 
+@pytest.mark.parametrize("name", DEMOS)
+def test_every_demo_passes_prepare_on_the_real_model(name):
+    """What launch checks first, on each shipped demo as it is (no torch, no model build): demo-ptq-gptq and
+    demo-lora-merge-gptq asked for GPTQ groups of 128, which do not divide SmolLM2's width 576, and were
+    refused at launch until their presets said group_size 64."""
+    from engine.runs.stages import prepare
+    from engine.spec.run import RunSpec
+    prepare(RunSpec.load(ROOT / "presets" / "runs" / name))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DEMOS)
 def test_demo_run_finishes_with_real_metrics(store, name):
