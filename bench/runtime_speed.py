@@ -9,7 +9,9 @@ format, batch and context on the row's device (a preset id, or a device built fr
 and kind when the device is not a preset). ``in-sample`` uses presets/runtimes.yaml's efficiency;
 ``LOSO`` refits the bw_efficiency of the row's runtime x device kind without the row's source (the
 median over the other sources' rows of the efficiency each implies, host time per token as in the
-registry) and predicts the left-out rows; a group with no other source keeps the registry's prior
+registry; rows the model puts on the
+compute or dequantization bound say nothing about bandwidth and are left out of the fit) and predicts
+the left-out rows; a group with no other source keeps the registry's prior
 (marked). Time-to-first-token rows (``ttft_s``, batch 1) check the prefill model (runtimes.prefill):
 its fold error, and with --fit the prefill efficiency each compute-bound row implies. Fold error =
 max(est/meas, meas/est). Prints figures; never passes or fails.
@@ -45,7 +47,8 @@ def device(r: dict) -> hardware.Device:
         return hardware.get(r["device"])
     return hardware.Device(id=r["device_name"], name=r["device_name"], kind=r["device_kind"], memory_bytes=0,
                            bandwidth_gbs=float(r["bandwidth_gbs"]), bf16_tflops=None, fp16_tflops=None,
-                           fp8_tflops=None, int8_tops=None, price_per_hour=None)
+                           fp8_tflops=None, int8_tops=None, price_per_hour=None,
+                           alu_tops=float(r["alu_tops"]) if r.get("alu_tops") else None)
 
 
 def context(r: dict) -> float:
@@ -76,11 +79,15 @@ def measured_step(r: dict) -> float:
     return 1 / float(r["value"])
 
 
-def implied_efficiency(r: dict) -> float:
-    """The bw_efficiency that makes the model reproduce the row exactly (host time as in the registry)."""
+def implied_efficiency(r: dict) -> float | None:
+    """The bw_efficiency that makes the model reproduce the row exactly (host time as in the registry);
+    None for a row the model puts on the compute or dequantization bound (its time says nothing about
+    the bandwidth reached, so it takes no part in the fit)."""
     rt, dev = R.get(r["runtime"]), device(r)
     arch = models.resolve(r["model"])
     st = R.decode_step(arch, r["format"], dev, rt, int(r["batch"]), context(r))
+    if st["bound"] != "memory":
+        return None
     moved = st["weights_read"] + st["kv_read"]
     t = measured_step(r) - st["host_s"]
     return moved / (dev.bandwidth_gbs * 1e9 * t) if t > 0 else float("inf")
@@ -124,13 +131,22 @@ def main(argv=None) -> int:
     for r in rs:
         meas = float(r["value"])
         ins = predict(r)
-        others = [x for x in rs if x["metric"] in DECODE and group(x) == group(r) and x["source_id"] != r["source_id"]]
+        others = [x for x in rs if x["metric"] in DECODE and group(x) == group(r) and x["source_id"] != r["source_id"]
+                  and x["implied"] is not None]
         if others and r["metric"] in DECODE:
             eff = statistics.median(x["implied"] for x in others)
             loso, how = predict(r, {"bw_efficiency": eff}), f"refit on {len({x['source_id'] for x in others})} other source(s)"
         else:
             loso, how = ins, "registry value (no other source: in-sample)"
-        out.append({**r, "in_sample": ins, "loso": loso, "how": how, "fold_in": fold(ins, meas),
+        extra = {}
+        if r["metric"] in DECODE:
+            st = R.decode_step(models.resolve(r["model"]), r["format"], device(r), R.get(r["runtime"]), int(r["batch"]),
+                               context(r))
+            extra["bound"] = st["bound"]
+            if st["bound"] == "dequantization":
+                t = measured_step(r) - st["host_s"]
+                extra["alu_implied"] = st["constants"]["alu_efficiency"] * st["dequant_s"] / t
+        out.append({**r, **extra, "in_sample": ins, "loso": loso, "how": how, "fold_in": fold(ins, meas),
                     "fold_loso": fold(loso, meas)})
     single = [o for o in out if o["batch"] == "1" and o["metric"] == "decode_tokens_per_s"]
     latency = [o for o in out if o["metric"] == "request_latency_s"]
@@ -177,10 +193,18 @@ def main(argv=None) -> int:
         print("\nfitted bw_efficiency (median of the efficiency each row implies; host_s_per_token as in the registry):")
         for g in sorted({group(r) for r in rs if r["metric"] in DECODE}):
             grp = [r for r in rs if r["metric"] in DECODE and group(r) == g]
-            imp = [r["implied"] for r in grp]
+            imp = [r["implied"] for r in grp if r["implied"] is not None]
+            skipped = len(grp) - len(imp)
             reg = R.constants(R.get(g[0]), grp[0]["format"], device(grp[0]))["bw_efficiency"]
             print(f"  {g[0]:12} {g[1]:7} {g[2]:8} {statistics.median(imp):.3f}  (rows {len(imp)}, range "
-                  f"{min(imp):.2f}-{max(imp):.2f}; registry {reg:.2f})")
+                  f"{min(imp):.2f}-{max(imp):.2f}; registry {reg:.2f})"
+                  + (f"; {skipped} row(s) on the dequantization/compute bound left out" if skipped else ""))
+        dq = [o for o in out if o["metric"] in DECODE and o.get("bound") == "dequantization"]
+        if dq:
+            print("\nrows on the dequantization bound (llama.cpp alu_efficiency is a prior, not fitted): the "
+                  "efficiency each implies")
+            for o in dq:
+                print(f"  {o['device'] or o['device_name']:26} {o['format']:12} {o['alu_implied']:.2f}")
     return 0
 
 

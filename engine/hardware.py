@@ -22,6 +22,7 @@ class Device:
     arch: str = ""
     vendor: str = ""
     fp32_tflops: float | None = None   # CPUs that compute in fp32 (no fast bf16): their matmul rate
+    alu_tops: float | None = None      # GPU: lane instructions issued per second (compute units x lanes x clock)
     reference_calibration: str = ""    # measurements the speed terms were fitted on (the reference GPU)
 
 
@@ -49,7 +50,7 @@ def _all() -> dict[str, Device]:
                               bandwidth_gbs=g["bandwidth_gbs"], bf16_tflops=g["bf16_tflops"],
                               fp16_tflops=g["fp16_tflops"], fp8_tflops=g["fp8_tflops"],
                               int8_tops=g["int8_tops"], price_per_hour=g["price_per_hour"],
-                              arch=g["arch"], vendor=g["vendor"],
+                              arch=g["arch"], vendor=g["vendor"], alu_tops=g.get("alu_tops"),
                               reference_calibration=g.get("reference_calibration", ""))
     for t in load_yaml("hardware/targets.yaml"):
         out[t["id"]] = Device(id=t["id"], name=t["name"], kind=t["kind"],

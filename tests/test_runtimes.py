@@ -158,7 +158,10 @@ def _by_hand_step(arch, fmt, dev, rt, batch, ctx):
     mem = (F.bytes_read_per_token(arch, fmt) + kv) / (dev.bandwidth_gbs * 1e9 * c["bw_efficiency"])
     blocks, head = matmul_params(arch)
     flops = batch * (2 * (blocks + head) + 2 * attention_flops_per_token(arch, ctx))
-    return max(mem, flops / (R._peak(dev, fmt) * c["flops_efficiency"])) + c["host_s_per_token"] \
+    alu = (F.dot_ops_per_token(arch, fmt) or 0) / (dev.alu_tops * 1e12 * c["alu_efficiency"]) \
+        if c["alu_efficiency"] and dev.alu_tops else 0.0
+    peak = R._peak(dev, fmt)
+    return max(mem, flops / (peak * c["flops_efficiency"]) if peak else 0.0, alu) + c["host_s_per_token"] \
         + arch.num_layers * c["host_s_per_layer"]
 
 
@@ -191,6 +194,44 @@ def test_llama_cpp_4090_8b_q4_k_m_by_hand_numbers():
     assert F.bytes_read_per_token(a, "gguf-q4_k_m") == sum(b.values()) - b["embed_tokens"] - b["other"]
     assert e["runtime"]["id"] == "llama.cpp" and "consumer GPU" in e["runtime"]["why"]
     assert 80 < e["decode_tokens_per_s"] < 150 and c["format_class"] == "low"
+
+
+def test_dequantization_instructions_per_token_by_hand():
+    # Llama-2-7B in Q3_K_S: every block linear q3_k (9.6 instructions per weight), the output q6_k (8.9)
+    a = models.resolve("llama-2-7b")
+    h, i, L, V = 4096, 11008, 32, 32000
+    per_layer = 4 * h * h + 3 * h * i
+    assert F.dot_ops_per_token(a, "gguf-q3_k_s") == pytest.approx(L * per_layer * 9.6 + V * h * 8.9)
+    # Q2_K's mixture: attn_q/k, ffn_gate/up q2_k; attn_v, attn_output, ffn_down q3_k (no GQA in Llama 2)
+    q2 = L * ((2 * h * h + 2 * h * i) * 6.5 + (2 * h * h + h * i) * 9.6) + V * h * 8.9
+    assert F.dot_ops_per_token(a, "gguf-q2_k") == pytest.approx(q2)
+    assert F.dot_ops_per_token(a, "awq-4bit") is None          # not a llama.cpp kernel
+
+
+def test_a_gpu_with_few_sms_for_its_bandwidth_decodes_small_k_quants_dequantization_bound():
+    # a Tesla P40 (not a preset): 347 GB/s, 30 SMs x 128 lanes x 1.531 GHz. Q3_K_S reads fewer bytes
+    # than Q4_0 yet its vec-dot's instructions decide the step, as llama.cpp's own table shows
+    p40 = hardware.Device(id="p40", name="Tesla P40", kind="gpu", memory_bytes=24 * 10**9, bandwidth_gbs=347,
+                          bf16_tflops=None, fp16_tflops=None, fp8_tflops=None, int8_tops=None, price_per_hour=None,
+                          alu_tops=5.88)
+    a, rt = models.resolve("llama-2-7b"), R.get("llama.cpp")
+    q3 = R.decode_step(a, "gguf-q3_k_s", p40, rt, 1, 64)
+    q4 = R.decode_step(a, "gguf-q4_0", p40, rt, 1, 64)
+    assert q3["weights_read"] < q4["weights_read"] and q3["step_s"] > q4["step_s"]
+    assert q3["bound"] == "dequantization" and q4["bound"] == "memory"
+    eff = R.constants(rt, "gguf-q3_k_s", p40)["alu_efficiency"]
+    assert q3["step_s"] == pytest.approx(F.dot_ops_per_token(a, "gguf-q3_k_s") / (5.88e12 * eff) + q3["host_s"])
+    assert q3["step_s"] == pytest.approx(_by_hand_step(a, "gguf-q3_k_s", p40, rt, 1, 64))
+    assert "dequant instr" in q3["formula"]
+    # without alu_tops (a device the registry knows no SM count for) the term is absent, not zero-divided
+    bare = hardware.Device(**{**p40.__dict__, "alu_tops": None})
+    assert R.decode_step(a, "gguf-q3_k_s", bare, rt, 1, 64)["bound"] == "memory"
+
+
+def test_every_gpu_preset_has_an_issue_rate():
+    for d in hardware.devices().values():
+        if d.kind == "gpu":
+            assert d.alu_tops and 5 < d.alu_tops < 100, d.id
 
 
 def test_vllm_reserves_its_share_and_fills_it_with_kv_blocks():

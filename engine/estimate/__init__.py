@@ -231,7 +231,7 @@ def _infer_runtime(arch, dev, fmt, rt, batch_size, prompt_len, new_tokens) -> di
         "decode_tokens_per_s": tps, "decode_tokens_per_s_low": tps * lo, "decode_tokens_per_s_high": tps * hi,
         "decode_tokens_per_s_total": batch_size * tps,
         "ms_per_token": 1000 * st["step_s"],
-        "decode": {k: st[k] for k in ("step_s", "memory_s", "compute_s", "host_s", "bound", "formula")},
+        "decode": {k: st[k] for k in ("step_s", "memory_s", "compute_s", "dequant_s", "host_s", "bound", "formula")},
         "prefill_formula": pf["formula"],
         "calibration": {"applied": False, "runs": 0, "device": dev.id, "terms": {},
                         "note": f"not calibrated: measured runs are Hugging Face generate; {rt.id}'s terms rest on "

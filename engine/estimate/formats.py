@@ -326,6 +326,23 @@ def gguf_breakdown(arch: ModelArch, fmt) -> dict[str, int]:
     return {k: int(v) for k, v in parts.items()}
 
 
+def dot_ops_per_token(arch: ModelArch, fmt) -> float | None:
+    """Instructions llama.cpp's GPU decode kernels issue per token to unpack and dot the weights: every
+    active block linear and the output projection, each in its ggml type, times that type's
+    ``dot_ops_per_weight`` (presets/quant/gguf.yaml, counted from the block layout's vec-dot). None
+    for a format that is not GGUF (its runtimes' kernels are not counted this way)."""
+    fmt = get(fmt)
+    if fmt.kind != "gguf":
+        return None
+    ops = gguf_data()["dot_ops_per_weight"]
+    total = 0.0
+    for types in gguf_linear_types(arch, fmt):
+        for lin in arch.linears:
+            total += lin.active * lin.in_features * lin.out_features * ops[types[lin.name]]
+    head_t = gguf_tensor_type(fmt, "output", 0, arch, arch.hidden_size)
+    return total + arch.vocab_size * arch.hidden_size * ops[head_t]
+
+
 def bits_per_weight(arch: ModelArch, fmt) -> float:
     """Stored bits per parameter of the whole model in this format (what llama.cpp prints as BPW)."""
     return 8 * weights_bytes(arch, fmt, 1) / arch.total_params

@@ -8,7 +8,11 @@ else the target's or device's default, or the first runtime that loads the forma
 The speed of a ``roofline`` runtime, per decode step of a batch of B sequences at context c:
 
     step = max((weights read + B x c x KV bytes/token) / (bandwidth x bw_efficiency),
-               B x FLOPs/token / (matmul peak x flops_efficiency)) + host_s_per_token
+               B x FLOPs/token / (matmul peak x flops_efficiency),
+               dequant instructions/token / (GPU alu_tops x alu_efficiency)) + host_s_per_token
+
+(the third term: llama.cpp's GGUF vec-dot kernels on a GPU, instructions per weight from the block
+layout, presets/quant/gguf.yaml dot_ops_per_weight)
 
 with bw_efficiency per runtime x device kind x format class and host time per device kind (their
 evidence in runtime_speed.csv). Prefill: max(FLOPs / (peak x prefill efficiency), weights /
@@ -205,6 +209,7 @@ def constants(rt: Runtime, fmt, dev: hardware.Device, override: dict | None = No
          "host_s_per_layer": (d.get("host_s_per_layer") or {}).get(dev.kind, 0.0)
                              + (d.get("class_host_s_per_layer") or {}).get(cls, 0.0),
          "flops_efficiency": d["flops_efficiency"],
+         "alu_efficiency": (d.get("alu_efficiency") or {}).get(dev.kind),
          "prefill_efficiency": _per_kind(rt.prefill["efficiency"], dev, "prefill efficiency", rt)}
     c.update(override or {})
     return c
@@ -233,14 +238,23 @@ def decode_step(arch: ModelArch, fmt, dev: hardware.Device, rt: Runtime, batch: 
     peak = _peak(dev, fmt)
     mem_s = (wread + kv) / (bw * c["bw_efficiency"])
     comp_s = flops / (peak * c["flops_efficiency"]) if peak else 0.0
+    # the kernels' own work to unpack and dot the quantized weights (llama.cpp's dp4a vec-dots): per
+    # step, the batch's columns share one unpacking; it binds where a GPU issues few instructions per
+    # byte of bandwidth (Pascal) and for small-sub-block k-quants (q2_k, q3_k)
+    ops = F.dot_ops_per_token(arch, fmt) if c["alu_efficiency"] and dev.alu_tops else None
+    alu_s = ops / (dev.alu_tops * 1e12 * c["alu_efficiency"]) if ops else 0.0
     host = c["host_s_per_token"] + arch.num_layers * c["host_s_per_layer"]
-    step = max(mem_s, comp_s) + host
-    return {"step_s": step, "memory_s": mem_s, "compute_s": comp_s, "host_s": host,
-            "weights_read": wread, "kv_read": kv, "bound": "memory" if mem_s >= comp_s else "compute",
+    step = max(mem_s, comp_s, alu_s) + host
+    bound = "memory" if mem_s >= max(comp_s, alu_s) else "compute" if comp_s >= alu_s else "dequantization"
+    return {"step_s": step, "memory_s": mem_s, "compute_s": comp_s, "dequant_s": alu_s, "host_s": host,
+            "weights_read": wread, "kv_read": kv, "bound": bound,
             "constants": c,
             "formula": (f"max(({wread / 1e9:.3f} GB weights + {kv / 1e9:.3f} GB KV) / ({dev.bandwidth_gbs:g} GB/s x "
                         f"{c['bw_efficiency']:.2f}) = {mem_s * 1e3:.2f} ms, {flops / 1e9:.1f} GFLOP / "
-                        f"({peak / 1e12:.0f} TFLOP/s x {c['flops_efficiency']:.2f}) = {comp_s * 1e3:.2f} ms) + host "
+                        f"({peak / 1e12:.0f} TFLOP/s x {c['flops_efficiency']:.2f}) = {comp_s * 1e3:.2f} ms"
+                        + (f", {ops / 1e9:.1f} G dequant instr / ({dev.alu_tops:g} T/s x {c['alu_efficiency']:.2f}) = "
+                           f"{alu_s * 1e3:.2f} ms" if ops else "")
+                        + ") + host "
                         f"{c['host_s_per_token'] * 1e3:.2f} ms/token"
                         + (f" + {arch.num_layers} layers x {c['host_s_per_layer'] * 1e3:.2f} ms" if c["host_s_per_layer"] else "")
                         + f" = {step * 1e3:.2f} ms/step "
