@@ -1,6 +1,10 @@
 """Training checkpoints (train.save_steps / save_total_limit / resume_from_checkpoint), on the micro
 demo model: one process, and 2 FSDP processes over gloo (torch.distributed.checkpoint, sharded per
-rank). A resumed run continues the loss curve of the run that wrote the checkpoint."""
+rank). A resumed run continues the loss curve of the run that wrote the checkpoint.
+
+Default suite: one process saves and resumes; a 2-process run writing its sharded checkpoint is part of
+tests/test_runs_distributed.py's end-to-end run. ``-m slow``: a 2-process checkpoint resumed in one and in
+two processes."""
 from __future__ import annotations
 
 import json
@@ -127,6 +131,7 @@ def two_proc(tmp_path_factory, micro_home):
     return wd, train_stage(spec(processes=2, steps=4, save_steps=2), wd, run_id="a")
 
 
+@pytest.mark.slow
 def test_two_processes_save_sharded_and_one_resumes(two_proc, tmp_path):
     """2 FSDP ranks write one checkpoint (each its own shards); one process with the same sequences
     per step resumes from it (DCP reshards) and continues the 2-process loss curve."""

@@ -2,7 +2,8 @@
 supervised by the real worker, on the micro demo model.
 
 Default suite: the spec, the launch plan, refusals, failure attribution on torchrun's real
-report, the per-rank estimate, and one 2-process LoRA run end to end through the executor.
+report, the per-rank estimate, and one 2-process LoRA run end to end through the executor (its
+sharded training checkpoint included).
 ``-m slow``: the 2-process loss curve equals the 1-process one with the same effective batch
 (LoRA and full fine-tune), a stop (graceful and by signal) ends every rank, a killed rank fails
 the run naming it."""
@@ -181,7 +182,7 @@ def test_the_qlora_estimate_per_rank_keeps_the_4bit_base_whole():
 
 # -- real runs --------------------------------------------------------------------------------------
 def test_two_process_lora_run_end_to_end(ex):
-    rid = ex.launch(spec("lora", steps=3))
+    rid = ex.launch(spec("lora", steps=3, save_steps=3))
     run = ex.wait(rid, timeout=600)
     assert run["status"] == "finished", (run["reason"], (Path(run["workdir"]) / "worker.log").read_text()[-3000:])
     train = run["result"]["stages"][0]
@@ -197,6 +198,11 @@ def test_two_process_lora_run_end_to_end(ex):
     assert res["tokens"] > 3 * 2 * 4 * 5
     assert Path(res["adapter_dir"], "adapter_model.safetensors").is_file()
     assert run["result"]["eval"]["after"]["adapter_bytes"] > 0          # evaluate read the saved adapter
+    # the training checkpoint, sharded: one file of shards per rank (resuming from it: tests/test_checkpoint.py)
+    from engine.runs.stages import checkpoint as ckp
+    ck = Path(run["workdir"]) / "checkpoints" / "checkpoint-3"
+    assert [c["step"] for c in res["checkpoints"]] == [3] and len(list(ck.glob("*.distcp"))) == 2
+    assert ckp.read_state(ck)["processes"] == 2
     assert run["estimate"]["train"]["processes"] == 2
     assert ranks_gone(run)
 

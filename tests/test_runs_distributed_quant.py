@@ -3,6 +3,8 @@ CPU, on the micro demo model. QLoRA: bitsandbytes' 4-bit base weights replicated
 (FSDP2 ignored_params), adapters and the rest sharded. QAT: torchao's fake-quantized linears
 sharded like any linear; the convert stage (in the worker) reloads the gathered weights.
 
+GPTQ base + LoRA (gptq-qlora, qa-lora): the GPTQ checkpoint's packed buffers whole on every rank, the adapters sharded.
+
 Default suite: one 2-process run of each, loss going down, what it saves loads in the next stage.
 ``-m slow``: each follows the one-process loss curve with the same sequences per step."""
 from __future__ import annotations
@@ -69,8 +71,26 @@ def test_two_process_qlora(tmp_path, micro_home):
     assert r["state"]["adapter_base"]["quant"]["method"] == "nf4"
 
 
+
+def test_two_process_adapters_on_a_gptq_base(tmp_path, micro_home):
+    """qa-lora (and gptq-qlora, the same train stage without the group pooling): the GPTQ stage runs once in the
+    worker, then LoRA trains over FSDP2 in 2 processes on the GPTQ checkpoint; gptqmodel's packed weights are
+    module buffers, which FSDP2 leaves whole on every rank (it shards parameters: the adapters and the rest)."""
+    import json
+    s = RunSpec.parse({**spec("qa-lora", steps=3).model_dump(exclude_none=True),
+                       "quantize": {"calibration_samples": 8}})          # the GPTQ stage is not what this tests
+    r = run_stages(s, tmp_path / "qalora", upto="train")
+    train = r["results"]["train"]
+    assert train["processes"] == 2 and len(train["ranks"]) == 2 and train["losses"][-1] < train["losses"][0]
+    assert r["state"]["adapter_base"]["quant"]["method"] == "gptq"
+    cfg = json.loads(Path(train["adapter_dir"], "adapter_config.json").read_text())
+    assert cfg["use_qalora"] and cfg["qalora_group_size"] == 32
+    log = Path(tmp_path / "qalora" / "dist" / "rank-0.jsonl").read_text()
+    assert "buffers of the GPTQ base (qweight, qzeros, scales, g_idx) whole on every rank" in log
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["qat-int8", "qlora"])
+@pytest.mark.parametrize("strategy", ["qat-int8", "qlora", "gptq-qlora"])
 def test_two_processes_follow_the_one_process_curve(tmp_path, micro_home, strategy):
     two = run_stages(spec(strategy, steps=4), tmp_path / "two", upto="train")["results"]["train"]
     one = run_stages(spec(strategy, processes=1, steps=4, grad_accum=2), tmp_path / "one", upto="train")["results"]["train"]

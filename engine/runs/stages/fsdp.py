@@ -38,12 +38,17 @@ def shard(ctx, model):
     for m in layers:
         fully_shard(m, **kw)
     fully_shard(model, **kw)
+    # a GPTQ base (gptqmodel: packed qweight/qzeros/scales are module buffers) stays whole too: FSDP2 shards parameters
+    held = [b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")]
     d = ctx.state["_dist"]
     ctx.log(f"FSDP2 full sharding over {d['world']} processes ({d['backend']}): {len(layers)} decoder layers + "
             f"the rest of the model as {len(layers) + 1} units"
             + ("; bf16 parameters, fp32 gradient reduction" if ctx.device == "cuda" else "")
             + (f"; the {len(packed)} bitsandbytes 4-bit weights replicated on every rank (FSDP2 ignored_params: "
-               f"{sum(p.numel() * p.element_size() for p in packed) / 2**20:.1f} MiB each)" if packed else ""))
+               f"{sum(p.numel() * p.element_size() for p in packed) / 2**20:.1f} MiB each)" if packed else "")
+            + (f"; the {len(held)} buffers of the GPTQ base (qweight, qzeros, scales, g_idx) whole on "
+               f"every rank (FSDP2 shards parameters, not buffers: "
+               f"{sum(b.numel() * b.element_size() for b in held) / 2**20:.2f} MiB each)" if held else ""))
     return model
 
 
