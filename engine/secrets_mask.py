@@ -1,6 +1,6 @@
 """Access tokens never written or shown: ``redact(text)`` masks every Hugging Face token shape
 (``hf_`` followed by letters and digits, any length), API keys (``api_``, ``sk-``, GitHub
-``gh*_``) and bearer/``token=`` values. The run store, the worker's log, reports, exports and
+``gh*_``) and bearer/``token=`` values (a plain word after ``token:`` is prose, not a value). The run store, the worker's log, reports, exports and
 the app's messages pass through it (docs/guarantees.md)."""
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ _NOT_TOKENS = frozenset({"hub", "transfer", "xet", "api", "home", "token", "devi
 _TOKEN_RE = re.compile(r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]+|api_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}"
                        r"|gh[pousr]_[A-Za-z0-9]{16,})(?![A-Za-z0-9]*[\"']\s*:)")
 _BEARER_RE = re.compile(r"(?i)(authorization:\s*bearer\s+|token[\"']?\s*[:=]\s*[\"']?)([^\s\"',]+)")
+# after "token:" / "token=", a plain word of prose is not a secret ("no token: set HF_TOKEN", "token: required"):
+# letters only, lower case or Capitalized, shorter than any token shape; digits, symbols, mixed case or length
+# make it a value to mask (a bearer header's value always is)
+_WORD_RE = re.compile(r"[A-Z]?[a-z]{1,15}")
 MASK = "***"
 
 
@@ -39,4 +43,11 @@ def redact(text):
     if not text or not isinstance(text, str):
         return text
     text = redact_tokens(text)
-    return _BEARER_RE.sub(lambda m: m.group(1) + MASK if m.group(2) != MASK else m.group(0), text)
+    return _BEARER_RE.sub(_mask_value, text)
+
+
+def _mask_value(m: re.Match) -> str:
+    key, value = m.group(1), m.group(2)
+    if value == MASK or (not key.lower().startswith("authorization") and _WORD_RE.fullmatch(value)):
+        return m.group(0)
+    return key + MASK

@@ -209,6 +209,18 @@ def test_every_hf_token_length_is_masked(tok):
     assert "hf_hub_download" in common.redact("hf_hub_download failed")
 
 
+def test_prose_after_token_is_not_masked_but_values_are():
+    """The push refusal says "no Hugging Face token: set HF_TOKEN ..." (engine/runs/artifacts.py); the bearer /
+    token= pattern used to turn it into "token: *** HF_TOKEN". A word is prose; anything shaped like a value is not."""
+    from engine.secrets_mask import redact
+    msg = "no Hugging Face token: set HF_TOKEN (a write token) to push"
+    assert redact(msg) == msg and redact("token: required") == "token: required"
+    for value in ("s3cr3tvalue", "eyJhbGciOi.J9-x_y", "AbCdEfGhIj", "abcdefghijklmnopqrst", "hunter2"):
+        for text in (f"token={value}", f"token: {value}", json.dumps({"token": value}), f"TOKEN = '{value}'"):
+            assert value not in redact(text), text
+    assert redact("Authorization: Bearer abcdef") == "Authorization: Bearer ***"     # a header's value always
+
+
 def test_the_records_own_keys_are_not_masked():
     """A key of the record is never a token: the planner's estimate keeps its hf_generate (the store
     used to save it as "hf_***", and the estimate read back had no decode figures); values still are."""
