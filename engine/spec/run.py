@@ -86,6 +86,7 @@ class ExportParams(_Strict):
     """Overrides of the strategy's export stage (None: keep the catalog's value)."""
     format: str | None = None                  # e.g. gguf-q4_k_m, gguf-q8_0, gguf-f16 (a gguf target)
     threads: int | None = Field(None, gt=0)    # llama.cpp quantizer threads
+    kv_cache: bool | None = None               # executorch: the .pte holds a static KV cache (default true)
 
 
 class EvalSpec(_Strict):

@@ -11,7 +11,7 @@ a device it does not have, is recorded as skipped with the reason.
                 held-out text exactly as the HF tokenizer does
     vllm        needs a CUDA GPU and vLLM: skipped here with the reason
     executorch  the .pte loaded in ExecuTorch's runtime on the CPU (stages/executorch_pte.py: perplexity,
-                prefill, decode by full-context recompute as the .pte has no KV cache, size, peak RSS);
+                prefill, decode one token per execution through the .pte's static KV cache, size, peak RSS);
                 skipped with the reason where executorch is not installed
 
 Measured (llama.cpp): perplexity / nll_per_token / scored_tokens (exp of the mean NLL of the held-out
