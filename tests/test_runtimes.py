@@ -289,6 +289,57 @@ def test_cli_runtime_contract_and_refusal(capsys):
     assert rc == 2 and "gguf-q4_k_m is its 4-bit format" in err["error"]
 
 
+def test_transformers_does_not_run_on_a_phone(capsys):
+    # an Android or iOS app has no Python to run HF generate in; PyTorch's on-device path is ExecuTorch
+    from engine.cli import main
+    rc = main(["estimate", "infer", "--model", "llama-3.2-1b", "--weights", "bf16", "--gpu", "pixel-8-pro-12gb",
+               "--runtime", "transformers", "--json"])
+    err = json.loads(capsys.readouterr().out)
+    assert rc == 2 and "transformers does not run on pixel-8-pro-12gb" in err["error"]
+    assert not R.get("transformers").runs_on(hardware.get("iphone-15-pro-8gb"))
+    assert R.get("transformers").runs_on(hardware.get("jetson-orin-nano-8gb"))        # an edge box runs PyTorch
+
+
+def test_vllms_low_bit_layer_time_is_the_hoppers_not_amperes_or_adas():
+    # Marlin is tuned for Ampere and Ada (near-ideal 4-bit streaming at batch 1 on an A10), not Hopper:
+    # the per-layer time fitted on the H100 rows stays there, and an L4 streams AWQ like 16-bit weights
+    rt = R.get("vllm")
+    h100, l4, a100, t4 = (hardware.get(g) for g in ("h100-80gb", "l4-24gb", "a100-80gb", "t4-16gb"))
+    assert R.constants(rt, "awq-4bit", h100)["host_s_per_layer"] == pytest.approx(0.000063)
+    assert R.constants(rt, "gptq-8bit", h100)["host_s_per_layer"] == pytest.approx(0.000044)
+    for d in (l4, a100):
+        assert R.constants(rt, "awq-4bit", d)["host_s_per_layer"] == 0.0
+        assert R.constants(rt, "nf4", d)["host_s_per_layer"] == pytest.approx(0.0004)   # eager bnb on any GPU
+    assert R.constants(rt, "awq-4bit", t4)["host_s_per_layer"] == pytest.approx(0.000063)   # no Marlin below sm_80
+    # on the L4 vLLM's AWQ is no slower than HF generate's gptqmodel kernels
+    e = {r: estimate_infer("llama-3.1-8b", "awq-4bit", gpu="l4-24gb", runtime=r, calibration=False)["ms_per_token"]
+         for r in ("vllm", "transformers")}
+    assert e["vllm"] < e["transformers"]
+    a = models.resolve("llama-3.1-8b")
+    assert e["vllm"] == pytest.approx(1e3 * _by_hand_step(a, "awq-4bit", l4, rt, 1, 512 + 127 / 2), rel=1e-9)
+
+
+def test_the_interval_says_how_much_evidence_stands_behind_the_runtimes_terms():
+    iv = R._data()["interval"]
+    l4, pixel = hardware.get("l4-24gb"), hardware.get("pixel-8-pro-12gb")
+    cases = [("vllm", "gptq-4bit", l4, "fitted"),          # PR #23197's rows fitted the low-bit class
+             ("vllm", "nf4", l4, "unmeasured"),            # no row of vLLM with bitsandbytes weights
+             ("tensorrt-llm", "awq-4bit", l4, "prior"),    # Jan's rows check the low-bit prior
+             ("tensorrt-llm", "fp8", l4, "unmeasured"),    # 8-bit class: only prefill rows
+             ("tensorrt-llm", "bf16", l4, "unmeasured"),
+             ("llama.cpp", "gguf-q4_k_m", l4, "fitted"),
+             ("llama.cpp", "gguf-q4_k_m", pixel, "unmeasured"),   # no llama.cpp phone row
+             ("executorch", "executorch-8da4w", pixel, "fitted")]
+    for rid, fmt, dev, kind in cases:
+        assert R.interval_kind(R.get(rid), dev, fmt) == kind, (rid, fmt, dev.id)
+        assert R.interval(R.get(rid), dev, fmt) == tuple(iv[kind])
+    lo_u, hi_u = iv["unmeasured"]
+    assert lo_u < iv["prior"][0] < iv["fitted"][0] and hi_u > iv["prior"][1] > iv["fitted"][1]
+    e = estimate_infer("llama-3.1-8b", "fp8", gpu="l4-24gb", runtime="tensorrt-llm")
+    assert e["decode_interval"]["kind"] == "unmeasured" and e["decode_interval"]["evidence_rows"] == 0
+    assert e["decode_tokens_per_s_low"] == pytest.approx(e["decode_tokens_per_s"] * lo_u)
+
+
 # ---- the advisor judges each strategy on its serving runtime ---------------------------------------
 
 def _sc(**deploy):

@@ -202,7 +202,7 @@ def _infer_runtime(arch, dev, fmt, rt, batch_size, prompt_len, new_tokens) -> di
     st = _runtimes.decode_step(arch, fmt, dev, rt, batch_size, ctx)
     pf = _runtimes.prefill(arch, fmt, dev, rt, batch_size, prompt_len)
     mem = _runtimes.memory(arch, fmt, dev, rt, batch_size, prompt_len, new_tokens)
-    lo, hi = _runtimes.interval(rt, dev)
+    lo, hi = _runtimes.interval(rt, dev, fmt)
     tps = 1 / st["step_s"]
     rel = _memory._unc("counted")
     notes = []
@@ -232,6 +232,8 @@ def _infer_runtime(arch, dev, fmt, rt, batch_size, prompt_len, new_tokens) -> di
         "decode_tokens_per_s_total": batch_size * tps,
         "ms_per_token": 1000 * st["step_s"],
         "decode": {k: st[k] for k in ("step_s", "memory_s", "compute_s", "dequant_s", "host_s", "bound", "formula")},
+        "decode_interval": {"kind": _runtimes.interval_kind(rt, dev, fmt), "factors": [lo, hi],
+                            "evidence_rows": len(_runtimes.evidence_rows(rt, dev.kind, fmt))},
         "prefill_formula": pf["formula"],
         "calibration": {"applied": False, "runs": 0, "device": dev.id, "terms": {},
                         "note": f"not calibrated: measured runs are Hugging Face generate; {rt.id}'s terms rest on "

@@ -197,6 +197,15 @@ def _per_kind(table: dict, dev: hardware.Device, what: str, rt: Runtime):
     return table[dev.kind]
 
 
+def class_layer_s(rt: Runtime, cls: str, dev: hardware.Device) -> float:
+    """The fixed time per decoder layer a format class adds in this runtime (``class_host_s_per_layer``):
+    a number, or per GPU architecture ({default: x, ampere: y, ...})."""
+    v = (rt.decode.get("class_host_s_per_layer") or {}).get(cls, 0.0)
+    if isinstance(v, dict):
+        v = v.get(dev.arch, v.get("default", 0.0))
+    return float(v)
+
+
 def constants(rt: Runtime, fmt, dev: hardware.Device, override: dict | None = None) -> dict:
     """The efficiency terms of a roofline runtime for a format on a device (``override``: the bench's
     fitted values, {"bw_efficiency": x, "host_s_per_token": y})."""
@@ -207,7 +216,7 @@ def constants(rt: Runtime, fmt, dev: hardware.Device, override: dict | None = No
     c = {"bw_efficiency": eff, "format_class": cls,
          "host_s_per_token": _per_kind(d["host_s_per_token"], dev, "host_s_per_token", rt),
          "host_s_per_layer": (d.get("host_s_per_layer") or {}).get(dev.kind, 0.0)
-                             + (d.get("class_host_s_per_layer") or {}).get(cls, 0.0),
+                             + class_layer_s(rt, cls, dev),
          "flops_efficiency": d["flops_efficiency"],
          "alu_efficiency": (d.get("alu_efficiency") or {}).get(dev.kind),
          "prefill_efficiency": _per_kind(rt.prefill["efficiency"], dev, "prefill efficiency", rt)}
@@ -378,8 +387,42 @@ def capacity(step_s, max_batch: int, goal_ms: float | None, price_per_hour: floa
     return out
 
 
-def interval(rt: Runtime, dev: hardware.Device) -> tuple[float, float]:
-    """The tokens/s interval factors: fitted where evidence rows exist for this runtime and device kind."""
+def efficiency_group(rt: Runtime, kind: str, fmt) -> str:
+    """What one bw_efficiency of the runtime covers on a device kind: the format's class where the
+    runtime lists it for that kind, else ``default`` (the classes pooled)."""
+    cls = format_class(fmt)
+    return cls if cls in (rt.decode.get("bw_efficiency") or {}).get(kind, {}) else "default"
+
+
+_EVIDENCE: dict = {}
+
+
+def evidence_rows(rt: Runtime, kind: str, fmt) -> list[dict]:
+    """The decode / request-latency rows of presets/evidence/runtime_speed.csv that speak for this
+    runtime's efficiency on this device kind and format (the same class group, or the pooled one)."""
+    if not _EVIDENCE:
+        import csv
+        from engine.presets import PRESETS_DIR
+        with open(PRESETS_DIR / "evidence" / "runtime_speed.csv", encoding="utf-8") as fh:
+            _EVIDENCE["rows"] = [r for r in csv.DictReader(fh)
+                                 if r["metric"] in ("decode_tokens_per_s", "request_latency_s")]
+    g = efficiency_group(rt, kind, fmt)
+    return [r for r in _EVIDENCE["rows"] if r["runtime"] == rt.id and r["device_kind"] == kind
+            and r["format"] in F.formats() and efficiency_group(rt, kind, r["format"]) == g]
+
+
+def interval_kind(rt: Runtime, dev: hardware.Device, fmt=None) -> str:
+    """fitted: the runtime's terms for this device kind were fitted on evidence rows of this format's
+    class; prior: rows exist (an out-of-sample check) but the terms are priors; unmeasured: no row of
+    this runtime x device kind x class at all."""
+    fitted = dev.kind in (rt.decode.get("fitted_on") or [])
+    if fmt is None:
+        return "fitted" if fitted else "prior"
+    rows = evidence_rows(rt, dev.kind, fmt)
+    return ("fitted" if fitted else "prior") if rows else "unmeasured"
+
+
+def interval(rt: Runtime, dev: hardware.Device, fmt=None) -> tuple[float, float]:
+    """The tokens/s interval factors by how much evidence stands behind the terms (``interval_kind``)."""
     iv = _data()["interval"]
-    fitted = rt.decode.get("fitted_on") or []
-    return tuple(iv["fitted"] if dev.kind in fitted else iv["prior"])
+    return tuple(iv[interval_kind(rt, dev, fmt)])
