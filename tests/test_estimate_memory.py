@@ -317,8 +317,11 @@ def test_quantized_inference_is_smaller_and_ordered():
 
 
 def test_serving_targets_have_no_cuda_context():
-    r = estimate.estimate_infer("llama-3.2-1b", "w4a8", gpu="iphone-15-pro-8gb")
-    assert r["cuda_context_bytes"] == 0 and r["gpu"] == "iphone-15-pro-8gb"
+    # the HF path on a CPU target, and ExecuTorch on a phone (transformers does not run on phones)
+    r = estimate.estimate_infer("llama-3.2-1b", "w4a8", gpu="cpu-x86-pytorch")
+    assert r["cuda_context_bytes"] == 0 and r["gpu"] == "cpu-x86-pytorch" and r["runtime"]["id"] == "transformers"
+    r = estimate.estimate_infer("llama-3.2-1b", "executorch-8da4w", gpu="iphone-15-pro-8gb")
+    assert r["cuda_context_bytes"] == 0 and r["gpu"] == "iphone-15-pro-8gb" and r["runtime"]["id"] == "executorch"
 
 
 # ---- stage estimates -------------------------------------------------------------------------
