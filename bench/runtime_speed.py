@@ -119,12 +119,9 @@ def fold(est: float, meas: float) -> float:
     return max(est / meas, meas / est)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fit", action="store_true", help="print the fitted bw_efficiency per runtime x device kind")
-    ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    a = ap.parse_args(argv)
-    rs = rows()
+def evaluate(rs: list[dict] | None = None) -> list[dict]:
+    """Every row with its in-sample and leave-one-source-out estimate and fold errors."""
+    rs = rows() if rs is None else rs
     for r in rs:
         r["implied"] = implied_efficiency(r) if r["metric"] in DECODE else None
     out = []
@@ -148,6 +145,16 @@ def main(argv=None) -> int:
                 extra["alu_implied"] = st["constants"]["alu_efficiency"] * st["dequant_s"] / t
         out.append({**r, **extra, "in_sample": ins, "loso": loso, "how": how, "fold_in": fold(ins, meas),
                     "fold_loso": fold(loso, meas)})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fit", action="store_true", help="print the fitted bw_efficiency per runtime x device kind")
+    ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    a = ap.parse_args(argv)
+    rs = rows()
+    out = evaluate(rs)
     single = [o for o in out if o["batch"] == "1" and o["metric"] == "decode_tokens_per_s"]
     latency = [o for o in out if o["metric"] == "request_latency_s"]
     ttft = [o for o in out if o["metric"] == "ttft_s"]
