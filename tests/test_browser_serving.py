@@ -73,8 +73,9 @@ def test_runtime_picker_and_runtime_chart(page):
     choose(page, "deploy_device", "NVIDIA L4 (l4-24gb)")
     wait_text(page, "#scenario_yaml", r"gpu: l4-24gb")
     got = options(page, "runtime")
-    assert got[0].startswith("auto") and "default here: vllm" in got[0]
-    assert {re.sub(r" \(.*", "", o) for o in got[1:]} == {"transformers", "vllm", "llama.cpp", "tensorrt-llm"}
+    assert {re.sub(r" \(.*", "", o) for o in got} == {"transformers", "vllm", "llama.cpp", "tensorrt-llm"}
+    assert "vllm (the default here)" in got
+    assert "default here: vllm" in page.locator("#runtime").inner_text()     # none picked: the advisor searches
     choose(page, "runtime", "llama.cpp")
     wait_text(page, "#scenario_yaml", r"runtime: llama\.cpp")
     page.get_by_role("tab", name="2 · Decision matrix").click()
@@ -110,15 +111,24 @@ def test_runtime_picker_and_runtime_chart(page):
     pick(page, "runtime_pick", "ptq-gguf-q8_0")
     page.wait_for_function("() => document.querySelector('#plot_runtimes .js-plotly-plot').layout.title.text"
                            ".includes('ptq-gguf-q8_0')", timeout=20_000)
-    # a phone: the runtime goes back to auto, and the phone's runtimes are offered
+    # a list: llama.cpp then vLLM, searched in that order (deploy.runtime as a list), in the YAML and the matrix
     page.get_by_role("tab", name="1 · Scenario").click()
     choose(page, "runtime", "vllm")
-    wait_text(page, "#scenario_yaml", r"runtime: vllm")
+    wait_text(page, "#scenario_yaml", r"runtime: \[llama\.cpp, vllm\]")
+    page.get_by_role("tab", name="2 · Decision matrix").click()
+    cells = wait_text(page, "#matrix_table", r"· vllm")
+    assert "· llama.cpp" in cells and "· transformers" not in cells and "· tensorrt-llm" not in cells
+    page.get_by_role("tab", name="1 · Scenario").click()
+    # a phone: vLLM does not run there and leaves the list, llama.cpp does and stays; the phone's runtimes offered
     page.locator("#target label", has_text="phone").first.click()
     wait_text(page, "#scenario_yaml", r"target: phone")
-    assert "runtime:" not in page.locator("#scenario_yaml").inner_text()
+    wait_text(page, "#scenario_yaml", r"runtime: llama\.cpp\}")
     got = options(page, "runtime")
     assert "executorch" in " ".join(got) and "vllm" not in " ".join(got)
+    # none picked again: the advisor searches every runtime of the phone (deploy.runtime left out)
+    page.locator("#runtime .token-remove, #runtime [aria-label^='Remove']").first.click()
+    page.wait_for_function("() => !document.querySelector('#scenario_yaml').innerText.includes('runtime:')",
+                           timeout=30_000)
 
 
 def test_a_runs_artifacts_download_and_an_offline_push(page, app, tmp_path):

@@ -240,6 +240,9 @@ def test_the_wizards_runtime_recomputes_the_matrix_and_the_runtime_chart_follows
     # a device change keeps a runtime that runs there and drops one that does not
     f, upd = layout._runtime_for_device({**base, "runtime": "vllm", "deploy_device": "iphone-15-pro-8gb",
                                          "target": "phone"})
-    assert f["runtime"] == "auto" and "vllm" not in [k for _, k in upd["choices"]]
+    assert f["runtime"] == [] and "vllm" not in [k for _, k in upd["choices"]]
     f, upd = layout._runtime_for_device({**base, "runtime": "llama.cpp"})
-    assert f["runtime"] == "llama.cpp" and upd["value"] == "llama.cpp"
+    assert f["runtime"] == ["llama.cpp"] and upd["value"] == ["llama.cpp"]
+    f, upd = layout._runtime_for_device({**base, "runtime": ["vllm", "llama.cpp"], "deploy_device": "iphone-15-pro-8gb",
+                                         "target": "phone"})
+    assert f["runtime"] == ["llama.cpp"] == upd["value"]                     # the list, less what the phone lacks

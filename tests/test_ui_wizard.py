@@ -168,22 +168,32 @@ def test_runtime_picker_offers_what_runs_on_the_serving_device_and_flows_into_th
     from engine.estimate import runtimes as R
     for dev, target in (("l4-24gb", "gpu-server"), ("rtx-4090-24gb", "consumer-gpu"), ("iphone-15-pro-8gb", "phone")):
         ch = wizard.runtime_choices(dev, target)
-        assert ch[0][1] == wizard.RUNTIME_AUTO
-        assert [k for _, k in ch[1:]] == [r for r in R.ids() if R.get(r).runs_on(hardware.get(dev))]
+        assert [k for _, k in ch] == [r for r in R.ids() if R.get(r).runs_on(hardware.get(dev))]
         default = R.default_runtime(hardware.get(dev), target)[0]
-        assert f"default here: {default}" in ch[0][0] and dict((k, l) for l, k in ch)[default].endswith("(the default here)")
+        assert f"default here: {default}" in wizard.runtime_label(dev, target)
+        assert dict((k, l) for l, k in ch)[default].endswith("(the default here)")
     assert "vllm" not in [k for _, k in wizard.runtime_choices("iphone-15-pro-8gb", "phone")]
-    assert wizard.runtime_choices(None) == [("auto — the advisor chooses", "auto")]
-    form = {**wizard.DEFAULT_FORM, "target": "gpu-server", "deploy_device": "l4-24gb", "runtime": "vllm"}
+    assert wizard.runtime_choices(None) == []
+    form = {**wizard.DEFAULT_FORM, "target": "gpu-server", "deploy_device": "l4-24gb", "runtime": ["vllm"]}
     scn = wizard.scenario_from_form(form)
-    assert scn["deploy"] == {"target": "gpu-server", "gpu": "l4-24gb", "runtime": "vllm"}
+    assert scn["deploy"] == {"target": "gpu-server", "gpu": "l4-24gb", "runtime": "vllm"}     # one: only that
     assert parse_scenario(scn).deploy.runtime == "vllm"
-    assert wizard.form_from_scenario(scn)["runtime"] == "vllm"                   # round trip (examples)
-    assert "runtime" not in wizard.scenario_from_form({**form, "runtime": "auto"})["deploy"]
-    assert wizard.form_from_scenario({**scn, "deploy": {"target": "gpu-server"}})["runtime"] == "auto"
+    assert wizard.form_from_scenario(scn)["runtime"] == ["vllm"]                 # round trip (examples)
+    assert wizard.scenario_from_form({**form, "runtime": "vllm"})["deploy"] == scn["deploy"]   # a plain name too
+    for none in ([], "auto", "any", None):                                        # none: the advisor searches all
+        assert "runtime" not in wizard.scenario_from_form({**form, "runtime": none})["deploy"]
+    assert wizard.form_from_scenario({**scn, "deploy": {"target": "gpu-server"}})["runtime"] == []
+    assert wizard.form_from_scenario({**scn, "deploy": {"target": "gpu-server", "runtime": "any"}})["runtime"] == []
+    # several: searched in the order picked, repeats dropped; the YAML and the advisor read that list
+    two = wizard.scenario_from_form({**form, "runtime": ["llama.cpp", "vllm", "llama.cpp"]})
+    assert two["deploy"]["runtime"] == ["llama.cpp", "vllm"]
+    assert "runtime: [llama.cpp, vllm]" in wizard.scenario_yaml(two)
+    assert parse_scenario(two).deploy.runtime == ["llama.cpp", "vllm"]
+    assert wizard.form_from_scenario(two)["runtime"] == ["llama.cpp", "vllm"]
+    assert wizard.scenario_from_form(wizard.form_from_scenario(two))["deploy"] == two["deploy"]
     with pytest.raises(InputError, match="serving runtime mlx does not run on l4-24gb") as e:
-        wizard.scenario_from_form({**form, "runtime": "mlx"})
+        wizard.scenario_from_form({**form, "runtime": ["vllm", "mlx"]})
     assert e.value.field == "deploy.runtime" and wizard.group_of(e.value.field) == "hardware"
     # a hosted API has no device: the runtime is not asked
-    hosted = wizard.scenario_from_form({**form, "target": "hosted-api", "runtime": "vllm"})
+    hosted = wizard.scenario_from_form({**form, "target": "hosted-api", "runtime": ["vllm"]})
     assert "runtime" not in hosted["deploy"]

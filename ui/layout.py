@@ -110,8 +110,9 @@ def _wizard_tab():
                                                          label="Serving device (its kind must suit the target)",
                                                          elem_id="deploy_device")
                         c["runtime"] = gr.Dropdown(wizard.runtime_choices(d["deploy_device"], d["target"]),
-                                                   value=d["runtime"], label="Serving runtime (those that run on "
-                                                   "the device)", elem_id="runtime")
+                                                   value=d["runtime"], multiselect=True,
+                                                   label=wizard.runtime_label(d["deploy_device"], d["target"]),
+                                                   elem_id="runtime")
                     c["hw_msg"] = gr.HTML(elem_id="hw_msg")
                     with gr.Row():
                         back3 = gr.Button("← Data", size="sm", scale=0, min_width=160, elem_classes=["tq-nav"])
@@ -754,13 +755,14 @@ def _plan_error(msgs: dict, err: str, scn: dict | None = None) -> list:
 
 
 def _runtime_for_device(f: dict) -> tuple[dict, dict]:
-    """(the form with a runtime that runs on its serving device, else auto; the runtime dropdown's
-    update: those runtimes as choices)."""
-    ch = wizard.runtime_choices(f.get("deploy_device") if f.get("target") != "hosted-api" else None, f.get("target"))
+    """(the form with the picked runtimes that run on its serving device, in their order: none left is
+    the advisor's search; the runtime picker's update: those runtimes as choices)."""
+    device = f.get("deploy_device") if f.get("target") != "hosted-api" else None
+    ch = wizard.runtime_choices(device, f.get("target"))
     ids = [k for _, k in ch]
-    if f.get("runtime") not in ids:
-        f = {**f, "runtime": wizard.RUNTIME_AUTO}
-    return f, gr.update(choices=ch, value=f["runtime"], interactive=len(ch) > 1)
+    f = {**f, "runtime": [k for k in wizard.runtime_list(f.get("runtime")) if k in ids]}
+    return f, gr.update(choices=ch, value=f["runtime"], interactive=bool(ch),
+                        label=wizard.runtime_label(device, f.get("target")))
 
 
 def _runtime_chart(rs: list[dict], scn: dict | None, strategy_id: str | None):

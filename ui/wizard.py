@@ -37,7 +37,7 @@ DEFAULT_FORM = {
     "params_b": None, "family": "llama-3",
     "task": "generation", "examples": 5000, "seq_len": 512, "epochs": 1, "dataset_file": None,
     "gpu": "rtx-4090-24gb", "gpu_count": 1, "target": "consumer-gpu", "deploy_device": "rtx-4090-24gb",
-    "runtime": "auto",
+    "runtime": [],
     "max_latency": 50, "min_retention": 0.97, "priority": "balanced", "target_bits": "4", "symptoms": [],
 }
 
@@ -92,22 +92,48 @@ RUNTIME_AUTO = "auto"          # deploy.runtime left out: the advisor's serving 
 
 
 def runtime_choices(device: str | None, target: str | None = None) -> list[tuple[str, str]]:
-    """The serving runtimes (presets/runtimes.yaml) that run on ``device``, after "auto" (deploy.runtime
-    left out: the advisor's serving search serves each strategy with the runtime that loads its format
-    on the device and meets the goals best, the target's default winning ties; docs/advisor.md). No
-    device (a hosted API): "auto" alone."""
+    """The serving runtimes (presets/runtimes.yaml) that run on ``device``, the target's default marked.
+    The wizard's picker selects any number of them: none is ``deploy.runtime`` left out (the advisor's
+    serving search serves each strategy with the runtime that loads its format on the device and meets
+    the goals best, the target's default winning ties; docs/advisor.md), one fixes it, several are
+    searched in the order picked. No device (a hosted API): none."""
     from engine.estimate import runtimes
     try:
         dev = hardware.get(device) if device else None
     except InputError:
         dev = None
     if dev is None:
-        return [("auto — the advisor chooses", RUNTIME_AUTO)]
+        return []
     default, _ = runtimes.default_runtime(dev, target)
-    out = [(f"auto — the advisor picks each strategy's best runtime (default here: {default})", RUNTIME_AUTO)]
-    for rt in runtimes.runtimes().values():
-        if rt.runs_on(dev):
-            out.append((f"{rt.id}" + (" (the default here)" if rt.id == default else ""), rt.id))
+    return [(f"{rt.id}" + (" (the default here)" if rt.id == default else ""), rt.id)
+            for rt in runtimes.runtimes().values() if rt.runs_on(dev)]
+
+
+def runtime_label(device: str | None, target: str | None = None) -> str:
+    """The picker's label: what none, one and several mean, with the device's default."""
+    from engine.estimate import runtimes
+    try:
+        dev = hardware.get(device) if device else None
+    except InputError:
+        dev = None
+    if dev is None:
+        return "Serving runtime (a hosted API serves itself)"
+    default, _ = runtimes.default_runtime(dev, target)
+    return (f"Serving runtimes — none: the advisor searches every one on the device (default here: {default}); "
+            "one: only that; several: searched in the order picked")
+
+
+def runtime_list(value) -> list[str]:
+    """The picker's value (or a form's) as runtime ids in order without repeats: none, "auto" or "any"
+    -> [] (search every runtime), "vllm" -> ["vllm"], a list as it is."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for v in items:
+        v = str(v or "").strip()
+        if v and v.lower() not in (RUNTIME_AUTO, "any") and v not in out:
+            out.append(v)
     return out
 
 
@@ -227,13 +253,14 @@ def scenario_from_form(form: dict) -> dict:
             raise InputError(f"serving device for {f['target']} must be one of {', '.join(allowed)}",
                              field="deploy.gpu")
         deploy["gpu"] = f["deploy_device"]
-        rt = f.get("runtime") or RUNTIME_AUTO
-        if rt != RUNTIME_AUTO:
-            ok = [k for _, k in runtime_choices(f["deploy_device"])]
+        picked = runtime_list(f.get("runtime"))
+        ok = [k for _, k in runtime_choices(f["deploy_device"])]
+        for rt in picked:
             if rt not in ok:
                 raise InputError(f"serving runtime {rt} does not run on {f['deploy_device']}; there: "
                                  f"{', '.join(ok)}", field="deploy.runtime")
-            deploy["runtime"] = rt
+        if picked:                       # deploy.runtime: one name fixes it, a list is searched in its order
+            deploy["runtime"] = picked[0] if len(picked) == 1 else picked
     scn["deploy"] = deploy
     goals = {}
     lat = _number(f["max_latency"], "goals.max_latency_ms_per_token", float, 0, 1e6, required=False)
@@ -281,8 +308,7 @@ def form_from_scenario(scn: dict) -> dict:
     form["target"] = dep.get("target", form["target"])
     choices = [k for _, k in device_choices(form["target"])]
     form["deploy_device"] = dep.get("gpu") or dep.get("device") or (choices[0] if choices else None)
-    rt = dep.get("runtime")
-    form["runtime"] = rt if isinstance(rt, str) and rt.strip().lower() != "any" else RUNTIME_AUTO
+    form["runtime"] = runtime_list(dep.get("runtime"))
     goals = scn.get("goals") or {}
     form["max_latency"] = goals.get("max_latency_ms_per_token")
     form["min_retention"] = goals.get("min_accuracy_retention")
