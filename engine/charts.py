@@ -553,6 +553,36 @@ def runtime_comparison(cmp: dict, goal_ms=None, device_name: str = "target", str
     return fig
 
 
+def runtime_strategy(rs: list[dict], recommended: str | None = None) -> str | None:
+    """The strategy the runtime comparison shows until one is picked: the recommended one, else the
+    first row with a serving estimate (the Trade-offs tab and the report alike)."""
+    return recommended or next((r["strategy"] for r in rs if r.get("ms_per_token") is not None), None)
+
+
+def strategy_runtimes(rs: list[dict], scenario: dict | None, strategy_id: str | None) -> Fig:
+    """The runtime comparison of one strategy of the matrix: ``engine.estimate.compare_runtimes`` on its
+    row's own serve request (so the outlined bar is the row's ms/token), drawn by ``runtime_comparison``;
+    or a figure saying why there is none. The one builder of the Trade-offs tab's chart and the report's."""
+    from engine import hardware
+    from engine.errors import InputError
+    from engine.estimate import compare_runtimes
+    title = "Serving runtimes compared"
+    r = next((x for x in rs if x["strategy"] == strategy_id), None)
+    if not r or not scenario:
+        return empty(title, "pick a strategy to compare its serving runtimes", "runtimes", 300)
+    if r["ms_per_token"] is None or not r.get("serve_source"):
+        return empty(title, f"{strategy_id} has no serving estimate here (a hosted API, or see the matrix "
+                            "for why)", "runtimes", 300)
+    dev_id = (scenario.get("deploy") or {}).get("gpu")
+    try:
+        cmp = compare_runtimes(scenario["model"], **infer_request(r["serve_source"]))
+        dev = hardware.get(dev_id)
+    except InputError as e:
+        return empty(title, str(e)[:200], "runtimes", 300)
+    goal = (scenario.get("goals") or {}).get("max_latency_ms_per_token")
+    return runtime_comparison(cmp, goal, dev.name, strategy_id, chosen=r.get("runtime"))
+
+
 # ---- the charts of a scenario ------------------------------------------------------------------------
 
 CHARTS = ("memory", "latency", "breakdown", "cost")

@@ -123,11 +123,15 @@ def collect(result: dict, runs=(), runs_how: str = "", runs_arg: str = "model", 
     scn = result["scenario"]
     figs = charts.scenario_charts(rs, scn)
     pipeline = charts.scenario_charts(rs, scn, charts.MEMORY_VIEWS[1])["memory"]
+    reco = result.get("recommended")
+    rt_sid = charts.runtime_strategy(rs, reco.get("strategy") if isinstance(reco, dict) else reco)
     chosen = list(runs or [])
     pairs = {r["id"]: measured_pairs(r) for r in chosen}
     return {"result": result, "rows": rs, "scenario": scn, "source": source, "runs_arg": runs_arg,
             "figures": {"memory": figs["memory"], "pipeline": pipeline, "latency": figs["latency"],
-                        "breakdown": figs["breakdown"], "cost": figs["cost"]},
+                        "breakdown": figs["breakdown"], "cost": figs["cost"],
+                        # the Trade-offs tab's runtime comparison, for the strategy it shows first
+                        "runtimes": charts.strategy_runtimes(rs, scn, rt_sid)},
             "runs": chosen, "runs_how": runs_how, "pairs": pairs, "versions": _versions(),
             "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -270,7 +274,29 @@ def _matrix_section(d: dict) -> list:
 
 
 CHART_TITLES = {"memory": "Serving memory vs accuracy", "pipeline": "Pipeline peak memory vs accuracy",
-                "latency": "Latency vs accuracy", "breakdown": "Memory per stage", "cost": "Cost"}
+                "latency": "Latency vs accuracy", "breakdown": "Memory per stage", "cost": "Cost",
+                "runtimes": "Serving runtimes compared"}
+
+
+def runtime_table(fig: dict) -> list:
+    """The runtime comparison's bars as one table (runtime, format, ms/token with its interval, device GB,
+    fits, what it is): the same numbers the chart draws."""
+    data = fig.get("data") or []
+    ms = [t for t in data if t.get("type") == "bar" and t.get("xaxis") == "x"]
+    gbs = {(t.get("legendgroup"), rt): x for t in data if t.get("type") == "bar" and t.get("xaxis") == "x2"
+           for rt, x in zip(t["customdata"], t["x"])}
+    body = []
+    for t in ms:
+        e = t.get("error_x") or {}
+        widths = (t.get("marker") or {}).get("line", {}).get("width") or []
+        shapes = ((t.get("marker") or {}).get("pattern") or {}).get("shape") or []
+        for i, (rt, label, x) in enumerate(zip(t["customdata"], t["y"], t["x"])):
+            lo, hi = x - (e.get("arrayminus") or [0] * len(t["x"]))[i], x + (e.get("array") or [0] * len(t["x"]))[i]
+            body.append([label, t.get("name"), f"{x:.2f} [{lo:.2f}, {hi:.2f}]",
+                         num(gbs.get((t.get("legendgroup"), rt)), "{:.2f}"),
+                         "no" if i < len(shapes) and shapes[i] else "yes",
+                         "the matrix's runtime" if i < len(widths) and widths[i] > 1 else ""])
+    return [table(["runtime · format", "serves", "ms/token [interval]", "device GB", "fits", ""], body)]
 
 
 def fig_tables(fig: dict) -> list:
@@ -279,6 +305,8 @@ def fig_tables(fig: dict) -> list:
     notes = [a.get("text") for a in layout.get("annotations") or [] if a.get("text")]
     if not data:
         return [text("(no data: " + "; ".join(notes) + ")")]
+    if layout.get("uirevision") == "runtimes":
+        return runtime_table(fig) + [text("; ".join(notes))] if notes else runtime_table(fig)
     out = []
     # the strategy points (engine.charts puts each point's strategy id in customdata; text names only some)
     pts = [t for t in data if t.get("type") == "scatter" and t.get("customdata")]

@@ -97,8 +97,9 @@ def test_download_and_open_the_report_offline(app, browser, tmp_path):
     cells = rp.locator("table.matrix tbody tr td:nth-child(2)").all_inner_texts()
     assert cells == [e["strategy"] for e in res["ranked"]]
     assert rp.locator("table.matrix tr.reco td:nth-child(2)").inner_text() == res["recommended"]
-    for key in ("memory", "pipeline", "latency", "breakdown", "cost"):       # Plotly drew every chart
+    for key in ("memory", "pipeline", "latency", "breakdown", "cost", "runtimes"):     # Plotly drew every chart
         assert rp.locator(f"#chart-{key} svg.main-svg").count() >= 1, key
+    assert rp.locator("#chart-runtimes g.trace.bars").count() >= 2               # runtimes compared, not empty
     assert rp.locator("#chart-memory g.trace.scatter").count() >= 2            # points, not an empty frame
     runs_text = rp.locator("#runs").inner_text()
     assert RUN_ID in runs_text and "879.7 tokens/s" in runs_text

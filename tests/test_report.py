@@ -359,6 +359,33 @@ def test_charts_inline_plotly_once_and_carry_the_figures(built):
     assert mem_md.count("\n| ") - 1 == n_points
 
 
+def test_the_runtime_comparison_is_the_trade_off_tabs(built):
+    """The Trade-offs tab's runtime chart (the recommended strategy in every runtime of the serving device) is
+    in the report from the same builder: the same figure as the tab draws, its numbers compare_runtimes'."""
+    d, html, md = built
+    from engine.estimate import compare_runtimes
+    from ui import layout
+    rs, scn = d["rows"], d["scenario"]
+    sid = d["result"]["recommended"]
+    fig = d["figures"]["runtimes"]
+    assert json.dumps(fig, sort_keys=True) == json.dumps(layout._runtime_chart(rs, scn, sid), sort_keys=True)
+    assert f"Plotly.newPlot('chart-runtimes', {report._script_json(fig['data'])}" in html
+    row = next(r for r in rs if r["strategy"] == sid)
+    cmp = compare_runtimes(scn["model"], **charts.infer_request(row["serve_source"]))
+    ok = [e for e in cmp["runtimes"] if e.get("ms_per_token") is not None]
+    assert len(ok) >= 2 and sid in fig["layout"]["title"]["text"]
+    # Markdown: one row per runtime with the same ms/token, interval and device memory; the matrix's one marked
+    table_md = {r[0]: r for r in md_table(md, "runtime · format")}
+    assert len(table_md) == len(ok)
+    for e in ok:
+        r = table_md[f"{e['runtime']} · {e['weights']}"]
+        lo, hi = e.get("ms_per_token_low") or e["ms_per_token"], e.get("ms_per_token_high") or e["ms_per_token"]
+        assert r[2] == f"{e['ms_per_token']:.2f} [{lo:.2f}, {hi:.2f}]"
+        assert r[3] == f"{e['device_bytes'] / 1e9:.2f}" and r[4] == ("yes" if e["fits"] else "no")
+        assert (r[5] == "the matrix's runtime") == (e["runtime"] == row["runtime"])
+    assert sum(r[5] == "the matrix's runtime" for r in table_md.values()) == 1
+
+
 def test_runs_section_shows_the_measurements(built):
     d, html, md = built
     assert [r["id"] for r in d["runs"]] == [RUN_ID]                 # picked by the scenario's model

@@ -11,7 +11,7 @@ import time
 
 import gradio as gr
 
-from engine import charts, hardware, strategies
+from engine import charts, strategies
 from engine.errors import InputError
 from engine.runs import api
 from ui import artifacts, calibration, compare, matrix, report, runs, wizard
@@ -718,7 +718,7 @@ def _recompute(form: dict, mem_view: str = charts.MEMORY_VIEWS[0], shown=None, s
     rs = charts.rows(res)
     mem, lat, breakdown, cost = _charts(rs, scn, mem_view, shown)
     reco = matrix.recommended(res)
-    rt_sid = reco or next((r["strategy"] for r in rs if r["ms_per_token"] is not None), None)
+    rt_sid = charts.runtime_strategy(rs, reco)
     out = {"scenario": scn, "result": res, "scenario_yaml": wizard.scenario_yaml(scn),
            "summary": matrix.summary_html(res, rs), "model_msg": msgs["model"], "data_msg": msgs["data"],
            "hw_msg": msgs["hardware"], "goals_msg": msgs["goals"], "banner": matrix.banner_html(res, rs),
@@ -766,24 +766,8 @@ def _runtime_for_device(f: dict) -> tuple[dict, dict]:
 
 
 def _runtime_chart(rs: list[dict], scn: dict | None, strategy_id: str | None):
-    """The runtime comparison of one strategy (engine.estimate.compare_runtimes on the matrix row's own
-    serve request; engine.charts.runtime_comparison), or a message why there is none."""
-    title = "Serving runtimes compared"
-    r = next((x for x in rs if x["strategy"] == strategy_id), None)
-    if not r or not scn:
-        return charts.empty(title, "pick a strategy to compare its serving runtimes", "runtimes", 300)
-    if r["ms_per_token"] is None or not r.get("serve_source"):
-        return charts.empty(title, f"{strategy_id} has no serving estimate here (a hosted API, or see the matrix "
-                                   "for why)", "runtimes", 300)
-    from engine.estimate import compare_runtimes
-    dev_id = (scn.get("deploy") or {}).get("gpu")
-    try:
-        cmp = compare_runtimes(scn["model"], **charts.infer_request(r["serve_source"]))
-        dev = hardware.get(dev_id)
-    except InputError as e:
-        return charts.empty(title, str(e)[:200], "runtimes", 300)
-    goal = (scn.get("goals") or {}).get("max_latency_ms_per_token")
-    return charts.runtime_comparison(cmp, goal, dev.name, strategy_id, chosen=r.get("runtime"))
+    """The runtime comparison of one strategy (engine.charts.strategy_runtimes: the report's builder too)."""
+    return charts.strategy_runtimes(rs, scn, strategy_id)
 
 
 def _charts(rs: list[dict], scn: dict | None, view: str, shown) -> list:
