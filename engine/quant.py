@@ -60,6 +60,8 @@ class Method:
         out = {"method": a["method"], "w_bits": s["bits"]}
         if a.get("a_bits"):
             out["a_bits"] = a["a_bits"]
+        if a.get("act_granularity"):
+            out["act_granularity"] = a["act_granularity"]
         if a.get("per_channel"):
             out["per_channel"] = True
         gs = a.get("group_size")

@@ -329,5 +329,6 @@ def planner_requests(s: dict, model, w: Workload) -> dict[str, dict]:
     out["accuracy"] = dict(family=arch.family, params_b=round(arch.total_params / 1e9, 3), method=acc["method"],
                            w_bits=float(acc["w_bits"]), a_bits=float(acc.get("a_bits", 16)),
                            group_size=acc.get("group_size"), per_channel=bool(acc.get("per_channel", False)),
-                           finetune=acc.get("finetune", "none"))
+                           finetune=acc.get("finetune", "none"),
+                           **({"act_granularity": acc["act_granularity"]} if acc.get("act_granularity") else {}))
     return out

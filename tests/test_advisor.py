@@ -146,10 +146,13 @@ RULE_CASES = [
      lambda t: t["traits"]["train"] != "none" and t["traits"]["w_bits"] == 4, False),
     ("deploy-hosted-api-prompting-first", scenario(examples=500, deploy={"target": "hosted-api"}),
      lambda t: t["strategy"] == "hosted-api" and t["family"] == "no-change", True),
+    # it decided this scenario while QAT 8da4w's accuracy was extrapolated from 7-13B NF4 rows; since the
+    # Llama 3.2 card's 8da4w rows (same scheme, family and size) are evidence, its interval is narrower
+    # than the GGUF recipe's and QAT -> ExecuTorch leads without the rule too: it applies, does not decide
     ("deploy-phone-executorch",
      scenario(model="llama-3.2-1b", examples=5000, hardware={"gpu": "rtx-4090-24gb"},
               deploy={"target": "phone", "gpu": "pixel-8-pro-12gb"}),
-     lambda t: "executorch" in t["traits"]["runtimes"] and t["traits"]["quantized"], True),
+     lambda t: "executorch" in t["traits"]["runtimes"] and t["traits"]["quantized"], False),
     # a penalty on research recipes. It used to decide this scenario (QA-LoRA's extrapolated accuracy put it
     # a hair ahead of adapters on a GPTQ base); since accuracy intervals widen with the distance from their
     # evidence and with a research method's maturity (docs/accuracy.md "Honest intervals"), QA-LoRA's
@@ -412,12 +415,15 @@ def test_the_phone_scenario_recommends_a_fine_tuned_model_in_an_executorch_forma
     out = advisor.recommend("phone-assistant-3b", what_if=False)
     t = top(out)
     assert t["strategy"] == "qat-8da4w-executorch" and t["estimates"]["serving"]["runtime"] == "executorch"
-    # decided on speed: ExecuTorch's phone terms rest on two sources (iPhone 15 Pro, OnePlus 12), llama.cpp's
-    # on a phone are a prior; the accuracy parts of the two are within 0.01
+    # ahead on speed (ExecuTorch's phone terms rest on two sources, iPhone 15 Pro and OnePlus 12; llama.cpp's
+    # on a phone are a prior) and on the pessimistic end of accuracy: the same central retention (within
+    # 0.01), but QAT 8da4w's interval rests on the Llama 3.2 card's 8da4w rows of the same family and size
     g = row(out, "lora-merge-gguf-q4_k_m")
     assert g["feasible"] and g["estimates"]["serving"]["runtime"] == "llama.cpp"
     assert t["estimates"]["latency_ms_per_token"] < g["estimates"]["latency_ms_per_token"]
-    assert abs(t["score_parts"]["accuracy"] - g["score_parts"]["accuracy"]) < 0.01
+    ta, ga = t["estimates"]["accuracy"], g["estimates"]["accuracy"]
+    assert abs(ta["retention"] - ga["retention"]) < 0.01 and ta["low"] > ga["low"]
+    assert t["score_parts"]["accuracy"] > g["score_parts"]["accuracy"]
     # PyTorch eager does not run in a phone app: the QAT checkpoint served by transformers cannot ship
     q = row(out, "qat-int8")
     assert not q["feasible"] and "format" in q["blocked_by"]

@@ -56,8 +56,9 @@ def test_the_catalog_reads_its_facts_from_the_registries():
             "ptq-awq-4bit": {"method": "awq", "w_bits": 4, "group_size": 128},
             "ptq-torchao-int8": {"method": "rtn", "w_bits": 8, "per_channel": True},
             "ptq-torchao-int4": {"method": "rtn", "w_bits": 4, "group_size": 128},
-            "ptq-dynamic-int8": {"method": "smoothquant", "w_bits": 8, "a_bits": 8, "per_channel": True},
-            "ptq-fp8": {"method": "fp8", "w_bits": 8, "a_bits": 8, "per_channel": True}}
+            "ptq-dynamic-int8": {"method": "smoothquant", "w_bits": 8, "a_bits": 8, "per_channel": True,
+                                 "act_granularity": "per-token"},
+            "ptq-fp8": {"method": "fp8", "w_bits": 8, "a_bits": 8, "per_channel": True, "act_granularity": "per-token"}}
     for sid, req in want.items():
         assert strategies.accuracy_request(strategies.get(sid)) == req, sid
     assert strategies.scheme(strategies.get("ptq-fp8")) == "FP8" and strategies.scheme(strategies.get("ptq-dynamic-int8")) == "W8A8"

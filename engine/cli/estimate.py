@@ -65,6 +65,9 @@ ACCURACY_ARGS = {
     "group_size": ("--group-size", int, None),
     "per_channel": ("--per-channel", bool, False),
     "finetune": ("--finetune", str, "none"),
+    # the activation scale's granularity when --a-bits < 16 (default per-token: dynamic int8 as
+    # torchao / ExecuTorch / vLLM run it); the estimate module's error lists the choices
+    "act_granularity": ("--act-granularity", str, None),
     "runs": ("--runs", str, None),      # measured evidence: run ids (comma-separated) or "store" (every finished run)
 }
 REQUIRED = {"train": ("model", "method"), "infer": ("model",), "accuracy": ("family", "params_b", "method", "w_bits"),

@@ -40,6 +40,9 @@ from engine.vocab import FINETUNES, MODEL_FAMILIES
 
 SPEC_FILE = "evidence/accuracy_model.yaml"
 CSV_FILE = "evidence/published_quant_results.csv"
+# published rows added here (not in the shared verbatim copy above): the same columns plus
+# a_granularity, the activation scale's granularity as the source states it
+EXTRA_CSV_FILES = ("evidence/act_quant_results.csv",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,6 +89,7 @@ class Row:
     instruct: bool = False
     excluded: str = ""       # reason this row is left out of the fit ("" = used)
     flags: tuple = ()        # caveats of a row that is used
+    a_granularity: str = "per-token"   # activation scale: per-token | per-tensor-dynamic | per-tensor-static
 
     @property
     def ratio(self) -> float | None:
@@ -106,6 +110,7 @@ class Row:
                 "method": self.method, "w_bits": self.w_bits, "a_bits": self.a_bits, "group": self.group,
                 "finetune": self.finetune, "metric": self.metric, "value": self.value,
                 "baseline": self.baseline, "source": self.source,
+                **({"a_granularity": self.a_granularity} if self.a_bits < 16 else {}),
                 **({"excluded": self.excluded} if self.excluded else {}),
                 **({"flags": list(self.flags)} if self.flags else {})}
 
@@ -212,6 +217,22 @@ def _float(text) -> float | None:
         return float("nan")
 
 
+def act_granularities() -> tuple[str, ...]:
+    return tuple(spec()["activations"]["granularities"])
+
+
+def row_granularity(raw: dict) -> str:
+    """A CSV record's activation granularity: its a_granularity column, else the one its method
+    string states (accuracy_model.yaml activations.by_method: SmoothQuant's table of baselines),
+    else the default (per-token: what every weight-activation method of the CSV uses)."""
+    act = spec()["activations"]
+    g = (raw.get("a_granularity") or "").strip() or act["by_method"].get(str(raw["method"]).strip()) \
+        or act["default"]
+    if g not in act["granularities"]:
+        raise ValueError(f"unknown activation granularity {g!r} (known: {', '.join(act['granularities'])})")
+    return g
+
+
 def normalise(raw: dict, idx: int) -> Row:
     """One CSV record (a dict of its columns) -> Row, with exclusions and flags applied."""
     metric = raw["metric"].strip()
@@ -226,15 +247,20 @@ def normalise(raw: dict, idx: int) -> Row:
               source=raw["source"].strip(), method_raw=raw["method"], finetune_raw=raw["finetune"],
               group_raw=raw["group_size"], notes=raw.get("notes", "") or "",
               instruct=raw["model"].strip().lower().endswith("-instruct")
-              or "-instruct-" in raw["model"].strip().lower())
+              or "-instruct-" in raw["model"].strip().lower(),
+              a_granularity=row_granularity(raw))
     return _apply_rules(row)
 
 
 @functools.lru_cache(maxsize=None)
 def load_evidence() -> tuple[Row, ...]:
-    """Every row of the published CSV, normalised (excluded rows included, with their reason)."""
-    with open(PRESETS_DIR / CSV_FILE, encoding="utf-8", newline="") as f:
-        return tuple(normalise(r, i) for i, r in enumerate(csv.DictReader(f)))
+    """Every row of the published CSVs, normalised (excluded rows included, with their reason).
+    The shared verbatim copy first (idx = its row), then the rows added here (idx continues)."""
+    records = []
+    for name in (CSV_FILE, *EXTRA_CSV_FILES):
+        with open(PRESETS_DIR / name, encoding="utf-8", newline="") as f:
+            records.extend(csv.DictReader(f))
+    return tuple(normalise(r, i) for i, r in enumerate(records))
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,11 +387,12 @@ class Point:
     family: str
     finetune: str            # the effective class (a method's own training included)
     corpus: str = "wikitext2"
+    a_granularity: str = "per-token"
 
     @classmethod
     def of(cls, r: Row) -> "Point":
         return cls(r.method, r.w_bits, r.a_bits, r.group, r.params_b, r.family,
-                   effective_finetune(r.method, r.finetune), r.corpus or "wikitext2")
+                   effective_finetune(r.method, r.finetune), r.corpus or "wikitext2", r.a_granularity)
 
 
 def effective_finetune(method: str, finetune: str) -> str:
@@ -399,12 +426,27 @@ def features(p: Point) -> dict[str, float]:
         f["act_base"] = 1.0
         f["act_bits"] = max(0.0, 8.0 - p.a_bits)
         if methods()[p.method]["act"] == "naive":
-            f["act_naive"] = 1.0
+            # plain integer activations: a scale that must span an outlier the grid cannot hold
+            # (act_naive) or one that need not (act_token): see outlier_spanned
+            f["act_naive" if outlier_spanned(p) else "act_token"] = 1.0
     if p.finetune in spec()["finetune"]["recovery"]:
         f[f"ft:{p.finetune}"] = 1.0
     if p.corpus not in ("wikitext2", ""):
         f[f"corpus:{p.corpus}"] = 1.0
     return {k: v for k, v in f.items() if v != 0.0 or k == "intercept"}
+
+
+def outlier_spanned(p: Point) -> bool:
+    """Whether plain integer activations of this configuration put an outlier inside every
+    scale: a per-tensor scale spans all tokens, so the few tokens with massive activations
+    (hundreds to thousands of times the median, in every LLM family studied) set the step for
+    all of them; a per-token scale isolates those tokens, and spans an outlier only where whole
+    channels carry it for every token (the emergent outlier features of OPT from 6.7B on:
+    accuracy_model.yaml activations.outlier_channels)."""
+    if p.a_granularity != "per-token":
+        return True
+    return any(p.family == c["family"] and p.params_b >= c["from_params_b"]
+               for c in spec()["activations"]["outlier_channels"])
 
 
 def _penalty(name: str) -> float:
@@ -585,6 +627,8 @@ def _distance2(a: Point, b: Point) -> float:
     d += 0.0 if a.finetune == b.finetune else 1.0
     d += 0.0 if (a.a_bits < 16) == (b.a_bits < 16) else 2.0
     d += ((min(a.a_bits, 16) - min(b.a_bits, 16)) / 4.0) ** 2
+    if a.a_bits < 16 and b.a_bits < 16 and a.a_granularity != b.a_granularity:
+        d += 1.0
     return d
 
 
@@ -716,11 +760,13 @@ def _measured_rows(measured, request: dict) -> tuple[list[Row], list[dict]]:
                        a_bits=float(m.get("a_bits", request["a_bits"])), group=group,
                        finetune=m.get("finetune", request["finetune"]), metric=metric,
                        metric_class=cls, value=value, baseline=baseline,
-                       source=f"run:{run_id}", notes=str(m.get("notes", ""))))
+                       source=f"run:{run_id}", notes=str(m.get("notes", "")),
+                       a_granularity=m.get("act_granularity", request["act_granularity"])))
     return out, skipped
 
 
-def validate_request(family, params_b, method, w_bits, a_bits, group_size, per_channel, finetune) -> dict:
+def validate_request(family, params_b, method, w_bits, a_bits, group_size, per_channel, finetune,
+                     act_granularity=None) -> dict:
     from engine.errors import choices
     fam = str(family or "").strip().lower()
     if fam not in _families():
@@ -745,6 +791,9 @@ def validate_request(family, params_b, method, w_bits, a_bits, group_size, per_c
     ft = str(finetune or "none").strip().lower()
     if ft not in FINETUNES:
         raise choices("finetune", finetune, FINETUNES)
+    ag = str(act_granularity or spec()["activations"]["default"]).strip().lower()
+    if ag not in act_granularities():
+        raise choices("act_granularity", act_granularity, act_granularities())
     notes = []
     if group_size is not None and per_channel:
         raise InputError("give either group_size (--group-size) or per_channel (--per-channel), not both",
@@ -767,7 +816,7 @@ def validate_request(family, params_b, method, w_bits, a_bits, group_size, per_c
         notes.append(f"{mid} is a vector/codebook quantizer: the group size does not apply")
         group = "vector"
     return {"family": fam, "params_b": params_b, "method": mid, "w_bits": float(w_bits), "a_bits": float(a_bits),
-            "group": group, "finetune": ft, "notes": notes}
+            "group": group, "finetune": ft, "act_granularity": ag, "notes": notes}
 
 
 def _term_list(model: Fit, p: Point) -> list[dict]:
@@ -777,15 +826,20 @@ def _term_list(model: Fit, p: Point) -> list[dict]:
 
 
 def estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=None, per_channel=False,
-                      finetune="none", measured=None) -> dict:
+                      finetune="none", measured=None, act_granularity=None) -> dict:
     """Retention (5-task zero-shot average, quantized / 16-bit) and WikiText-2 ppl ratio, with an
     80% interval and the evidence behind them. `measured`: results of runs (dicts with run_id,
-    metric, value, baseline, and any of the config keys that differ from the request)."""
-    req = validate_request(family, params_b, method, w_bits, a_bits, group_size, per_channel, finetune)
+    metric, value, baseline, and any of the config keys that differ from the request).
+    `act_granularity`: the activation scale's granularity when a_bits < 16 (per-token |
+    per-tensor-dynamic | per-tensor-static; default per-token, what torchao's, ExecuTorch's and
+    vLLM's dynamic int8 activations use)."""
+    req = validate_request(family, params_b, method, w_bits, a_bits, group_size, per_channel, finetune,
+                           act_granularity)
     notes = req.pop("notes")
     model = default_fit()
     inputs = {"family": req["family"], "params_b": req["params_b"], "method": req["method"],
-              "w_bits": req["w_bits"], "a_bits": req["a_bits"], "group": req["group"], "finetune": req["finetune"]}
+              "w_bits": req["w_bits"], "a_bits": req["a_bits"], "group": req["group"], "finetune": req["finetune"],
+              **({"act_granularity": req["act_granularity"]} if req["a_bits"] < 16 else {})}
     if req["method"] == "none" or (req["w_bits"] >= 16 and req["a_bits"] >= 16):
         return {"retention": 1.0, "ppl_ratio": 1.0, "low": 1.0, "high": 1.0, "ppl_low": 1.0, "ppl_high": 1.0,
                 "damage_nats": 0.0, "inputs": inputs, "interval": "exact",
@@ -796,7 +850,8 @@ def estimate_accuracy(family, params_b, method, w_bits, a_bits=16, group_size=No
     eft = effective_finetune(req["method"], req["finetune"])
     if eft != req["finetune"]:
         notes.append(f"{req['method']} trains by itself: fine-tuning class {eft!r} used instead of {req['finetune']!r}")
-    p = Point(req["method"], req["w_bits"], req["a_bits"], req["group"], req["params_b"], req["family"], eft)
+    p = Point(req["method"], req["w_bits"], req["a_bits"], req["group"], req["params_b"], req["family"], eft,
+              a_granularity=req["act_granularity"])
     cfg = spec()["fit"]
     y = model.predict(p)
     neigh = _neighbours(model, p)
