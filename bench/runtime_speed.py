@@ -48,7 +48,7 @@ def device(r: dict) -> hardware.Device:
     return hardware.Device(id=r["device_name"], name=r["device_name"], kind=r["device_kind"], memory_bytes=0,
                            bandwidth_gbs=float(r["bandwidth_gbs"]), bf16_tflops=None, fp16_tflops=None,
                            fp8_tflops=None, int8_tops=None, price_per_hour=None,
-                           alu_tops=float(r["alu_tops"]) if r.get("alu_tops") else None)
+                           alu_tops=float(r["alu_tops"]) if r.get("alu_tops") else None, os=r.get("os") or "")
 
 
 def context(r: dict) -> float:
@@ -110,9 +110,10 @@ def group(r: dict) -> tuple[str, str, str]:
     """What one bw_efficiency covers: runtime x device kind x format class (a class the registry
     does not list for that device falls back to its `default`: then the rows pool over classes)."""
     rt = R.get(r["runtime"])
-    table = rt.decode["bw_efficiency"].get(r["device_kind"], {})
+    kind = R.platform_key(rt.decode["bw_efficiency"], device(r))     # phone-ios / phone-android where listed
+    table = rt.decode["bw_efficiency"].get(kind, {})
     cls = R.format_class(r["format"])
-    return r["runtime"], r["device_kind"], cls if cls in table else "default"
+    return r["runtime"], kind, cls if cls in table else "default"
 
 
 def fold(est: float, meas: float) -> float:

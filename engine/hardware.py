@@ -24,6 +24,7 @@ class Device:
     fp32_tflops: float | None = None   # CPUs that compute in fp32 (no fast bf16): their matmul rate
     alu_tops: float | None = None      # GPU: lane instructions issued per second (compute units x lanes x clock)
     reference_calibration: str = ""    # measurements the speed terms were fitted on (the reference GPU)
+    os: str = ""                       # phone: ios | android (a runtime's terms may differ by platform)
 
 
     @property
@@ -58,7 +59,7 @@ def _all() -> dict[str, Device]:
                               bandwidth_gbs=t["bandwidth_gbs"], bf16_tflops=t["bf16_tflops"],
                               fp16_tflops=t["fp16_tflops"], fp8_tflops=t["fp8_tflops"],
                               int8_tops=t["int8_tops"], price_per_hour=t["price_per_hour"],
-                              fp32_tflops=t.get("fp32_tflops"))
+                              fp32_tflops=t.get("fp32_tflops"), os=t.get("os", ""))
     return out
 
 

@@ -415,7 +415,7 @@ def test_the_phone_scenario_recommends_a_fine_tuned_model_in_an_executorch_forma
     out = advisor.recommend("phone-assistant-3b", what_if=False)
     t = top(out)
     assert t["strategy"] == "qat-8da4w-executorch" and t["estimates"]["serving"]["runtime"] == "executorch"
-    # ahead on speed (ExecuTorch's phone terms rest on two sources, iPhone 15 Pro and OnePlus 12; llama.cpp's
+    # ahead on speed (ExecuTorch's Android terms rest on two sources, Galaxy S22 and OnePlus 12; llama.cpp's
     # on a phone are a prior) and on the pessimistic end of accuracy: the same central retention (within
     # 0.01), but QAT 8da4w's interval rests on the Llama 3.2 card's 8da4w rows of the same family and size
     g = row(out, "lora-merge-gguf-q4_k_m")

@@ -191,10 +191,18 @@ def choose(dev: hardware.Device, fmt, runtime=None, target: str | None = None) -
 
 # ---- speed ---------------------------------------------------------------------------------------------
 
+def platform_key(table: dict, dev: hardware.Device) -> str:
+    """The key of a per-device-kind table that applies to ``dev``: ``<kind>-<os>`` (phone-ios,
+    phone-android) where the table has one for the device's platform, else the device kind."""
+    k = f"{dev.kind}-{dev.os}" if dev.os else ""
+    return k if k and k in table else dev.kind
+
+
 def _per_kind(table: dict, dev: hardware.Device, what: str, rt: Runtime):
-    if dev.kind not in table:
+    key = platform_key(table, dev)
+    if key not in table:
         raise ValueError(f"runtime {rt.id}: {what} has no value for {dev.kind}")   # data error in runtimes.yaml
-    return table[dev.kind]
+    return table[key]
 
 
 def class_layer_s(rt: Runtime, cls: str, dev: hardware.Device) -> float:
@@ -215,7 +223,7 @@ def constants(rt: Runtime, fmt, dev: hardware.Device, override: dict | None = No
     eff = bw.get(cls, bw.get("default"))
     c = {"bw_efficiency": eff, "format_class": cls,
          "host_s_per_token": _per_kind(d["host_s_per_token"], dev, "host_s_per_token", rt),
-         "host_s_per_layer": (d.get("host_s_per_layer") or {}).get(dev.kind, 0.0)
+         "host_s_per_layer": (d.get("host_s_per_layer") or {}).get(platform_key(d.get("host_s_per_layer") or {}, dev), 0.0)
                              + class_layer_s(rt, cls, dev),
          "flops_efficiency": d["flops_efficiency"],
          "alu_efficiency": (d.get("alu_efficiency") or {}).get(dev.kind),
@@ -267,7 +275,7 @@ def decode_step(arch: ModelArch, fmt, dev: hardware.Device, rt: Runtime, batch: 
                         f"{c['host_s_per_token'] * 1e3:.2f} ms/token"
                         + (f" + {arch.num_layers} layers x {c['host_s_per_layer'] * 1e3:.2f} ms" if c["host_s_per_layer"] else "")
                         + f" = {step * 1e3:.2f} ms/step "
-                        f"({rt.id}, {dev.kind}, {c['format_class']} weights)")}
+                        f"({rt.id}, {dev.kind}{'/' + dev.os if dev.os else ''}, {c['format_class']} weights)")}
 
 
 def prefill(arch: ModelArch, fmt, dev: hardware.Device, rt: Runtime, batch: int, prompt_len: int,
