@@ -31,10 +31,11 @@ def test_csv_is_a_verbatim_copy_with_every_source():
     rs = rows()
     shared = [r for r in rs if r.idx < 489]
     assert len(shared) == 489 and len({r.source for r in shared}) == 18
-    # the rows added here (act_quant_results.csv: Meta's Llama 3.2 card, vanilla PTQ 8da4w) follow
+    # the rows added here (act_quant_results.csv: Meta's Llama 3.2 card, vanilla PTQ and QAT + LoRA 8da4w)
     added = rs[489:]
-    assert len(added) == 6 and len({r.source for r in added}) == 1
+    assert len(added) == 12 and len({r.source for r in added}) == 2
     assert all(r.a_granularity == "per-token" and r.a_bits == 8 and not r.excluded for r in added)
+    assert [r.method for r in added] == ["rtn"] * 6 + ["qat"] * 6 and {r.finetune for r in added[6:]} == {"qat"}
 
 
 @pytest.mark.parametrize("text,group", [
@@ -114,7 +115,7 @@ def test_tricky_rows():
 
 def test_exclusion_count_is_stable():
     rs = rows()
-    assert sum(1 for r in rs if not r.excluded) == 406
+    assert sum(1 for r in rs if not r.excluded) == 412
     assert all(r.excluded or r.ratio is not None for r in rs)
 
 
@@ -248,7 +249,7 @@ def test_per_token_activations_are_not_judged_like_per_tensor_ones():
 
 def test_meta_card_rows_inside_their_interval_and_predicted_without_them():
     rs = A.load_evidence()
-    card = [r for r in rs if r.source.startswith("Meta 2024 Llama 3.2 model card")]
+    card = [r for r in rs if r.source.startswith("Meta 2024 Llama 3.2 model card") and "Vanilla PTQ" in r.source]
     assert len(card) == 6
     full = A.default_fit()
     for r in card:
@@ -287,7 +288,7 @@ def test_extrapolation_widens_the_interval():
 def test_evidence_lists_rows_sources_and_terms():
     r = est(family="llama-3", params_b=8)
     ev = r["evidence"]
-    assert ev["count"] == ev["published"] == 406 and ev["measured"] == 0 and ev["same_method"] > 20
+    assert ev["count"] == ev["published"] == 412 and ev["measured"] == 0 and ev["same_method"] > 20
     c = ev["closest"][0]
     assert (c["model"], c["method"], c["w_bits"], c["group"]) == ("Llama-3-8B", "gptq", 4, 128)
     assert set(c) >= {"model", "method", "w_bits", "group", "metric", "value", "baseline", "source"}
