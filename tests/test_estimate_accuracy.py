@@ -247,6 +247,19 @@ def test_per_token_activations_are_not_judged_like_per_tensor_ones():
     assert "act_granularity" not in est()["inputs"]                  # weight-only: nothing to say
 
 
+def test_activation_granularity_of_the_published_rows():
+    # SmoothQuant's table of its baselines' settings: each method string stands for its granularity
+    sq = {r.method_raw: r for r in A.load_evidence() if r.source.startswith("Xiao et al. 2023 SmoothQuant")}
+    want = {"naive W8A8": "per-tensor-dynamic", "ZeroQuant": "per-token", "Outlier Suppression": "per-tensor-static",
+            "SmoothQuant-O1": "per-token", "SmoothQuant-O2": "per-tensor-dynamic", "SmoothQuant-O3": "per-tensor-static",
+            "LLM.int8()": "per-token"}
+    assert {k: sq[k].a_granularity for k in want} == want
+    # every plain integer row of OPT-175B spans an outlier (per-tensor, or OPT's channels at per-token)
+    assert all(A.outlier_spanned(A.Point.of(sq[k])) for k in ("naive W8A8", "ZeroQuant", "Outlier Suppression"))
+    with pytest.raises(ValueError, match="granularity"):
+        A.row_granularity({"method": "RTN", "a_granularity": "per-row"})
+
+
 def test_meta_card_rows_inside_their_interval_and_predicted_without_them():
     rs = A.load_evidence()
     card = [r for r in rs if r.source.startswith("Meta 2024 Llama 3.2 model card") and "Vanilla PTQ" in r.source]
