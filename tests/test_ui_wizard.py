@@ -102,6 +102,24 @@ def test_bad_uploads_are_refused_inline(tmp_path):
         wizard.scenario_from_form({**wizard.DEFAULT_FORM, "source": wizard.SRC_UPLOAD, "config_file": str(txt)})
 
 
+def test_a_gguf_upload_that_does_not_read_is_refused_naming_it_and_not_kept(tmp_path, home):
+    """(The real demo GGUF through the page: tests/test_browser_wizard.py.)"""
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x07" * 40)          # a header that stops short
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"PK\x03\x04 not a model")
+    for f, problem in ((cut, "cut.gguf is a truncated or corrupt GGUF file"), (other, "other.gguf is not a GGUF file")):
+        with pytest.raises(InputError, match=f"model: the uploaded {f.name}: {problem}") as e:
+            wizard.scenario_from_form({**wizard.DEFAULT_FORM, "source": wizard.SRC_UPLOAD, "config_file": str(f)})
+        assert str(home) not in str(e.value) and wizard.group_of(e.value.field) == "model"
+    assert not list((home / "uploads" / "models").glob("*/*"))            # nothing half-kept
+    big = tmp_path / "big.gguf"
+    with open(big, "wb") as fh:
+        fh.truncate(common.MAX_GGUF_BYTES + 1)
+    with pytest.raises(InputError, match="limit is 200 MB"):
+        wizard.scenario_from_form({**wizard.DEFAULT_FORM, "source": wizard.SRC_UPLOAD, "config_file": str(big)})
+
+
 def test_local_model_paths_are_confined_to_the_workspace(tmp_path, home):
     outside = tmp_path / "elsewhere"
     outside.mkdir()

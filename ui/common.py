@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Upload limits (bytes): one place, used by the handlers and by launch(max_file_size=...).
 MAX_CONFIG_BYTES = 1_000_000          # a config.json is a few KB
 MAX_DATASET_BYTES = 50_000_000        # JSONL/CSV for a fine-tune demo; bigger sets: put them in the workspace
-MAX_UPLOAD = "50mb"
+MAX_GGUF_BYTES = 200_000_000          # a small GGUF model (the demo's SmolLM2-135M Q4_1 is 98 MB); bigger: the workspace
+MAX_UPLOAD = "200mb"                  # Gradio's own cap: the largest of the above
 
 
 # ---- where things live ------------------------------------------------------------------

@@ -67,8 +67,9 @@ def _wizard_tab():
                     c["hub_id"] = gr.Textbox(value=d["hub_id"], label="Hub id (org/name) or a model folder in the workspace",
                                              placeholder="meta-llama/Llama-3.1-8B  or  models/my-model  (press Enter)",
                                              visible=False, elem_id="hub_id")
-                    c["config_file"] = gr.File(label="config.json of the model", file_types=[".json"],
-                                               visible=False, elem_id="config_file")
+                    c["config_file"] = gr.File(label="config.json of the model, or a .gguf model file (up to 200 MB; "
+                                               "bigger: put it in the workspace and type its path)",
+                                               file_types=[".json", ".gguf"], visible=False, elem_id="config_file")
                     with gr.Row(visible=False) as size_row:
                         c["params_b"] = gr.Number(value=d["params_b"], label="Parameters (billions)", elem_id="params_b")
                         c["family"] = gr.Dropdown(list(wizard.models.FAMILIES), value=d["family"], label="Family")
@@ -699,8 +700,8 @@ def _recompute(form: dict, mem_view: str = charts.MEMORY_VIEWS[0], shown=None, s
     try:
         scn = wizard.scenario_from_form(form)
     except InputError as e:
-        msgs[wizard.group_of(e.field)] = error_md(e)
-        return _plan_error(msgs, error_md(e))
+        msgs[wizard.group_of(e.field)] = error_md(wizard.shown_path(e))
+        return _plan_error(msgs, error_md(wizard.shown_path(e)))
     except Exception as e:
         return _plan_error(msgs, unexpected_md(e, "reading the form"))
     msgs["model"] = wizard.model_summary(scn["model"])
@@ -708,9 +709,9 @@ def _recompute(form: dict, mem_view: str = charts.MEMORY_VIEWS[0], shown=None, s
                                                scn["deploy"].get("gpu"), scn["deploy"]["target"])
     try:
         res, ms, note = matrix.recommend(scn)
-    except InputError as e:
-        msgs[wizard.group_of(e.field)] = error_md(e)
-        return _plan_error(msgs, error_md(e), scn)
+    except InputError as e:                        # (a file in the workspace is named by its place there)
+        msgs[wizard.group_of(e.field)] = error_md(wizard.shown_path(e))
+        return _plan_error(msgs, error_md(wizard.shown_path(e)), scn)
     except Exception as e:
         return _plan_error(msgs, unexpected_md(e, "the advisor"), scn)
     if res is None:

@@ -16,11 +16,11 @@ from engine import hardware, models
 from engine.errors import InputError
 from engine.presets import PRESETS_DIR
 from engine.spec.scenario import PRIORITIES, SYMPTOMS, TARGET_KINDS, TARGETS, TASKS  # noqa: F401  (one place)
-from ui.common import (MAX_CONFIG_BYTES, MAX_DATASET_BYTES, confine, error_md, gb, ok_md, save_upload, user_model,
-                       unexpected_md, workspace)
+from ui.common import (MAX_CONFIG_BYTES, MAX_DATASET_BYTES, MAX_GGUF_BYTES, confine, error_md, gb, ok_md, save_upload,
+                       user_model, unexpected_md, workspace)
 
 BITS = ("any", "2", "3", "4", "8", "16")
-SRC_PRESET, SRC_HUB, SRC_UPLOAD, SRC_SIZE = ("Preset", "Hub id or local path", "Upload config.json",
+SRC_PRESET, SRC_HUB, SRC_UPLOAD, SRC_SIZE = ("Preset", "Hub id or local path", "Upload config.json or .gguf",
                                              "Size and family")
 MODEL_SOURCES = (SRC_PRESET, SRC_HUB, SRC_UPLOAD, SRC_SIZE)
 
@@ -208,7 +208,9 @@ def model_ref(form: dict):
     if src == SRC_UPLOAD:
         f = form.get("config_file")
         if not f:
-            raise InputError("model: upload a config.json", field="model")
+            raise InputError("model: upload a config.json or a .gguf file", field="model")
+        if Path(str(f)).suffix.lower() == ".gguf":
+            return _gguf_upload(f)
         saved = save_upload(f, "configs", MAX_CONFIG_BYTES, (".json",), "model")
         try:
             json.loads(saved.read_text(encoding="utf-8"))
@@ -222,6 +224,22 @@ def model_ref(form: dict):
             raise InputError(f"family must be one of {', '.join(models.FAMILIES)}", field="family")
         return {"params_b": p, "family": fam}
     raise InputError(f"model source must be one of {', '.join(MODEL_SOURCES)}", field="model")
+
+
+def _gguf_upload(f) -> str:
+    """An uploaded .gguf model, kept in workspace/uploads/models/ once its metadata reads (the planner's
+    architecture comes from it: engine.models.gguf_config). A file that does not read (truncated,
+    corrupt, not GGUF, an architecture the planner does not count) is refused naming the problem and
+    the upload is not kept."""
+    name = Path(str(f)).name
+    saved = save_upload(f, "models", MAX_GGUF_BYTES, (".gguf",), "model")
+    try:
+        models.gguf_config(saved)
+    except InputError as e:
+        import shutil
+        shutil.rmtree(saved.parent, ignore_errors=True)          # uploads/models/<hash>/: nothing half-kept
+        raise InputError(f"model: the uploaded {name}: " + str(e).replace(str(saved), name), field="model") from None
+    return str(saved)
 
 
 def scenario_from_form(form: dict) -> dict:
