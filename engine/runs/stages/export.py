@@ -10,6 +10,9 @@ quantize stage's HANDLERS):
     vllm        a GPTQ/AWQ checkpoint of the quantize stage (gptqmodel's format, the one vLLM loads)
                 with ``vllm_manifest.json``: the vLLM quantization method and kernel that will serve it
                 and what that kernel needs
+    compressed-tensors  the 16-bit model as a compressed-tensors checkpoint vLLM loads (W8A8 int8, FP8 dynamic,
+                W4A16; stages/ct_checkpoint.py: written by the compressed-tensors library, read back through
+                transformers against the source's logits) with ``vllm_manifest.json``
     executorch  an 8da4w ``.pte`` (torchao int8 dynamic activations + int4 group weights, XNNPACK) through
                 torch.export and executorch's ``to_edge_transform_and_lower`` (stages/executorch_pte.py);
                 where executorch is not installed, refused at launch saying what is missing
@@ -34,8 +37,9 @@ from engine.errors import InputError
 from engine.runs.stages import common
 
 # target -> the runtime that loads what it writes, and the formats it writes (gguf: any llama.cpp type)
-RUNTIME_OF = {"gguf": "llama.cpp", "vllm": "vllm", "executorch": "executorch"}
-DEFAULT_FORMAT = {"gguf": "gguf-q4_k_m", "vllm": None, "executorch": "executorch-8da4w"}
+RUNTIME_OF = {"gguf": "llama.cpp", "vllm": "vllm", "compressed-tensors": "vllm", "executorch": "executorch"}
+DEFAULT_FORMAT = {"gguf": "gguf-q4_k_m", "vllm": None, "compressed-tensors": "ct-w8a8-int8",
+                  "executorch": "executorch-8da4w"}
 
 
 def settings(stage: dict) -> dict:
@@ -56,6 +60,9 @@ def settings(stage: dict) -> dict:
                 pass                      # checked again when the stage runs (the message names the extra)
             else:
                 gguf_file.ftype_of(qtype)     # unknown types list llama.cpp's
+    if target == "compressed-tensors":
+        from engine.runs.stages.ct_checkpoint import format_entry
+        format_entry(fmt)
     return {"target": target, "format": fmt, "threads": stage.get("threads")}
 
 
@@ -64,6 +71,11 @@ def check(stage: dict, device: str) -> dict:
     s = settings(stage)
     if s["target"] == "executorch":
         why = executorch_status()
+        if why:
+            raise InputError(why, field="strategy")
+    if s["target"] == "compressed-tensors":
+        from engine.runs.stages.ct_checkpoint import status
+        why = status()
         if why:
             raise InputError(why, field="strategy")
     return s
@@ -209,6 +221,11 @@ def _link_or_copy(a, b):
         shutil.copy2(a, b)
 
 
+def _compressed_tensors(ctx, s: dict, src: str, out: Path) -> dict:
+    from engine.runs.stages.ct_checkpoint import write
+    return write(ctx, s, src, out)
+
+
 # ---- executorch -----------------------------------------------------------------------------------
 def executorch_status() -> str | None:
     """None when executorch's exporter and runtime import; else what is missing (the stage's message)."""
@@ -222,7 +239,7 @@ def _executorch(ctx, s: dict, src: str, out: Path) -> dict:
 
 
 # one handler per target: (ctx, settings, source model dir, output dir) -> {"exports": [...], ...}
-TARGETS = {"gguf": _gguf, "vllm": _vllm, "executorch": _executorch}
+TARGETS = {"gguf": _gguf, "vllm": _vllm, "compressed-tensors": _compressed_tensors, "executorch": _executorch}
 
 
 def export(ctx) -> dict:
