@@ -117,6 +117,7 @@ def test_wizard_on_an_example_scenario(page):
     expect(page.locator("#examples input").first).to_have_value("600")
     page.get_by_role("button", name="Next: hardware →").click()
     wait_text(page, "#hw_msg", r"T4")
+    shot(page, "1-wizard-serving")                                # serving target, device and runtimes
     page.get_by_role("button", name="Next: goals →").click()
     expect(page.locator("#priority input[value='cost']")).to_be_checked()
     yaml_text = wait_text(page, "#scenario_yaml", r"task: classification")
