@@ -292,7 +292,12 @@ def arch_from_config(cfg: dict, name: str = "", source: str = "", family: str = 
         if experts:
             norm += h * experts                # router (gate) weight: not quantized by GPTQ/bnb
     if not family:
-        family = family_of(cfg, name)
+        known = _preset_with_architecture(cfg)
+        if known:
+            family = presets()[known]["family"]
+            notes.append(f"family {family}: the architecture is preset {known}'s (layer sizes, heads, vocabulary)")
+        else:
+            family = family_of(cfg, name)
     return ModelArch(
         name=name or cfg.get("_name_or_path", "") or mt, family=family, model_type=mt,
         hidden_size=h, intermediate_size=moe_inter if experts else inter, num_layers=layers,
@@ -308,6 +313,21 @@ def arch_from_config(cfg: dict, name: str = "", source: str = "", family: str = 
 def presets() -> dict[str, dict]:
     """Every model preset, keyed by id."""
     return load_dir("models")
+
+
+# the fields that make two configs the same network; a local copy of a preset model (a config.json
+# folder or a GGUF file, whose name says nothing) then gets the preset's family, as its hub id would
+_SAME_NETWORK = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+def _preset_with_architecture(cfg: dict) -> str:
+    """The preset whose config has exactly ``cfg``'s network shape, if all such presets share a family."""
+    if any(cfg.get(k) is None for k in _SAME_NETWORK):
+        return ""
+    same = [pid for pid, p in presets().items()
+            if p.get("family") and all(p.get("config", {}).get(k) == cfg.get(k) for k in _SAME_NETWORK)]
+    return sorted(same)[0] if same and len({presets()[pid]["family"] for pid in same}) == 1 else ""
 
 
 def preset_ids() -> list[str]:

@@ -49,6 +49,20 @@ def test_config_json_file_and_dir(tmp_path):
     assert a.family == "qwen2" and a.source.startswith("dir:")
 
 
+def test_a_local_copy_of_a_preset_model_gets_the_presets_family(tmp_path):
+    # SmolLM2 is a llama model_type with 8k positions and a 49k vocabulary: by type and size alone it
+    # reads as llama-2, yet it is the preset's llama-3-generation model (the demo GGUF is such a copy)
+    cfg = dict(models.presets()["smollm2-135m"]["config"])
+    assert models.family_of(cfg, "model") == "llama-2"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    a = models.resolve(str(tmp_path))
+    assert a.family == "llama-3" and any("preset smollm2-135m" in n for n in a.notes)
+    # one size off and it is no longer that network: the type-and-size guess applies again
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 31}))
+    b = models.resolve(str(tmp_path))
+    assert b.family == "llama-2" and not any("preset" in n for n in b.notes)
+
+
 def test_size_only_is_marked_approximate():
     a = models.resolve({"params_b": 13, "family": "llama-2"})
     assert a.approximate and abs(a.total_params - 13e9) / 13e9 < 0.03
