@@ -136,7 +136,9 @@ def summarize(case: str, run: dict) -> dict:
 
 
 def check_reuse(run: dict, base: dict) -> str | None:
+    from engine.spec.run import RunSpec
     spec = run.get("spec") or {}
+    base = RunSpec.parse(base).to_dict()            # the stored spec is the parsed one, defaults filled in
     for path in SAME:
         if _get(spec, path) != _get(base, path):
             return f"{'.'.join(path)} is {_get(spec, path)!r} there, {_get(base, path)!r} in the base"
