@@ -224,6 +224,17 @@ def test_export_and_runtime_evaluation(micro_home, tmp_path):
     names = {p["name"] for t, p in events2 if t == "eval"}
     assert {"llama.cpp:gguf-f16", "llama.cpp:gguf-q4_k_m", "after"} <= names
     assert any(t == "metric" and p["name"] == "llama.cpp:gguf-q4_k_m.perplexity" for t, p in events2)
+    # where the time went: per model and per runtime, parts that add up to at most the whole
+    assert {"load", "perplexity", "task", "latency"} <= set(hf["seconds"]) and q4["seconds"]["perplexity"] > 0
+    assert sum(q4["seconds"].values()) <= q4["seconds_total"] + 0.01
+    # evaluate.runtime_sources: false measures the deployed file only, and says why the f16 one is not
+    spec = {"model": "demo:micro-llama", "strategy": "bf16-baseline", "train": TRAIN, "device": "cpu",
+            "evaluate": {**EVAL, "runtime_sources": False, "before_and_after": False},
+            "dataset": {"demo": "tickets", "max_examples": 40}}
+    ctx3, events3 = ctx_for(tmp_path, {"stage": "evaluate"}, state, spec=spec)
+    ev3 = STAGES["evaluate"](ctx3)
+    assert [m["format"] for m in ev3["runtimes"]] == ["gguf-q4_k_m"]
+    assert any(t == "log" and "gguf-f16" in p["message"] and "runtime_sources: false" in p["message"] for t, p in events3)
 
 
 def test_export_refusals(micro_home, tmp_path):

@@ -98,6 +98,7 @@ class EvalSpec(_Strict):
     prompt_len: int = Field(64, gt=0, le=MAX_SEQ_LEN)
     new_tokens: int = Field(32, gt=0, le=MAX_SEQ_LEN)
     runtime: bool = True                       # measure exported artifacts in their runtime (llama.cpp ...)
+    runtime_sources: bool = True               # ... the source files too (the f16 GGUF a k-quant was made from)
     # lm-evaluation-harness tasks (engine/runs/stages/harness.py): "run" = the run's own held-out rows as
     # a local task (offline); any other name is a harness task whose dataset comes from the Hub
     harness: list[str] = Field(default_factory=list, max_length=16)

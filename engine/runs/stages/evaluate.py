@@ -48,8 +48,14 @@ def measure_runtimes(ctx, exports, tok, ds, examples, hf_after: dict) -> list[di
     for e in exports:
         if ctx.should_stop():
             break
+        if e.get("role") == "source" and not ctx.spec.evaluate.runtime_sources:
+            ctx.log(f"{e['format']} ({Path(e['path']).name}) is the source the deployed artifact was made from: not "
+                    "measured (evaluate.runtime_sources: false)")
+            continue
         ctx.log(f"evaluate {e['format']} in {e['runtime']}: {Path(e['path']).name}")
+        t0 = time.perf_counter()
         m = runtime.measure(ctx, e, tok, ds, examples)
+        m["seconds_total"] = round(time.perf_counter() - t0, 3)
         if m.get("skipped"):
             ctx.warn(f"{e['format']} not measured in {e['runtime']}: {m['skipped']}")
         else:
@@ -208,16 +214,22 @@ def measure(ctx, which: dict, tok, ds, examples) -> dict:
         out["load_s"] = round(time.perf_counter() - t0, 3)
         out["compute_dtype"] = str(model.dtype).replace("torch.", "")
         out["weights_bytes"] = common.model_bytes(model)
+        secs = {"load": out["load_s"]}              # where this model's evaluation time went
         if es.perplexity:
-            out.update(perplexity(model, tok, examples, ctx.spec.train.seq_len))
+            with common.timed(secs, "perplexity"):
+                out.update(perplexity(model, tok, examples, ctx.spec.train.seq_len))
         if es.task_accuracy and not ctx.should_stop():
-            out.update(task_accuracy(tok, ds, examples, ctx.should_stop,
-                                     lambda prompt, max_new: generate(model, tok, prompt, max_new)))
+            with common.timed(secs, "task"):
+                out.update(task_accuracy(tok, ds, examples, ctx.should_stop,
+                                         lambda prompt, max_new: generate(model, tok, prompt, max_new)))
         if es.latency and not ctx.should_stop():
-            out.update(latency(model, tok, examples, es.prompt_len, es.new_tokens))
+            with common.timed(secs, "latency"):
+                out.update(latency(model, tok, examples, es.prompt_len, es.new_tokens))
         if es.harness and not ctx.should_stop():
             from engine.runs.stages import harness
-            out["harness"] = harness.run(ctx, model, tok, ds, examples)
+            with common.timed(secs, "harness"):
+                out["harness"] = harness.run(ctx, model, tok, ds, examples)
+        out["seconds"] = secs
     out["peak_mem_bytes"], out["mem_source"] = pm.peak, pm.source
     size = common.weights_bytes_on_disk(which["dir"]) if Path(which["dir"]).is_dir() else None
     if which.get("adapter"):

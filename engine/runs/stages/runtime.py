@@ -72,6 +72,8 @@ def _llama_cpp(ctx, export: dict, tok, ds, examples) -> dict:
         out["load_s"] = round(time.perf_counter() - t0, 3)
         out["weights_bytes"] = int(llama_cpp.llama_model_size(llm.model))
         n_vocab = llm.n_vocab()
+        secs = {"load": out["load_s"]}
+        t_tok = time.perf_counter()
         # the tokenizer the GGUF carries, against the run's HF tokenizer, on the held-out text; the HF
         # tokenizer reads special-token text (a chat template's <|im_start|> ...) as those tokens, so
         # llama.cpp is asked to as well (special=True)
@@ -81,6 +83,8 @@ def _llama_cpp(ctx, export: dict, tok, ds, examples) -> dict:
             hf = tok(text, add_special_tokens=True)["input_ids"]
             same += llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == hf
         out["tokenizer_agreement"] = round(same / len(examples), 4) if examples else None
+        secs["tokenizer_agreement"] = round(time.perf_counter() - t_tok, 3)
+        t_ppl = time.perf_counter()
         if es.perplexity:
             nll, n = 0.0, 0
             for ids, labels in common.encode_all(tok, examples, seq):
@@ -100,6 +104,7 @@ def _llama_cpp(ctx, export: dict, tok, ds, examples) -> dict:
             out.update({"perplexity": round(math.exp(nll / n), 4) if n else None,
                         "nll_per_token": round(nll / n, 5) if n else None, "scored_tokens": n})
         del llm
+        secs["perplexity"] = round(time.perf_counter() - t_ppl, 3)
         # serving instance: logits of the last position only (what generation uses)
         llm = llama_cpp.Llama(model_path=export["path"], n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=False,
                               n_threads=nt, n_threads_batch=nt, verbose=False, seed=0)
@@ -129,10 +134,13 @@ def _llama_cpp(ctx, export: dict, tok, ds, examples) -> dict:
             def gen(prompt: str, max_new: int) -> str:
                 ids = tok(prompt, add_special_tokens=True)["input_ids"]
                 return tok.decode(greedy(ids, max_new), skip_special_tokens=True)
-            out.update(task_accuracy(tok, ds, examples, ctx.should_stop, gen))
+            with common.timed(secs, "task"):
+                out.update(task_accuracy(tok, ds, examples, ctx.should_stop, gen))
         if es.latency and not ctx.should_stop():
             ids = _prompt_ids(tok, examples, es.prompt_len)
-            out.update(common.runtime_latency(llm.eval, greedy, ids, es.new_tokens, before=llm.reset))
+            with common.timed(secs, "latency"):
+                out.update(common.runtime_latency(llm.eval, greedy, ids, es.new_tokens, before=llm.reset))
+        out["seconds"] = secs
         del llm
     out["peak_mem_bytes"], out["mem_source"] = pm.peak, pm.source
     out["size_on_disk_bytes"] = Path(export["path"]).stat().st_size
