@@ -19,7 +19,8 @@ observer gives), and ``ModelCompressor`` packs and saves them. Activations of th
 per token at run time (``dynamic: true``), so nothing needs calibration data. llm-compressor (which adds
 SmoothQuant / GPTQ on top) does not install beside the pins; this is its plain RTN recipe.
 
-Read back: the written directory is loaded with ``AutoModelForCausalLM.from_pretrained`` (transformers'
+Read back (the source's logits are taken before it is quantized in place, so one copy of the model is in memory at a
+time): the written directory is loaded with ``AutoModelForCausalLM.from_pretrained`` (transformers'
 compressed-tensors quantizer decompresses it and runs the scheme's quantized forward) and its logits on held-out
 token ids are compared with the 16-bit source's (``readback`` in the manifest and the result). vLLM itself
 needs a CUDA GPU: ``verified_in_vllm: false`` until a GPU run loads it.
@@ -113,22 +114,24 @@ def held_out_ids(ctx, src: str, rows: int = 2) -> list[list[int]]:
     return [ids for ids, _ in common.encode_all(tok, ds.eval[:rows], min(ctx.spec.train.seq_len, 128)) if len(ids) > 1]
 
 
-def compare(ref_model, model, seqs: list[list[int]]) -> dict:
-    """Logits of ``model`` against ``ref_model`` on token sequences: largest difference (and the largest |logit|),
-    next-token argmax agreement, and the ratio of their perplexities of the sequences themselves."""
+def logits_of(model, seqs: list[list[int]]) -> list:
+    import torch
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([ids])).logits[0].float() for ids in seqs]
+
+
+def compare(ref: list, got: list, seqs: list[list[int]]) -> dict:
+    """Logits ``got`` against ``ref`` (per sequence, as ``logits_of`` gives them): largest difference (and the
+    largest |logit|), next-token argmax agreement, and the ratio of their perplexities of the sequences themselves."""
     import torch
     diff, top, same, n, nll_r, nll_m = 0.0, 0.0, 0, 0, 0.0, 0.0
-    with torch.no_grad():
-        for ids in seqs:
-            x = torch.tensor([ids])
-            a = ref_model(input_ids=x).logits[0].float()
-            b = model(input_ids=x).logits[0].float()
-            diff, top = max(diff, float((a - b).abs().max())), max(top, float(a.abs().max()))
-            same += int((a.argmax(-1) == b.argmax(-1)).sum())
-            n += len(ids)
-            y = x[0, 1:]
-            nll_r -= float(torch.log_softmax(a[:-1].double(), -1).gather(1, y[:, None]).sum())
-            nll_m -= float(torch.log_softmax(b[:-1].double(), -1).gather(1, y[:, None]).sum())
+    for ids, a, b in zip(seqs, ref, got):
+        diff, top = max(diff, float((a - b).abs().max())), max(top, float(a.abs().max()))
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += len(ids)
+        y = torch.tensor(ids[1:])
+        nll_r -= float(torch.log_softmax(a[:-1].double(), -1).gather(1, y[:, None]).sum())
+        nll_m -= float(torch.log_softmax(b[:-1].double(), -1).gather(1, y[:, None]).sum())
     scored = sum(len(s) - 1 for s in seqs)
     return {"tokens": n, "max_abs_logit_diff": round(diff, 5), "max_abs_logit": round(top, 4),
             "argmax_agreement": round(same / n, 4) if n else None,
@@ -156,7 +159,8 @@ def write(ctx, s: dict, src: str, out: Path) -> dict:
     if dtype not in (torch.bfloat16, torch.float16):
         dtype = torch.bfloat16                         # vLLM serves in 16-bit; the scales are stored in this dtype
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cpu").eval()
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cpu").eval()
+    seqs = held_out_ids(ctx, src)
+    ref = logits_of(model, seqs)                     # the 16-bit source's, before it is quantized in place
     n = quantize(model, spec["scheme"])
     comp = ModelCompressor.from_pretrained_model(model, quantization_format=spec["compression"])
     comp.compress_model(model)
@@ -173,8 +177,8 @@ def write(ctx, s: dict, src: str, out: Path) -> dict:
     # read back the way a consumer does: transformers' compressed-tensors quantizer
     back = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
     readback = {"loaded_by": f"transformers {transformers.__version__} from_pretrained (compressed-tensors "
-                             f"{compressed_tensors.__version__})", **compare(ref, back, held_out_ids(ctx, src))}
-    del back, ref
+                             f"{compressed_tensors.__version__})", **compare(ref, logits_of(back, seqs), seqs)}
+    del back
     size = common.weights_bytes_on_disk(str(out))
     manifest = {"quantization": "compressed-tensors", "scheme": vk.get("scheme"), "kernel": vk.get("kernel"),
                 "min_compute_capability": vk.get("min_compute_capability"), "kernels": vk.get("kernels", []),
