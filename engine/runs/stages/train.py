@@ -83,8 +83,11 @@ def _full_model(ctx):
                          field="strategy")
     dtype = common.compute_dtype(ctx)
     autocast = None
-    if ctx.device == "cuda" and ctx.spec.train.precision == "fp32-amp":
-        autocast, dtype = dtype, torch.float32         # fp32 master weights, bf16 math
+    # fp32-amp: fp32 master weights, 16-bit math under autocast, on a GPU and on a CPU with fast bf16
+    # alike (where the CPU computes in fp32 anyway there is nothing to autocast). Plain bf16 keeps the
+    # weights and AdamW states in bf16, the reference recipe: an update below half a bf16 step is lost.
+    if ctx.spec.train.precision == "fp32-amp" and dtype != torch.float32:
+        autocast, dtype = dtype, torch.float32
     model = common.load_model(ctx, common.current_model(ctx), dtype=dtype)
     return model, autocast
 
@@ -342,6 +345,8 @@ def train(ctx) -> dict:
                autocast_dtype=autocast, device=ctx.device, mem_fn=lambda: common.mem_now(ctx.device), loss_fn=loss_fn,
                optimizer=tp.optimizer, sync=sync, checkpoint=ck)
     model.eval()
+    # what the optimizer stepped (saving below casts a full fine-tune back to the base's dtype)
+    weights_dtype = str(next(p for p in model.parameters() if p.requires_grad).dtype).replace("torch.", "")
     if hist["stopped"]:
         ctx.warn(f"stopped after {hist['steps']} of {steps} steps; saving what was trained")
     out = fsdp.save(ctx, method, model, tok, _save) if dist else _save(ctx, method, model, tok)
@@ -350,7 +355,9 @@ def train(ctx) -> dict:
            "optimizer": tp.optimizer, "grad_accum": tp.grad_accum, "micro_batch": tp.batch_size,
            "grad_ckpt": tp.grad_ckpt, "packing": tp.packing,
            **({"packed_examples": n_examples, "packed_sequences": len(pairs)} if tp.packing else {}),
-           "trainable_params": n_train, "params": n_all, "tokens": hist["tokens"], "loss_mode": loss_mode,
+           "trainable_params": n_train, "params": n_all,
+           "weights_dtype": weights_dtype,
+           "autocast": str(autocast).replace("torch.", "") if autocast is not None else None, "tokens": hist["tokens"], "loss_mode": loss_mode,
            **({"loss_fallback": loss_why} if loss_why else {}),
            "tokens_per_s": hist["tokens_per_s"], "train_s": hist["wall_s"],
            "positions_per_s": hist["positions_per_s"],
