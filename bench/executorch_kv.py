@@ -20,15 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import held_out  # noqa: E402
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="demo:smollm2-135m")
-    ap.add_argument("--dataset", default="tickets", help="a demo dataset name or a JSONL path")
-    ap.add_argument("--rows", type=int, default=8, help="held-out rows scored")
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    held_out.add_args(ap, dataset="tickets", rows=8, seq_len=128)
     ap.add_argument("--no-accuracy", action="store_true", help="skip the greedy task accuracy")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -45,12 +43,7 @@ def main(argv=None) -> int:
     from engine.runs.stages import STAGES, common, executorch_pte
     from engine.runs.stages.runtime import measure
     from engine.runs.stages.train import not_lm_head
-    from engine.spec.run import RunSpec
-    ds_spec = {"demo": a.dataset} if not a.dataset.endswith((".jsonl", ".json", ".csv")) else {"path": a.dataset}
-    spec = RunSpec.parse({"model": a.model, "strategy": "bf16-baseline", "dataset": ds_spec, "device": "cpu",
-                          "train": {"seq_len": a.seq_len},
-                          "evaluate": {"max_examples": a.rows, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-                                       "task_accuracy": not a.no_accuracy}})
+    spec = held_out.spec(a, task_accuracy=not a.no_accuracy)
     from engine.runs import demo
     src = str(demo.ensure_model(a.model.split(":", 1)[1])) if a.model.startswith("demo:") else a.model
     work = Path(tempfile.mkdtemp(prefix="et-kv-bench-"))

@@ -21,16 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import held_out  # noqa: E402
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="demo:tiny-llama")
-    ap.add_argument("--dataset", default="python-docs", help="a demo dataset name or a JSONL path")
     ap.add_argument("--types", default="f16,q8_0,q6_k,q5_k_m,q4_k_m")
-    ap.add_argument("--rows", type=int, default=32, help="held-out rows scored")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    held_out.add_args(ap, dataset="python-docs", rows=32, seq_len=256)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -40,12 +38,7 @@ def main(argv=None) -> int:
     from engine import strategies
     from engine.runs.context import StageContext
     from engine.runs.stages import STAGES
-    from engine.spec.run import RunSpec
-    ds = {"demo": a.dataset} if not a.dataset.endswith((".jsonl", ".json", ".csv")) else {"path": a.dataset}
-    spec = RunSpec.parse({"model": a.model, "strategy": "bf16-baseline", "dataset": ds, "device": "cpu",
-                          "train": {"seq_len": a.seq_len},
-                          "evaluate": {"max_examples": a.rows, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-                                       "task_accuracy": True}})
+    spec = held_out.spec(a)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="gguf-bench-"))
     state: dict = {}
     log = []
