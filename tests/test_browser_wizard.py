@@ -158,13 +158,18 @@ def model_msg(page, pattern: str, timeout_s: float = 60) -> str:
     raise AssertionError(f"model message never matched {pattern!r}: {text}")
 
 
-def test_model_source_messages(page, app, tmp_path):
+def model_path_box(page):
+    """The ticket-routing example on screen, its model step open on "Hub id or local path": the box."""
     pick(page, "example", "ticket-routing")
     wait_yaml(page, r"task: classification")
     if not page.locator("#source").is_visible():
         page.get_by_role("button", name="← Model").first.click()
     page.locator("#source label", has_text="Hub id or local path").first.click()
-    box = page.locator("#hub_id textarea, #hub_id input").first
+    return page.locator("#hub_id textarea, #hub_id input").first
+
+
+def test_model_source_messages(page, app, tmp_path):
+    box = model_path_box(page)
     # a folder in the workspace that is not there: said as such, not as a hub problem
     box.fill("models/my-model")
     box.press("Enter")
@@ -264,13 +269,8 @@ def test_a_gguf_model_by_path_and_by_upload(page, app, tmp_path):
     with open(real, "rb") as f:
         half.write_bytes(f.read(5_000_000))
     shutil.copyfile(half, home / "models" / "half.gguf")
-    pick(page, "example", "ticket-routing")
-    wait_yaml(page, r"task: classification")
-    if not page.locator("#source").is_visible():
-        page.get_by_role("button", name="← Model").first.click()
     # a path in the workspace
-    page.locator("#source label", has_text="Hub id or local path").first.click()
-    box = page.locator("#hub_id textarea, #hub_id input").first
+    box = model_path_box(page)
     box.fill("models/smollm2.gguf")
     box.press("Enter")
     msg = model_msg(page, r"smollm2 · ")
