@@ -10,9 +10,7 @@ bench/measurements/executorch-kv-<model>.json (--out to change). Timings depend 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -90,17 +88,10 @@ def main(argv=None) -> int:
     print(f"token by token through the cache vs eager 8da4w: {vs_eager}")
     print(f"in-runtime kv_cache_check: {rows[0].get('kv_cache_check')}")
     import importlib.metadata as md
-    out = Path(a.out or ROOT / "bench" / "measurements" / f"executorch-kv-{a.model.replace(':', '-').replace('/', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": a.model, "dataset": a.dataset, "rows": len(examples), "seq_len": a.seq_len,
-                               "programs": [{k: v for k, v in r.items() if k != "pte"} for r in rows],
-                               "cache_vs_eager": vs_eager, "load_average_end": os.getloadavg(),
-                               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                           "python": platform.python_version()},
-                               "versions": {p: md.version(p) for p in ("executorch", "torch", "torchao", "transformers")},
-                               "command": "python bench/executorch_kv.py " + " ".join(sys.argv[1:]),
-                               "wall_s": round(time.perf_counter() - t0, 1)}, indent=1, default=str))
-    print(f"\nwritten {out} ({time.perf_counter() - t0:.0f} s)")
+    held_out.write(a, "executorch-kv", len(examples),
+                   {"programs": [{k: v for k, v in r.items() if k != "pte"} for r in rows],
+                   "cache_vs_eager": vs_eager, "load_average_end": os.getloadavg()},
+                   {p: md.version(p) for p in ("executorch", "torch", "torchao", "transformers")}, t0, ROOT)
     return 0
 
 

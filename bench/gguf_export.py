@@ -12,8 +12,6 @@ runtime.py); timings depend on what else runs on the machine.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -76,17 +74,10 @@ def main(argv=None) -> int:
               f"{m['tokenizer_agreement']:>10.3f}  {e.get('tensor_types')}")
         rows.append({**{k: v for k, v in m.items() if k != "path"}, "tensor_types": e.get("tensor_types"),
                      "fallback_tensors": e.get("fallback_tensors")})
-    out = Path(a.out or ROOT / "bench" / "measurements" / f"gguf-export-{a.model.replace(':', '-').replace('/', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     import llama_cpp
-    out.write_text(json.dumps({"model": a.model, "dataset": a.dataset, "rows": ev["eval_rows"], "seq_len": a.seq_len,
-                               "hf": {k: v for k, v in hf.items() if k != "samples"}, "gguf": rows,
-                               "machine": {"cpu": platform.processor() or platform.machine(),
-                                           "python": platform.python_version()},
-                               "versions": {"llama_cpp_python": llama_cpp.__version__},
-                               "command": "python bench/gguf_export.py " + " ".join(sys.argv[1:]),
-                               "wall_s": round(time.perf_counter() - t0, 1)}, indent=1, default=str))
-    print(f"\nwritten {out} ({time.perf_counter() - t0:.0f} s)")
+    held_out.write(a, "gguf-export", ev["eval_rows"],
+                   {"hf": {k: v for k, v in hf.items() if k != "samples"}, "gguf": rows},
+                   {"llama_cpp_python": llama_cpp.__version__}, t0, ROOT)
     return 0
 
 

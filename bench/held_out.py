@@ -20,3 +20,24 @@ def spec(a, task_accuracy: bool = True):
                           "train": {"seq_len": a.seq_len},
                           "evaluate": {"max_examples": a.rows, "prompt_len": a.prompt_len,
                                        "new_tokens": a.new_tokens, "task_accuracy": task_accuracy}})
+
+
+def write(a, prefix: str, rows: int, body: dict, versions: dict, t0: float, root) -> None:
+    """The bench's JSON under bench/measurements/<prefix>-<model>.json (or --out): the model, its held-out
+    rows, ``body``, the machine, the package versions, the command line and the wall time since ``t0``."""
+    import json
+    import os
+    import platform
+    import sys
+    import time
+    from pathlib import Path
+    out = Path(a.out or Path(root) / "bench" / "measurements"
+               / f"{prefix}-{a.model.replace(':', '-').replace('/', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": a.model, "dataset": a.dataset, "rows": rows, "seq_len": a.seq_len, **body,
+                               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                           "python": platform.python_version()},
+                               "versions": versions,
+                               "command": f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
+                               "wall_s": round(time.perf_counter() - t0, 1)}, indent=1, default=str))
+    print(f"\nwritten {out} ({time.perf_counter() - t0:.0f} s)")
